@@ -1,0 +1,84 @@
+# shellcheck shell=bash disable=SC2034
+# Common settings for the Lockstep test-bed scripts (sourced, not executed).
+# Everything that is a path or a port is defined here, overridable by environment variables.
+
+set -euo pipefail
+
+CLUSTER_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$CLUSTER_DIR/../.." && pwd)
+# shellcheck source=versions.env
+. "$CLUSTER_DIR/versions.env"
+
+# Cache for the built tools and Go's module/build caches: outside the work tree.
+LOCKSTEP_CACHE=${LOCKSTEP_CACHE:-${HOME:-/root}/.cache/lockstep}
+K8S_ROOT="$LOCKSTEP_CACHE/k8s-$K8S_VERSION"
+BIN_DIR=${LOCKSTEP_BIN_DIR:-$K8S_ROOT/bin}
+SRC_DIR="$K8S_ROOT/src"
+# Running cluster state (certificates, etcd data, logs, pids): an ignored folder of this checkout.
+WORK_DIR=${LOCKSTEP_CLUSTER_WORK:-$REPO_ROOT/e2e/.work/cluster}
+
+# Loopback only. Non-default ports so that a stray default-port service does not collide.
+HOST=127.0.0.1
+ETCD_CLIENT_PORT=${LOCKSTEP_ETCD_PORT:-23790}
+ETCD_PEER_PORT=${LOCKSTEP_ETCD_PEER_PORT:-23800}
+APISERVER_PORT=${LOCKSTEP_APISERVER_PORT:-16443}
+KCM_PORT=${LOCKSTEP_KCM_PORT:-10357}
+SCHEDULER_PORT=${LOCKSTEP_SCHEDULER_PORT:-10359}
+KWOK_PORT=${LOCKSTEP_KWOK_PORT:-10347}
+
+KUBECONFIG_PATH="$WORK_DIR/kubeconfig"
+NODES=(node-a node-b node-c)
+# The extended resource that the FT VM pods request, and how many each fake node offers.
+KVM_RESOURCE=devices.lockstep.dev/kvm
+KVM_PER_NODE=8
+# kwok manages (heartbeats) exactly the nodes with this label set to "on"; node-fail removes it.
+HEARTBEAT_LABEL=testbed.lockstep.dev/heartbeat
+# Node loss detection: kwok renews each node's Lease every NODE_LEASE_SECONDS/4; the
+# controller-manager marks a node Unknown (NotReady) NODE_GRACE after its last renewal.
+NODE_LEASE_SECONDS=${LOCKSTEP_NODE_LEASE_SECONDS:-8}
+NODE_GRACE=${LOCKSTEP_NODE_GRACE:-10s}
+NODE_MONITOR_PERIOD=${LOCKSTEP_NODE_MONITOR_PERIOD:-1s}
+# tolerationSeconds that the DefaultTolerationSeconds admission plugin gives pods for the
+# not-ready/unreachable NoExecute taints (Kubernetes' default: 300): eviction after this long.
+TOLERATION_SECONDS=${LOCKSTEP_TOLERATION_SECONDS:-30}
+# Fake pod IPs that kwok assigns: loopback, so that nothing ever sends traffic off this machine,
+# and a local agent process can bind its pod's IP. (EndpointSlices refuse loopback addresses.)
+POD_CIDR=${LOCKSTEP_POD_CIDR:-127.10.0.1/16}
+
+GO=${GO:-}
+if [[ -z "$GO" ]]; then
+  if command -v go >/dev/null 2>&1; then GO=$(command -v go)
+  elif [[ -x /usr/local/go/bin/go ]]; then GO=/usr/local/go/bin/go
+  else GO=go
+  fi
+fi
+
+log() { printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The Go environment for builds: caches under LOCKSTEP_CACHE, the local toolchain, frugal parallelism.
+go_env() {
+  export GOMODCACHE="$LOCKSTEP_CACHE/go/mod"
+  export GOCACHE="$LOCKSTEP_CACHE/go/build"
+  export GOTOOLCHAIN=local
+  export GOFLAGS="-mod=mod -buildvcs=false"
+  export CGO_ENABLED=0
+  export GOMAXPROCS=${LOCKSTEP_BUILD_JOBS:-2}
+}
+
+# Show the last lines of a log file to stderr.
+show_tail() {
+  local f=$1 n=${2:-30}
+  if [[ -f "$f" ]]; then
+    printf -- '--- last %s lines of %s ---\n' "$n" "$f" >&2
+    tail -n "$n" "$f" >&2
+    printf -- '---\n' >&2
+  fi
+}
+
+tools_present() {
+  local t
+  for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform; do
+    [[ -x "$BIN_DIR/$t" ]] || return 1
+  done
+}
