@@ -82,3 +82,57 @@ tools_present() {
     [[ -x "$BIN_DIR/$t" ]] || return 1
   done
 }
+
+# The allocatable resources of every fake node.
+resources() {
+  cat <<RES
+    cpu: "8"
+    memory: 16Gi
+    pods: "110"
+    ephemeral-storage: 100Gi
+    $KVM_RESOURCE: "$KVM_PER_NODE"
+RES
+}
+# node_manifest NAME IP [TAINT_KEY]: a kwok fake node labelled like a real one, with a
+# NoSchedule taint TAINT_KEY=true when given (keeps other workloads off a private test node).
+node_manifest() {
+  local name=$1 ip=$2 taint=${3:-} spec='spec: {}'
+  [[ -z "$taint" ]] || spec=$'spec:\n  taints:\n  - key: '"$taint"$'\n    value: "true"\n    effect: NoSchedule'
+  cat <<NODE
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $name
+  annotations:
+    node.alpha.kubernetes.io/ttl: "0"
+    kwok.x-k8s.io/node: fake
+  labels:
+    beta.kubernetes.io/arch: amd64
+    beta.kubernetes.io/os: linux
+    kubernetes.io/arch: amd64
+    kubernetes.io/os: linux
+    kubernetes.io/hostname: $name
+    kubernetes.io/role: agent
+    node-role.kubernetes.io/agent: ""
+    type: kwok
+    $HEARTBEAT_LABEL: "on"
+$spec
+status:
+  addresses:
+  - type: InternalIP
+    address: $ip
+  - type: Hostname
+    address: $name
+  allocatable:
+$(resources)
+  capacity:
+$(resources)
+  nodeInfo:
+    architecture: amd64
+    operatingSystem: linux
+    osImage: kwok fake node (Lockstep test bed)
+    kubeletVersion: $K8S_VERSION
+    kubeProxyVersion: $K8S_VERSION
+NODE
+}
