@@ -243,7 +243,9 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RefuseReason {
     /// The peer belongs to another VM.
-    #[error("wrong VM: this primary serves {expected:?} but the backup asked for {got:?}; check --vm-id")]
+    #[error(
+        "wrong VM: this primary serves {expected:?} but the backup asked for {got:?}; check --vm-id"
+    )]
     WrongVmId {
         /// The refusing side's VM id.
         expected: String,
@@ -522,7 +524,11 @@ pub fn encode(msg: &Message, max_payload: usize, out: &mut Vec<u8>) -> Result<()
     out.push(msg.kind() as u8);
     out.extend_from_slice(&(len as u32).to_be_bytes());
     encode_payload(msg, out);
-    debug_assert_eq!(out.len() - start, HEADER_LEN + len, "payload_len out of sync");
+    debug_assert_eq!(
+        out.len() - start,
+        HEADER_LEN + len,
+        "payload_len out of sync"
+    );
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_be_bytes());
     Ok(())
@@ -593,7 +599,9 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
                     put_u16(out, *got);
                 }
                 RefuseReason::WrongRole { got } => out.push(got.to_u8()),
-                RefuseReason::GuestImageMismatch | RefuseReason::Busy | RefuseReason::NotPrimary => {}
+                RefuseReason::GuestImageMismatch
+                | RefuseReason::Busy
+                | RefuseReason::NotPrimary => {}
             }
         }
         Message::Log {
@@ -700,7 +708,11 @@ pub fn parse_frame(frame: &[u8], max_payload: usize) -> Result<Message, WireErro
                 extra: frame.len() - n,
             });
         }
-        None => return Err(WireError::UnexpectedEof { buffered: frame.len() }),
+        None => {
+            return Err(WireError::UnexpectedEof {
+                buffered: frame.len(),
+            });
+        }
     }
     let body_end = frame.len() - TRAILER_LEN;
     let mut crc_bytes = [0u8; 4];
@@ -831,7 +843,9 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
                     got: r.u16()?,
                 },
                 5 => RefuseReason::GuestImageMismatch,
-                6 => RefuseReason::WrongRole { got: r.role("got")? },
+                6 => RefuseReason::WrongRole {
+                    got: r.role("got")?,
+                },
                 7 => RefuseReason::Busy,
                 8 => RefuseReason::NotPrimary,
                 _ => return Err(r.invalid("reason", "unknown refusal code")),
@@ -999,7 +1013,10 @@ mod tests {
                 reason: RefuseReason::PeerEpochNewer { current: 5, got: 6 },
             },
             Message::Refuse {
-                reason: RefuseReason::IncompatibleVersion { supported: 1, got: 2 },
+                reason: RefuseReason::IncompatibleVersion {
+                    supported: 1,
+                    got: 2,
+                },
             },
             Message::Refuse {
                 reason: RefuseReason::WrongRole { got: Role::Primary },
@@ -1070,7 +1087,11 @@ mod tests {
         for m in samples() {
             let f = encode_to_vec(&m, MAX).unwrap();
             for cut in 0..f.len() {
-                assert_eq!(check_frame(&f[..cut], MAX).unwrap(), None, "{m:?} cut {cut}");
+                assert_eq!(
+                    check_frame(&f[..cut], MAX).unwrap(),
+                    None,
+                    "{m:?} cut {cut}"
+                );
             }
         }
     }
@@ -1098,7 +1119,10 @@ mod tests {
         hdr.extend_from_slice(&(1024u32).to_be_bytes());
         assert_eq!(
             check_frame(&hdr, 1000),
-            Err(WireError::FrameTooLarge { len: 1024, max: 1000 })
+            Err(WireError::FrameTooLarge {
+                len: 1024,
+                max: 1000
+            })
         );
     }
 
@@ -1118,8 +1142,14 @@ mod tests {
 
     #[test]
     fn bad_magic_and_unknown_kind() {
-        assert!(matches!(check_frame(b"GET /", MAX), Err(WireError::BadMagic { .. })));
-        assert!(matches!(check_frame(b"X", MAX), Err(WireError::BadMagic { .. })));
+        assert!(matches!(
+            check_frame(b"GET /", MAX),
+            Err(WireError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            check_frame(b"X", MAX),
+            Err(WireError::BadMagic { .. })
+        ));
         let mut f = encode_to_vec(&Message::CloneDone, MAX).unwrap();
         f[3] = 200;
         assert_eq!(check_frame(&f, MAX), Err(WireError::UnknownKind(200)));
@@ -1135,7 +1165,10 @@ mod tests {
         let f = raw_frame(MessageKind::Log as u8, &payload);
         assert!(matches!(
             parse_frame(&f, MAX),
-            Err(WireError::InvalidField { field: "entries", .. })
+            Err(WireError::InvalidField {
+                field: "entries",
+                ..
+            })
         ));
     }
 
