@@ -170,3 +170,6 @@ mod types;
 pub use backup::{Backup, BackupMetrics, BackupState};
 pub use primary::{CloneProgress, Primary, PrimaryMetrics, PrimaryState};
 pub use types::*;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,886 @@
+//! Unit tests: feed the machines messages directly and check what they say.
+
+use crate::wire::{LogEntry, Message, PROTOCOL_VERSION, RefuseReason, Role};
+use crate::*;
+
+const MS: Nanos = MILLIS;
+
+fn cfg() -> FtConfig {
+    FtConfig {
+        flush_interval: 0,
+        ..FtConfig::default()
+    }
+}
+
+fn id() -> VmIdentity {
+    VmIdentity {
+        vm_id: "ns/kv".into(),
+        guest_image: [3; 32],
+    }
+}
+
+fn geo() -> VmGeometry {
+    VmGeometry {
+        memory_bytes: 1 << 20,
+        disk_bytes: 4096,
+        page_size: 4096,
+    }
+}
+
+fn hello(vm_id: &str, epoch: u64) -> Message {
+    Message::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        vm_id: vm_id.into(),
+        epoch,
+        role: Role::Backup,
+        guest_image: [3; 32],
+    }
+}
+
+fn entry(exit: u64, n: usize) -> LogEntry {
+    LogEntry {
+        exit,
+        bytes: vec![exit as u8; n],
+    }
+}
+
+fn deliver_to_backup(ready: Ready, b: &mut Backup, now: Nanos) {
+    for m in ready.messages {
+        b.step(m, now).unwrap();
+    }
+}
+
+fn deliver_to_primary(ready: Ready, p: &mut Primary, now: Nanos) {
+    for m in ready.messages {
+        p.step(m, now).unwrap();
+    }
+}
+
+/// A primary and a backup synced by a one-round clone at exit `at`.
+fn synced_pair(cfg: FtConfig, at: u64) -> (Primary, Backup) {
+    let mut p = Primary::new(cfg.clone(), id(), geo(), 1, at, 0);
+    let mut b = Backup::new(cfg, id(), 1, 0);
+    deliver_to_primary(b.take_ready(), &mut p, 0);
+    p.clone_pages(vec![(0, vec![1; 16])]).unwrap();
+    p.clone_round_done(0, 0).unwrap();
+    p.clone_final(at, vec![1], vec![2], 0).unwrap();
+    deliver_to_backup(p.take_ready(), &mut b, 0);
+    b.take_ready();
+    assert_eq!(p.state(), PrimaryState::Protected);
+    assert_eq!(b.state(), BackupState::Replaying);
+    (p, b)
+}
+
+fn refusal(r: &Ready) -> Option<RefuseReason> {
+    r.messages.iter().find_map(|m| match m {
+        Message::Refuse { reason } => Some(reason.clone()),
+        _ => None,
+    })
+}
+
+// ----- handshake -----
+
+#[test]
+fn primary_refuses_wrong_vm_stale_epoch_version_role_image() {
+    let cases: Vec<(Message, fn(&RefuseReason) -> bool)> = vec![
+        (hello("ns/other", 1), |r| {
+            matches!(r, RefuseReason::WrongVmId { .. })
+        }),
+        (hello("ns/kv", 0), |r| {
+            matches!(r, RefuseReason::StaleEpoch { current: 1, got: 0 })
+        }),
+        (
+            Message::Hello {
+                protocol_version: PROTOCOL_VERSION + 1,
+                vm_id: "ns/kv".into(),
+                epoch: 1,
+                role: Role::Backup,
+                guest_image: [3; 32],
+            },
+            |r| matches!(r, RefuseReason::IncompatibleVersion { .. }),
+        ),
+        (
+            Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                vm_id: "ns/kv".into(),
+                epoch: 1,
+                role: Role::Primary,
+                guest_image: [3; 32],
+            },
+            |r| matches!(r, RefuseReason::WrongRole { got: Role::Primary }),
+        ),
+        (
+            Message::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                vm_id: "ns/kv".into(),
+                epoch: 1,
+                role: Role::Backup,
+                guest_image: [4; 32],
+            },
+            |r| matches!(r, RefuseReason::GuestImageMismatch),
+        ),
+    ];
+    for (msg, ok) in cases {
+        let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+        p.step(msg.clone(), 0).unwrap();
+        let r = p.take_ready();
+        let reason = refusal(&r).unwrap_or_else(|| panic!("{msg:?} was not refused"));
+        assert!(ok(&reason), "{msg:?} refused with {reason:?}");
+        assert!(r.close_channel);
+        assert!(r.clone_actions.is_empty(), "no clone for a refused peer");
+        assert_eq!(
+            p.state(),
+            PrimaryState::Solo,
+            "a refusal does not change the primary"
+        );
+        // The reason explains itself to an operator.
+        assert!(!reason.to_string().is_empty());
+    }
+}
+
+#[test]
+fn hello_with_newer_epoch_makes_the_primary_ask_the_arbiter_and_stop_releasing() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    p.step(hello("ns/kv", 2), 0).unwrap();
+    let r = p.take_ready();
+    assert!(matches!(
+        refusal(&r),
+        Some(RefuseReason::PeerEpochNewer { current: 1, got: 2 })
+    ));
+    assert_eq!(r.consult_arbiter, Some(ConsultArbiter { seen_epoch: 1 }));
+    p.hold_output(5, OutputId(1), 0);
+    assert!(
+        p.take_ready().released.is_empty(),
+        "no release while our epoch is in doubt"
+    );
+    p.arbiter_result(
+        ArbiterOutcome::Lost {
+            winner: "b".into(),
+            epoch: 2,
+        },
+        0,
+    );
+    let r = p.take_ready();
+    assert_eq!(r.discarded, vec![OutputId(1)]);
+    assert_eq!(p.state(), PrimaryState::Halted);
+}
+
+#[test]
+fn second_backup_is_refused_while_one_clones() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    p.step(hello("ns/kv", 1), 0).unwrap();
+    p.take_ready();
+    p.step(hello("ns/kv", 1), 0).unwrap();
+    assert!(matches!(refusal(&p.take_ready()), Some(RefuseReason::Busy)));
+    assert_eq!(p.state(), PrimaryState::Cloning);
+}
+
+#[test]
+fn backup_halts_on_refusal_and_refuses_a_stale_primary() {
+    let mut b = Backup::new(cfg(), id(), 3, 0);
+    b.take_ready();
+    let reason = RefuseReason::StaleEpoch { current: 4, got: 3 };
+    b.step(
+        Message::Refuse {
+            reason: reason.clone(),
+        },
+        0,
+    )
+    .unwrap();
+    let r = b.take_ready();
+    assert_eq!(
+        r.role_events,
+        vec![RoleEvent::Halted(HaltReason::Refused(reason))]
+    );
+    assert_eq!(b.state(), BackupState::Halted);
+
+    let mut b = Backup::new(cfg(), id(), 3, 0);
+    b.take_ready();
+    b.step(
+        Message::HelloAck {
+            protocol_version: PROTOCOL_VERSION,
+            epoch: 2,
+        },
+        0,
+    )
+    .unwrap();
+    let r = b.take_ready();
+    assert!(matches!(
+        refusal(&r),
+        Some(RefuseReason::StaleEpoch { current: 3, got: 2 })
+    ));
+    assert_eq!(b.state(), BackupState::Halted);
+    assert!(
+        r.consult_arbiter.is_none(),
+        "an unsynced backup never tries to go live"
+    );
+}
+
+// ----- output rule -----
+
+#[test]
+fn output_waits_for_the_ack_of_its_exit() {
+    let (mut p, mut b) = synced_pair(cfg(), 10);
+    p.append(entry(11, 8)).unwrap();
+    p.hold_output(11, OutputId(1), 100);
+    p.exit_complete(11, 100);
+    p.hold_output(12, OutputId(2), 100);
+    p.exit_complete(12, 110);
+    let log_frames = p.take_ready();
+    assert!(log_frames.released.is_empty());
+    // An ack through 11 releases output 1 only.
+    p.step(
+        Message::Ack {
+            through_exit: 11,
+            replayed_exit: 10,
+        },
+        150,
+    )
+    .unwrap();
+    let r = p.take_ready();
+    assert_eq!(
+        r.released,
+        vec![Released {
+            id: OutputId(1),
+            exit: 11,
+            held_nanos: 50
+        }]
+    );
+    // The real backup acks through 12.
+    deliver_to_backup(log_frames, &mut b, 160);
+    assert_eq!(b.received_through(), 12);
+    deliver_to_primary(b.take_ready(), &mut p, 170);
+    let r = p.take_ready();
+    assert_eq!(
+        r.released.iter().map(|x| x.id).collect::<Vec<_>>(),
+        vec![OutputId(2)]
+    );
+    assert_eq!(p.metrics().outputs_released, 2);
+    assert_eq!(p.metrics().acked_exit, 12);
+}
+
+#[test]
+fn solo_primary_releases_at_once_and_ships_no_log() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    p.append(entry(1, 8)).unwrap();
+    p.hold_output(1, OutputId(9), 5);
+    p.exit_complete(1, 5);
+    let r = p.take_ready();
+    assert_eq!(r.released.len(), 1);
+    assert!(r.messages.is_empty());
+    assert_eq!(p.metrics().entries_unprotected, 1);
+}
+
+#[test]
+fn outputs_out_of_exit_order_are_released_by_exit() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.hold_output(3, OutputId(3), 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.exit_complete(3, 0);
+    p.take_ready();
+    p.step(
+        Message::Ack {
+            through_exit: 2,
+            replayed_exit: 0,
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        p.take_ready()
+            .released
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        vec![OutputId(1)]
+    );
+}
+
+// ----- log shipping and flow control -----
+
+#[test]
+fn log_ships_only_complete_exits() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.append(entry(1, 4)).unwrap();
+    p.exit_complete(1, 1);
+    p.append(entry(2, 4)).unwrap(); // exit 2 still running
+    let r = p.take_ready();
+    let Message::Log {
+        first_seq,
+        through_exit,
+        entries,
+    } = &r.messages[0]
+    else {
+        panic!("expected Log, got {:?}", r.messages);
+    };
+    assert_eq!((*first_seq, *through_exit, entries.len()), (0, 1, 1));
+    p.exit_complete(2, 2);
+    let r = p.take_ready();
+    assert!(
+        matches!(&r.messages[0], Message::Log { first_seq: 1, through_exit: 2, entries } if entries.len() == 1)
+    );
+}
+
+#[test]
+fn append_rejects_completed_exits_and_oversized_entries() {
+    let (mut p, _b) = synced_pair(cfg(), 5);
+    assert!(matches!(
+        p.append(entry(5, 1)),
+        Err(FtError::ExitAlreadyComplete {
+            exit: 5,
+            completed: 5
+        })
+    ));
+    let big = LogEntry {
+        exit: 6,
+        bytes: vec![0; cfg().max_payload],
+    };
+    assert!(matches!(p.append(big), Err(FtError::TooLarge { .. })));
+}
+
+#[test]
+fn big_batches_split_without_claiming_half_shipped_exits() {
+    let c = FtConfig {
+        max_payload: 200,
+        ..cfg()
+    };
+    let (mut p, mut b) = synced_pair(c, 0);
+    // Three 60-byte entries per exit; ~2 fit in a frame, so exits straddle frames.
+    for exit in 1..=4 {
+        for _ in 0..3 {
+            p.append(entry(exit, 60)).unwrap();
+        }
+    }
+    p.exit_complete(4, 1);
+    let r = p.take_ready();
+    assert!(r.messages.len() > 2);
+    let mut seen = Vec::new();
+    for m in r.messages {
+        if let Message::Log {
+            through_exit,
+            entries,
+            ..
+        } = &m
+        {
+            // Every entry of an exit <= through_exit must be in this or an earlier frame.
+            seen.extend(entries.iter().map(|e| e.exit));
+            let remaining_at_or_below = (1..=4u64)
+                .filter(|x| *x <= *through_exit)
+                .map(|x| 3 - seen.iter().filter(|e| **e == x).count())
+                .sum::<usize>();
+            assert_eq!(
+                remaining_at_or_below, 0,
+                "frame claims through {through_exit} too early"
+            );
+        }
+        b.step(m, 2).unwrap();
+        // The replayer never gets an exit it has only part of.
+        for e in b.take_replayable() {
+            assert!(e.exit <= b.replay_limit());
+        }
+    }
+    assert_eq!(b.received_through(), 4);
+    assert_eq!(b.metrics().log_entries_received, 12);
+}
+
+#[test]
+fn vcpu_pauses_over_the_log_budget_and_resumes_on_ack() {
+    let c = FtConfig {
+        log_budget_bytes: 100,
+        ..cfg()
+    };
+    let (mut p, _b) = synced_pair(c, 0);
+    p.append(entry(1, 50)).unwrap();
+    p.exit_complete(1, 1);
+    assert!(!p.take_ready().pause_vcpu);
+    p.append(entry(2, 50)).unwrap();
+    p.exit_complete(2, 2);
+    assert!(p.take_ready().pause_vcpu, "124 unacked bytes > 100");
+    p.step(
+        Message::Ack {
+            through_exit: 1,
+            replayed_exit: 0,
+        },
+        3,
+    )
+    .unwrap();
+    assert!(!p.take_ready().pause_vcpu);
+}
+
+#[test]
+fn lagging_replay_slows_the_primary() {
+    let c = FtConfig {
+        lag_target: 10 * MS,
+        ..cfg()
+    };
+    let (mut p, _b) = synced_pair(c, 0);
+    for exit in 1..=100 {
+        p.exit_complete(exit, exit * MS);
+    }
+    p.take_ready();
+    // Backup has everything but replayed only through 10, i.e. it trails by ~90 ms.
+    p.step(
+        Message::Ack {
+            through_exit: 100,
+            replayed_exit: 10,
+        },
+        100 * MS,
+    )
+    .unwrap();
+    let r = p.take_ready();
+    assert!(matches!(r.throttle, Throttle::Slow { sleep_per_exit } if sleep_per_exit > 0));
+    assert!(p.metrics().lag_nanos >= 80 * MS);
+    p.step(
+        Message::Ack {
+            through_exit: 100,
+            replayed_exit: 100,
+        },
+        101 * MS,
+    )
+    .unwrap();
+    assert_eq!(p.take_ready().throttle, Throttle::Full);
+}
+
+// ----- failure detection and the arbiter -----
+
+#[test]
+fn heartbeats_flow_and_silence_triggers_the_arbiter() {
+    let c = cfg();
+    let (mut p, mut b) = synced_pair(c.clone(), 0);
+    p.tick(c.heartbeat_interval);
+    let r = p.take_ready();
+    assert!(matches!(r.messages[..], [Message::Heartbeat { .. }]));
+    deliver_to_backup(r, &mut b, c.heartbeat_interval);
+    let r = b.take_ready();
+    assert!(
+        r.messages
+            .iter()
+            .any(|m| matches!(m, Message::HeartbeatReply { .. }))
+    );
+    deliver_to_primary(r, &mut p, c.heartbeat_interval + 10);
+    assert_eq!(p.metrics().heartbeat_rtt_nanos, 10);
+    // Then silence.
+    p.tick(c.heartbeat_interval + c.heartbeat_timeout + 11);
+    let r = p.take_ready();
+    assert_eq!(r.consult_arbiter, Some(ConsultArbiter { seen_epoch: 1 }));
+    assert!(
+        r.role_events
+            .contains(&RoleEvent::Suspecting(Suspicion::HeartbeatTimeout))
+    );
+}
+
+#[test]
+fn stalled_acks_trigger_the_arbiter_even_with_heartbeats() {
+    let c = cfg();
+    let (mut p, _b) = synced_pair(c.clone(), 0);
+    p.append(entry(1, 4)).unwrap();
+    p.exit_complete(1, 0);
+    p.take_ready();
+    let mut t = 0;
+    while t <= c.stall_timeout {
+        t += c.heartbeat_interval / 2;
+        p.step(Message::Heartbeat { sent_at_nanos: t }, t).unwrap();
+        p.tick(t);
+    }
+    let r = p.take_ready();
+    assert!(
+        r.role_events
+            .contains(&RoleEvent::Suspecting(Suspicion::StalledChannel))
+    );
+    assert!(r.consult_arbiter.is_some());
+}
+
+#[test]
+fn idle_channel_is_not_a_stall() {
+    let c = cfg();
+    let (mut p, _b) = synced_pair(c.clone(), 0);
+    let mut t = 0;
+    while t <= 3 * c.stall_timeout {
+        t += c.heartbeat_interval;
+        p.step(Message::HeartbeatReply { sent_at_nanos: t }, t)
+            .unwrap();
+        p.tick(t);
+    }
+    // Log sent after a long idle time starts its stall clock then.
+    p.exit_complete(1, t);
+    p.tick(t + 1);
+    assert!(p.take_ready().consult_arbiter.is_none());
+    assert_eq!(p.state(), PrimaryState::Protected);
+}
+
+#[test]
+fn primary_winning_the_arbiter_releases_everything_and_degrades() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.exit_complete(1, 0);
+    p.peer_disconnected(10);
+    let r = p.take_ready();
+    assert!(r.released.is_empty());
+    assert_eq!(r.consult_arbiter, Some(ConsultArbiter { seen_epoch: 1 }));
+    p.hold_output(2, OutputId(2), 20);
+    assert!(p.take_ready().released.is_empty());
+    p.arbiter_result(ArbiterOutcome::Won { epoch: 2 }, 30);
+    let r = p.take_ready();
+    assert_eq!(
+        r.released.iter().map(|x| x.id).collect::<Vec<_>>(),
+        vec![OutputId(1), OutputId(2)]
+    );
+    assert!(r.role_events.contains(&RoleEvent::Degraded { epoch: 2 }));
+    assert_eq!(p.state(), PrimaryState::Solo);
+    assert_eq!(p.epoch(), 2);
+    assert!(!r.pause_vcpu);
+}
+
+#[test]
+fn unreachable_arbiter_stalls_and_retries_but_acked_outputs_still_leave() {
+    let c = cfg();
+    let (mut p, _b) = synced_pair(c.clone(), 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.hold_output(2, OutputId(2), 0);
+    p.exit_complete(2, 0);
+    p.peer_disconnected(1);
+    p.take_ready();
+    p.arbiter_result(ArbiterOutcome::Unreachable, 2);
+    p.tick(2 + c.arbiter_retry - 1);
+    let r = p.take_ready();
+    assert!(r.consult_arbiter.is_none(), "waits before retrying");
+    assert!(r.released.is_empty());
+    p.tick(2 + c.arbiter_retry);
+    assert!(p.take_ready().consult_arbiter.is_some(), "retries");
+    // A late ack from the (slow, not dead) backup: output 1 is reproducible by it, so it leaves.
+    p.step(
+        Message::Ack {
+            through_exit: 1,
+            replayed_exit: 0,
+        },
+        3,
+    )
+    .unwrap();
+    assert_eq!(
+        p.take_ready()
+            .released
+            .iter()
+            .map(|x| x.id)
+            .collect::<Vec<_>>(),
+        vec![OutputId(1)]
+    );
+    assert_eq!(p.state(), PrimaryState::Consulting);
+}
+
+#[test]
+fn losing_primary_halts_and_never_releases_again() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.exit_complete(1, 0);
+    p.peer_disconnected(1);
+    p.arbiter_result(
+        ArbiterOutcome::Lost {
+            winner: "backup-pod".into(),
+            epoch: 2,
+        },
+        2,
+    );
+    let r = p.take_ready();
+    assert_eq!(r.discarded, vec![OutputId(1)]);
+    assert!(r.pause_vcpu);
+    assert!(r.close_channel);
+    p.hold_output(3, OutputId(3), 3);
+    // Even an ack (from a confused peer) releases nothing now.
+    p.step(
+        Message::Ack {
+            through_exit: 3,
+            replayed_exit: 3,
+        },
+        4,
+    )
+    .unwrap();
+    let r = p.take_ready();
+    assert!(r.released.is_empty());
+    assert_eq!(r.discarded, vec![OutputId(3)]);
+    // Late arbiter answers change nothing.
+    p.arbiter_result(ArbiterOutcome::Won { epoch: 9 }, 5);
+    assert_eq!(p.state(), PrimaryState::Halted);
+}
+
+#[test]
+fn bogus_ack_is_a_protocol_violation() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    let e = p
+        .step(
+            Message::Ack {
+                through_exit: 99,
+                replayed_exit: 0,
+            },
+            1,
+        )
+        .unwrap_err();
+    assert!(matches!(e, FtError::Protocol(_)));
+    let r = p.take_ready();
+    assert!(r.close_channel);
+    assert!(r.consult_arbiter.is_some());
+}
+
+// ----- backup go-live -----
+
+#[test]
+fn backup_drains_everything_received_before_asking_the_arbiter() {
+    let (mut p, mut b) = synced_pair(cfg(), 0);
+    for exit in 1..=3 {
+        p.append(entry(exit, 4)).unwrap();
+        p.exit_complete(exit, exit);
+    }
+    deliver_to_backup(p.take_ready(), &mut b, 3);
+    b.peer_disconnected(4);
+    let r = b.take_ready();
+    assert!(
+        r.role_events
+            .contains(&RoleEvent::Draining(Suspicion::ChannelClosed))
+    );
+    assert!(r.consult_arbiter.is_none(), "replay first");
+    // Log arriving now is not taken.
+    b.step(
+        Message::Log {
+            first_seq: 3,
+            through_exit: 4,
+            entries: vec![entry(4, 1)],
+        },
+        5,
+    )
+    .unwrap();
+    assert_eq!(b.replay_limit(), 3);
+    let got: Vec<u64> = b.take_replayable().iter().map(|e| e.exit).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    b.replayed(2, 6);
+    assert!(b.take_ready().consult_arbiter.is_none());
+    b.replayed(3, 7);
+    assert_eq!(
+        b.take_ready().consult_arbiter,
+        Some(ConsultArbiter { seen_epoch: 1 })
+    );
+    assert!(b.suppress_outputs());
+    b.arbiter_result(ArbiterOutcome::Unreachable, 8);
+    b.tick(8 + cfg().arbiter_retry);
+    assert!(b.take_ready().consult_arbiter.is_some());
+    b.arbiter_result(ArbiterOutcome::Won { epoch: 2 }, 9);
+    assert_eq!(
+        b.state(),
+        BackupState::Promoted {
+            epoch: 2,
+            resume_after_exit: 3
+        }
+    );
+    assert!(!b.suppress_outputs());
+}
+
+#[test]
+fn backup_that_loses_halts() {
+    let (_p, mut b) = synced_pair(cfg(), 0);
+    b.tick(cfg().heartbeat_timeout + 1);
+    assert!(b.take_ready().consult_arbiter.is_some());
+    b.arbiter_result(
+        ArbiterOutcome::Lost {
+            winner: "primary".into(),
+            epoch: 2,
+        },
+        1,
+    );
+    assert_eq!(b.state(), BackupState::Halted);
+    assert!(b.suppress_outputs());
+}
+
+#[test]
+fn backup_without_state_cannot_go_live() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    let mut b = Backup::new(cfg(), id(), 1, 0);
+    deliver_to_primary(b.take_ready(), &mut p, 0);
+    deliver_to_backup(p.take_ready(), &mut b, 0); // HelloAck, CloneBegin
+    b.peer_disconnected(1);
+    let r = b.take_ready();
+    assert_eq!(
+        r.role_events,
+        vec![RoleEvent::Halted(HaltReason::PrimaryLostBeforeSync)]
+    );
+    assert!(r.consult_arbiter.is_none());
+}
+
+#[test]
+fn backup_rejects_gaps_and_disorder() {
+    let bad_logs = [
+        Message::Log {
+            first_seq: 5,
+            through_exit: 1,
+            entries: vec![],
+        },
+        Message::Log {
+            first_seq: 0,
+            through_exit: 3,
+            entries: vec![entry(3, 1), entry(2, 1)],
+        },
+        Message::Log {
+            first_seq: 0,
+            through_exit: 3,
+            entries: vec![entry(0, 1)],
+        },
+        Message::CloneDone,
+    ];
+    for m in bad_logs {
+        let (_p, mut b) = synced_pair(cfg(), 0);
+        assert!(
+            matches!(b.step(m.clone(), 1), Err(FtError::Protocol(_))),
+            "{m:?}"
+        );
+        let r = b.take_ready();
+        assert!(r.close_channel);
+        assert!(
+            r.role_events
+                .contains(&RoleEvent::Draining(Suspicion::ProtocolViolation))
+        );
+    }
+}
+
+#[test]
+fn full_backup_buffer_holds_acks_until_replay_catches_up() {
+    let c = FtConfig {
+        backup_buffer_budget: 50,
+        ..cfg()
+    };
+    let (mut p, mut b) = synced_pair(c, 0);
+    p.append(entry(1, 100)).unwrap();
+    p.exit_complete(1, 1);
+    deliver_to_backup(p.take_ready(), &mut b, 1);
+    let r = b.take_ready();
+    assert!(
+        !r.messages.iter().any(|m| matches!(
+            m,
+            Message::Ack {
+                through_exit: 1,
+                ..
+            }
+        )),
+        "over budget: no receive ack"
+    );
+    b.take_replayable();
+    b.replayed(1, 2 * MS);
+    let r = b.take_ready();
+    assert!(r.messages.contains(&Message::Ack {
+        through_exit: 1,
+        replayed_exit: 1
+    }));
+}
+
+// ----- clone orchestration -----
+
+#[test]
+fn clone_iterates_until_the_dirty_set_is_small_or_rounds_run_out() {
+    let c = FtConfig {
+        clone_max_rounds: 4,
+        clone_dirty_threshold_pages: 10,
+        ..cfg()
+    };
+    let mut p = Primary::new(c, id(), geo(), 1, 0, 0);
+    p.step(hello("ns/kv", 1), 0).unwrap();
+    let r = p.take_ready();
+    assert_eq!(r.clone_actions, vec![CloneAction::CopyRound { round: 0 }]);
+    assert!(matches!(
+        r.messages[..],
+        [Message::HelloAck { .. }, Message::CloneBegin { .. }]
+    ));
+    assert!(!r.pause_vcpu, "pre-copy runs with the guest running");
+    p.clone_pages((0..256).map(|i| (i * 4096, vec![0; 4096])).collect())
+        .unwrap();
+    p.clone_disk(0, &[5; 4096]).unwrap();
+    p.clone_round_done(100, 1).unwrap();
+    assert_eq!(
+        p.take_ready().clone_actions,
+        vec![CloneAction::CopyRound { round: 1 }]
+    );
+    assert_eq!(p.clone_progress().unwrap().pages_sent, 256);
+    p.clone_round_done(50, 2).unwrap();
+    assert_eq!(
+        p.take_ready().clone_actions,
+        vec![CloneAction::CopyRound { round: 2 }]
+    );
+    // Round limit reached although the set is still large.
+    p.clone_round_done(50, 3).unwrap();
+    let r = p.take_ready();
+    assert_eq!(
+        r.clone_actions,
+        vec![CloneAction::PauseAndFinalize { round: 3 }]
+    );
+    assert!(r.pause_vcpu);
+    assert!(matches!(
+        p.clone_round_done(1, 4),
+        Err(FtError::CloneOutOfOrder(_))
+    ));
+    p.clone_final(7, vec![1; 10], vec![2; 10], 5).unwrap();
+    let r = p.take_ready();
+    assert!(!r.pause_vcpu);
+    assert!(matches!(
+        r.messages[..],
+        [Message::CloneFinal { exit: 7, .. }, Message::CloneDone]
+    ));
+    assert_eq!(r.role_events, vec![RoleEvent::Protected { from_exit: 7 }]);
+    assert_eq!(p.metrics().last_clone_pause_nanos, 2);
+    assert_eq!(p.metrics().last_clone_nanos, 5);
+    assert!(p.metrics().protected);
+}
+
+#[test]
+fn clone_is_aborted_when_the_new_backup_goes_away() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    p.step(hello("ns/kv", 1), 0).unwrap();
+    p.take_ready();
+    assert!(matches!(
+        p.clone_final(0, vec![], vec![], 0),
+        Err(FtError::CloneOutOfOrder(_))
+    ));
+    p.peer_disconnected(1);
+    let r = p.take_ready();
+    assert_eq!(r.clone_actions, vec![CloneAction::Abort]);
+    assert_eq!(p.state(), PrimaryState::Solo);
+    assert!(
+        r.consult_arbiter.is_none(),
+        "an unsynced backup cannot go live: no arbiter needed"
+    );
+    assert_eq!(p.clone_pages(vec![(0, vec![0])]), Err(FtError::NotCloning));
+    // A new backup can now join.
+    p.step(hello("ns/kv", 1), 2).unwrap();
+    assert_eq!(p.state(), PrimaryState::Cloning);
+}
+
+#[test]
+fn large_clone_data_is_split_into_bounded_frames() {
+    let c = FtConfig {
+        max_payload: 10_000,
+        ..cfg()
+    };
+    let mut p = Primary::new(c.clone(), id(), geo(), 1, 0, 0);
+    p.step(hello("ns/kv", 1), 0).unwrap();
+    p.take_ready();
+    p.clone_pages((0..10).map(|i| (i * 4096, vec![i as u8; 4096])).collect())
+        .unwrap();
+    p.clone_disk(100, &[9; 25_000]).unwrap();
+    let r = p.take_ready();
+    for m in &r.messages {
+        assert!(m.payload_len() <= c.max_payload, "{:?} too big", m.kind());
+    }
+    let pages: usize = r
+        .messages
+        .iter()
+        .map(|m| match m {
+            Message::ClonePages { pages, .. } => pages.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(pages, 10);
+    let disk: Vec<(u64, usize)> = r
+        .messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::CloneDisk { offset, bytes } => Some((*offset, bytes.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(disk.iter().map(|d| d.1).sum::<usize>(), 25_000);
+    assert_eq!(disk[1].0, 100 + disk[0].1 as u64, "offsets are contiguous");
+}
