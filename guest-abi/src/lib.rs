@@ -1,0 +1,86 @@
+//! The virtual machine Lockstep presents to a guest, as constants shared by the VMM and the guest.
+//!
+//! ```text
+//! GPA 0x0000_1000  boot page tables (VMM): PML4, PDPT, 4 page directories, 2 MiB pages,
+//!                  identity map of the first 4 GiB, user-accessible (the workload runs at CPL3
+//!                  and drives its devices by MMIO directly: port I/O from CPL3 raises #GP)
+//! GPA 0x0000_9000  BootInfo (VMM -> guest)
+//! GPA 0x0010_0000  guest image (ELF, linked here)
+//! ...              heap up to the end of RAM
+//! GPA 0xD000_0000  MMIO slots, 4 KiB each: platform, serial, virtio-blk, virtio-vsock, virtio-rng
+//! ```
+#![no_std]
+
+/// Where the VMM writes [`BootInfo`].
+pub const BOOT_INFO_GPA: u64 = 0x9000;
+/// Where the guest image is linked and loaded.
+pub const IMAGE_GPA: u64 = 0x10_0000;
+/// The VMM's boot page tables live in [PAGE_TABLES_GPA, PAGE_TABLES_GPA + PAGE_TABLES_SIZE).
+pub const PAGE_TABLES_GPA: u64 = 0x1000;
+pub const PAGE_TABLES_SIZE: u64 = 6 * 0x1000;
+
+/// Base of the MMIO window; every device owns one 4 KiB slot.
+pub const MMIO_BASE: u64 = 0xD000_0000;
+pub const MMIO_SLOT_SIZE: u64 = 0x1000;
+pub const MMIO_SLOTS: u64 = 5;
+
+pub const SLOT_PLATFORM: u64 = 0;
+pub const SLOT_SERIAL: u64 = 1;
+pub const SLOT_BLK: u64 = 2;
+pub const SLOT_VSOCK: u64 = 3;
+pub const SLOT_RNG: u64 = 4;
+
+/// Guest-physical base address of MMIO slot `slot`.
+pub const fn slot_base(slot: u64) -> u64 {
+    MMIO_BASE + slot * MMIO_SLOT_SIZE
+}
+
+/// Registers of the platform device (slot 0). All are 64-bit.
+pub mod platform {
+    /// R: nanoseconds since the VM was created. Outside-facing: logged on record, replayed.
+    pub const CLOCK_NS: u64 = 0x00;
+    /// W: yield until the next interrupt. Returns at once if one is already pending.
+    pub const WAIT: u64 = 0x08;
+    /// W: power off; the value is the guest's exit code.
+    pub const POWER_OFF: u64 = 0x10;
+    /// W: period of the timer interrupt in nanoseconds; 0 stops it.
+    pub const TIMER_PERIOD_NS: u64 = 0x18;
+    /// W: the guest took a CPU exception it cannot handle; the value is the vector.
+    /// The kernel stub leaves error code, RIP, CS and CR2 in rsi, rdx, rcx and r8.
+    pub const FAULT: u64 = 0x20;
+    /// W: units of work the guest completed (compute guests report progress here).
+    pub const PROGRESS: u64 = 0x28;
+}
+
+/// Interrupt vectors. There is no APIC: the VMM injects these with KVM_INTERRUPT.
+pub mod irq {
+    pub const TIMER: u8 = 0x20;
+    pub const BLK: u8 = 0x21;
+    pub const VSOCK: u8 = 0x22;
+    pub const RNG: u8 = 0x23;
+    /// The kernel installs gates for vectors [0, IDT_ENTRIES).
+    pub const IDT_ENTRIES: u8 = 0x30;
+}
+
+/// Exit code a guest uses when it panicked (its message went to the console).
+pub const EXIT_GUEST_PANIC: u64 = 101;
+
+/// The guest CID and the port the kvstore guest listens on, for virtio-vsock.
+pub const GUEST_CID: u64 = 3;
+pub const HOST_CID: u64 = 2;
+pub const KVSTORE_PORT: u32 = 6379;
+
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"LSTPBOOT");
+
+/// What the VMM tells the guest at boot. Plain data, little endian, `repr(C)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BootInfo {
+    pub magic: u64,
+    /// Bytes of RAM starting at GPA 0.
+    pub mem_size: u64,
+    /// Bitmask of present MMIO slots (bit n = slot n).
+    pub devices: u64,
+    /// Guest-specific argument (compute: work units per progress report; 0 = default).
+    pub arg: u64,
+}

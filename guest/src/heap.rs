@@ -1,0 +1,36 @@
+//! The heap: everything from the end of the image to the end of RAM, managed by a free-list
+//! allocator (the key-value store frees memory, so a bump allocator would not do). Allocation is
+//! deterministic, as replay requires.
+
+use linked_list_allocator::LockedHeap;
+use lockstep_guest_abi::{BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC};
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+unsafe extern "C" {
+    static __image_end: u8;
+}
+
+/// The boot information the VMM left for us.
+pub fn boot_info() -> BootInfo {
+    // SAFETY: the VMM writes a BootInfo at this identity-mapped address before the first entry.
+    let info = unsafe { (BOOT_INFO_GPA as *const BootInfo).read_volatile() };
+    assert!(info.magic == BOOT_INFO_MAGIC, "bad boot info magic");
+    info
+}
+
+pub(crate) fn init() {
+    let info = boot_info();
+    let start = core::ptr::addr_of!(__image_end) as usize;
+    let end = info.mem_size as usize;
+    assert!(end > start + 1024 * 1024, "guest RAM too small for a heap");
+    // SAFETY: [start, end) is RAM that nothing else uses: the image ends at `start`, and the VMM
+    // keeps its own structures below the image.
+    unsafe { HEAP.lock().init(start as *mut u8, end - start) };
+}
+
+/// Bytes of heap currently free.
+pub fn free_bytes() -> usize {
+    HEAP.lock().free()
+}

@@ -1,0 +1,161 @@
+//! The client front end: accepts TCP connections on the client port and turns each into a
+//! stream of events for the vsock device; writes the guest's released output back.
+//!
+//! Threads, not async: each connection has a reader that blocks on the socket and a writer that
+//! blocks on its queue. The vCPU thread never touches a socket.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::devices::ClientOutput;
+use crate::vmm::Event;
+
+/// Chunk size of one read from a client socket (one log entry at most this big).
+const READ_CHUNK: usize = 64 * 1024;
+/// Events queued between the sockets and the vCPU; a full queue stops the readers.
+const QUEUE: usize = 1024;
+
+enum ToClient {
+    Data(Vec<u8>),
+    Close,
+}
+
+#[derive(Debug, Default)]
+pub struct FrontStats {
+    pub connections: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// Handle used by the vCPU side to deliver output.
+#[derive(Clone)]
+pub struct FrontEnd {
+    writers: Arc<Mutex<HashMap<u32, Sender<ToClient>>>>,
+    pub stats: Arc<FrontStats>,
+    closed: Arc<AtomicBool>,
+    local_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for FrontEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontEnd").field("local_addr", &self.local_addr).finish_non_exhaustive()
+    }
+}
+
+impl FrontEnd {
+    /// Listen on `addr`; returns the handle and the event stream for the recorder. Connection
+    /// ids start at `first_conn` (a primary that took over continues the numbering).
+    pub fn start(addr: SocketAddr, first_conn: u32) -> std::io::Result<(FrontEnd, Receiver<Event>)> {
+        let listener = TcpListener::bind(addr)?;
+        Self::start_with(listener, first_conn)
+    }
+
+    pub fn start_with(listener: TcpListener, first_conn: u32) -> std::io::Result<(FrontEnd, Receiver<Event>)> {
+        let local_addr = listener.local_addr()?;
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let fe = FrontEnd {
+            writers: Arc::default(),
+            stats: Arc::default(),
+            closed: Arc::default(),
+            local_addr,
+        };
+        let accept = fe.clone();
+        let next = Arc::new(AtomicU32::new(first_conn));
+        thread::Builder::new().name("client-accept".into()).spawn(move || {
+            for stream in listener.incoming() {
+                if accept.closed.load(Ordering::Relaxed) {
+                    break;
+                }
+                match stream {
+                    Ok(s) => accept.adopt(s, next.fetch_add(1, Ordering::Relaxed), tx.clone()),
+                    Err(e) => tracing::warn!("accepting a client failed: {e}"),
+                }
+            }
+        })?;
+        Ok((fe, rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    fn adopt(&self, stream: TcpStream, conn: u32, events: SyncSender<Event>) {
+        let _ = stream.set_nodelay(true);
+        let Ok(write_half) = stream.try_clone() else { return };
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let (wtx, wrx) = mpsc::channel::<ToClient>();
+        self.writers.lock().expect("writers lock").insert(conn, wtx);
+        if events.send(Event::ClientConnect { conn }).is_err() {
+            return;
+        }
+        let stats = self.stats.clone();
+        let _ = thread::Builder::new().name(format!("client-{conn}-rx")).spawn(move || {
+            let mut stream = stream;
+            let mut buf = vec![0u8; READ_CHUNK];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        if events.send(Event::ClientData { conn, bytes: buf[..n].to_vec() }).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            let _ = events.send(Event::ClientClose { conn });
+        });
+        let stats = self.stats.clone();
+        let writers = self.writers.clone();
+        let _ = thread::Builder::new().name(format!("client-{conn}-tx")).spawn(move || {
+            let mut stream = write_half;
+            for msg in wrx {
+                match msg {
+                    ToClient::Data(bytes) => {
+                        if stream.write_all(&bytes).is_err() {
+                            break;
+                        }
+                        stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }
+                    ToClient::Close => break,
+                }
+            }
+            let _ = stream.shutdown(Shutdown::Both);
+            writers.lock().expect("writers lock").remove(&conn);
+        });
+    }
+
+    /// Send released output to its client.
+    pub fn deliver(&self, out: ClientOutput) {
+        let writers = self.writers.lock().expect("writers lock");
+        match out {
+            ClientOutput::Data { conn, bytes } => {
+                if let Some(w) = writers.get(&conn) {
+                    let _ = w.send(ToClient::Data(bytes));
+                }
+            }
+            ClientOutput::Close { conn } => {
+                if let Some(w) = writers.get(&conn) {
+                    let _ = w.send(ToClient::Close);
+                }
+            }
+        }
+    }
+
+    /// Close every client connection (a halted or demoted agent must not talk to clients).
+    pub fn close_all(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        for w in self.writers.lock().expect("writers lock").values() {
+            let _ = w.send(ToClient::Close);
+        }
+        // Unblock the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.local_addr);
+    }
+}

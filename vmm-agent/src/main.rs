@@ -1,0 +1,327 @@
+//! `lockstep-agent`: run, record and replay a guest; serve as FT primary or backup.
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+use lockstep_agent::client::FrontEnd;
+use lockstep_agent::guests::GuestKind;
+use lockstep_agent::metrics::Metrics;
+use lockstep_agent::record::{hex, LogHeader, LogReader, LogSink, LogWriter, MemorySink};
+use lockstep_agent::recorder::{Recorder, ReleaseNow};
+use lockstep_agent::replayer::Replayer;
+use lockstep_agent::vmm::{Machine, MachineConfig, RunSummary, StopReason};
+
+/// Lockstep's per-pod agent: a KVM virtual machine monitor that records every
+/// non-deterministic input of a single-vCPU guest so that a backup can replay it exactly.
+#[derive(Parser, Debug)]
+#[command(name = "lockstep-agent", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a guest alone, optionally recording its replay log.
+    ///
+    /// Stops at the next guest exit after SIGTERM/SIGINT, after --stop-after-exits exits, or
+    /// when the guest powers off; then prints one JSON line on stdout:
+    /// {"exits":N,"digest":"<hex>",...}.
+    Run(RunArgs),
+    /// Re-execute a recorded log and check it: exits 0 only if every digest in the log matched
+    /// and the final digest (memory included) equals the recorded one. Prints the same JSON line.
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug)]
+struct MachineArgs {
+    /// Guest memory in MiB (16..=3072).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    memory_mib: u64,
+    /// Disk image for guests that use one (kvstore). Created with --disk-size-mib if missing.
+    /// Each replica needs its own copy.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Size of a disk image created by this run.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    disk_size_mib: u64,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Which guest program to run.
+    #[arg(long, value_enum)]
+    guest: GuestKind,
+    /// Write the replay log here.
+    #[arg(long, value_name = "LOG")]
+    record: Option<PathBuf>,
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Accept client TCP connections here; each becomes a vsock stream to the guest (port 6379).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6380")]
+    client_listen: SocketAddr,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Stop after this many guest-caused exits.
+    #[arg(long, value_name = "N")]
+    stop_after_exits: Option<u64>,
+    /// Log a vCPU/device digest every N exits (0: only at the end).
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    digest_interval: u64,
+    /// Guest-specific argument (compute: iterations per unit of work).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    guest_arg: u64,
+    /// Identity of this VM, written into the log header and metric labels.
+    #[arg(long, default_value = "local", value_name = "ID")]
+    vm_id: String,
+    /// Do not print the guest's console.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct ReplayArgs {
+    /// The log to replay.
+    #[arg(long, value_name = "LOG")]
+    log: PathBuf,
+    /// This replica's copy of the disk as it was when recording started (it is modified).
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// Print the guest's console while replaying (suppressed by default, like all output).
+    #[arg(long)]
+    console: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error(transparent)]
+    Build(#[from] lockstep_agent::vmm::machine::BuildError),
+    #[error(transparent)]
+    Run(#[from] lockstep_agent::vmm::RunError),
+    #[error(transparent)]
+    Log(#[from] lockstep_agent::record::CodecError),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+    let context = context.into();
+    move |source| CliError::Io { context, source }
+}
+
+fn open_disk(path: &Path, create_mib: Option<u64>) -> Result<File, CliError> {
+    let exists = path.exists();
+    if !exists && create_mib.is_none() {
+        return Err(CliError::Usage(format!("disk image {} does not exist (replay needs the recorded initial disk)", path.display())));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create_mib.is_some())
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(format!("opening disk {}", path.display())))?;
+    if !exists {
+        f.set_len(create_mib.unwrap_or(64) << 20).map_err(io_err("sizing the new disk"))?;
+    }
+    Ok(f)
+}
+
+/// A scratch disk for kvstore runs without --disk: it works, but nothing persists.
+fn scratch_disk(mib: u64) -> Result<File, CliError> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("lockstep-scratch-{}.img", std::process::id()));
+    let f = open_disk(&path, Some(mib))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(f)
+}
+
+fn summary_json(s: &RunSummary, guest: GuestKind, seconds: f64, extra: serde_json::Value) -> String {
+    let reason = match &s.reason {
+        StopReason::PowerOff(code) => format!("poweroff({code})"),
+        StopReason::Requested => "requested".into(),
+        StopReason::ExitLimit => "exit-limit".into(),
+        StopReason::EndOfLog => "end-of-log".into(),
+    };
+    let mut v = serde_json::json!({
+        "exits": s.exits,
+        "digest": hex(&s.digest),
+        "guest": guest.name(),
+        "reason": reason,
+        "seconds": (seconds * 1e6).round() / 1e6,
+        "exits_per_second": if seconds > 0.0 { (s.exits as f64 / seconds).round() } else { 0.0 },
+    });
+    if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    v.to_string()
+}
+
+fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).expect("installing a signal handler");
+    }
+    stop
+}
+
+fn run(args: RunArgs) -> Result<(), CliError> {
+    let guest = args.guest;
+    let mem_size = args.machine.memory_mib << 20;
+    let disk = match (&args.machine.disk, guest.needs_disk()) {
+        (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
+        (None, true) => {
+            eprintln!("note: no --disk given; kvstore uses a scratch disk and its data will not persist");
+            Some(scratch_disk(args.machine.disk_size_mib)?)
+        }
+        (None, false) => None,
+    };
+    let disk_size = match &disk {
+        Some(f) => f.metadata().map_err(io_err("reading disk size"))?.len(),
+        None => 0,
+    };
+    let header = LogHeader {
+        guest: guest.name().into(),
+        image_hash: guest.image_hash(),
+        mem_size,
+        disk_size,
+        guest_arg: args.guest_arg,
+        vm_id: args.vm_id.clone(),
+    };
+    let metrics = Metrics::new(&args.vm_id);
+    if let Some(addr) = args.metrics_listen {
+        metrics.serve(addr).map_err(io_err(format!("serving metrics on {addr}")))?;
+    }
+    let (front, events) = FrontEnd::start(args.client_listen, 1)
+        .map_err(io_err(format!("listening for clients on {} (is the port taken? use --client-listen)", args.client_listen)))?;
+    let mut vm = Machine::new(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg })?;
+    vm.exit_limit = args.stop_after_exits;
+    let stop = stop_flag();
+    let started = Instant::now();
+    let outputs = Box::new(ReleaseNow(front.clone()));
+
+    let (summary, log_bytes, entries) = match &args.record {
+        Some(path) => {
+            let sink = LogWriter::create(path, &header).map_err(io_err(format!("creating log {}", path.display())))?;
+            let mut rec = Recorder::new(sink, Some(events), outputs, stop, metrics.clone()).map_err(io_err("opening /dev/urandom"))?;
+            rec.digest_interval = args.digest_interval;
+            rec.console.quiet = args.quiet;
+            let summary = vm.run(&mut rec)?;
+            let bytes = rec.sink.bytes_written();
+            let entries = rec.entries;
+            rec.sink.finish().map_err(io_err("finishing the log"))?;
+            (summary, bytes, entries)
+        }
+        None => {
+            // Not recording: the same code path, logging into a sink that is thrown away, so the
+            // overhead comparison is of the log's I/O only. (Entries are still built.)
+            let mut rec = Recorder::new(DiscardSink::default(), Some(events), outputs, stop, metrics.clone())
+                .map_err(io_err("opening /dev/urandom"))?;
+            rec.digest_interval = args.digest_interval;
+            rec.console.quiet = args.quiet;
+            let summary = vm.run(&mut rec)?;
+            (summary, 0, rec.entries)
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let stats = &front.stats;
+    let extra = serde_json::json!({
+        "log_bytes": log_bytes,
+        "log_entries": entries,
+        "client_connections": stats.connections.load(Ordering::Relaxed),
+        "client_bytes_in": stats.bytes_in.load(Ordering::Relaxed),
+        "client_bytes_out": stats.bytes_out.load(Ordering::Relaxed),
+        "progress": vm.devices.platform.progress,
+    });
+    front.close_all();
+    println!("{}", summary_json(&summary, guest, seconds, extra));
+    Ok(())
+}
+
+/// Counts bytes but keeps nothing: `run` without `--record`.
+#[derive(Debug, Default)]
+struct DiscardSink(MemorySink);
+
+impl LogSink for DiscardSink {
+    fn append(&mut self, exit: u64, entry: &lockstep_agent::record::Entry) -> std::io::Result<()> {
+        self.0.bytes += lockstep_agent::record::encode_frame(exit, entry).len() as u64;
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn bytes_written(&self) -> u64 {
+        self.0.bytes
+    }
+}
+
+fn replay(args: ReplayArgs) -> Result<(), CliError> {
+    let (header, reader) = LogReader::open(&args.log)?;
+    let guest = GuestKind::from_name(&header.guest)
+        .ok_or_else(|| CliError::Usage(format!("the log was recorded with guest '{}', which this agent does not have", header.guest)))?;
+    if header.image_hash != guest.image_hash() {
+        return Err(CliError::Usage(format!(
+            "the log was recorded with a different build of the '{}' guest (image {} here, {} in the log); replay it with the agent that recorded it",
+            header.guest,
+            hex(&guest.image_hash()[..8]),
+            hex(&header.image_hash[..8])
+        )));
+    }
+    let disk = match (&args.disk, header.disk_size) {
+        (Some(p), size) => {
+            let f = open_disk(p, None)?;
+            let have = f.metadata().map_err(io_err("reading disk size"))?.len();
+            if have != size {
+                return Err(CliError::Usage(format!("disk {} has {have} bytes but the recording's disk had {size}", p.display())));
+            }
+            Some(f)
+        }
+        (None, 0) => None,
+        (None, size) => {
+            eprintln!("note: no --disk given; replaying against a zeroed scratch disk of {size} bytes");
+            Some(scratch_disk(size >> 20)?)
+        }
+    };
+    let mut vm = Machine::new(MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg })?;
+    let mut rep = Replayer::new(reader);
+    rep.console.quiet = !args.console;
+    let started = Instant::now();
+    let summary = vm.run(&mut rep)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let extra = serde_json::json!({
+        "digests_checked": rep.digests_checked,
+        "log_entries": rep.entries,
+        "suppressed_output_bytes": rep.suppressed_output_bytes,
+        "progress": vm.devices.platform.progress,
+    });
+    println!("{}", summary_json(&summary, guest, seconds, extra));
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Replay(a) => replay(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lockstep-agent: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! The replay log: what the primary records so a backup can re-execute the guest exactly.
+//!
+//! A log is a [`LogHeader`] followed by framed [`Entry`]s (see `docs/log-format.md` for the byte
+//! layout). Every entry carries the index of the guest-caused exit at which it happened; replay
+//! applies it at the same index. Frames are CRC-checked and size-bounded, and decoding untrusted
+//! bytes returns an error, never panics.
+
+mod codec;
+mod file;
+
+pub use codec::{decode_frame, encode_frame, hex, CodecError, Entry, LogHeader, FRAME_OVERHEAD, MAX_PAYLOAD};
+pub use file::{LogReader, LogWriter};
+
+/// Where the primary's entries go: a file, the FT channel, or memory in tests.
+pub trait LogSink: Send {
+    fn append(&mut self, exit: u64, entry: &Entry) -> std::io::Result<()>;
+    /// The primary finished exit `exit`: nothing more will be logged at or before it.
+    fn exit_complete(&mut self, _exit: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()>;
+    /// Bytes appended so far (for metrics and the final report).
+    fn bytes_written(&self) -> u64;
+}
+
+/// Where replay takes entries from. `next` blocks until the entry is available (a backup waits
+/// for the primary) and returns `None` at the end of the log.
+pub trait LogSource: Send {
+    fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError>;
+}
+
+/// An in-memory sink, for tests and for buffering.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    pub entries: Vec<(u64, Entry)>,
+    pub bytes: u64,
+}
+
+impl LogSink for MemorySink {
+    fn append(&mut self, exit: u64, entry: &Entry) -> std::io::Result<()> {
+        self.bytes += encode_frame(exit, entry).len() as u64;
+        self.entries.push((exit, entry.clone()));
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn bytes_written(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A source over entries already in memory.
+#[derive(Debug, Default)]
+pub struct MemorySource {
+    pub entries: std::collections::VecDeque<(u64, Entry)>,
+}
+
+impl LogSource for MemorySource {
+    fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
+        Ok(self.entries.pop_front())
+    }
+}
