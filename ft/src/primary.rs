@@ -844,6 +844,8 @@ impl Primary {
     fn suspect(&mut self, why: Suspicion) {
         let in_sync = self.backup_in_sync();
         if matches!(self.state, State::Cloning(_)) {
+            // Clone steps not yet taken are moot.
+            self.ready.clone_actions.clear();
             self.ready.clone_actions.push(CloneAction::Abort);
         }
         self.metrics.suspicions += 1;
@@ -875,6 +877,8 @@ impl Primary {
 
     fn abort_clone(&mut self) {
         self.state = State::Solo;
+        // Clone steps not yet taken are moot.
+        self.ready.clone_actions.clear();
         self.ready.clone_actions.push(CloneAction::Abort);
         self.ready.close_channel = true;
         self.ready

@@ -82,7 +82,8 @@ fn refusal(r: &Ready) -> Option<RefuseReason> {
 
 #[test]
 fn primary_refuses_wrong_vm_stale_epoch_version_role_image() {
-    let cases: Vec<(Message, fn(&RefuseReason) -> bool)> = vec![
+    type Expect = fn(&RefuseReason) -> bool;
+    let cases: Vec<(Message, Expect)> = vec![
         (hello("ns/other", 1), |r| {
             matches!(r, RefuseReason::WrongVmId { .. })
         }),

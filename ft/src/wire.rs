@@ -498,25 +498,25 @@ pub fn encode(msg: &Message, max_payload: usize, out: &mut Vec<u8>) -> Result<()
     if len > max {
         return Err(WireError::FrameTooLarge { len, max });
     }
-    if let Message::Hello { vm_id, .. } = msg
-        && vm_id.len() > MAX_VM_ID_LEN
-    {
-        return Err(WireError::InvalidField {
-            kind: MessageKind::Hello,
-            field: "vm_id",
-            reason: "longer than 253 bytes",
-        });
-    }
-    if let Message::Refuse {
-        reason: RefuseReason::WrongVmId { expected, got },
-    } = msg
-        && (expected.len() > u16::MAX as usize || got.len() > u16::MAX as usize)
-    {
-        return Err(WireError::InvalidField {
-            kind: MessageKind::Refuse,
-            field: "vm_id",
-            reason: "longer than 65535 bytes",
-        });
+    // Plain matches rather than let-chains: the workspace's MSRV (1.85) predates them.
+    match msg {
+        Message::Hello { vm_id, .. } if vm_id.len() > MAX_VM_ID_LEN => {
+            return Err(WireError::InvalidField {
+                kind: MessageKind::Hello,
+                field: "vm_id",
+                reason: "longer than 253 bytes",
+            });
+        }
+        Message::Refuse {
+            reason: RefuseReason::WrongVmId { expected, got },
+        } if expected.len() > u16::MAX as usize || got.len() > u16::MAX as usize => {
+            return Err(WireError::InvalidField {
+                kind: MessageKind::Refuse,
+                field: "vm_id",
+                reason: "longer than 65535 bytes",
+            });
+        }
+        _ => {}
     }
     let start = out.len();
     out.reserve(HEADER_LEN + len + TRAILER_LEN);
