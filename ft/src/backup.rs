@@ -97,6 +97,7 @@ enum State {
 #[derive(Debug)]
 pub struct Backup {
     cfg: FtConfig,
+    id: VmIdentity,
     epoch: u64,
     state: State,
     buffer: VecDeque<LogEntry>,
@@ -120,6 +121,7 @@ impl Backup {
     pub fn new(cfg: FtConfig, id: VmIdentity, epoch: u64, now: Nanos) -> Self {
         let mut b = Backup {
             cfg,
+            id: id.clone(),
             epoch,
             state: State::Handshaking,
             buffer: VecDeque::new(),
@@ -397,6 +399,23 @@ impl Backup {
                 }
             }
         }
+    }
+
+    /// After [`RoleEvent::Promoted`]: the [`Primary`](crate::Primary) to drive from now on, at
+    /// the won epoch and the resume exit, with this backup's configuration and identity. It starts
+    /// *Solo* (no backup yet, outputs released at once). `None` unless promoted.
+    pub fn promote(&self, geometry: VmGeometry, now: Nanos) -> Option<crate::Primary> {
+        let State::Promoted { epoch } = self.state else {
+            return None;
+        };
+        Some(crate::Primary::new(
+            self.cfg.clone(),
+            self.id.clone(),
+            geometry,
+            epoch,
+            self.replayed_exit,
+            now,
+        ))
     }
 
     /// Takes what the driver must do now.

@@ -69,6 +69,19 @@
 //! false, it notifies the vCPU condvar. `consult_arbiter` is handed to an arbiter task whose answer
 //! comes back through `arbiter_result`.
 //!
+//! Driver contract, in short:
+//! - One channel connection at a time. A connection arriving while one is open is answered by the
+//!   driver itself with `Refuse { reason: Busy }` (encode it with [`wire::encode`]) and closed; it
+//!   never reaches `step`. When [`Ready::close_channel`] is set, write the pending `messages`, close
+//!   the socket, and stop reading from it (do not call `peer_disconnected` for a close you made).
+//! - Check `pause_vcpu` after `exit_complete`, at the exit boundary. It stays true until a later
+//!   `Ready` says otherwise (after an ack, `arbiter_result` or `clone_final`).
+//! - Clone calls may return [`FtError::NotCloning`] if the backup left in the meantime; a
+//!   [`CloneAction::Abort`] follows, so just stop sending clone data.
+//! - A halted backup whose [`HaltReason::is_retryable`] is true may be replaced by a fresh
+//!   `Backup` after a pause; a connection that drops always costs a new clone (the log stream
+//!   does not resume across connections).
+//!
 //! ## Example: a primary and a backup in memory
 //!
 //! ```
@@ -154,9 +167,9 @@
 //!     ready.role_events,
 //!     vec![RoleEvent::Promoted { epoch: 2, resume_after_exit: 1 }]
 //! );
-//! let new_primary = Primary::new(cfg, VmIdentity { vm_id: "default/kv".into(), guest_image: [7; 32] },
-//!                                geometry, 2, 1, now);
+//! let new_primary = backup.promote(geometry, now).expect("promoted");
 //! assert_eq!(new_primary.state(), PrimaryState::Solo);
+//! assert_eq!(new_primary.epoch(), 2);
 //! ```
 //!
 //! The message layouts and state diagrams are also in `docs/protocol.md`.

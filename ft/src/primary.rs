@@ -319,6 +319,8 @@ impl Primary {
             State::Protected => {
                 self.heartbeat(now);
                 self.maybe_flush(now, false);
+                // Lag keeps growing while no ack arrives; the throttle must see that.
+                self.update_lag(now);
                 if now.saturating_sub(self.last_heard) > self.cfg.heartbeat_timeout {
                     self.suspect(Suspicion::HeartbeatTimeout);
                 } else if self.acked_through < self.sent_through

@@ -885,3 +885,44 @@ fn large_clone_data_is_split_into_bounded_frames() {
     assert_eq!(disk.iter().map(|d| d.1).sum::<usize>(), 25_000);
     assert_eq!(disk[1].0, 100 + disk[0].1 as u64, "offsets are contiguous");
 }
+
+#[test]
+fn promote_builds_a_solo_primary_at_the_resume_exit() {
+    let (mut p, mut b) = synced_pair(cfg(), 4);
+    assert!(b.promote(geo(), 0).is_none(), "not before winning");
+    p.append(entry(5, 2)).unwrap();
+    p.exit_complete(5, 1);
+    deliver_to_backup(p.take_ready(), &mut b, 1);
+    b.take_replayable();
+    b.replayed(5, 2);
+    b.peer_disconnected(3);
+    b.arbiter_result(ArbiterOutcome::Won { epoch: 2 }, 4);
+    let mut np = b.promote(geo(), 5).expect("promoted");
+    assert_eq!((np.state(), np.epoch()), (PrimaryState::Solo, 2));
+    assert!(matches!(
+        np.append(entry(5, 1)),
+        Err(FtError::ExitAlreadyComplete { completed: 5, .. })
+    ));
+    // A new backup must know epoch 2 to join it.
+    np.step(hello("ns/kv", 1), 6).unwrap();
+    assert!(matches!(
+        refusal(&np.take_ready()),
+        Some(RefuseReason::StaleEpoch { .. })
+    ));
+    np.step(hello("ns/kv", 2), 7).unwrap();
+    assert_eq!(np.state(), PrimaryState::Cloning);
+}
+
+#[test]
+fn retryable_halts() {
+    assert!(HaltReason::Refused(RefuseReason::Busy).is_retryable());
+    assert!(HaltReason::PrimaryLostBeforeSync.is_retryable());
+    assert!(!HaltReason::Refused(RefuseReason::GuestImageMismatch).is_retryable());
+    assert!(
+        !HaltReason::LostArbiter {
+            winner: "x".into(),
+            epoch: 3
+        }
+        .is_retryable()
+    );
+}

@@ -172,6 +172,19 @@ pub enum HaltReason {
     },
 }
 
+impl HaltReason {
+    /// True when a *fresh* backup may simply try again later (the primary was busy with another
+    /// backup or was itself in doubt); false when retrying cannot help without a configuration
+    /// change or a new arbiter epoch.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            HaltReason::Refused(RefuseReason::Busy | RefuseReason::NotPrimary)
+                | HaltReason::PrimaryLostBeforeSync
+        )
+    }
+}
+
 /// Role transitions reported to the driver (for the agent's state and metrics).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleEvent {

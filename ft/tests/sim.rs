@@ -577,14 +577,13 @@ impl Sim {
                         "promoted state equals the primary's"
                     );
                     node.history.insert(*resume_after_exit, node.guest.clone());
-                    node.m = Machine::P(Box::new(Primary::new(
-                        self.cfg.clone(),
-                        ident(),
-                        geometry(),
-                        *epoch,
-                        *resume_after_exit,
-                        now,
-                    )));
+                    let Machine::B(b) = &node.m else {
+                        unreachable!()
+                    };
+                    let promoted = b.promote(geometry(), now).expect("promoted backup");
+                    assert_eq!(promoted.epoch(), *epoch);
+                    node.m = Machine::P(Box::new(promoted));
+                    node.to_replay.clear();
                     node.source = None;
                     break;
                 }
