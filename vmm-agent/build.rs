@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: [&str; 3] = ["kvstore", "compute", "idle"];
+const GUESTS: [&str; 4] = ["kvstore", "compute", "idle", "fault"];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn rerun_if_changed(dir: &Path) {

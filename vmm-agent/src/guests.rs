@@ -10,6 +10,9 @@ pub enum GuestKind {
     Compute,
     /// Only takes 100 Hz timer ticks (idle log bandwidth).
     Idle,
+    /// Executes an invalid instruction (for tests of fault reporting).
+    #[value(hide = true)]
+    Fault,
 }
 
 impl GuestKind {
@@ -18,6 +21,7 @@ impl GuestKind {
             GuestKind::Kvstore => include_bytes!(concat!(env!("OUT_DIR"), "/guests/kvstore")),
             GuestKind::Compute => include_bytes!(concat!(env!("OUT_DIR"), "/guests/compute")),
             GuestKind::Idle => include_bytes!(concat!(env!("OUT_DIR"), "/guests/idle")),
+            GuestKind::Fault => include_bytes!(concat!(env!("OUT_DIR"), "/guests/fault")),
         }
     }
 
@@ -26,11 +30,12 @@ impl GuestKind {
             GuestKind::Kvstore => "kvstore",
             GuestKind::Compute => "compute",
             GuestKind::Idle => "idle",
+            GuestKind::Fault => "fault",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle].into_iter().find(|g| g.name() == name)
+        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle, GuestKind::Fault].into_iter().find(|g| g.name() == name)
     }
 
     /// BLAKE3 of the image: logs name the exact build they were recorded with.

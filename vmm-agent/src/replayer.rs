@@ -184,9 +184,7 @@ impl<S: LogSource> Environment for Replayer<S> {
                 Ok(())
             }
             Some((x, e)) => Err(RunError::Divergence { exit, what: format!("the run ended but the log continues with {e:?} at exit {x}") }),
-            None => Err(RunError::Log(crate::record::CodecError::Io(format!(
-                "the log ends after exit {exit} without an end record: the recording was cut short"
-            )))),
+            None => Err(RunError::LogCutShort { exit }),
         }
     }
 }

@@ -148,7 +148,8 @@ mod tests {
 
     #[test]
     fn reads_back_all_entries() {
-        let (_, mut r) = LogReader::new(&sample()[..]).unwrap();
+        let bytes = sample();
+        let (_, mut r) = LogReader::new(&bytes[..]).unwrap();
         let mut n = 0;
         while let Some((exit, e)) = r.next().unwrap() {
             assert_eq!(e, Entry::MmioRead { addr: 0xd000_0000, value: exit * 7 });

@@ -92,6 +92,8 @@ pub enum RunError {
     UnexpectedExit { exit: u64, what: String },
     #[error("replay diverged at exit {exit}: {what}")]
     Divergence { exit: u64, what: String },
+    #[error("the log ends after exit {exit} without an end record: the recording was cut short")]
+    LogCutShort { exit: u64 },
     #[error("the log is unusable: {0}")]
     Log(#[from] crate::record::CodecError),
     #[error("writing the log failed: {0}")]

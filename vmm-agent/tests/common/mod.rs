@@ -1,0 +1,126 @@
+//! Helpers for tests that run the real agent binary under KVM.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lockstep-agent"))
+}
+
+/// A scratch directory removed at drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("lockstep-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn zero_disk(path: &Path, mib: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(mib << 20).unwrap();
+}
+
+/// A running `lockstep-agent run` with its client address.
+pub struct Running {
+    pub child: Child,
+    pub client: String,
+    stderr_rx: mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn start(args: &[&str]) -> Running {
+        let mut child = agent()
+            .arg("run")
+            .args(args)
+            .args(["--client-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start lockstep-agent");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("  agent: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        let mut client = None;
+        while client.is_none() {
+            let line = rx.recv_timeout(Duration::from_secs(30)).expect("agent printed its client address");
+            client = line.strip_prefix("lockstep-agent: clients on ").map(str::to_string);
+        }
+        Running { child, client: client.unwrap(), stderr_rx: rx }
+    }
+
+    pub fn port(&self) -> String {
+        self.client.rsplit(':').next().unwrap().to_string()
+    }
+
+    /// Wait until the guest printed a console line containing `needle`.
+    pub fn wait_console(&self, needle: &str) {
+        loop {
+            let line = self.stderr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("guest never printed {needle:?}"));
+            if line.contains(needle) {
+                return;
+            }
+        }
+    }
+
+    /// SIGTERM, then the JSON summary line.
+    pub fn stop(mut self) -> serde_json::Value {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut out = String::new();
+        self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "agent failed: {status}");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad summary {out:?}: {e}"))
+    }
+}
+
+pub fn summary(out: &Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!("no JSON summary ({e}); stdout {text:?}; stderr {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+pub fn replay(log: &Path, disk: Option<&Path>) -> Output {
+    let mut c = agent();
+    c.arg("replay").arg("--log").arg(log);
+    if let Some(d) = disk {
+        c.arg("--disk").arg(d);
+    }
+    c.output().unwrap()
+}
+
+/// The redis tools are part of the test bed; a missing one is a failure, not a skip.
+pub fn redis_tool(name: &str) -> Command {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {name}")).output().unwrap();
+    assert!(found.status.success(), "{name} is missing: install Debian's redis-tools (.ci/run does)");
+    Command::new(name)
+}
+
+pub fn redis_cli(port: &str, args: &[&str]) -> String {
+    let out = redis_tool("redis-cli").args(["-p", port]).args(args).output().unwrap();
+    assert!(out.status.success(), "redis-cli {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
