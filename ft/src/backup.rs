@@ -395,7 +395,7 @@ impl Backup {
             }
             ArbiterOutcome::Unreachable => {
                 self.state = State::Consulting {
-                    retry_at: Some(now + self.cfg.arbiter_retry),
+                    retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)),
                 }
             }
         }

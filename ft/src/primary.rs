@@ -283,7 +283,7 @@ impl Primary {
                 epoch,
                 role,
                 guest_image,
-            } => {
+            } if !matches!(self.state, State::Cloning(_) | State::Protected) => {
                 self.on_hello(protocol_version, vm_id, epoch, role, guest_image, now);
                 Ok(())
             }
@@ -380,7 +380,7 @@ impl Primary {
             ArbiterOutcome::Unreachable => {
                 // Never decide alone: stall and ask again later.
                 self.state = State::Consulting {
-                    retry_at: Some(now + self.cfg.arbiter_retry),
+                    retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)),
                     in_sync,
                 };
             }
@@ -644,10 +644,8 @@ impl Primary {
             Some(RefuseReason::WrongRole { got: role })
         } else if image != self.id.guest_image {
             Some(RefuseReason::GuestImageMismatch)
-        } else if !matches!(
-            self.state,
-            State::Solo | State::Cloning(_) | State::Protected
-        ) {
+        } else if !matches!(self.state, State::Solo) {
+            // Consulting: our epoch is in doubt; a backup cloned now could be of a loser.
             Some(RefuseReason::NotPrimary)
         } else if epoch < self.epoch {
             Some(RefuseReason::StaleEpoch {
@@ -659,8 +657,6 @@ impl Primary {
                 current: self.epoch,
                 got: epoch,
             })
-        } else if !matches!(self.state, State::Solo) {
-            Some(RefuseReason::Busy)
         } else {
             None
         };
@@ -764,10 +760,14 @@ impl Primary {
         if !self.backup_in_sync() || self.completed_exit <= self.sent_through {
             return;
         }
+        // `held` is sorted by exit: look at the first output not yet covered by a sent frame.
+        let first_unsent = self
+            .held
+            .partition_point(|(e, _, _)| *e <= self.sent_through);
         let output_waits = self
             .held
-            .front()
-            .is_some_and(|(e, _, _)| *e > self.sent_through && *e <= self.completed_exit);
+            .get(first_unsent)
+            .is_some_and(|(e, _, _)| *e <= self.completed_exit);
         let ready_bytes: usize = self
             .pending
             .iter()

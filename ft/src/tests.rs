@@ -167,13 +167,71 @@ fn hello_with_newer_epoch_makes_the_primary_ask_the_arbiter_and_stop_releasing()
 }
 
 #[test]
-fn second_backup_is_refused_while_one_clones() {
+fn second_hello_on_an_attached_channel_is_a_violation() {
+    // Cloning: the clone is abandoned (that backup never got state).
     let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
     p.step(hello("ns/kv", 1), 0).unwrap();
     p.take_ready();
-    p.step(hello("ns/kv", 1), 0).unwrap();
-    assert!(matches!(refusal(&p.take_ready()), Some(RefuseReason::Busy)));
-    assert_eq!(p.state(), PrimaryState::Cloning);
+    assert!(matches!(
+        p.step(hello("ns/kv", 1), 0),
+        Err(FtError::Protocol(_))
+    ));
+    let r = p.take_ready();
+    assert!(r.close_channel);
+    assert_eq!(r.clone_actions, vec![CloneAction::Abort]);
+    assert_eq!(p.state(), PrimaryState::Solo);
+    // Protected: the backup is suspect, the arbiter decides.
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    assert!(p.step(hello("ns/kv", 1), 1).is_err());
+    let r = p.take_ready();
+    assert!(
+        r.role_events
+            .contains(&RoleEvent::Suspecting(Suspicion::ProtocolViolation))
+    );
+    assert!(r.consult_arbiter.is_some());
+}
+
+#[test]
+fn consulting_primary_takes_no_new_backup() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.peer_disconnected(1);
+    p.take_ready();
+    p.step(hello("ns/kv", 1), 2).unwrap();
+    let r = p.take_ready();
+    assert!(matches!(refusal(&r), Some(RefuseReason::NotPrimary)));
+    assert_eq!(p.state(), PrimaryState::Consulting);
+}
+
+#[test]
+fn a_held_output_past_the_last_frame_flushes_at_once() {
+    let c = FtConfig {
+        flush_interval: 1_000 * MS,
+        batch_bytes: usize::MAX,
+        ..cfg()
+    };
+    let (mut p, _b) = synced_pair(c, 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.exit_complete(1, 0);
+    assert!(matches!(
+        p.take_ready().messages[..],
+        [Message::Log {
+            through_exit: 1,
+            ..
+        }]
+    ));
+    // Exit 2 without output: batched, nothing sent.
+    p.exit_complete(2, 1);
+    assert!(p.take_ready().messages.is_empty());
+    // Output 1 still awaits its ack; output 3 needs a frame of its own right away.
+    p.hold_output(3, OutputId(3), 2);
+    p.exit_complete(3, 2);
+    assert!(matches!(
+        p.take_ready().messages[..],
+        [Message::Log {
+            through_exit: 3,
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -925,4 +983,195 @@ fn retryable_halts() {
         }
         .is_retryable()
     );
+}
+
+// ----- robustness against any well-framed message sequence -----
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn small_entries() -> impl Strategy<Value = Vec<LogEntry>> {
+        proptest::collection::vec(
+            (0u64..40, proptest::collection::vec(any::<u8>(), 0..4))
+                .prop_map(|(exit, bytes)| LogEntry { exit, bytes }),
+            0..4,
+        )
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (0u16..3, prop::bool::ANY, 0u64..4).prop_map(|(v, good_id, epoch)| Message::Hello {
+                protocol_version: v,
+                vm_id: if good_id { "ns/kv".into() } else { "x".into() },
+                epoch,
+                role: Role::Backup,
+                guest_image: [3; 32],
+            }),
+            (0u16..3, 0u64..4).prop_map(|(v, epoch)| Message::HelloAck {
+                protocol_version: v,
+                epoch
+            }),
+            Just(Message::Refuse {
+                reason: RefuseReason::Busy
+            }),
+            (0u64..20, 0u64..40, small_entries()).prop_map(|(first_seq, through_exit, entries)| {
+                Message::Log {
+                    first_seq,
+                    through_exit,
+                    entries,
+                }
+            }),
+            (0u64..40, 0u64..40).prop_map(|(through_exit, replayed_exit)| Message::Ack {
+                through_exit,
+                replayed_exit
+            }),
+            any::<u64>().prop_map(|sent_at_nanos| Message::Heartbeat { sent_at_nanos }),
+            any::<u64>().prop_map(|sent_at_nanos| Message::HeartbeatReply { sent_at_nanos }),
+            Just(Message::CloneBegin {
+                memory_bytes: 8,
+                disk_bytes: 0,
+                page_size: 8
+            }),
+            (0u32..3).prop_map(|round| Message::ClonePages {
+                round,
+                pages: vec![(0, vec![1; 8])]
+            }),
+            Just(Message::CloneDisk {
+                offset: 0,
+                bytes: vec![2]
+            }),
+            (0u64..40).prop_map(|exit| Message::CloneFinal {
+                exit,
+                vcpu_state: vec![],
+                device_state: vec![]
+            }),
+            Just(Message::CloneDone),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Msg(Message),
+        Tick(u64),
+        Exit { entries: u8, output: bool },
+        Disconnect,
+        Arbiter(u8),
+        Replay,
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            4 => message().prop_map(Input::Msg),
+            2 => (0u64..30).prop_map(|ms| Input::Tick(ms * MS)),
+            3 => (0u8..3, any::<bool>()).prop_map(|(entries, output)| Input::Exit { entries, output }),
+            1 => Just(Input::Disconnect),
+            1 => (0u8..3).prop_map(Input::Arbiter),
+            2 => Just(Input::Replay),
+        ]
+    }
+
+    fn outcome(k: u8) -> ArbiterOutcome {
+        match k {
+            0 => ArbiterOutcome::Won { epoch: 2 },
+            1 => ArbiterOutcome::Lost {
+                winner: "other".into(),
+                epoch: 2,
+            },
+            _ => ArbiterOutcome::Unreachable,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        /// Whatever a (buggy or hostile, but well-framed) peer sends, the primary never panics,
+        /// never releases an output the backup did not acknowledge while a backup is in sync, and
+        /// never releases anything after halting.
+        #[test]
+        fn primary_survives_any_sequence(inputs in proptest::collection::vec(input(), 0..60), start_synced in any::<bool>()) {
+            let (mut p, _b) = if start_synced {
+                synced_pair(cfg(), 0)
+            } else {
+                (Primary::new(cfg(), id(), geo(), 1, 0, 0), Backup::new(cfg(), id(), 1, 0))
+            };
+            let mut now = 0;
+            let mut exit = 0;
+            let mut halted = false;
+            let mut max_ack = 0;
+            let mut outputs = 0;
+            for i in inputs {
+                let before = p.state();
+                match i {
+                    Input::Msg(m) => {
+                        if let Message::Ack { through_exit, .. } = &m {
+                            if before == PrimaryState::Protected || before == PrimaryState::Consulting {
+                                max_ack = max_ack.max(*through_exit);
+                            }
+                        }
+                        let _ = p.step(m, now);
+                    }
+                    Input::Tick(dt) => { now += dt; p.tick(now); }
+                    Input::Exit { entries, output } => {
+                        if p.pause_vcpu() { continue; }
+                        exit += 1;
+                        for _ in 0..entries { p.append(entry(exit, 3)).unwrap(); }
+                        if output { outputs += 1; p.hold_output(exit, OutputId(outputs), now); }
+                        p.exit_complete(exit, now);
+                    }
+                    Input::Disconnect => p.peer_disconnected(now),
+                    Input::Arbiter(k) => p.arbiter_result(outcome(k), now),
+                    Input::Replay => {}
+                }
+                let r = p.take_ready();
+                let after = p.state();
+                prop_assert!(!(halted && !r.released.is_empty()), "released after halting");
+                if before == PrimaryState::Protected && after == PrimaryState::Protected {
+                    for rel in &r.released {
+                        prop_assert!(rel.exit <= max_ack, "released exit {} with ack {}", rel.exit, max_ack);
+                    }
+                }
+                for m in &r.messages {
+                    prop_assert!(m.payload_len() <= cfg().max_payload);
+                }
+                halted |= after == PrimaryState::Halted;
+            }
+        }
+
+        /// The backup likewise never panics, hands the replayer entries only in order and only up
+        /// to the replay limit, and asks the arbiter only once it replayed everything complete.
+        #[test]
+        fn backup_survives_any_sequence(inputs in proptest::collection::vec(input(), 0..60), start_synced in any::<bool>()) {
+            let mut b = if start_synced {
+                synced_pair(cfg(), 0).1
+            } else {
+                let mut b = Backup::new(cfg(), id(), 1, 0);
+                b.take_ready();
+                b
+            };
+            let mut now = 0;
+            let mut last_exit = 0;
+            for i in inputs {
+                match i {
+                    Input::Msg(m) => { let _ = b.step(m, now); }
+                    Input::Tick(dt) => { now += dt; b.tick(now); }
+                    Input::Disconnect => b.peer_disconnected(now),
+                    Input::Arbiter(k) => b.arbiter_result(outcome(k), now),
+                    Input::Replay | Input::Exit { .. } => {
+                        let limit = b.replay_limit();
+                        for e in b.take_replayable() {
+                            prop_assert!(e.exit >= last_exit && e.exit <= limit);
+                            last_exit = e.exit;
+                        }
+                        b.replayed(limit, now);
+                    }
+                }
+                let r = b.take_ready();
+                if r.consult_arbiter.is_some() {
+                    prop_assert!(b.replayed_exit() >= b.received_through(), "asked before draining");
+                }
+                prop_assert!(r.released.is_empty() && !r.pause_vcpu);
+            }
+        }
+    }
 }

@@ -36,7 +36,7 @@ pub struct FtConfig {
     pub max_throttle_sleep: Nanos,
     /// Throttle gain: sleep per exit = (lag - target) / `throttle_divisor`.
     pub throttle_divisor: u64,
-    /// Clone: at most this many pre-copy rounds before the final pause.
+    /// Clone: at most this many rounds in all, the final (paused) delta included.
     pub clone_max_rounds: u32,
     /// Clone: stop pre-copying once a round leaves at most this many dirty pages.
     pub clone_dirty_threshold_pages: u64,
