@@ -129,6 +129,17 @@ pub struct Devices {
 }
 
 impl Devices {
+    /// The standard device set, with a disk if one is given.
+    pub fn new(disk: Option<File>) -> std::io::Result<Self> {
+        Ok(Devices {
+            platform: Platform::default(),
+            console: Console::default(),
+            blk: disk.map(Blk::new).transpose()?.map(VirtioMmio::new),
+            vsock: VirtioMmio::new(Vsock::default()),
+            rng: VirtioMmio::new(Rng::default()),
+        })
+    }
+
     fn hash_into(&self, h: &mut blake3::Hasher) {
         self.platform.hash_into(h);
         self.console.hash_into(h);
@@ -219,6 +230,11 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
 }
 
 impl<V: Vcpu> Machine<V> {
+    /// A machine around any vCPU: tests drive the loop with synthetic exits this way.
+    pub fn with_vcpu(mem: GuestMemory, vcpu: V, devices: Devices) -> Self {
+        Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, _vm: None }
+    }
+
     /// Digest of vCPU, interrupt and device state at this exit; with `full`, of memory too.
     pub fn digest(&self, full: bool) -> Result<[u8; 32], RunError> {
         let mut h = blake3::Hasher::new();
