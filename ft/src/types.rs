@@ -370,6 +370,6 @@ pub enum FtError {
     )]
     NotCloning,
     /// The clone call does not fit the current step (e.g. `clone_final` before the final pause).
-    #[error("clone step out of order: {0}")]
+    #[error("clone step out of order: {0}; follow the CloneAction sequence the primary asks for")]
     CloneOutOfOrder(&'static str),
 }

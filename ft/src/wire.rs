@@ -124,7 +124,10 @@ pub enum WireError {
         computed: u32,
     },
     /// A payload ended before all of its fields were read.
-    #[error("{kind:?} payload is truncated: needed {needed} more bytes, {remaining} left")]
+    #[error(
+        "{kind:?} payload is truncated (needed {needed} more bytes, {remaining} left): the peer \
+         sent a malformed frame; close the connection and check both sides run the same version"
+    )]
     Truncated {
         /// Message being parsed.
         kind: MessageKind,
@@ -134,7 +137,10 @@ pub enum WireError {
         remaining: usize,
     },
     /// A payload had bytes left over after its last field.
-    #[error("{kind:?} payload has {extra} unexpected trailing bytes")]
+    #[error(
+        "{kind:?} payload has {extra} unexpected trailing bytes: the peer sent a malformed frame; \
+         close the connection and check both sides run the same version"
+    )]
     TrailingBytes {
         /// Message being parsed.
         kind: MessageKind,
@@ -142,7 +148,10 @@ pub enum WireError {
         extra: usize,
     },
     /// A field holds a value the protocol does not allow.
-    #[error("{kind:?} field `{field}` is invalid: {reason}")]
+    #[error(
+        "{kind:?} field `{field}` is invalid ({reason}): the peer sent a malformed frame; close \
+         the connection"
+    )]
     InvalidField {
         /// Message being parsed.
         kind: MessageKind,
