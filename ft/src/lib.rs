@@ -69,7 +69,13 @@
 //! false, it notifies the vCPU condvar. `consult_arbiter` is handed to an arbiter task whose answer
 //! comes back through `arbiter_result`.
 //!
+//! `ft/examples/loopback.rs` is a complete reference driver (std threads, real TCP on
+//! 127.0.0.1, a local arbiter, clone, failover): `cargo run -p lockstep-ft --example loopback`.
+//!
 //! Driver contract, in short:
+//! - Take the `Ready` and queue its frames to the connection's single writer *before releasing
+//!   the lock*: frames must leave in the order the machine produced them, whichever thread
+//!   called in.
 //! - One channel connection at a time. A connection arriving while one is open is answered by the
 //!   driver itself with `Refuse { reason: Busy }` (encode it with [`wire::encode`]) and closed; it
 //!   never reaches `step`. When [`Ready::close_channel`] is set, write the pending `messages`, close
