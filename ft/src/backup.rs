@@ -85,11 +85,19 @@ pub enum BackupState {
 #[derive(Debug)]
 enum State {
     Handshaking,
-    Cloning { final_exit: Option<u64> },
+    Cloning {
+        /// Sizes from `CloneBegin`; everything after must fit in them.
+        geometry: Option<VmGeometry>,
+        final_exit: Option<u64>,
+    },
     Replaying,
     Draining,
-    Consulting { retry_at: Option<Nanos> },
-    Promoted { epoch: u64 },
+    Consulting {
+        retry_at: Option<Nanos>,
+    },
+    Promoted {
+        epoch: u64,
+    },
     Halted,
 }
 
@@ -200,7 +208,10 @@ impl Backup {
                         self.epoch
                     ));
                 } else {
-                    self.state = State::Cloning { final_exit: None };
+                    self.state = State::Cloning {
+                        geometry: None,
+                        final_exit: None,
+                    };
                     self.last_heartbeat_sent = now;
                 }
                 Ok(())
@@ -210,37 +221,83 @@ impl Backup {
                 Ok(())
             }
             (
-                State::Cloning { final_exit: None },
-                m @ (Message::CloneBegin { .. }
-                | Message::ClonePages { .. }
-                | Message::CloneDisk { .. }),
+                State::Cloning {
+                    geometry: geometry @ None,
+                    final_exit: None,
+                },
+                Message::CloneBegin {
+                    memory_bytes,
+                    disk_bytes,
+                    page_size,
+                },
             ) => {
-                let data = match m {
-                    Message::CloneBegin {
-                        memory_bytes,
-                        disk_bytes,
-                        page_size,
-                    } => CloneData::Begin {
-                        memory_bytes,
-                        disk_bytes,
-                        page_size,
-                    },
-                    Message::ClonePages { round, pages } => {
-                        self.metrics.clone_bytes_received +=
-                            pages.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
-                        CloneData::Pages { round, pages }
-                    }
-                    Message::CloneDisk { offset, bytes } => {
-                        self.metrics.clone_bytes_received += bytes.len() as u64;
-                        CloneData::Disk { offset, bytes }
-                    }
-                    _ => unreachable!("matched above"),
-                };
-                self.ready.clone_data.push(data);
+                *geometry = Some(VmGeometry {
+                    memory_bytes,
+                    disk_bytes,
+                    page_size,
+                });
+                self.ready.clone_data.push(CloneData::Begin {
+                    memory_bytes,
+                    disk_bytes,
+                    page_size,
+                });
                 Ok(())
             }
             (
-                State::Cloning { final_exit },
+                State::Cloning {
+                    geometry: Some(g),
+                    final_exit: None,
+                },
+                Message::ClonePages { round, pages },
+            ) => {
+                let memory_bytes = g.memory_bytes;
+                // The driver writes these into guest memory: refuse anything outside it.
+                if let Some((gpa, data)) = pages.iter().find(|(gpa, data)| {
+                    gpa.checked_add(data.len() as u64)
+                        .is_none_or(|end| end > memory_bytes)
+                }) {
+                    let what = format!(
+                        "clone page at {gpa:#x} (+{} bytes) lies outside guest memory of {memory_bytes} bytes",
+                        data.len()
+                    );
+                    return self.violation(what);
+                }
+                self.metrics.clone_bytes_received +=
+                    pages.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
+                self.ready
+                    .clone_data
+                    .push(CloneData::Pages { round, pages });
+                Ok(())
+            }
+            (
+                State::Cloning {
+                    geometry: Some(g),
+                    final_exit: None,
+                },
+                Message::CloneDisk { offset, bytes },
+            ) => {
+                let disk_bytes = g.disk_bytes;
+                if offset
+                    .checked_add(bytes.len() as u64)
+                    .is_none_or(|end| end > disk_bytes)
+                {
+                    let what = format!(
+                        "clone disk data at {offset} (+{} bytes) lies outside the disk of {disk_bytes} bytes",
+                        bytes.len()
+                    );
+                    return self.violation(what);
+                }
+                self.metrics.clone_bytes_received += bytes.len() as u64;
+                self.ready
+                    .clone_data
+                    .push(CloneData::Disk { offset, bytes });
+                Ok(())
+            }
+            (
+                State::Cloning {
+                    geometry: Some(_),
+                    final_exit,
+                },
                 Message::CloneFinal {
                     exit,
                     vcpu_state,
@@ -259,6 +316,7 @@ impl Backup {
             (
                 State::Cloning {
                     final_exit: Some(exit),
+                    ..
                 },
                 Message::CloneDone,
             ) => {

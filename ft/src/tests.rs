@@ -1175,3 +1175,89 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn backup_rejects_clone_data_outside_the_announced_sizes_or_out_of_order() {
+    let fresh = || {
+        let mut b = Backup::new(cfg(), id(), 1, 0);
+        b.take_ready();
+        b.step(
+            Message::HelloAck {
+                protocol_version: PROTOCOL_VERSION,
+                epoch: 1,
+            },
+            0,
+        )
+        .unwrap();
+        b
+    };
+    let begin = Message::CloneBegin {
+        memory_bytes: 8192,
+        disk_bytes: 512,
+        page_size: 4096,
+    };
+    let bad_after_begin = [
+        Message::ClonePages {
+            round: 0,
+            pages: vec![(8192, vec![0; 1])],
+        },
+        Message::ClonePages {
+            round: 0,
+            pages: vec![(u64::MAX, vec![0; 2])],
+        },
+        Message::CloneDisk {
+            offset: 500,
+            bytes: vec![0; 13],
+        },
+        begin.clone(),
+        Message::CloneDone,
+    ];
+    for m in bad_after_begin {
+        let mut b = fresh();
+        b.step(begin.clone(), 0).unwrap();
+        assert!(
+            matches!(b.step(m.clone(), 0), Err(FtError::Protocol(_))),
+            "{m:?}"
+        );
+        assert_eq!(b.state(), BackupState::Halted, "{m:?}");
+        let r = b.take_ready();
+        assert_eq!(
+            r.clone_data.len(),
+            1,
+            "only Begin reached the driver for {m:?}"
+        );
+    }
+    // Nothing before CloneBegin.
+    let mut b = fresh();
+    assert!(
+        b.step(
+            Message::ClonePages {
+                round: 0,
+                pages: vec![(0, vec![0; 8])]
+            },
+            0
+        )
+        .is_err()
+    );
+    assert!(b.take_ready().clone_data.is_empty());
+    // In bounds is fine, up to the last byte.
+    let mut b = fresh();
+    b.step(begin, 0).unwrap();
+    b.step(
+        Message::ClonePages {
+            round: 0,
+            pages: vec![(4096, vec![1; 4096])],
+        },
+        0,
+    )
+    .unwrap();
+    b.step(
+        Message::CloneDisk {
+            offset: 0,
+            bytes: vec![1; 512],
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(b.take_ready().clone_data.len(), 3);
+}
