@@ -27,6 +27,14 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 /// Label put on Leases this crate creates, so they can be found and told apart from node leases.
 pub const ARBITER_LABEL: &str = "lockstep.dev/arbiter";
 
+/// How often a take retries after a conflict that did not change the epoch.
+const CONFLICT_RETRIES: u32 = 8;
+
+enum Attempt {
+    Done(Outcome),
+    Conflict,
+}
+
 /// An arbiter backed by one Kubernetes Lease.
 #[derive(Clone)]
 pub struct LeaseArbiter {
@@ -129,6 +137,25 @@ impl LeaseArbiter {
     async fn take(&self, seen: u64, me: &str) -> Result<Outcome, ArbiterError> {
         check_identity(me)?;
         let next_epoch = seen + 1;
+        // A conflict caused by a write that did not move the epoch (the holder renewing, the
+        // operator labelling) means nobody has won `seen + 1` yet: try again on fresh data. Bounded,
+        // because a holder renewing faster than we can read and write would otherwise starve us.
+        for attempt in 0..CONFLICT_RETRIES {
+            match self.take_once(seen, next_epoch, me).await? {
+                Attempt::Done(outcome) => return Ok(outcome),
+                Attempt::Conflict => {
+                    tracing::debug!(lease = %self.name, seen, attempt, "lease CAS conflict: somebody else wrote first");
+                    match self.settle(next_epoch, me).await? {
+                        Outcome::Lost { epoch, .. } if epoch == seen => continue,
+                        outcome => return Ok(outcome),
+                    }
+                }
+            }
+        }
+        self.settle(next_epoch, me).await
+    }
+
+    async fn take_once(&self, seen: u64, next_epoch: u64, me: &str) -> Result<Attempt, ArbiterError> {
         let next_i32 = self.to_i32(next_epoch)?;
         let now = now_micro();
         let pp = PostParams::default();
@@ -157,10 +184,8 @@ impl LeaseArbiter {
                 }),
             };
             return match self.api.create(&pp, &lease).await {
-                Ok(_) => Ok(Outcome::Won { epoch: next_epoch }),
-                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => {
-                    self.settle(next_epoch, me).await
-                }
+                Ok(_) => Ok(Attempt::Done(Outcome::Won { epoch: next_epoch })),
+                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => Ok(Attempt::Conflict),
                 Err(e) => Err(self.kube_err("create")(e)),
             };
         };
@@ -168,9 +193,9 @@ impl LeaseArbiter {
         if current != seen {
             let r = self.record_of(&lease)?;
             if current == next_epoch && r.holder.as_deref() == Some(me) {
-                return Ok(Outcome::Won { epoch: next_epoch });
+                return Ok(Attempt::Done(Outcome::Won { epoch: next_epoch }));
             }
-            return self.lost(&lease);
+            return self.lost(&lease).map(Attempt::Done);
         }
         self.require_resource_version(&lease)?;
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -182,11 +207,8 @@ impl LeaseArbiter {
             spec.lease_duration_seconds = Some(self.lease_duration.as_secs().max(1) as i32);
         }
         match self.api.replace(&self.name, &pp, &lease).await {
-            Ok(_) => Ok(Outcome::Won { epoch: next_epoch }),
-            Err(kube::Error::Api(s)) if s.is_conflict() => {
-                tracing::debug!(lease = %self.name, seen, "lease CAS conflict: somebody else wrote first");
-                self.settle(next_epoch, me).await
-            }
+            Ok(_) => Ok(Attempt::Done(Outcome::Won { epoch: next_epoch })),
+            Err(kube::Error::Api(s)) if s.is_conflict() => Ok(Attempt::Conflict),
             Err(kube::Error::Api(s)) if s.is_not_found() => {
                 Err(ArbiterError::LeaseGone { namespace: self.namespace.clone(), name: self.name.clone(), seen })
             }

@@ -51,7 +51,7 @@ use std::time::SystemTime;
 mod lease;
 mod local;
 
-pub use lease::{DEFAULT_LEASE_DURATION, LeaseArbiter};
+pub use lease::{ARBITER_LABEL, DEFAULT_LEASE_DURATION, LeaseArbiter};
 pub use local::LocalArbiter;
 
 /// What the arbiter currently says.

@@ -92,6 +92,22 @@ async fn conflict_means_lost_and_reports_the_winner() {
 }
 
 #[tokio::test]
+async fn conflict_from_a_renewal_is_retried_on_fresh_data() {
+    // The holder renewed between our GET and PUT: the epoch is still 3, so nobody won 4 yet.
+    let (arb, handle) = arbiter();
+    let server = tokio::spawn(async move {
+        let mut h = pin!(handle);
+        expect(&mut h, Method::GET, PATH, 200, lease("41", Some("a"), 3)).await;
+        expect(&mut h, Method::PUT, PATH, 409, status(409, "Conflict")).await;
+        expect(&mut h, Method::GET, PATH, 200, lease("42", Some("a"), 3)).await; // settle
+        expect(&mut h, Method::GET, PATH, 200, lease("42", Some("a"), 3)).await; // retry
+        expect(&mut h, Method::PUT, PATH, 200, lease("43", Some("b"), 4)).await
+    });
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Won { epoch: 4 });
+    assert_eq!(server.await.unwrap()["metadata"]["resourceVersion"], "42", "the retry uses the fresh version");
+}
+
+#[tokio::test]
 async fn conflict_after_our_own_write_is_a_win() {
     // The first PUT went through but its answer was lost; the retry conflicts with our own write.
     let (arb, handle) = arbiter();

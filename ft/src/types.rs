@@ -207,8 +207,9 @@ pub enum RoleEvent {
     },
     /// Backup: stopped taking log and is replaying what it has before asking the arbiter.
     Draining(Suspicion),
-    /// Backup: won the arbiter; the driver now builds a [`Primary`](crate::Primary) with
-    /// `Primary::new(.., epoch, resume_after_exit)` and goes live.
+    /// Backup: won the arbiter; the driver takes the [`Primary`](crate::Primary) from
+    /// [`Backup::promote`](crate::Backup::promote), reissues pending I/O, continues the guest
+    /// live from `resume_after_exit + 1` and accepts clients.
     Promoted {
         /// Epoch won.
         epoch: u64,
