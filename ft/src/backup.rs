@@ -40,9 +40,9 @@ pub struct BackupMetrics {
     pub received_through: u64,
     /// Highest exit replayed.
     pub replayed_exit: u64,
-    /// Entries buffered, not yet taken by the replayer.
+    /// Entries received and not yet replayed (taken or not).
     pub buffered_entries: u64,
-    /// Bytes buffered, not yet replayed.
+    /// Bytes of those entries (bounded by `backup_buffer_budget` through held acks).
     pub buffered_bytes: u64,
     /// Acks sent.
     pub acks_sent: u64,
@@ -109,7 +109,11 @@ pub struct Backup {
     epoch: u64,
     state: State,
     buffer: VecDeque<LogEntry>,
-    buffered_bytes: usize,
+    /// Received entries not yet *replayed* (whether or not the driver took them yet): (exit,
+    /// wire bytes). This, not `buffer`, is what the buffer budget bounds: a driver may take
+    /// entries eagerly and still be far behind.
+    unreplayed: VecDeque<(u64, usize)>,
+    unreplayed_bytes: usize,
     next_seq: u64,
     /// Exit of the last entry received (entries arrive in non-decreasing exit order).
     last_entry_exit: u64,
@@ -133,7 +137,8 @@ impl Backup {
             epoch,
             state: State::Handshaking,
             buffer: VecDeque::new(),
-            buffered_bytes: 0,
+            unreplayed: VecDeque::new(),
+            unreplayed_bytes: 0,
             next_seq: 0,
             last_entry_exit: 0,
             received_through: 0,
@@ -400,12 +405,8 @@ impl Backup {
             .front()
             .is_some_and(|e| e.exit <= self.received_through)
         {
-            let e = self.buffer.pop_front().expect("front exists");
-            self.buffered_bytes -= e.wire_len();
-            out.push(e);
+            out.push(self.buffer.pop_front().expect("front exists"));
         }
-        self.metrics.buffered_entries = self.buffer.len() as u64;
-        self.metrics.buffered_bytes = self.buffered_bytes as u64;
         out
     }
 
@@ -422,6 +423,11 @@ impl Backup {
         if exit > self.replayed_exit {
             self.replayed_exit = exit;
             self.metrics.replayed_exit = exit;
+            while self.unreplayed.front().is_some_and(|(e, _)| *e <= exit) {
+                let (_, bytes) = self.unreplayed.pop_front().expect("front exists");
+                self.unreplayed_bytes -= bytes;
+            }
+            self.update_buffer_metrics();
         }
         match self.state {
             State::Replaying => self.maybe_ack(now),
@@ -442,7 +448,7 @@ impl Backup {
                 self.state = State::Promoted { epoch };
                 // Entries of an exit the primary never finished are not part of our state.
                 self.buffer.clear();
-                self.buffered_bytes = 0;
+                self.forget_unreplayed();
                 self.ready.role_events.push(RoleEvent::Promoted {
                     epoch,
                     resume_after_exit: self.replayed_exit,
@@ -554,13 +560,13 @@ impl Backup {
         self.metrics.log_entries_received += entries.len() as u64;
         for e in entries {
             self.metrics.log_bytes_received += e.bytes.len() as u64;
-            self.buffered_bytes += e.wire_len();
+            self.unreplayed_bytes += e.wire_len();
+            self.unreplayed.push_back((e.exit, e.wire_len()));
             self.buffer.push_back(e);
         }
         self.received_through = through;
         self.metrics.received_through = through;
-        self.metrics.buffered_entries = self.buffer.len() as u64;
-        self.metrics.buffered_bytes = self.buffered_bytes as u64;
+        self.update_buffer_metrics();
         self.maybe_ack(now);
         Ok(())
     }
@@ -572,7 +578,7 @@ impl Backup {
         if !matches!(self.state, State::Replaying) {
             return;
         }
-        let over_budget = self.buffered_bytes > self.cfg.backup_buffer_budget;
+        let over_budget = self.unreplayed_bytes > self.cfg.backup_buffer_budget;
         let through = if over_budget {
             self.acked.0.max(self.replayed_exit)
         } else {
@@ -592,6 +598,17 @@ impl Backup {
                 replayed_exit: cur.1,
             });
         }
+    }
+
+    fn update_buffer_metrics(&mut self) {
+        self.metrics.buffered_entries = self.unreplayed.len() as u64;
+        self.metrics.buffered_bytes = self.unreplayed_bytes as u64;
+    }
+
+    fn forget_unreplayed(&mut self) {
+        self.unreplayed.clear();
+        self.unreplayed_bytes = 0;
+        self.update_buffer_metrics();
     }
 
     fn primary_failed(&mut self, why: Suspicion) {
@@ -626,7 +643,7 @@ impl Backup {
     fn halt(&mut self, reason: HaltReason) {
         self.state = State::Halted;
         self.buffer.clear();
-        self.buffered_bytes = 0;
+        self.forget_unreplayed();
         self.ready.close_channel = true;
         self.ready.consult_arbiter = None;
         self.ready.role_events.push(RoleEvent::Halted(reason));

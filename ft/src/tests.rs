@@ -1261,3 +1261,43 @@ fn backup_rejects_clone_data_outside_the_announced_sizes_or_out_of_order() {
     .unwrap();
     assert_eq!(b.take_ready().clone_data.len(), 3);
 }
+
+#[test]
+fn entries_taken_but_not_replayed_still_count_against_the_backup_budget() {
+    let c = FtConfig {
+        backup_buffer_budget: 100,
+        ..cfg()
+    };
+    let (mut p, mut b) = synced_pair(c, 0);
+    // 52 wire bytes: within the budget, acknowledged at once.
+    p.append(entry(1, 40)).unwrap();
+    p.exit_complete(1, 1);
+    deliver_to_backup(p.take_ready(), &mut b, 1);
+    assert_eq!(b.take_replayable().len(), 1, "the driver takes eagerly");
+    assert!(b.take_ready().messages.contains(&Message::Ack {
+        through_exit: 1,
+        replayed_exit: 0
+    }));
+    // Another 52: 104 unreplayed bytes although nothing is left in the machine's queue.
+    p.append(entry(2, 40)).unwrap();
+    p.exit_complete(2, 2);
+    deliver_to_backup(p.take_ready(), &mut b, 2);
+    assert_eq!(b.take_replayable().len(), 1);
+    assert_eq!(b.metrics().buffered_bytes, 104);
+    assert!(
+        !b.take_ready().messages.iter().any(|m| matches!(
+            m,
+            Message::Ack {
+                through_exit: 2,
+                ..
+            }
+        )),
+        "over budget: exit 2 is not acknowledged before it is replayed"
+    );
+    b.replayed(2, 3 * MS);
+    assert_eq!(b.metrics().buffered_bytes, 0);
+    assert!(b.take_ready().messages.contains(&Message::Ack {
+        through_exit: 2,
+        replayed_exit: 2
+    }));
+}

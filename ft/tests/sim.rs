@@ -157,6 +157,7 @@ struct Node {
     next_output: u64,
     max_unacked_seen: u64,
     paused_steps: u64,
+    events: Vec<RoleEvent>,
 }
 
 impl Node {
@@ -186,6 +187,7 @@ impl Node {
             next_output: 0,
             max_unacked_seen: 0,
             paused_steps: 0,
+            events: Vec::new(),
         }
     }
 }
@@ -441,11 +443,6 @@ impl Sim {
                     return;
                 }
                 node.exits_run += 1;
-                if node.round_pending {
-                    node.round_pending = false;
-                    p.clone_round_done(node.dirty.len() as u64, now)
-                        .unwrap_or_else(|e| panic!("node {} state {:?}: {e}", node.id, p.state()));
-                }
                 let exit = node.guest.exit + 1;
                 let mut entries = Vec::new();
                 for _ in 0..(node.rng.next() % 3) {
@@ -468,6 +465,16 @@ impl Sim {
                     p.hold_output(exit, OutputId(id), now);
                 }
                 p.exit_complete(exit, now);
+                // A pre-copy round ends after the guest ran on (and dirtied pages) meanwhile.
+                if node.round_pending {
+                    node.round_pending = false;
+                    p.clone_round_done(node.dirty.len() as u64, now)
+                        .unwrap_or_else(|e| panic!("node {} state {:?}: {e}", node.id, p.state()));
+                }
+                // Execution-lag control: the vCPU thread sleeps after the exit.
+                if let Throttle::Slow { sleep_per_exit } = p.throttle() {
+                    node.sleep_until = now + sleep_per_exit;
+                }
             }
             Machine::B(b) => {
                 node.to_replay.extend(b.take_replayable());
@@ -527,9 +534,6 @@ impl Sim {
                 let n = &mut self.nodes[i];
                 n.max_unacked_seen = n.max_unacked_seen.max(unacked);
                 n.max_lag_seen = n.max_lag_seen.max(lag);
-                if let Throttle::Slow { sleep_per_exit } = r.throttle {
-                    n.sleep_until = now + sleep_per_exit;
-                }
                 r
             }
             Machine::B(b) => b.take_ready(),
@@ -550,6 +554,7 @@ impl Sim {
             node.arbiter_ask = Some(ask);
         }
         let mut clone_work = Vec::new();
+        node.events.extend(ready.role_events.iter().cloned());
         for ev in &ready.role_events {
             match ev {
                 RoleEvent::Halted(reason) => {
@@ -1067,6 +1072,57 @@ fn wrong_vm_and_stale_epoch_backups_are_refused_without_harm() {
     let good = sim.spawn_backup(ident(), 2);
     assert!(run_until(&mut sim, 100 * MILLIS, |s| protected(s, 0)));
     assert!(!sim.nodes[good].halted);
+}
+
+#[test]
+fn primary_lost_during_clone_leaves_a_backup_that_cannot_go_live() {
+    // Never converge, so the pre-copy takes several rounds (steps) to observe.
+    let mut sim = Sim::new(FtConfig {
+        clone_dirty_threshold_pages: 0,
+        ..sim_cfg()
+    });
+    sim.operator = false;
+    assert!(run_until(&mut sim, 50 * MILLIS, |s| matches!(
+        &s.nodes[0].m, Machine::P(p) if p.state() == PrimaryState::Cloning
+    )));
+    sim.kill(0, false);
+    sim.run_for(50 * MILLIS);
+    assert!(sim.nodes[1].halted);
+    assert_eq!(
+        sim.nodes[1].events.last(),
+        Some(&RoleEvent::Halted(HaltReason::PrimaryLostBeforeSync))
+    );
+    assert!(
+        sim.arbiter.wins.is_empty(),
+        "an unsynced backup never asks the arbiter"
+    );
+    assert!(sim.promotions.is_empty());
+}
+
+#[test]
+fn stalled_channel_is_detected_although_heartbeats_flow() {
+    let mut sim = Sim::new(sim_cfg());
+    sim.operator = false;
+    assert!(run_until(&mut sim, 100 * MILLIS, |s| protected(s, 0)));
+    sim.run_for(10 * MILLIS);
+    // The backup is alive (heartbeats) but its replay is wedged: the buffer fills, acks stop.
+    sim.nodes[1].replay_per_step = 0;
+    assert!(run_until(&mut sim, 200 * MILLIS, |s| s.nodes[0]
+        .events
+        .contains(&RoleEvent::Suspecting(Suspicion::StalledChannel))));
+    sim.run_for(50 * MILLIS);
+    // The primary wins (the backup never suspected anything) and carries on alone.
+    assert_eq!(sim.arbiter.wins, vec![(2, 0)]);
+    // The wedged backup noticed the closed channel but cannot finish draining, so it never even
+    // asks the arbiter; once its replayer moves again it drains, asks, loses and halts.
+    assert!(matches!(&sim.nodes[1].m, Machine::B(b) if b.state() == BackupState::Draining));
+    sim.nodes[1].replay_per_step = 8;
+    sim.run_for(50 * MILLIS);
+    assert!(sim.nodes[1].halted, "the wedged backup lost");
+    assert_eq!(sim.arbiter.wins, vec![(2, 0)]);
+    let exit = sim.primary_exit(0);
+    sim.run_for(5 * MILLIS);
+    assert!(sim.primary_exit(0) > exit);
 }
 
 // ----- random fault schedules -----
