@@ -74,7 +74,7 @@ impl Default for FtConfig {
 /// Who this VM is; both sides must agree or the handshake is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmIdentity {
-    /// The FTVM's id (e.g. `namespace/name`), at most 253 bytes.
+    /// The FTVM's id (e.g. `namespace/name`), at most [`wire::MAX_VM_ID_LEN`](crate::wire::MAX_VM_ID_LEN) bytes.
     pub vm_id: String,
     /// Digest of the guest image.
     pub guest_image: [u8; 32],

@@ -79,8 +79,9 @@ pub const TRAILER_LEN: usize = 4;
 /// pages, small enough that a corrupt length cannot make the receiver buffer gigabytes.
 pub const DEFAULT_MAX_PAYLOAD: usize = 16 << 20;
 
-/// Longest VM id accepted in a `Hello` (a Kubernetes object name is at most 253 bytes).
-pub const MAX_VM_ID_LEN: usize = 253;
+/// Longest VM id accepted in a `Hello`: room for `namespace/name` (63 + 1 + 253 bytes in
+/// Kubernetes) with margin.
+pub const MAX_VM_ID_LEN: usize = 512;
 
 /// Errors from decoding (or, for sizes, encoding) a frame. Any of them means the byte stream can no
 /// longer be trusted: close the connection.
@@ -513,7 +514,7 @@ pub fn encode(msg: &Message, max_payload: usize, out: &mut Vec<u8>) -> Result<()
             return Err(WireError::InvalidField {
                 kind: MessageKind::Hello,
                 field: "vm_id",
-                reason: "longer than 253 bytes",
+                reason: "longer than 512 bytes",
             });
         }
         Message::Refuse {
@@ -819,7 +820,7 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
             let protocol_version = r.u16()?;
             let vm_id = r.str16("vm_id")?;
             if vm_id.len() > MAX_VM_ID_LEN {
-                return Err(r.invalid("vm_id", "longer than 253 bytes"));
+                return Err(r.invalid("vm_id", "longer than 512 bytes"));
             }
             Message::Hello {
                 protocol_version,
@@ -1147,6 +1148,35 @@ mod tests {
             Err(WireError::FrameTooLarge { .. })
         ));
         assert_eq!(out, vec![1]);
+    }
+
+    #[test]
+    fn vm_id_fits_a_kubernetes_namespace_and_name_but_is_bounded() {
+        let hello = |n: usize| Message::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            vm_id: "n".repeat(n),
+            epoch: 1,
+            role: Role::Backup,
+            guest_image: [0; 32],
+        };
+        let f = encode_to_vec(&hello(63 + 1 + 253), MAX).unwrap();
+        assert_eq!(parse_frame(&f, MAX).unwrap(), hello(317));
+        assert!(matches!(
+            encode_to_vec(&hello(MAX_VM_ID_LEN + 1), MAX),
+            Err(WireError::InvalidField { field: "vm_id", .. })
+        ));
+        // A peer that sends one anyway is refused by the decoder.
+        let mut payload = Vec::new();
+        put_u16(&mut payload, PROTOCOL_VERSION);
+        put_str16(&mut payload, &"n".repeat(MAX_VM_ID_LEN + 1));
+        put_u64(&mut payload, 1);
+        payload.push(2);
+        payload.extend_from_slice(&[0; 32]);
+        let f = raw_frame(MessageKind::Hello as u8, &payload);
+        assert!(matches!(
+            parse_frame(&f, MAX),
+            Err(WireError::InvalidField { field: "vm_id", .. })
+        ));
     }
 
     #[test]
