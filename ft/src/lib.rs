@@ -51,7 +51,7 @@
 //!   backup *promoted*), `Lost` halts, `Unreachable` stalls and asks again. Nobody decides alone, so
 //!   a partition can never produce two live sides.
 //! - **Go-live.** The backup stops taking log, replays everything complete it received, then asks
-//!   the arbiter; on `Won` the driver builds a [`Primary`] at the resume exit.
+//!   the arbiter; on `Won` [`Backup::promote`] gives the [`Primary`] to run from the resume exit.
 //! - **Clone hand-over.** A new backup says `Hello`; the primary tells the driver to run pre-copy
 //!   rounds ([`CloneAction::CopyRound`]) until the dirty set is small or enough rounds ran, then to
 //!   pause for the final delta ([`CloneAction::PauseAndFinalize`]); `clone_final` sends the state
@@ -68,6 +68,12 @@
 //! milliseconds. After every call, whoever made it drains `take_ready()`; if `pause_vcpu` turned
 //! false, it notifies the vCPU condvar. `consult_arbiter` is handed to an arbiter task whose answer
 //! comes back through `arbiter_result`.
+//!
+//! On the backup, the reader task calls `step` and applies [`Ready::clone_data`] in order; the
+//! **replayer** (the backup's vCPU thread) takes entries with [`Backup::take_replayable`], runs the
+//! guest up to [`Backup::replay_limit`] and no further, reports with [`Backup::replayed`], and
+//! drops every output while [`Backup::suppress_outputs`] is true. It waits when the limit is
+//! reached; a later `Ready` with new log (any `step`) is the moment to look again.
 //!
 //! `ft/examples/loopback.rs` is a complete reference driver (std threads, real TCP on
 //! 127.0.0.1, a local arbiter, clone, failover): `cargo run -p lockstep-ft --example loopback`.
