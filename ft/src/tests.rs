@@ -1301,3 +1301,13 @@ fn entries_taken_but_not_replayed_still_count_against_the_backup_budget() {
         replayed_exit: 2
     }));
 }
+
+#[test]
+fn idle_solo_primary_has_nothing_to_do() {
+    let mut p = Primary::new(cfg(), id(), geo(), 1, 0, 0);
+    p.tick(10 * cfg().heartbeat_timeout);
+    let r = p.take_ready();
+    assert!(r.is_empty(), "{r:?}");
+    p.hold_output(1, OutputId(1), 0);
+    assert!(!p.take_ready().is_empty());
+}

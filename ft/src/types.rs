@@ -319,6 +319,19 @@ pub struct Ready {
 }
 
 impl Ready {
+    /// True when there is nothing to act on (ignoring the level fields `pause_vcpu` and
+    /// `throttle`, which the driver compares with what it last applied).
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.released.is_empty()
+            && self.discarded.is_empty()
+            && self.role_events.is_empty()
+            && self.consult_arbiter.is_none()
+            && self.clone_actions.is_empty()
+            && self.clone_data.is_empty()
+            && !self.close_channel
+    }
+
     /// Encodes `messages` back to back into `out`, ready for one socket write.
     pub fn encode_messages(
         &self,
