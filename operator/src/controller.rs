@@ -1,0 +1,580 @@
+//! The controller: observe → [`decide`] → execute, plus the watches that make node loss and
+//! failovers trigger a reconcile within seconds.
+//!
+//! `reconcile` is thin on purpose: [`observe`] reads the apiserver into a plain [`Observed`],
+//! [`decide`] (pure, unit-tested) returns a [`Plan`], and [`execute`] performs its actions in order,
+//! publishes its events and writes status by server-side apply.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
+use crate::decide::{Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous, Role, decide};
+use crate::metrics::Metrics;
+use crate::resources::{self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY, PodPlan};
+
+/// Field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "lockstep-operator";
+/// Finalizer that makes deletion go through [`cleanup`].
+pub const FINALIZER: &str = "lockstep.dev/cleanup";
+
+/// Reconcile errors. The variant names are the `reason` label of the error metric.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API call failed.
+    #[error("{op} failed: {source}; the operator retries, check RBAC (see charts/lockstep) and the apiserver")]
+    Kube {
+        /// What was being done.
+        op: String,
+        /// The client error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// The finalizer machinery failed (adding/removing the finalizer, or a wrapped error).
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// The object has no namespace (the CRD is namespaced, so this means a broken object).
+    #[error("FTVirtualMachine {0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Label for `lockstep_operator_reconcile_errors_total{reason}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube_api",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::NoNamespace(_) => "no_namespace",
+        }
+    }
+}
+
+fn kube_err(op: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let op = op.into();
+    move |e| Error::Kube { op, source: Box::new(e) }
+}
+
+/// Operator settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Only watch this namespace (`None`: all).
+    pub namespace: Option<String>,
+    /// Agent image for FTVMs that name none.
+    pub default_agent_image: String,
+    /// This replica's identity (pod name), for events.
+    pub identity: String,
+}
+
+/// Shared state of reconciles.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Settings.
+    pub settings: Settings,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, metrics: Metrics, settings: Settings) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, settings }
+    }
+}
+
+/// Reads everything the decision needs.
+pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -> Result<Observed, Error> {
+    let name = ftvm.name_any();
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
+    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
+    let uid = ftvm.uid();
+    // Only pods this very object owns: a re-created FTVM of the same name must not adopt old pods.
+    let owned: Vec<Pod> = list
+        .items
+        .into_iter()
+        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .collect();
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node_names: BTreeSet<String> = owned.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    let mut health = std::collections::BTreeMap::new();
+    for n in node_names {
+        let node = nodes.get_opt(&n).await.map_err(kube_err(format!("get node {n}")))?;
+        health.insert(n, node.as_ref().map(node_health).unwrap_or(NodeHealth::Missing));
+    }
+    let pods = owned.iter().filter_map(|p| pod_view(p, &health)).collect();
+
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease = leases
+        .get_opt(&resources::lease_name(&name))
+        .await
+        .map_err(kube_err("get lease"))?
+        .map(|l| {
+            let spec = l.spec.unwrap_or_default();
+            LeaseView {
+                holder: spec.holder_identity.filter(|h| !h.is_empty()),
+                epoch: spec.lease_transitions.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+            }
+        });
+
+    let st = ftvm.status.clone().unwrap_or_default();
+    Ok(Observed {
+        name,
+        spec_error: ftvm.spec.validate().err().map(|e| e.to_string()),
+        lease,
+        pods,
+        previous: Previous {
+            primary_pod: st.primary_pod,
+            epoch: st.epoch,
+            failover_count: st.failover_count,
+            last_failover: st.last_failover_time.map(|t| t.0),
+            phase: st.phase,
+            message: st.message,
+        },
+        now,
+    })
+}
+
+/// Reduces a Node to what the decision needs.
+pub fn node_health(node: &Node) -> NodeHealth {
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready"));
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == "True");
+    if ready && !tainted { NodeHealth::Ready } else { NodeHealth::NotReady }
+}
+
+/// Reduces a Pod to what the decision needs; `None` for pods not made by this operator.
+pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>) -> Option<PodView> {
+    let labels = p.labels();
+    let mode = Role::parse(labels.get(LABEL_MODE)?)?;
+    let name = p.name_any();
+    let member = labels
+        .get(LABEL_MEMBER)
+        .and_then(|m| m.parse().ok())
+        .or_else(|| name.rsplit('-').next()?.parse().ok())?;
+    let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+    let state = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Running") => PodState::Running,
+        Some("Succeeded") | Some("Failed") => PodState::Exited,
+        _ => PodState::Pending,
+    };
+    Some(PodView {
+        member,
+        mode,
+        role_label: labels.get(LABEL_ROLE).and_then(|r| Role::parse(r)),
+        pairs_with: p.annotations().get(ANN_PAIRS_WITH).cloned(),
+        created_epoch: p.annotations().get(ANN_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(0),
+        ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+        state,
+        deleting: p.metadata.deletion_timestamp.is_some(),
+        node_health: match &node {
+            None => NodeHealth::Unscheduled,
+            Some(n) => health.get(n).copied().unwrap_or(NodeHealth::Missing),
+        },
+        node,
+        name,
+    })
+}
+
+/// Performs a plan: actions in order, then events, then status.
+pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    for action in &plan.actions {
+        tracing::debug!(ftvm = %ftvm.name_any(), ?action, "executing");
+        match action {
+            Action::CreateLease => {
+                let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+                ignore_exists(api.create(&PostParams::default(), &resources::lease(ftvm)).await).map_err(kube_err("create lease"))?;
+            }
+            Action::ApplyService => {
+                let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+                let svc = resources::service(ftvm);
+                let mut body = serde_json::to_value(&svc).unwrap_or_default();
+                body["apiVersion"] = json!("v1");
+                body["kind"] = json!("Service");
+                api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+                    .await
+                    .map_err(kube_err("apply service"))?;
+            }
+            Action::SetRole { pod, role } => {
+                let patch = json!({ "metadata": { "labels": { LABEL_ROLE: role.as_str() } } });
+                match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) => tracing::info!(ftvm = %ftvm.name_any(), pod, role = role.as_str(), "relabelled"),
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(kube_err(format!("label pod {pod}"))(e)),
+                }
+            }
+            Action::DeletePod { pod, force, reason } => {
+                let dp = DeleteParams { grace_period_seconds: force.then_some(0), ..DeleteParams::default() };
+                match pods.delete(pod, &dp).await {
+                    Ok(_) => tracing::info!(ftvm = %ftvm.name_any(), pod, force, reason, "deleted replica"),
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(kube_err(format!("delete pod {pod}"))(e)),
+                }
+            }
+            Action::CreatePod { pod, member, mode, primary, epoch } => {
+                let plan = PodPlan {
+                    name: pod,
+                    member: *member,
+                    mode: *mode,
+                    primary: primary.as_ref().map(|(n, ip)| (n.as_str(), ip.as_str())),
+                    epoch: *epoch,
+                    default_image: &ctx.settings.default_agent_image,
+                };
+                let obj = resources::pod(ftvm, &plan);
+                ignore_exists(pods.create(&PostParams::default(), &obj).await).map_err(kube_err(format!("create pod {pod}")))?;
+                tracing::info!(ftvm = %ftvm.name_any(), pod, mode = mode.as_str(), "created replica");
+            }
+        }
+    }
+    let oref = ftvm.object_ref(&());
+    for note in &plan.notes {
+        let event = event_for(note);
+        if let Err(e) = ctx.recorder.publish(&event, &oref).await {
+            // An event is a courtesy to humans; failing to publish it must not stop the reconcile.
+            tracing::warn!(error = %e, reason = %event.reason, "could not publish event");
+        }
+    }
+    if plan.failover {
+        ctx.metrics.failovers.inc();
+    }
+    write_status(ftvm, plan, ctx).await
+}
+
+fn ignore_exists<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Kubernetes event for a plan note.
+pub fn event_for(note: &Note) -> Event {
+    let (type_, reason, action, text) = match note {
+        Note::Failover { from, to, epoch } => (
+            EventType::Warning,
+            "Failover",
+            "Relabel",
+            format!("primary {from} was replaced by {to} at arbiter epoch {epoch}"),
+        ),
+        Note::BackupCreated { pod, primary } => (EventType::Normal, "BackupCreated", "CreatePod", format!("creating backup {pod} for primary {primary}")),
+        Note::ReplicaLost { pod, reason } => (EventType::Warning, "ReplicaLost", "DeletePod", format!("replica {pod} is lost: {reason}")),
+        Note::InvalidSpec(msg) => (EventType::Warning, "InvalidSpec", "Validate", msg.clone()),
+        Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
+    };
+    Event { type_, reason: reason.into(), note: Some(text), action: action.into(), secondary: None }
+}
+
+fn condition(prev: &[Condition], type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>, now: Timestamp) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    // Keep the transition time while the status does not change, as Kubernetes conventions ask.
+    let since = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: since,
+        observed_generation: generation,
+    }
+}
+
+/// The status a plan asks for, given the previous one.
+pub fn status_for(ftvm: &FTVirtualMachine, plan: &Plan, now: Timestamp) -> FTVirtualMachineStatus {
+    let s = &plan.status;
+    let prev = ftvm.status.clone().unwrap_or_default();
+    let generation = ftvm.metadata.generation;
+    FTVirtualMachineStatus {
+        phase: Some(s.phase),
+        message: Some(s.message.clone()),
+        primary_pod: s.primary.as_ref().map(|p| p.0.clone()),
+        primary_node: s.primary.as_ref().and_then(|p| p.1.clone()),
+        backup_pod: s.backup.as_ref().map(|b| b.0.clone()),
+        backup_node: s.backup.as_ref().and_then(|b| b.1.clone()),
+        epoch: s.epoch,
+        failover_count: s.failover_count,
+        last_failover_time: s.last_failover.map(Time),
+        log_bandwidth_bits_per_second: prev.log_bandwidth_bits_per_second,
+        execution_lag_seconds: prev.execution_lag_seconds,
+        observed_generation: generation,
+        conditions: vec![
+            condition(&prev.conditions, "Ready", s.phase == Phase::Protected, s.phase.as_str(), &s.message, generation, now),
+            condition(
+                &prev.conditions,
+                "SpecValid",
+                s.spec_valid,
+                if s.spec_valid { "Valid" } else { "Invalid" },
+                if s.spec_valid { "spec accepted" } else { &s.message },
+                generation,
+                now,
+            ),
+        ],
+    }
+}
+
+async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = status_for(ftvm, plan, Timestamp::now());
+    let body = json!({
+        "apiVersion": FTVirtualMachine::api_version(&()),
+        "kind": FTVirtualMachine::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(kube_err("apply status"))?;
+    ctx.metrics.set_phase(&format!("{ns}/{}", ftvm.name_any()), Some(plan.status.phase));
+    Ok(())
+}
+
+async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Error> {
+    let observed = observe(&ftvm, &ctx.client, Timestamp::now()).await?;
+    let plan = decide(&observed);
+    tracing::debug!(ftvm = %ftvm.name_any(), phase = ?plan.status.phase, actions = plan.actions.len(), "decided");
+    execute(&ftvm, &plan, ctx).await?;
+    // Watches bring most changes at once; the periodic look is a safety net, short while the VM is
+    // not protected so that a stuck step is retried soon.
+    Ok(match plan.status.phase {
+        Phase::Protected | Phase::Failed => Requeue::requeue(Duration::from_secs(60)),
+        _ => Requeue::requeue(Duration::from_secs(5)),
+    })
+}
+
+/// Deletes everything the FTVM owns. Owner references would let the garbage collector do it too,
+/// but deleting explicitly makes `kubectl delete ftvm` finish with the replicas really gone.
+async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Error> {
+    let name = ftvm.name_any();
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
+    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
+    for p in list.items {
+        let pname = p.name_any();
+        if let Err(e) = pods.delete(&pname, &DeleteParams::default()).await
+            && !matches!(&e, kube::Error::Api(s) if s.is_not_found())
+        {
+            return Err(kube_err(format!("delete pod {pname}"))(e));
+        }
+    }
+    let svc: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = svc.delete(&name, &DeleteParams::default()).await
+        && !matches!(&e, kube::Error::Api(s) if s.is_not_found())
+    {
+        return Err(kube_err("delete service")(e));
+    }
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = leases.delete(&resources::lease_name(&name), &DeleteParams::default()).await
+        && !matches!(&e, kube::Error::Api(s) if s.is_not_found())
+    {
+        return Err(kube_err("delete lease")(e));
+    }
+    ctx.metrics.set_phase(&format!("{ns}/{name}"), None);
+    tracing::info!(ftvm = %name, namespace = %ns, "cleaned up");
+    Ok(Requeue::await_change())
+}
+
+/// One reconcile of one FTVM.
+pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    ctx.metrics.reconciles.inc();
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, ftvm, |event| async {
+        match event {
+            Finalizer::Apply(f) => apply(f, &ctx).await,
+            Finalizer::Cleanup(f) => cleanup(f, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Counts the error and retries soon.
+pub fn error_policy(ftvm: Arc<FTVirtualMachine>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.errors.with_label_values(&[error.metric_label()]).inc();
+    tracing::warn!(ftvm = %ftvm.name_any(), error = %error, "reconcile failed");
+    Requeue::requeue(Duration::from_secs(2))
+}
+
+/// Runs the controller until `shutdown` completes.
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (ftvms, pods, leases, services): (Api<FTVirtualMachine>, Api<Pod>, Api<Lease>, Api<Service>) = match &ctx.settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let ours = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    // Leases are also taken and renewed by the agents: every holder change wakes us up at once.
+    let arbiter_leases = watcher::Config::default().labels(&format!("{}=true", lockstep_arbiter::ARBITER_LABEL));
+    let controller = Controller::new(ftvms, watcher::Config::default());
+    let store = controller.store();
+    controller
+        .owns(pods, ours.clone())
+        .owns(leases, arbiter_leases)
+        .owns(services, ours)
+        // A node change (NotReady, unreachable taint, deletion) wakes the FTVMs whose replicas run there.
+        .watches(Api::<Node>::all(client), watcher::Config::default(), move |node: Node| {
+            let n = node.name_any();
+            store
+                .state()
+                .iter()
+                .filter(|f| {
+                    f.status
+                        .as_ref()
+                        .is_some_and(|s| s.primary_node.as_deref() == Some(n.as_str()) || s.backup_node.as_deref() == Some(n.as_str()))
+                })
+                .map(|f| ObjectRef::from_obj(f.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(ftvm = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "controller event"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::StatusView;
+    use crate::resources::tests::ftvm;
+
+    #[test]
+    fn node_health_reads_ready_and_taints() {
+        let node = |ready: &str, taint: Option<&str>| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n"},
+                "spec": {"taints": taint.map(|k| vec![json!({"key": k, "effect": "NoExecute"})]).unwrap_or_default()},
+                "status": {"conditions": [{"type": "Ready", "status": ready}]}
+            }))
+            .unwrap()
+        };
+        assert_eq!(node_health(&node("True", None)), NodeHealth::Ready);
+        assert_eq!(node_health(&node("Unknown", None)), NodeHealth::NotReady);
+        assert_eq!(node_health(&node("False", None)), NodeHealth::NotReady);
+        assert_eq!(node_health(&node("True", Some("node.kubernetes.io/unreachable"))), NodeHealth::NotReady);
+    }
+
+    #[test]
+    fn pod_view_reads_what_the_builder_wrote() {
+        let f = ftvm(json!({"guest": "kvstore"}));
+        let plan = PodPlan { name: "vm-3", member: 3, mode: Role::Backup, primary: Some(("vm-2", "10.0.0.2")), epoch: 5, default_image: "i" };
+        let mut p = resources::pod(&f, &plan);
+        p.spec.as_mut().unwrap().node_name = Some("n1".into());
+        p.status = Some(serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3"})).unwrap());
+        let health = std::collections::BTreeMap::from([("n1".to_string(), NodeHealth::Ready)]);
+        let v = pod_view(&p, &health).unwrap();
+        assert_eq!(
+            v,
+            PodView {
+                name: "vm-3".into(),
+                member: 3,
+                mode: Role::Backup,
+                role_label: Some(Role::Backup),
+                pairs_with: Some("vm-2".into()),
+                created_epoch: 5,
+                node: Some("n1".into()),
+                ip: Some("10.0.0.3".into()),
+                state: PodState::Running,
+                deleting: false,
+                node_health: NodeHealth::Ready,
+            }
+        );
+        // a pod on a node we did not find is on a missing node
+        assert_eq!(pod_view(&p, &Default::default()).unwrap().node_health, NodeHealth::Missing);
+    }
+
+    #[test]
+    fn status_keeps_transition_times_while_unchanged() {
+        let mut f = ftvm(json!({"guest": "kvstore"}));
+        let plan = Plan {
+            actions: vec![],
+            notes: vec![],
+            failover: false,
+            status: StatusView {
+                phase: Phase::Protected,
+                message: "ok".into(),
+                primary: Some(("vm-0".into(), Some("n0".into()))),
+                backup: Some(("vm-1".into(), Some("n1".into()))),
+                epoch: 1,
+                failover_count: 0,
+                last_failover: None,
+                spec_valid: true,
+            },
+        };
+        let t1 = Timestamp::from_second(1000).unwrap();
+        let s1 = status_for(&f, &plan, t1);
+        assert_eq!(s1.primary_node.as_deref(), Some("n0"));
+        assert_eq!(s1.conditions[0].status, "True");
+        f.status = Some(s1);
+        let s2 = status_for(&f, &plan, Timestamp::from_second(2000).unwrap());
+        assert_eq!(s2.conditions[0].last_transition_time.0, t1);
+    }
+
+    #[test]
+    fn events_have_reasons_and_notes() {
+        let e = event_for(&Note::Failover { from: "a".into(), to: "b".into(), epoch: 3 });
+        assert_eq!(e.reason, "Failover");
+        assert!(e.note.unwrap().contains("epoch 3"));
+        assert_eq!(event_for(&Note::InvalidSpec("x".into())).reason, "InvalidSpec");
+    }
+
+    #[test]
+    fn error_labels_are_stable() {
+        let e = Error::Kube { op: "x".into(), source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded) };
+        assert_eq!(e.metric_label(), "kube_api");
+        assert_eq!(Error::NoNamespace("a".into()).metric_label(), "no_namespace");
+    }
+}

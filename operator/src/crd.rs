@@ -1,0 +1,412 @@
+//! The `FTVirtualMachine` custom resource (`ftvirtualmachines.lockstep.dev/v1alpha1`, short name
+//! `ftvm`).
+//!
+//! The schema is generated from these types, so every bound written here as a `schemars` attribute
+//! is enforced by the apiserver. Enums stay plain strings (unit variants) and nothing is untagged:
+//! the apiserver only accepts *structural* schemas. The few rules a schema cannot say (ports must
+//! differ) are checked again by [`FTVirtualMachineSpec::validate`], which the operator reports in
+//! status and as an event.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The smallest guest memory the agent accepts, in MiB.
+pub const MIN_MEMORY_MIB: u32 = 16;
+/// The largest guest memory, in MiB. Live clone copies all of it, so this also bounds clone time.
+pub const MAX_MEMORY_MIB: u32 = 16384;
+
+/// A single-vCPU virtual machine kept fault tolerant by a primary and a backup agent on different
+/// nodes.
+// clippy sees the repeated `type_ = "string"` of the printcolumns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "lockstep.dev",
+    version = "v1alpha1",
+    kind = "FTVirtualMachine",
+    plural = "ftvirtualmachines",
+    singular = "ftvirtualmachine",
+    shortname = "ftvm",
+    namespaced,
+    status = "FTVirtualMachineStatus",
+    doc = "A fault-tolerant single-vCPU VM: a recording primary and a replaying backup on different nodes",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Primary Node", type_ = "string", json_path = ".status.primaryNode"),
+    printcolumn(name = "Backup Node", type_ = "string", json_path = ".status.backupNode"),
+    printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FTVirtualMachineSpec {
+    /// The guest program to run, one of those shipped in the agent image (for example `kvstore`).
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
+    pub guest: String,
+
+    /// Guest memory in MiB (16 to 16384).
+    #[serde(default = "default_memory_mib", rename = "memoryMiB")]
+    #[schemars(range(min = 16, max = 16384))]
+    pub memory_mib: u32,
+
+    /// Number of vCPUs. Must be 1: deterministic replay here is single-vCPU.
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 1))]
+    pub vcpus: u32,
+
+    /// Size of the guest disk in MiB; 0 means no disk. Each replica keeps its own copy.
+    #[serde(default, rename = "diskSizeMiB")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub disk_size_mib: u32,
+
+    /// TCP port on which the guest's clients connect (through the Service).
+    #[serde(default = "default_client_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub client_port: i32,
+
+    /// TCP port of the primary-to-backup logging channel.
+    #[serde(default = "default_channel_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub channel_port: i32,
+
+    /// TCP port of the agent's Prometheus metrics.
+    #[serde(default = "default_metrics_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub metrics_port: i32,
+
+    /// Fault-tolerance tuning.
+    #[serde(default)]
+    pub ft: FtTuning,
+
+    /// Where the replicas may run.
+    #[serde(default)]
+    pub placement: Placement,
+
+    /// The agent container.
+    #[serde(default)]
+    pub agent: AgentSettings,
+}
+
+/// Fault-tolerance tuning passed to both agents.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FtTuning {
+    /// Silence on the logging channel after which a side declares its peer dead, in milliseconds.
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    #[schemars(range(min = 50, max = 60000))]
+    pub heartbeat_timeout_ms: u32,
+    /// Execution lag of the backup above which the primary is slowed, in milliseconds.
+    #[serde(default = "default_lag_target_ms")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub lag_target_ms: u32,
+    /// Budget of unacknowledged log before the primary's vCPU pauses, in MiB.
+    #[serde(default = "default_log_buffer_mib", rename = "logBufferMiB")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub log_buffer_mib: u32,
+}
+
+impl Default for FtTuning {
+    fn default() -> Self {
+        FtTuning {
+            heartbeat_timeout_ms: default_heartbeat_timeout_ms(),
+            lag_target_ms: default_lag_target_ms(),
+            log_buffer_mib: default_log_buffer_mib(),
+        }
+    }
+}
+
+/// Placement of the replicas. The operator always adds required anti-affinity between the two
+/// replicas and short not-ready/unreachable tolerations.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Nodes must carry these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Extra tolerations (for example for dedicated KVM nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+}
+
+/// Image pull policy of the agent container.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PullPolicy {
+    /// Always pull.
+    Always,
+    /// Pull when missing (the default).
+    #[default]
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// The agent container.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSettings {
+    /// Agent image; the operator's `--agent-image` when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// Image pull policy.
+    #[serde(default)]
+    pub image_pull_policy: PullPolicy,
+    /// Group that owns `/dev/kvm` on the nodes; added to the agent's supplementary groups so it
+    /// can open the device without running as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2147483647))]
+    pub kvm_group_id: Option<i64>,
+    /// Extra resources for the agent container (the operator always adds one
+    /// `devices.lockstep.dev/kvm` and memory for the guest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Log filter for the agent (`RUST_LOG` syntax).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub log_level: Option<String>,
+}
+
+/// Where an FTVirtualMachine stands.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Replicas are being created or the primary has not taken the arbiter yet.
+    #[default]
+    Pending,
+    /// A primary holds the arbiter and a backup is running beside it.
+    Protected,
+    /// The primary runs alone; a new backup is being created or cannot be placed.
+    Degraded,
+    /// The primary was lost; the backup is expected to take the arbiter.
+    FailingOver,
+    /// The spec is invalid, or both replicas were lost.
+    Failed,
+}
+
+impl Phase {
+    /// All phases, for metrics.
+    pub const ALL: [Phase; 5] = [Phase::Pending, Phase::Protected, Phase::Degraded, Phase::FailingOver, Phase::Failed];
+
+    /// The name used in status and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Protected => "Protected",
+            Phase::Degraded => "Degraded",
+            Phase::FailingOver => "FailingOver",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// Observed state, written by the operator with server-side apply.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FTVirtualMachineStatus {
+    /// Overall phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Human-readable reason for the phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Pod currently running as primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_pod: Option<String>,
+    /// Node of the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_node: Option<String>,
+    /// Pod currently running as backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_pod: Option<String>,
+    /// Node of the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_node: Option<String>,
+    /// Arbiter epoch (the Lease's `leaseTransitions`).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Number of failovers seen by the operator.
+    #[serde(default)]
+    pub failover_count: u32,
+    /// When the last failover was seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover_time: Option<Time>,
+    /// Log bandwidth last reported by the primary, bits per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_bandwidth_bits_per_second: Option<f64>,
+    /// Execution lag of the backup last reported, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_lag_seconds: Option<f64>,
+    /// Generation of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` (protected), `SpecValid`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A spec problem the schema cannot express.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Two of the ports are equal.
+    #[error("spec.{a} and spec.{b} are both {port}; give the client, channel and metrics ports distinct values")]
+    PortClash {
+        /// First field.
+        a: &'static str,
+        /// Second field.
+        b: &'static str,
+        /// The port.
+        port: i32,
+    },
+    /// A value is out of range (normally caught by the apiserver's schema).
+    #[error("spec.{field} is {value}, outside {min}..={max}")]
+    OutOfRange {
+        /// Field path.
+        field: &'static str,
+        /// Given value.
+        value: i64,
+        /// Lower bound.
+        min: i64,
+        /// Upper bound.
+        max: i64,
+    },
+    /// No agent image in the spec and none configured in the operator.
+    #[error("spec.agent.image is empty and the operator has no --agent-image default; set one of them")]
+    NoImage,
+}
+
+impl FTVirtualMachineSpec {
+    /// Checks what the schema cannot (and re-checks bounds, in case the CRD was installed without
+    /// its schema).
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let range = |field, value: i64, min: i64, max: i64| {
+            if value < min || value > max { Err(SpecError::OutOfRange { field, value, min, max }) } else { Ok(()) }
+        };
+        range("vcpus", self.vcpus.into(), 1, 1)?;
+        range("memoryMiB", self.memory_mib.into(), MIN_MEMORY_MIB.into(), MAX_MEMORY_MIB.into())?;
+        let ports = [("clientPort", self.client_port), ("channelPort", self.channel_port), ("metricsPort", self.metrics_port)];
+        for (name, port) in ports {
+            range(name, port.into(), 1, 65535)?;
+        }
+        for i in 0..ports.len() {
+            for j in i + 1..ports.len() {
+                if ports[i].1 == ports[j].1 {
+                    return Err(SpecError::PortClash { a: ports[i].0, b: ports[j].0, port: ports[i].1 });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_memory_mib() -> u32 {
+    64
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_client_port() -> i32 {
+    6380
+}
+fn default_channel_port() -> i32 {
+    7000
+}
+fn default_metrics_port() -> i32 {
+    9100
+}
+fn default_heartbeat_timeout_ms() -> u32 {
+    300
+}
+fn default_lag_target_ms() -> u32 {
+    100
+}
+fn default_log_buffer_mib() -> u32 {
+    16
+}
+
+/// Where the generated CRD is committed, relative to the repository root.
+pub const CRD_PATHS: [&str; 2] = ["crds/ftvirtualmachine.yaml", "charts/lockstep/crds/ftvirtualmachine.yaml"];
+
+/// The CRD as YAML, exactly as committed in `crds/ftvirtualmachine.yaml`.
+pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
+    let body = serde_saphyr::to_string(&FTVirtualMachine::crd())?;
+    Ok(format!("# Generated by `cargo run -p lockstep-operator --bin crdgen`; do not edit.\n---\n{body}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> FTVirtualMachineSpec {
+        serde_json::from_value(serde_json::json!({ "guest": "kvstore" })).unwrap()
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let s = spec();
+        assert_eq!((s.memory_mib, s.vcpus, s.client_port, s.channel_port), (64, 1, 6380, 7000));
+        assert_eq!(s.ft, FtTuning::default());
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn validation_catches_what_the_schema_cannot() {
+        let mut s = spec();
+        s.channel_port = s.client_port;
+        assert!(s.validate().unwrap_err().to_string().contains("distinct"));
+        let mut s = spec();
+        s.vcpus = 2;
+        assert!(s.validate().unwrap_err().to_string().contains("spec.vcpus is 2"));
+        let mut s = spec();
+        s.memory_mib = 8;
+        assert!(matches!(s.validate(), Err(SpecError::OutOfRange { field: "memoryMiB", .. })));
+    }
+
+    #[test]
+    fn committed_crd_yaml_matches_the_types() {
+        let want = crd_yaml().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for rel in CRD_PATHS {
+            let have = std::fs::read_to_string(root.join(rel)).unwrap_or_default();
+            assert!(
+                have == want,
+                "{rel} is out of date with the Rust types; run `cargo run -p lockstep-operator --bin crdgen -- --write` and commit"
+            );
+        }
+        // and it parses back into a CRD
+        let back: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
+            serde_saphyr::from_str(&want).unwrap();
+        assert_eq!(back.metadata.name.as_deref(), Some("ftvirtualmachines.lockstep.dev"));
+    }
+
+    #[test]
+    fn crd_has_names_columns_and_bounds() {
+        let crd = serde_json::to_value(FTVirtualMachine::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "ftvirtualmachines.lockstep.dev");
+        assert_eq!(crd["spec"]["names"]["shortNames"][0], "ftvm");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        let cols: Vec<_> = v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
+        assert_eq!(cols, ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        assert_eq!(spec["vcpus"]["minimum"].as_f64(), Some(1.0));
+        assert_eq!(spec["vcpus"]["maximum"].as_f64(), Some(1.0));
+        assert_eq!(spec["memoryMiB"]["maximum"].as_f64(), Some(16384.0));
+        assert_eq!(v["subresources"]["status"], serde_json::json!({}));
+        // Structural: no untagged unions / anyOf at the top of any property we define.
+        let text = serde_json::to_string(&crd).unwrap();
+        assert!(!text.contains("\"$ref\""), "schema must be inlined");
+    }
+}

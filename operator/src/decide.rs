@@ -1,0 +1,682 @@
+//! The reconcile decisions: a pure function from what was observed to what to do.
+//!
+//! Nothing here talks to the apiserver, so every rule is unit-tested with small builders. The
+//! executor (`execute.rs`) turns the [`Plan`] into API calls.
+//!
+//! The rules, in the order they matter:
+//! 1. **The Lease decides who is primary.** The pod named by the Lease holder is the primary; the
+//!    operator only moves the `role` label to follow it, it never picks a primary itself. Before
+//!    anybody has taken the Lease (epoch 0) the pod started in primary mode is the primary-to-be.
+//! 2. **A new primary-mode pod is created only at epoch 0**, when no guest state exists yet. Once a
+//!    primary went live, its state lives only in the replicas, so a lost pair is `Failed`, never
+//!    silently restarted from scratch (that would be a second, diverging primary).
+//! 3. **A backup belongs to one primary and one epoch.** It is created with the primary's pod IP and
+//!    the epoch current at creation; if the epoch moves past that without the backup winning it, the
+//!    backup was fenced off and is replaced.
+//! 4. **Lost replicas are removed at once**: a pod on a node that is NotReady/unreachable/gone, or a
+//!    pod whose agent exited, is deleted (forcefully when its kubelet cannot confirm), so the
+//!    replacement backup can be scheduled in seconds instead of after the default eviction.
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::Phase;
+
+/// The role label value of a replica.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Serves clients; the Service selects it.
+    Primary,
+    /// Replays the primary's log.
+    Backup,
+}
+
+impl Role {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+    /// Parses a label value.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "primary" => Some(Role::Primary),
+            "backup" => Some(Role::Backup),
+            _ => None,
+        }
+    }
+}
+
+/// How the node under a pod looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeHealth {
+    /// Not scheduled yet.
+    Unscheduled,
+    /// Ready condition is True and no unreachable taint.
+    Ready,
+    /// Ready is False/Unknown or the node is tainted unreachable/not-ready.
+    NotReady,
+    /// The Node object is gone.
+    Missing,
+}
+
+/// Lifecycle of a pod, reduced to what the decisions need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodState {
+    /// Waiting to be scheduled or started.
+    Pending,
+    /// Running.
+    Running,
+    /// The agent exited (pods never restart: a restarted agent would have lost the VM's memory).
+    Exited,
+}
+
+/// One replica pod as observed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    /// Pod name (also the agent's arbiter identity).
+    pub name: String,
+    /// Ordinal in the name, used to pick fresh names.
+    pub member: u32,
+    /// Which subcommand the agent was started with (immutable).
+    pub mode: Role,
+    /// Current `lockstep.dev/role` label.
+    pub role_label: Option<Role>,
+    /// For a backup: the primary pod it was created to follow.
+    pub pairs_with: Option<String>,
+    /// Arbiter epoch when the pod was created.
+    pub created_epoch: u64,
+    /// Node it is bound to.
+    pub node: Option<String>,
+    /// Pod IP.
+    pub ip: Option<String>,
+    /// Lifecycle.
+    pub state: PodState,
+    /// Has a deletion timestamp.
+    pub deleting: bool,
+    /// Health of its node.
+    pub node_health: NodeHealth,
+}
+
+impl PodView {
+    fn lost_reason(&self) -> Option<String> {
+        if self.deleting {
+            return None; // already on its way out
+        }
+        let node = self.node.as_deref().unwrap_or("?");
+        match (self.state, self.node_health) {
+            (PodState::Exited, _) => Some("its agent exited".into()),
+            (_, NodeHealth::NotReady) => Some(format!("node {node} is not ready or unreachable")),
+            (_, NodeHealth::Missing) => Some(format!("node {node} no longer exists")),
+            _ => None,
+        }
+    }
+
+    fn live(&self) -> bool {
+        !self.deleting && self.lost_reason().is_none()
+    }
+}
+
+/// The Lease arbiter as observed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LeaseView {
+    /// Holder identity.
+    pub holder: Option<String>,
+    /// `leaseTransitions`.
+    pub epoch: u64,
+}
+
+/// What the operator remembers from its last status write.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Previous {
+    /// Primary pod in the last status.
+    pub primary_pod: Option<String>,
+    /// Epoch in the last status.
+    pub epoch: u64,
+    /// Failover count so far.
+    pub failover_count: u32,
+    /// Last failover time so far.
+    pub last_failover: Option<Timestamp>,
+    /// Phase in the last status.
+    pub phase: Option<Phase>,
+    /// Message in the last status.
+    pub message: Option<String>,
+}
+
+/// Everything the decision looks at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// FTVM name (pod names derive from it).
+    pub name: String,
+    /// Result of spec validation.
+    pub spec_error: Option<String>,
+    /// `None` when the Lease does not exist yet.
+    pub lease: Option<LeaseView>,
+    /// The replica pods (owned by this FTVM).
+    pub pods: Vec<PodView>,
+    /// From the last status.
+    pub previous: Previous,
+    /// Now.
+    pub now: Timestamp,
+}
+
+/// One step for the executor, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Create the arbiter Lease (empty: epoch 0, no holder). Never updates an existing one.
+    CreateLease,
+    /// Create or update the client Service (selects the pod labelled primary).
+    ApplyService,
+    /// Set a pod's role label.
+    SetRole {
+        /// Pod.
+        pod: String,
+        /// New role.
+        role: Role,
+    },
+    /// Delete a pod.
+    DeletePod {
+        /// Pod.
+        pod: String,
+        /// Grace period 0 (its kubelet is gone and cannot confirm a graceful stop).
+        force: bool,
+        /// Why (for logs and events).
+        reason: String,
+    },
+    /// Create a replica pod.
+    CreatePod {
+        /// Pod name.
+        pod: String,
+        /// Ordinal.
+        member: u32,
+        /// Agent subcommand.
+        mode: Role,
+        /// For a backup: the primary pod name and its IP (the channel address).
+        primary: Option<(String, String)>,
+        /// Epoch at creation.
+        epoch: u64,
+    },
+}
+
+/// Kinds of Kubernetes events the plan asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Note {
+    /// The Lease holder changed.
+    Failover {
+        /// Old primary.
+        from: String,
+        /// New primary.
+        to: String,
+        /// New epoch.
+        epoch: u64,
+    },
+    /// A new backup is created.
+    BackupCreated {
+        /// Its name.
+        pod: String,
+        /// The primary it follows.
+        primary: String,
+    },
+    /// A replica is gone.
+    ReplicaLost {
+        /// Its name.
+        pod: String,
+        /// Why.
+        reason: String,
+    },
+    /// The spec is invalid.
+    InvalidSpec(String),
+    /// Both replicas are lost after the VM went live.
+    StateLost(String),
+}
+
+/// The status the plan wants written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusView {
+    /// Phase.
+    pub phase: Phase,
+    /// Why.
+    pub message: String,
+    /// Primary pod and node.
+    pub primary: Option<(String, Option<String>)>,
+    /// Backup pod and node.
+    pub backup: Option<(String, Option<String>)>,
+    /// Arbiter epoch.
+    pub epoch: u64,
+    /// Failovers so far.
+    pub failover_count: u32,
+    /// Last failover.
+    pub last_failover: Option<Timestamp>,
+    /// Spec valid?
+    pub spec_valid: bool,
+}
+
+/// What to do, what to report, and when to look again.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// Steps in order.
+    pub actions: Vec<Action>,
+    /// Events to publish.
+    pub notes: Vec<Note>,
+    /// Status to write.
+    pub status: StatusView,
+    /// True when a failover was seen in this pass (for the failover metric).
+    pub failover: bool,
+}
+
+/// Pod name for an ordinal.
+pub fn pod_name(ftvm: &str, member: u32) -> String {
+    format!("{ftvm}-{member}")
+}
+
+/// Decides what to do. Pure: same input, same plan.
+pub fn decide(o: &Observed) -> Plan {
+    let prev = &o.previous;
+    let mut actions = Vec::new();
+    let mut notes = Vec::new();
+    let lease = o.lease.clone().unwrap_or_default();
+    let mut status = StatusView {
+        phase: Phase::Pending,
+        message: String::new(),
+        primary: None,
+        backup: None,
+        epoch: lease.epoch,
+        failover_count: prev.failover_count,
+        last_failover: prev.last_failover,
+        spec_valid: true,
+    };
+
+    if let Some(err) = &o.spec_error {
+        status.phase = Phase::Failed;
+        status.message = format!("invalid spec: {err}");
+        status.spec_valid = false;
+        if prev.message.as_deref() != Some(status.message.as_str()) {
+            notes.push(Note::InvalidSpec(err.clone()));
+        }
+        // Leave whatever runs alone: an edit that broke the spec must not kill a live VM.
+        return Plan { actions, notes, status, failover: false };
+    }
+
+    if o.lease.is_none() {
+        actions.push(Action::CreateLease);
+    }
+    actions.push(Action::ApplyService);
+
+    // Lost replicas first: they are deleted whatever else happens.
+    let mut deletes = Vec::new();
+    for p in &o.pods {
+        if let Some(reason) = p.lost_reason() {
+            let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
+            notes.push(Note::ReplicaLost { pod: p.name.clone(), reason: reason.clone() });
+            deletes.push(Action::DeletePod { pod: p.name.clone(), force, reason });
+        }
+    }
+    let live: Vec<&PodView> = o.pods.iter().filter(|p| p.live()).collect();
+
+    // Who is (or is to be) primary: the Lease holder, else at epoch 0 the primary-mode pod.
+    let primary_name: Option<String> = match &lease.holder {
+        Some(h) => Some(h.clone()),
+        None => live.iter().filter(|p| p.mode == Role::Primary).min_by_key(|p| p.member).map(|p| p.name.clone()),
+    };
+    let primary: Option<&PodView> = primary_name.as_deref().and_then(|n| live.iter().copied().find(|p| p.name == n));
+
+    // A backup is valid if it follows the primary-to-be and has not been fenced by a later epoch.
+    let valid_backup = |p: &PodView| {
+        p.mode == Role::Backup
+            && Some(&p.name) != primary_name.as_ref()
+            && p.pairs_with.is_some()
+            && p.pairs_with == primary_name
+            && lease.epoch <= p.created_epoch.max(1)
+    };
+    let mut backups: Vec<&PodView> = live.iter().copied().filter(|p| valid_backup(p)).collect();
+    backups.sort_by_key(|p| p.member);
+    let extra_backups: Vec<&PodView> = backups.split_off(backups.len().min(1));
+    let backup = backups.first().copied();
+
+    // Failover: the holder changed from the primary we last reported.
+    let mut failover = false;
+    if let (Some(old), Some(new)) = (&prev.primary_pod, &lease.holder)
+        && old != new
+        && lease.epoch > prev.epoch
+    {
+        failover = true;
+        status.failover_count = prev.failover_count.saturating_add(1);
+        status.last_failover = Some(o.now);
+        notes.push(Note::Failover { from: old.clone(), to: new.clone(), epoch: lease.epoch });
+    }
+
+    // Labels: demote first, then promote, so the Service never selects two pods.
+    for p in &live {
+        let is_primary = primary.is_some_and(|pr| pr.name == p.name);
+        if !is_primary && p.role_label == Some(Role::Primary) {
+            actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Backup });
+        }
+    }
+    if let Some(p) = primary
+        && p.role_label != Some(Role::Primary)
+    {
+        actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Primary });
+    }
+    if let Some(b) = backup
+        && b.role_label.is_none()
+    {
+        actions.push(Action::SetRole { pod: b.name.clone(), role: Role::Backup });
+    }
+
+    // Stale replicas: alive but neither the primary nor its one valid backup.
+    for p in &live {
+        let keep = primary.is_some_and(|pr| pr.name == p.name) || backup.is_some_and(|b| b.name == p.name);
+        if !keep {
+            let reason = if extra_backups.iter().any(|e| e.name == p.name) {
+                "a second backup for the same primary".to_owned()
+            } else {
+                format!(
+                    "stale replica: it is not the arbiter holder ({}) nor a backup created for it at epoch {}",
+                    lease.holder.as_deref().unwrap_or("none yet"),
+                    lease.epoch
+                )
+            };
+            deletes.push(Action::DeletePod { pod: p.name.clone(), force: false, reason });
+        }
+    }
+    actions.extend(deletes);
+
+    let next_member = o.pods.iter().map(|p| p.member + 1).max().unwrap_or(0);
+    match primary {
+        Some(pr) => {
+            status.primary = Some((pr.name.clone(), pr.node.clone()));
+            if let Some(b) = backup {
+                status.backup = Some((b.name.clone(), b.node.clone()));
+            }
+            if backup.is_none() {
+                match &pr.ip {
+                    Some(ip) => {
+                        let pod = pod_name(&o.name, next_member);
+                        notes.push(Note::BackupCreated { pod: pod.clone(), primary: pr.name.clone() });
+                        actions.push(Action::CreatePod {
+                            pod,
+                            member: next_member,
+                            mode: Role::Backup,
+                            primary: Some((pr.name.clone(), ip.clone())),
+                            epoch: lease.epoch,
+                        });
+                    }
+                    None => status.message = format!("waiting for primary {} to get a pod IP before creating its backup", pr.name),
+                }
+            }
+            let both_running = pr.state == PodState::Running && backup.is_some_and(|b| b.state == PodState::Running);
+            (status.phase, status.message) = if lease.holder.is_none() {
+                (Phase::Pending, or(status.message, format!("waiting for primary {} to take the arbiter lease", pr.name)))
+            } else if both_running {
+                (Phase::Protected, format!("primary {} is protected by backup {}", pr.name, backup.map(|b| b.name.as_str()).unwrap_or("")))
+            } else {
+                (Phase::Degraded, or(status.message, format!("primary {} runs without a running backup", pr.name)))
+            };
+        }
+        None if lease.epoch == 0 && lease.holder.is_none() => {
+            // Nobody went live yet: no state can be lost by starting (again) from scratch.
+            let pod = pod_name(&o.name, next_member);
+            actions.push(Action::CreatePod { pod, member: next_member, mode: Role::Primary, primary: None, epoch: 0 });
+            status.message = "creating the primary".into();
+        }
+        None => {
+            let holder = lease.holder.clone().unwrap_or_default();
+            if let Some(b) = backup {
+                status.phase = Phase::FailingOver;
+                status.backup = Some((b.name.clone(), b.node.clone()));
+                status.message = format!("primary {holder} is lost; waiting for backup {} to take the arbiter", b.name);
+            } else {
+                status.phase = Phase::Failed;
+                status.message = format!(
+                    "both replicas are lost (arbiter holder {holder} at epoch {}): the VM's memory is gone; delete and re-create the FTVirtualMachine to start it from scratch",
+                    lease.epoch
+                );
+                if prev.phase != Some(Phase::Failed) {
+                    notes.push(Note::StateLost(status.message.clone()));
+                }
+            }
+        }
+    }
+    Plan { actions, notes, status, failover }
+}
+
+fn or(current: String, fallback: String) -> String {
+    if current.is_empty() { fallback } else { current }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, mode: Role) -> PodView {
+        PodView {
+            name: name.into(),
+            member: name.rsplit('-').next().unwrap().parse().unwrap(),
+            mode,
+            role_label: Some(mode),
+            pairs_with: None,
+            created_epoch: 0,
+            node: Some(format!("node-{name}")),
+            ip: Some("10.0.0.1".into()),
+            state: PodState::Running,
+            deleting: false,
+            node_health: NodeHealth::Ready,
+        }
+    }
+
+    fn backup_of(name: &str, primary: &str, epoch: u64) -> PodView {
+        PodView { pairs_with: Some(primary.into()), created_epoch: epoch, ..pod(name, Role::Backup) }
+    }
+
+    fn observed(lease: Option<(&str, u64)>, pods: Vec<PodView>) -> Observed {
+        Observed {
+            name: "vm".into(),
+            spec_error: None,
+            lease: Some(lease.map(|(h, e)| LeaseView { holder: Some(h.into()), epoch: e }).unwrap_or_default()),
+            pods,
+            previous: Previous::default(),
+            now: Timestamp::from_second(1_000_000).unwrap(),
+        }
+    }
+
+    fn creates(plan: &Plan) -> Vec<(String, Role)> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CreatePod { pod, mode, .. } => Some((pod.clone(), *mode)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn deletes(plan: &Plan) -> Vec<(String, bool)> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::DeletePod { pod, force, .. } => Some((pod.clone(), *force)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fresh_vm_gets_lease_service_and_primary() {
+        let mut o = observed(None, vec![]);
+        o.lease = None;
+        let plan = decide(&o);
+        assert_eq!(plan.actions[0], Action::CreateLease);
+        assert_eq!(plan.actions[1], Action::ApplyService);
+        assert_eq!(creates(&plan), [("vm-0".to_string(), Role::Primary)]);
+        assert_eq!(plan.status.phase, Phase::Pending);
+    }
+
+    #[test]
+    fn backup_waits_for_primary_ip_then_is_created_with_it() {
+        let mut p = pod("vm-0", Role::Primary);
+        p.ip = None;
+        p.state = PodState::Pending;
+        let plan = decide(&observed(None, vec![p.clone()]));
+        assert!(creates(&plan).is_empty());
+        assert!(plan.status.message.contains("pod IP"));
+
+        p.ip = Some("10.1.2.3".into());
+        let plan = decide(&observed(None, vec![p]));
+        let create = plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. })).unwrap();
+        assert_eq!(
+            create,
+            &Action::CreatePod {
+                pod: "vm-1".into(),
+                member: 1,
+                mode: Role::Backup,
+                primary: Some(("vm-0".into(), "10.1.2.3".into())),
+                epoch: 0
+            }
+        );
+        assert!(plan.notes.contains(&Note::BackupCreated { pod: "vm-1".into(), primary: "vm-0".into() }));
+    }
+
+    #[test]
+    fn protected_when_holder_and_backup_run() {
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        assert_eq!(plan.status.phase, Phase::Protected);
+        assert_eq!(plan.status.primary, Some(("vm-0".into(), Some("node-vm-0".into()))));
+        assert_eq!(plan.status.backup, Some(("vm-1".into(), Some("node-vm-1".into()))));
+        assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
+        assert_eq!(plan.actions, vec![Action::ApplyService], "steady state does nothing else");
+    }
+
+    #[test]
+    fn pending_until_the_primary_takes_the_lease() {
+        let plan = decide(&observed(None, vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        assert_eq!(plan.status.phase, Phase::Pending);
+        assert!(plan.status.message.contains("take the arbiter"));
+    }
+
+    #[test]
+    fn failover_relabels_deletes_lost_primary_and_creates_new_backup() {
+        // vm-1 (backup) won epoch 2 after vm-0's node went NotReady.
+        let mut old = pod("vm-0", Role::Primary);
+        old.node_health = NodeHealth::NotReady;
+        let new = backup_of("vm-1", "vm-0", 1);
+        let mut o = observed(Some(("vm-1", 2)), vec![old, new]);
+        o.previous = Previous { primary_pod: Some("vm-0".into()), epoch: 1, failover_count: 3, ..Previous::default() };
+        let plan = decide(&o);
+        assert!(plan.failover);
+        assert_eq!(plan.status.failover_count, 4);
+        assert_eq!(plan.status.last_failover, Some(o.now));
+        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Primary }));
+        assert_eq!(deletes(&plan), [("vm-0".to_string(), true)], "pod on a dead node is force-deleted");
+        assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
+        let Some(Action::CreatePod { primary, epoch, .. }) = plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. })) else {
+            unreachable!()
+        };
+        assert_eq!(primary.as_ref().unwrap().0, "vm-1");
+        assert_eq!(*epoch, 2);
+        assert_eq!(plan.status.phase, Phase::Degraded);
+        assert!(plan.notes.iter().any(|n| matches!(n, Note::Failover { to, epoch: 2, .. } if to == "vm-1")));
+    }
+
+    #[test]
+    fn loser_on_a_healthy_node_is_demoted_before_promotion_and_removed() {
+        // Partition: vm-1 won; vm-0 still runs on a ready node and still carries the primary label.
+        let mut o = observed(Some(("vm-1", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]);
+        o.previous.primary_pod = Some("vm-0".into());
+        o.previous.epoch = 1;
+        let plan = decide(&o);
+        let demote = plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-0".into(), role: Role::Backup });
+        let promote = plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-1".into(), role: Role::Primary });
+        assert!(demote.unwrap() < promote.unwrap(), "never two pods labelled primary");
+        assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
+    }
+
+    #[test]
+    fn never_a_second_primary_after_the_vm_went_live() {
+        // Both replicas lost at epoch 3: Failed, and no primary-mode pod is created.
+        let mut a = pod("vm-4", Role::Backup);
+        a.node_health = NodeHealth::Missing;
+        let mut o = observed(Some(("vm-4", 3)), vec![a]);
+        o.previous.phase = Some(Phase::Degraded);
+        let plan = decide(&o);
+        assert!(creates(&plan).is_empty());
+        assert_eq!(plan.status.phase, Phase::Failed);
+        assert!(plan.notes.iter().any(|n| matches!(n, Note::StateLost(_))));
+        // and the event is not repeated once Failed is recorded
+        o.previous.phase = Some(Phase::Failed);
+        assert!(!decide(&o).notes.iter().any(|n| matches!(n, Note::StateLost(_))));
+    }
+
+    #[test]
+    fn primary_lost_with_live_backup_is_failing_over_and_keeps_the_backup() {
+        let mut p = pod("vm-0", Role::Primary);
+        p.state = PodState::Exited;
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![p, backup_of("vm-1", "vm-0", 1)]));
+        assert_eq!(plan.status.phase, Phase::FailingOver);
+        assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
+        assert!(creates(&plan).is_empty(), "the backup takes over by itself; nothing new is started");
+    }
+
+    #[test]
+    fn backup_fenced_by_a_later_epoch_is_replaced() {
+        // The primary lost contact and continued alone at epoch 2; the old backup (epoch 1) is stale.
+        let plan = decide(&observed(Some(("vm-0", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]));
+        assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
+        assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
+        assert_eq!(plan.status.phase, Phase::Degraded);
+    }
+
+    #[test]
+    fn backup_created_at_epoch_zero_stays_valid_at_epoch_one() {
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        assert!(deletes(&plan).is_empty());
+    }
+
+    #[test]
+    fn primary_lost_before_going_live_is_recreated_and_its_backup_replaced() {
+        let mut p = pod("vm-0", Role::Primary);
+        p.node_health = NodeHealth::NotReady;
+        let plan = decide(&observed(None, vec![p, backup_of("vm-1", "vm-0", 0)]));
+        assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Primary)]);
+        assert!(deletes(&plan).contains(&("vm-1".to_string(), false)));
+    }
+
+    #[test]
+    fn terminating_pods_are_ignored_but_keep_their_names_reserved() {
+        let mut p = pod("vm-0", Role::Primary);
+        p.deleting = true;
+        let plan = decide(&observed(None, vec![p]));
+        assert!(deletes(&plan).is_empty());
+        assert_eq!(creates(&plan), [("vm-1".to_string(), Role::Primary)]);
+    }
+
+    #[test]
+    fn duplicate_backups_are_trimmed_to_one() {
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1), backup_of("vm-2", "vm-0", 1)],
+        ));
+        assert_eq!(deletes(&plan), [("vm-2".to_string(), false)]);
+        assert_eq!(plan.status.backup.unwrap().0, "vm-1");
+    }
+
+    #[test]
+    fn invalid_spec_touches_nothing_and_reports_once() {
+        let mut o = observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary)]);
+        o.spec_error = Some("ports clash".into());
+        let plan = decide(&o);
+        assert!(plan.actions.is_empty());
+        assert_eq!(plan.status.phase, Phase::Failed);
+        assert!(!plan.status.spec_valid);
+        assert_eq!(plan.notes, vec![Note::InvalidSpec("ports clash".into())]);
+        o.previous.message = Some(plan.status.message.clone());
+        assert!(decide(&o).notes.is_empty());
+    }
+
+    #[test]
+    fn missing_role_label_on_backup_is_set() {
+        let mut b = backup_of("vm-1", "vm-0", 1);
+        b.role_label = None;
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), b]));
+        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Backup }));
+    }
+}

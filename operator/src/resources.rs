@@ -1,0 +1,420 @@
+//! Builders of the objects an FTVirtualMachine owns: the arbiter Lease, the replica Pods and the
+//! client Service. Pure functions of the FTVM and a decision, unit-tested below.
+//!
+//! How the backup finds the primary: the backup pod is created only once the primary pod has an
+//! IP, and gets `--channel-connect <primary pod IP>:<channelPort>` in its arguments. A backup
+//! follows exactly one primary for its whole life (it is cloned from it), so binding it to that
+//! pod's address is exact; a Service or DNS name could, during a failover, still route the new
+//! backup to the dying old primary while endpoints catch up. Pod arguments are immutable, which is
+//! fine: after a failover the old backup *is* the primary, and every new backup is a new pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
+    ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, ResourceRequirements,
+    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::crd::FTVirtualMachine;
+use crate::decide::Role;
+
+/// Label: which FTVM a pod belongs to.
+pub const LABEL_FTVM: &str = "lockstep.dev/ftvm";
+/// Label: current role (moved by the operator to follow the Lease holder).
+pub const LABEL_ROLE: &str = "lockstep.dev/role";
+/// Label: the subcommand the agent was started with (never changes).
+pub const LABEL_MODE: &str = "lockstep.dev/mode";
+/// Label: the pod's ordinal.
+pub const LABEL_MEMBER: &str = "lockstep.dev/member";
+/// Annotation: the primary pod a backup follows.
+pub const ANN_PAIRS_WITH: &str = "lockstep.dev/pairs-with";
+/// Annotation: the arbiter epoch when the pod was created.
+pub const ANN_EPOCH: &str = "lockstep.dev/created-at-epoch";
+/// `app.kubernetes.io/managed-by` value, used to watch only our pods.
+pub const MANAGED_BY: &str = "lockstep-operator";
+/// The extended resource that grants a pod one `/dev/kvm` (advertised by the KVM device plugin).
+pub const KVM_RESOURCE: &str = "devices.lockstep.dev/kvm";
+/// How long replicas tolerate a not-ready or unreachable node before Kubernetes evicts them.
+/// Short on purpose: the agents fail over on their own heartbeats within a second, and the sooner
+/// the dead replica is gone the sooner a new backup restores protection.
+pub const NODE_TOLERATION_SECONDS: i64 = 2;
+/// The agent's uid in the container (matches the Containerfile).
+pub const AGENT_UID: i64 = 65532;
+/// Where the replica's disk lives inside the pod.
+pub const DISK_DIR: &str = "/var/lib/lockstep";
+
+/// Name of the arbiter Lease of an FTVM.
+pub fn lease_name(ftvm: &str) -> String {
+    format!("{ftvm}-arbiter")
+}
+
+/// The `--vm-id` passed to both agents: namespace and name, so two FTVMs never accept each other's
+/// log channel.
+pub fn vm_id(ftvm: &FTVirtualMachine) -> String {
+    format!("{}.{}", ftvm.namespace().unwrap_or_default(), ftvm.name_any())
+}
+
+fn owner_meta(ftvm: &FTVirtualMachine, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: ftvm.namespace(),
+        labels: Some(labels),
+        owner_references: ftvm.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn base_labels(ftvm: &FTVirtualMachine) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "lockstep-agent".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_FTVM.to_owned(), ftvm.name_any()),
+    ])
+}
+
+/// The empty arbiter Lease (epoch 0, no holder); the agents take it.
+pub fn lease(ftvm: &FTVirtualMachine) -> Lease {
+    let mut labels = base_labels(ftvm);
+    labels.insert(lockstep_arbiter::ARBITER_LABEL.to_owned(), "true".to_owned());
+    Lease {
+        metadata: owner_meta(ftvm, lease_name(&ftvm.name_any()), labels),
+        spec: Some(LeaseSpec { lease_transitions: Some(0), ..LeaseSpec::default() }),
+    }
+}
+
+/// The Service clients use: it selects whichever pod is labelled primary.
+pub fn service(ftvm: &FTVirtualMachine) -> Service {
+    let mut selector = BTreeMap::from([(LABEL_FTVM.to_owned(), ftvm.name_any())]);
+    selector.insert(LABEL_ROLE.to_owned(), Role::Primary.as_str().to_owned());
+    Service {
+        metadata: owner_meta(ftvm, ftvm.name_any(), base_labels(ftvm)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector),
+            ports: Some(vec![ServicePort {
+                name: Some("client".into()),
+                port: ftvm.spec.client_port,
+                target_port: Some(IntOrString::String("client".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            // Clients must reach the new primary right after a failover; no session affinity.
+            publish_not_ready_addresses: Some(false),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// What a replica pod needs besides the FTVM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodPlan<'a> {
+    /// Pod name.
+    pub name: &'a str,
+    /// Ordinal.
+    pub member: u32,
+    /// Agent subcommand.
+    pub mode: Role,
+    /// For a backup: primary pod name and IP.
+    pub primary: Option<(&'a str, &'a str)>,
+    /// Arbiter epoch now.
+    pub epoch: u64,
+    /// The agent image to use when the spec has none.
+    pub default_image: &'a str,
+}
+
+/// The agent's command-line arguments for a replica.
+pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
+    let s = &ftvm.spec;
+    let arbiter = format!("lease:{}/{}", ftvm.namespace().unwrap_or_default(), lease_name(&ftvm.name_any()));
+    // Inside a pod the agent must listen on the pod's address, not loopback, so that the Service,
+    // the peer replica and Prometheus can reach it.
+    let listen = |port: i32| format!("0.0.0.0:{port}");
+    let mut args: Vec<String> = match (plan.mode, plan.primary) {
+        (Role::Primary, _) | (Role::Backup, None) => vec![
+            "primary".into(),
+            "--guest".into(),
+            s.guest.clone(),
+            "--vm-id".into(),
+            vm_id(ftvm),
+            "--client-listen".into(),
+            listen(s.client_port),
+            "--channel-listen".into(),
+            listen(s.channel_port),
+            "--arbiter".into(),
+            arbiter,
+            "--memory-mib".into(),
+            s.memory_mib.to_string(),
+        ],
+        (Role::Backup, Some((_, ip))) => vec![
+            "backup".into(),
+            "--vm-id".into(),
+            vm_id(ftvm),
+            "--channel-connect".into(),
+            join_host_port(ip, s.channel_port),
+            "--client-listen".into(),
+            listen(s.client_port),
+            "--arbiter".into(),
+            arbiter,
+        ],
+    };
+    args.extend(["--metrics-listen".into(), listen(s.metrics_port)]);
+    if s.disk_size_mib > 0 {
+        args.extend(["--disk".into(), format!("{DISK_DIR}/disk.img")]);
+    }
+    args
+}
+
+fn join_host_port(ip: &str, port: i32) -> String {
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..ObjectFieldSelector::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn tolerations(ftvm: &FTVirtualMachine) -> Vec<Toleration> {
+    let mut t = ftvm.spec.placement.tolerations.clone();
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+        t.retain(|x| x.key.as_deref() != Some(key));
+        t.push(Toleration {
+            key: Some(key.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(NODE_TOLERATION_SECONDS),
+            ..Toleration::default()
+        });
+    }
+    t
+}
+
+fn resources(ftvm: &FTVirtualMachine) -> ResourceRequirements {
+    let s = &ftvm.spec;
+    let mut r = s.agent.resources.clone().unwrap_or_default();
+    // Guest memory, the log buffer and the agent itself (about 64 MiB) must fit in the limit.
+    let mem = format!("{}Mi", u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64);
+    let requests = r.requests.get_or_insert_with(BTreeMap::new);
+    requests.insert(KVM_RESOURCE.into(), Quantity("1".into()));
+    requests.entry("memory".into()).or_insert_with(|| Quantity(mem.clone()));
+    let limits = r.limits.get_or_insert_with(BTreeMap::new);
+    // Extended resources must have limit == request.
+    limits.insert(KVM_RESOURCE.into(), Quantity("1".into()));
+    limits.entry("memory".into()).or_insert_with(|| Quantity(mem));
+    r
+}
+
+/// A replica pod.
+pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
+    let s = &ftvm.spec;
+    let mut labels = base_labels(ftvm);
+    labels.insert(LABEL_ROLE.into(), plan.mode.as_str().into());
+    labels.insert(LABEL_MODE.into(), plan.mode.as_str().into());
+    labels.insert(LABEL_MEMBER.into(), plan.member.to_string());
+    let mut meta = owner_meta(ftvm, plan.name.to_owned(), labels);
+    let mut ann = BTreeMap::from([(ANN_EPOCH.to_owned(), plan.epoch.to_string())]);
+    if let Some((primary, _)) = plan.primary {
+        ann.insert(ANN_PAIRS_WITH.into(), primary.into());
+    }
+    meta.annotations = Some(ann);
+
+    let mut volumes = vec![Volume {
+        name: "kvm".into(),
+        host_path: Some(HostPathVolumeSource { path: "/dev/kvm".into(), type_: Some("CharDevice".into()) }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount { name: "kvm".into(), mount_path: "/dev/kvm".into(), ..VolumeMount::default() }];
+    if s.disk_size_mib > 0 {
+        volumes.push(Volume {
+            name: "disk".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(format!("{}Mi", u64::from(s.disk_size_mib) + 16))),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount { name: "disk".into(), mount_path: DISK_DIR.into(), ..VolumeMount::default() });
+    }
+    let port = |name: &str, p: i32| ContainerPort {
+        name: Some(name.into()),
+        container_port: p,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let mut env_vars = vec![
+        // The agent's arbiter identity is its pod name: it is what the operator reads back as the
+        // Lease holder to decide which pod is primary.
+        env_field("POD_NAME", "metadata.name"),
+        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env("LOCKSTEP_IDENTITY", "$(POD_NAME)"),
+        env("LOCKSTEP_HEARTBEAT_TIMEOUT_MS", s.ft.heartbeat_timeout_ms.to_string()),
+        env("LOCKSTEP_LAG_TARGET_MS", s.ft.lag_target_ms.to_string()),
+        env("LOCKSTEP_LOG_BUFFER_MIB", s.ft.log_buffer_mib.to_string()),
+        env("LOCKSTEP_DISK_SIZE_MIB", s.disk_size_mib.to_string()),
+    ];
+    if let Some(level) = &s.agent.log_level {
+        env_vars.push(env("RUST_LOG", level.clone()));
+    }
+    let container = Container {
+        name: "agent".into(),
+        image: Some(s.agent.image.clone().unwrap_or_else(|| plan.default_image.to_owned())),
+        image_pull_policy: Some(s.agent.image_pull_policy.as_str().into()),
+        args: Some(agent_args(ftvm, plan)),
+        env: Some(env_vars),
+        ports: Some(vec![
+            port("client", s.client_port),
+            port("channel", s.channel_port),
+            port("metrics", s.metrics_port),
+        ]),
+        resources: Some(resources(ftvm)),
+        volume_mounts: Some(mounts),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(AGENT_UID),
+            run_as_group: Some(AGENT_UID),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let anti_affinity = PodAntiAffinity {
+        required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+            label_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(LABEL_FTVM.to_owned(), ftvm.name_any())])),
+                ..LabelSelector::default()
+            }),
+            topology_key: "kubernetes.io/hostname".into(),
+            ..PodAffinityTerm::default()
+        }]),
+        ..PodAntiAffinity::default()
+    };
+    Pod {
+        metadata: meta,
+        spec: Some(PodSpec {
+            containers: vec![container],
+            // A restarted agent would have lost the VM's memory; the operator replaces the pod.
+            restart_policy: Some("Never".into()),
+            affinity: Some(Affinity { pod_anti_affinity: Some(anti_affinity), ..Affinity::default() }),
+            tolerations: Some(tolerations(ftvm)),
+            node_selector: (!s.placement.node_selector.is_empty()).then(|| s.placement.node_selector.clone()),
+            volumes: Some(volumes),
+            security_context: Some(PodSecurityContext {
+                supplemental_groups: s.agent.kvm_group_id.map(|g| vec![g]),
+                fs_group: Some(AGENT_UID),
+                ..PodSecurityContext::default()
+            }),
+            automount_service_account_token: Some(true),
+            termination_grace_period_seconds: Some(5),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::FTVirtualMachineSpec;
+
+    pub(crate) fn ftvm(spec: serde_json::Value) -> FTVirtualMachine {
+        let spec: FTVirtualMachineSpec = serde_json::from_value(spec).unwrap();
+        let mut f = FTVirtualMachine::new("vm", spec);
+        f.metadata.namespace = Some("ns".into());
+        f.metadata.uid = Some("uid-1".into());
+        f
+    }
+
+    fn plan<'a>(mode: Role, primary: Option<(&'a str, &'a str)>) -> PodPlan<'a> {
+        PodPlan { name: "vm-1", member: 1, mode, primary, epoch: 2, default_image: "agent:dev" }
+    }
+
+    #[test]
+    fn primary_args_follow_the_agent_contract() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "memoryMiB": 128}));
+        let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert_eq!(
+            args,
+            "primary --guest kvstore --vm-id ns.vm --client-listen 0.0.0.0:6380 --channel-listen 0.0.0.0:7000 \
+             --arbiter lease:ns/vm-arbiter --memory-mib 128 --metrics-listen 0.0.0.0:9100"
+        );
+    }
+
+    #[test]
+    fn backup_args_connect_to_the_primary_pod_ip() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "diskSizeMiB": 32}));
+        let args = agent_args(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7")))).join(" ");
+        assert_eq!(
+            args,
+            "backup --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
+             --arbiter lease:ns/vm-arbiter --metrics-listen 0.0.0.0:9100 --disk /var/lib/lockstep/disk.img"
+        );
+        assert!(agent_args(&f, &plan(Role::Backup, Some(("vm-0", "fd00::7")))).contains(&"[fd00::7]:7000".to_string()));
+    }
+
+    #[test]
+    fn pod_has_anti_affinity_tolerations_kvm_and_owner() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "agent": {"kvmGroupId": 993}}));
+        let p = pod(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7"))));
+        let v = serde_json::to_value(&p).unwrap();
+        let term = &v["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+        assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(term["labelSelector"]["matchLabels"][LABEL_FTVM], "vm");
+        let tol = v["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(tol.len(), 2);
+        assert!(tol.iter().all(|t| t["tolerationSeconds"] == 2 && t["effect"] == "NoExecute"));
+        let c = &v["spec"]["containers"][0];
+        assert_eq!(c["resources"]["limits"][KVM_RESOURCE], "1");
+        assert_eq!(c["resources"]["requests"][KVM_RESOURCE], "1");
+        assert_eq!(c["resources"]["limits"]["memory"], "144Mi");
+        assert_eq!(c["image"], "agent:dev");
+        assert_eq!(v["spec"]["volumes"][0]["hostPath"]["path"], "/dev/kvm");
+        assert_eq!(v["spec"]["securityContext"]["supplementalGroups"][0], 993);
+        assert_eq!(v["spec"]["restartPolicy"], "Never");
+        assert_eq!(v["metadata"]["labels"][LABEL_ROLE], "backup");
+        assert_eq!(v["metadata"]["annotations"][ANN_PAIRS_WITH], "vm-0");
+        assert_eq!(v["metadata"]["annotations"][ANN_EPOCH], "2");
+        let owner = &v["metadata"]["ownerReferences"][0];
+        assert_eq!((owner["kind"].as_str(), owner["controller"].as_bool()), (Some("FTVirtualMachine"), Some(true)));
+    }
+
+    #[test]
+    fn user_tolerations_are_kept_but_node_failure_ones_are_ours() {
+        let f = ftvm(serde_json::json!({"guest": "g", "placement": {"tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "kvm", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+        ]}}));
+        let t = tolerations(&f);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.iter().find(|x| x.key.as_deref() == Some("node.kubernetes.io/unreachable")).unwrap().toleration_seconds, Some(2));
+    }
+
+    #[test]
+    fn service_selects_the_primary_and_lease_starts_empty() {
+        let f = ftvm(serde_json::json!({"guest": "g", "clientPort": 7777, "channelPort": 7001}));
+        let s = service(&f);
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.selector.unwrap()[LABEL_ROLE], "primary");
+        assert_eq!(spec.ports.unwrap()[0].port, 7777);
+        let l = lease(&f);
+        assert_eq!(l.metadata.name.as_deref(), Some("vm-arbiter"));
+        assert_eq!(l.spec.unwrap().holder_identity, None);
+        assert_eq!(l.metadata.labels.unwrap()[lockstep_arbiter::ARBITER_LABEL], "true");
+    }
+}
