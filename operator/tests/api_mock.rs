@@ -1,0 +1,217 @@
+//! Request-level tests of the executor and the observer against kube's mock service: which API
+//! calls a plan turns into, in which order, with which bodies, and how API errors are reported.
+
+use std::pin::pin;
+
+use http::{Request, Response};
+use kube::client::Body;
+use lockstep_operator::controller::{self, Context, Settings};
+use lockstep_operator::crd::{FTVirtualMachine, Phase};
+use lockstep_operator::decide::{Action, NodeHealth, Note, Plan, PodState, Role, StatusView};
+use lockstep_operator::metrics::Metrics;
+use serde_json::{Value, json};
+use tower_test::mock;
+
+#[derive(Debug)]
+struct Seen {
+    method: String,
+    uri: String,
+    content_type: String,
+    body: Value,
+}
+
+/// Answers `script.len()` requests: `(status, Some(body))` answers with that body, `None` echoes the
+/// request body back. Returns what was seen.
+fn serve(
+    handle: mock::Handle<Request<Body>, Response<Body>>,
+    script: Vec<(u16, Option<Value>)>,
+) -> tokio::task::JoinHandle<Vec<Seen>> {
+    tokio::spawn(async move {
+        let mut h = pin!(handle);
+        let mut seen = Vec::new();
+        for (code, answer) in script {
+            let (req, send) = h.next_request().await.expect("fewer requests than scripted");
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let content_type = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let reply = answer.unwrap_or_else(|| body.clone());
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+            seen.push(Seen { method, uri, content_type, body });
+        }
+        seen
+    })
+}
+
+fn ftvm_json() -> Value {
+    json!({
+        "apiVersion": "lockstep.dev/v1alpha1",
+        "kind": "FTVirtualMachine",
+        "metadata": { "name": "vm", "namespace": "ns", "uid": "uid-1", "generation": 1, "resourceVersion": "5" },
+        "spec": { "guest": "kvstore" }
+    })
+}
+
+fn ftvm() -> FTVirtualMachine {
+    serde_json::from_value(ftvm_json()).unwrap()
+}
+
+fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
+    let client = kube::Client::new(svc, "ns");
+    let metrics = Metrics::new().unwrap();
+    let settings = Settings { namespace: None, default_agent_image: "agent:test".into(), identity: "op-0".into() };
+    (Context::new(client, metrics.clone(), settings), metrics)
+}
+
+fn status(code: u16, reason: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": reason, "code": code, "message": reason})
+}
+
+fn failover_plan() -> Plan {
+    Plan {
+        actions: vec![
+            Action::CreateLease,
+            Action::ApplyService,
+            Action::SetRole { pod: "vm-1".into(), role: Role::Primary },
+            Action::DeletePod { pod: "vm-0".into(), force: true, reason: "node gone".into() },
+            Action::CreatePod {
+                pod: "vm-2".into(),
+                member: 2,
+                mode: Role::Backup,
+                primary: Some(("vm-1".into(), "10.0.0.2".into())),
+                epoch: 2,
+            },
+        ],
+        notes: vec![Note::Failover { from: "vm-0".into(), to: "vm-1".into(), epoch: 2 }],
+        status: StatusView {
+            phase: Phase::Degraded,
+            message: "primary vm-1 runs without a running backup".into(),
+            primary: Some(("vm-1".into(), Some("node-b".into()))),
+            backup: None,
+            epoch: 2,
+            failover_count: 1,
+            last_failover: None,
+            spec_valid: true,
+        },
+        failover: true,
+    }
+}
+
+#[tokio::test]
+async fn a_failover_plan_becomes_these_calls_in_this_order() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let server = serve(
+        handle,
+        vec![
+            (201, None),                                                      // lease
+            (200, None),                                                      // service apply
+            (200, None),                                                      // relabel
+            (200, Some(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}))), // delete
+            (201, None),                                                      // pod
+            (201, None),                                                      // event
+            (200, Some(ftvm_json())),                                         // status
+        ],
+    );
+    let (ctx, metrics) = ctx(svc);
+    controller::execute(&ftvm(), &failover_plan(), &ctx).await.unwrap();
+    let seen = server.await.unwrap();
+    let calls: Vec<String> = seen.iter().map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap())).collect();
+    assert_eq!(
+        calls,
+        [
+            "POST /apis/coordination.k8s.io/v1/namespaces/ns/leases",
+            "PATCH /api/v1/namespaces/ns/services/vm",
+            "PATCH /api/v1/namespaces/ns/pods/vm-1",
+            "DELETE /api/v1/namespaces/ns/pods/vm-0",
+            "POST /api/v1/namespaces/ns/pods",
+            "POST /apis/events.k8s.io/v1/namespaces/ns/events",
+            "PATCH /apis/lockstep.dev/v1alpha1/namespaces/ns/ftvirtualmachines/vm/status",
+        ]
+    );
+    // The Lease starts empty and owned by the FTVM.
+    assert_eq!(seen[0].body["spec"]["leaseTransitions"], 0);
+    assert_eq!(seen[0].body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    // Service and status go through server-side apply with our field manager.
+    for i in [1, 6] {
+        assert_eq!(seen[i].content_type, "application/apply-patch+yaml");
+        assert!(seen[i].uri.contains("fieldManager=lockstep-operator"), "{}", seen[i].uri);
+    }
+    assert_eq!(seen[1].body["spec"]["selector"]["lockstep.dev/role"], "primary");
+    assert_eq!(seen[2].content_type, "application/merge-patch+json");
+    assert_eq!(seen[2].body, json!({"metadata": {"labels": {"lockstep.dev/role": "primary"}}}));
+    // A pod on a lost node is deleted without grace: its kubelet cannot confirm.
+    assert_eq!(seen[3].body["gracePeriodSeconds"], 0);
+    let args = seen[4].body["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+    assert_eq!(args[0], "backup");
+    assert!(args.contains(&json!("10.0.0.2:7000")));
+    assert_eq!(seen[4].body["spec"]["containers"][0]["image"], "agent:test");
+    assert_eq!(seen[5].body["reason"], "Failover");
+    let st = &seen[6].body["status"];
+    assert_eq!(seen[6].body["kind"], "FTVirtualMachine");
+    assert_eq!((st["phase"].as_str(), st["epoch"].as_u64(), st["primaryNode"].as_str()), (Some("Degraded"), Some(2), Some("node-b")));
+    assert_eq!(st["failoverCount"], 1);
+    assert_eq!(metrics.failovers.get(), 1);
+    assert_eq!(metrics.ftvms.with_label_values(&["Degraded"]).get(), 1);
+}
+
+#[tokio::test]
+async fn already_existing_objects_are_fine_and_forbidden_is_an_error() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let server = serve(handle, vec![(409, Some(status(409, "AlreadyExists"))), (403, Some(status(403, "Forbidden")))]);
+    let (ctx, _) = ctx(svc);
+    let mut plan = failover_plan();
+    plan.actions = vec![
+        Action::CreateLease,
+        Action::CreatePod { pod: "vm-0".into(), member: 0, mode: Role::Primary, primary: None, epoch: 0 },
+    ];
+    let err = controller::execute(&ftvm(), &plan, &ctx).await.unwrap_err();
+    assert_eq!(err.metric_label(), "kube_api");
+    assert!(err.to_string().contains("create pod vm-0 failed"), "{err}");
+    assert!(err.to_string().contains("RBAC"), "the message says what to check: {err}");
+    assert_eq!(server.await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn observe_reads_pods_nodes_and_lease() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let pod = json!({
+        "metadata": {
+            "name": "vm-0", "namespace": "ns",
+            "labels": {"lockstep.dev/ftvm": "vm", "lockstep.dev/mode": "primary", "lockstep.dev/role": "primary", "lockstep.dev/member": "0"},
+            "annotations": {"lockstep.dev/created-at-epoch": "0"},
+            "ownerReferences": [{"apiVersion": "lockstep.dev/v1alpha1", "kind": "FTVirtualMachine", "name": "vm", "uid": "uid-1", "controller": true}]
+        },
+        "spec": {"nodeName": "node-a", "containers": [{"name": "agent"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.1"}
+    });
+    let foreign = json!({
+        "metadata": {"name": "vm-9", "labels": {"lockstep.dev/mode": "primary"},
+            "ownerReferences": [{"apiVersion": "lockstep.dev/v1alpha1", "kind": "FTVirtualMachine", "name": "vm", "uid": "old-uid"}]},
+        "spec": {"containers": []}
+    });
+    let server = serve(
+        handle,
+        vec![
+            (200, Some(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod, foreign]}))),
+            (200, Some(json!({"metadata": {"name": "node-a"}, "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}))),
+            (200, Some(json!({"metadata": {"name": "vm-arbiter"}, "spec": {"holderIdentity": "vm-0", "leaseTransitions": 1}}))),
+        ],
+    );
+    let (ctx, _) = ctx(svc);
+    let o = controller::observe(&ftvm(), &ctx.client, k8s_openapi::jiff::Timestamp::UNIX_EPOCH).await.unwrap();
+    let seen = server.await.unwrap();
+    assert!(seen[0].uri.contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"), "{}", seen[0].uri);
+    assert_eq!(o.pods.len(), 1, "a pod owned by an older object of the same name is not ours");
+    assert_eq!(o.pods[0].node_health, NodeHealth::NotReady);
+    assert_eq!(o.pods[0].state, PodState::Running);
+    let lease = o.lease.unwrap();
+    assert_eq!((lease.holder.as_deref(), lease.epoch), (Some("vm-0"), 1));
+    assert!(o.spec_error.is_none());
+}
