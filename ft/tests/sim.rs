@@ -547,7 +547,13 @@ impl Sim {
                 "node {i} released output {:?} after halting",
                 r.id
             );
-            assert_eq!(node.outputs.get(&r.id.0), Some(&r.exit));
+            // Each output leaves exactly once, with the exit it was produced at.
+            assert_eq!(
+                node.outputs.remove(&r.id.0),
+                Some(r.exit),
+                "{:?} released twice or unknown",
+                r.id
+            );
             node.released.push(r.exit);
         }
         if let Some(ask) = ready.consult_arbiter {
@@ -1253,6 +1259,17 @@ fn run_schedule(schedule: &[(u64, Fault)]) {
     let exit = sim.primary_exit(p);
     sim.run_for(20 * MILLIS);
     assert!(sim.primary_exit(p) > exit, "and makes progress");
+    // Output flows again: nothing produced before that window is still held.
+    let stuck: Vec<u64> = sim.nodes[p]
+        .outputs
+        .values()
+        .copied()
+        .filter(|e| *e <= exit)
+        .collect();
+    assert!(
+        stuck.is_empty(),
+        "outputs of exits {stuck:?} never left node {p}"
+    );
 }
 
 proptest! {
