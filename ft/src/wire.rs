@@ -304,7 +304,8 @@ pub enum RefuseReason {
         /// Role the peer sent.
         got: Role,
     },
-    /// The primary already has a backup (attached or cloning).
+    /// The primary already has a backup (attached or cloning). Sent by the primary's driver
+    /// itself to a second connection while one is open (the state machine serves one channel).
     #[error("this primary already has a backup; stop the other backup first")]
     Busy,
     /// The refusing side is not (or no longer) a primary that can take a backup.
