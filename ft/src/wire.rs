@@ -306,7 +306,10 @@ pub enum RefuseReason {
     },
     /// The primary already has a backup (attached or cloning). Sent by the primary's driver
     /// itself to a second connection while one is open (the state machine serves one channel).
-    #[error("this primary already has a backup; stop the other backup first")]
+    #[error(
+        "this primary already serves a backup connection; retry once it is gone, or stop the \
+         other backup"
+    )]
     Busy,
     /// The refusing side is not (or no longer) a primary that can take a backup.
     #[error("this side is not an active primary (halted or consulting the arbiter); retry later")]
