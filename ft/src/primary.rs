@@ -387,6 +387,15 @@ impl Primary {
         }
     }
 
+    /// The arbiter reported, outside a consultation (e.g. a periodic lease renewal), that
+    /// `winner` holds `epoch`. If that epoch is newer than ours we have been fenced off: halt at
+    /// once and never release output again. Older or equal epochs change nothing.
+    pub fn fenced(&mut self, winner: String, epoch: u64) {
+        if epoch > self.epoch && !matches!(self.state, State::Halted) {
+            self.halt(HaltReason::LostArbiter { winner, epoch });
+        }
+    }
+
     // ----- clone hand-over (driver side of CloneAction) -----
 
     /// Sends pages of the current pre-copy round (call as often as needed per round).

@@ -1311,3 +1311,18 @@ fn idle_solo_primary_has_nothing_to_do() {
     p.hold_output(1, OutputId(1), 0);
     assert!(!p.take_ready().is_empty());
 }
+
+#[test]
+fn a_fenced_primary_halts_and_drops_held_output() {
+    let (mut p, _b) = synced_pair(cfg(), 0);
+    p.hold_output(1, OutputId(1), 0);
+    p.exit_complete(1, 0);
+    p.take_ready();
+    p.fenced("me-again".into(), 1); // our own epoch: nothing happens
+    assert_eq!(p.state(), PrimaryState::Protected);
+    p.fenced("other-pod".into(), 2);
+    let r = p.take_ready();
+    assert_eq!(p.state(), PrimaryState::Halted);
+    assert_eq!(r.discarded, vec![OutputId(1)]);
+    assert!(r.close_channel && r.pause_vcpu);
+}
