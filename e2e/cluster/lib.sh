@@ -76,6 +76,11 @@ show_tail() {
   fi
 }
 
+# ours NAME PID: is PID a test-bed process NAME (its command line starts with the path …/NAME)?
+ours() {
+  tr '\0' ' ' <"/proc/$2/cmdline" 2>/dev/null | grep -q -- "^[^ ]*/$1 "
+}
+
 tools_present() {
   local t
   for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform; do
