@@ -28,6 +28,7 @@
 //! | time passed | [`Primary::tick`] | [`Backup::tick`] |
 //! | the channel closed | [`Primary::peer_disconnected`] | [`Backup::peer_disconnected`] |
 //! | the arbiter answered | [`Primary::arbiter_result`] | [`Backup::arbiter_result`] |
+//! | the arbiter says someone newer holds the VM (lease renewal lost) | [`Primary::fenced`] | |
 //! | the recorder logged an entry at exit N | [`Primary::append`] | |
 //! | the vCPU finished exit N | [`Primary::exit_complete`] | |
 //! | an output was produced at exit N | [`Primary::hold_output`] | |
