@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -81,6 +82,8 @@ pub struct Settings {
     pub default_agent_image: String,
     /// This replica's identity (pod name), for events.
     pub identity: String,
+    /// ClusterRole granting agents access to Leases (installed by the chart), bound per namespace.
+    pub agent_cluster_role: String,
 }
 
 /// Shared state of reconciles.
@@ -233,6 +236,25 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
                     .await
                     .map_err(kube_err("apply service"))?;
+            }
+            Action::ApplyAgentAccess => {
+                let pp = PatchParams::apply(FIELD_MANAGER).force();
+                let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
+                let mut sa = serde_json::to_value(resources::agent_service_account(&ns)).unwrap_or_default();
+                sa["apiVersion"] = json!("v1");
+                sa["kind"] = json!("ServiceAccount");
+                sa_api
+                    .patch(resources::AGENT_SERVICE_ACCOUNT, &pp, &Patch::Apply(&sa))
+                    .await
+                    .map_err(kube_err("apply agent service account"))?;
+                let rb_api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
+                let mut rb = serde_json::to_value(resources::agent_role_binding(&ns, &ctx.settings.agent_cluster_role)).unwrap_or_default();
+                rb["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
+                rb["kind"] = json!("RoleBinding");
+                rb_api
+                    .patch(resources::AGENT_SERVICE_ACCOUNT, &pp, &Patch::Apply(&rb))
+                    .await
+                    .map_err(kube_err("apply agent role binding"))?;
             }
             Action::SetRole { pod, role } => {
                 let patch = json!({ "metadata": { "labels": { LABEL_ROLE: role.as_str() } } });

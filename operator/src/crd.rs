@@ -410,3 +410,26 @@ mod tests {
         assert!(!text.contains("\"$ref\""), "schema must be inlined");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// `examples/ftvm.yaml` is what users apply first; it must parse into the type and validate.
+    #[test]
+    fn example_manifest_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ftvm.yaml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
+        assert_eq!(vm.metadata.name.as_deref(), Some("kvstore"));
+        assert_eq!(vm.spec.guest, "kvstore");
+        assert_eq!(vm.spec.vcpus, 1);
+        vm.spec.validate().unwrap();
+        // Every field in the example is known to the type: nothing the user writes is silently dropped.
+        let raw: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        let back = serde_json::to_value(&vm.spec).unwrap();
+        for key in raw["spec"].as_object().unwrap().keys() {
+            assert!(back.get(key).is_some(), "example field spec.{key} is not in FTVirtualMachineSpec");
+        }
+    }
+}

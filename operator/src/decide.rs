@@ -168,6 +168,9 @@ pub enum Action {
     CreateLease,
     /// Create or update the client Service (selects the pod labelled primary).
     ApplyService,
+    /// Create or update the agents' ServiceAccount and RoleBinding in the namespace (the agents
+    /// take and renew their Lease with it).
+    ApplyAgentAccess,
     /// Set a pod's role label.
     SetRole {
         /// Pod.
@@ -302,6 +305,7 @@ pub fn decide(o: &Observed) -> Plan {
         actions.push(Action::CreateLease);
     }
     actions.push(Action::ApplyService);
+    actions.push(Action::ApplyAgentAccess);
 
     // Lost replicas first: they are deleted whatever else happens.
     let mut deletes = Vec::new();
@@ -507,6 +511,7 @@ mod tests {
         let plan = decide(&o);
         assert_eq!(plan.actions[0], Action::CreateLease);
         assert_eq!(plan.actions[1], Action::ApplyService);
+        assert_eq!(plan.actions[2], Action::ApplyAgentAccess);
         assert_eq!(creates(&plan), [("vm-0".to_string(), Role::Primary)]);
         assert_eq!(plan.status.phase, Phase::Pending);
     }
@@ -543,7 +548,7 @@ mod tests {
         assert_eq!(plan.status.primary, Some(("vm-0".into(), Some("node-vm-0".into()))));
         assert_eq!(plan.status.backup, Some(("vm-1".into(), Some("node-vm-1".into()))));
         assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
-        assert_eq!(plan.actions, vec![Action::ApplyService], "steady state does nothing else");
+        assert_eq!(plan.actions, vec![Action::ApplyService, Action::ApplyAgentAccess], "steady state does nothing else");
     }
 
     #[test]

@@ -23,6 +23,10 @@ struct Args {
     /// Agent image used by FTVirtualMachines that do not name one.
     #[arg(long, env = "LOCKSTEP_AGENT_IMAGE", default_value = "ghcr.io/lockstep/lockstep-agent:0.1.0")]
     agent_image: String,
+    /// ClusterRole (installed by the chart) that lets agents get/create/update Leases; the operator
+    /// binds it to the `lockstep-agent` ServiceAccount in each namespace with FTVMs.
+    #[arg(long, env = "LOCKSTEP_AGENT_CLUSTER_ROLE", default_value = "lockstep-agent")]
+    agent_cluster_role: String,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "LOCKSTEP_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -94,7 +98,12 @@ async fn run(args: Args) -> Result<(), MainError> {
     let ctx = Arc::new(Context::new(
         client,
         metrics.clone(),
-        Settings { namespace: args.watch_namespace, default_agent_image: args.agent_image, identity: identity.clone() },
+        Settings {
+            namespace: args.watch_namespace,
+            default_agent_image: args.agent_image,
+            identity: identity.clone(),
+            agent_cluster_role: args.agent_cluster_role,
+        },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let controller = tokio::spawn(controller::run(ctx, async move {

@@ -14,8 +14,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HostPathVolumeSource,
     ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, ResourceRequirements,
-    SecurityContext, Service, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -48,6 +49,9 @@ pub const NODE_TOLERATION_SECONDS: i64 = 2;
 pub const AGENT_UID: i64 = 65532;
 /// Where the replica's disk lives inside the pod.
 pub const DISK_DIR: &str = "/var/lib/lockstep";
+
+/// ServiceAccount (and RoleBinding) of the agents in each namespace with FTVMs.
+pub const AGENT_SERVICE_ACCOUNT: &str = "lockstep-agent";
 
 /// Name of the arbiter Lease of an FTVM.
 pub fn lease_name(ftvm: &str) -> String {
@@ -108,6 +112,44 @@ pub fn service(ftvm: &FTVirtualMachine) -> Service {
             ..ServiceSpec::default()
         }),
         status: None,
+    }
+}
+
+/// The agents' ServiceAccount in the FTVM's namespace. Shared by all FTVMs there, so not owned by
+/// any of them.
+pub fn agent_service_account(ns: &str) -> ServiceAccount {
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(AGENT_SERVICE_ACCOUNT.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    }
+}
+
+/// Binds the agents' ServiceAccount to the chart's ClusterRole (Lease get/create/update) in one
+/// namespace only. The operator may create it because it holds `bind` on exactly that ClusterRole.
+pub fn agent_role_binding(ns: &str, cluster_role: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(AGENT_SERVICE_ACCOUNT.into()),
+            namespace: Some(ns.into()),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned())])),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: cluster_role.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: AGENT_SERVICE_ACCOUNT.into(),
+            namespace: Some(ns.into()),
+            ..Subject::default()
+        }]),
     }
 }
 
@@ -320,6 +362,8 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
                 fs_group: Some(AGENT_UID),
                 ..PodSecurityContext::default()
             }),
+            // The agent takes and renews its Lease with this account (see agent_role_binding).
+            service_account_name: Some(AGENT_SERVICE_ACCOUNT.into()),
             automount_service_account_token: Some(true),
             termination_grace_period_seconds: Some(5),
             ..PodSpec::default()

@@ -66,7 +66,7 @@ fn ftvm() -> FTVirtualMachine {
 fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
     let client = kube::Client::new(svc, "ns");
     let metrics = Metrics::new().unwrap();
-    let settings = Settings { namespace: None, default_agent_image: "agent:test".into(), identity: "op-0".into() };
+    let settings = Settings { namespace: None, default_agent_image: "agent:test".into(), identity: "op-0".into(), agent_cluster_role: "lockstep-agent".into() };
     (Context::new(client, metrics.clone(), settings), metrics)
 }
 
