@@ -1,1 +1,228 @@
-//! Helpers shared by the end-to-end tests; see `tests/`.
+//! Helpers for Lockstep's integration tests against a real kube-apiserver.
+//!
+//! The tests need the test bed: `e2e/cluster/up`, then `eval "$(e2e/cluster/env)"` (KUBECONFIG and
+//! PATH with kubectl, helm, kubeconform). Without it every test **fails** with "test bed not
+//! running: run e2e/cluster/up"; none of them silently passes.
+//!
+//! The operator runs in-process (kwok nodes run no containers, so an in-cluster operator could not
+//! start), restricted to the test's own namespace so that tests running in parallel do not
+//! reconcile each other's objects.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use lockstep_operator::controller::{self, Context, Settings};
+use lockstep_operator::metrics::Metrics;
+
+/// The message every test fails with when the bed is missing.
+pub const NOT_RUNNING: &str = "test bed not running: run e2e/cluster/up, then eval \"$(e2e/cluster/env)\"";
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A client for the test bed; panics with [`NOT_RUNNING`] when there is none.
+pub async fn client() -> Client {
+    let kubeconfig = std::env::var("KUBECONFIG").unwrap_or_default();
+    if kubeconfig.is_empty() || !Path::new(&kubeconfig).exists() {
+        panic!("{NOT_RUNNING} (KUBECONFIG is {kubeconfig:?})");
+    }
+    let client = Client::try_default().await.unwrap_or_else(|e| panic!("{NOT_RUNNING}: cannot load {kubeconfig}: {e}"));
+    if let Err(e) = client.apiserver_version().await {
+        panic!("{NOT_RUNNING}: the apiserver in {kubeconfig} does not answer: {e}");
+    }
+    client
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` saying what was awaited.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Installs (server-side applies) the committed CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) -> CustomResourceDefinition {
+    let path = repo_root().join("crds/ftvirtualmachine.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("committed CRD parses");
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut body = serde_json::to_value(&crd).unwrap();
+    body["apiVersion"] = "apiextensions.k8s.io/v1".into();
+    body["kind"] = "CustomResourceDefinition".into();
+    api.patch(&crd.name_any(), &PatchParams::apply("lockstep-e2e").force(), &Patch::Apply(&body))
+        .await
+        .unwrap_or_else(|e| panic!("the apiserver refused the CRD: {e}"));
+    wait_for("the CRD to be Established", Duration::from_secs(30), || {
+        let api = api.clone();
+        let name = crd.name_any();
+        async move {
+            let c = api.get(&name).await.ok()?;
+            let conds = c.status.as_ref()?.conditions.as_ref()?;
+            conds.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(c)
+        }
+    })
+    .await
+}
+
+/// A namespace that belongs to one test.
+pub struct TestNamespace {
+    /// Its name.
+    pub name: String,
+    client: Client,
+}
+
+impl std::fmt::Debug for TestNamespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestNamespace").field("name", &self.name).finish()
+    }
+}
+
+impl TestNamespace {
+    /// Creates `lockstep-e2e-<prefix>-<random>`.
+    pub async fn create(client: &Client, prefix: &str) -> Self {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let name = format!("lockstep-e2e-{prefix}-{:x}", (nanos as u64) ^ u64::from(std::process::id()) << 40);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
+        api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        TestNamespace { name, client: client.clone() }
+    }
+
+    /// Deletes the namespace (not waiting for it to go).
+    pub async fn delete(self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// The operator running in this process, watching one namespace; stops when dropped.
+#[derive(Debug)]
+pub struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Its metrics.
+    pub metrics: Metrics,
+}
+
+impl Operator {
+    /// Starts the controller for `namespace`.
+    pub fn start(client: &Client, namespace: &str) -> Self {
+        let metrics = Metrics::new().expect("metrics");
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            metrics.clone(),
+            Settings {
+                namespace: Some(namespace.to_owned()),
+                default_agent_image: "lockstep-agent:e2e".into(),
+                identity: "e2e-operator".into(),
+                agent_cluster_role: "lockstep-agent".into(),
+            },
+        ));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(controller::run(ctx, async move {
+            let _ = rx.await;
+        }));
+        Operator { stop: Some(tx), task: Some(task), metrics }
+    }
+
+    /// Stops the controller and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Writes JSON schemas for the kinds the chart renders, in kubeconform's
+/// `{{ .ResourceKind }}{{ .KindSuffix }}.json` layout, generated from k8s-openapi's types (there is
+/// no network to fetch kubeconform's usual schemas). Every object schema that lists its properties
+/// gets `additionalProperties: false`, so unknown or misspelt fields are rejected.
+pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    fn put<T: schemars::JsonSchema>(dir: &Path, file: &str) -> std::io::Result<()> {
+        let mut v = serde_json::to_value(schemars::schema_for!(T)).expect("schema serialises");
+        close_objects(&mut v);
+        std::fs::write(dir.join(file), serde_json::to_vec_pretty(&v).expect("json"))
+    }
+    put::<Deployment>(dir, "deployment-apps-v1.json")?;
+    put::<Service>(dir, "service-v1.json")?;
+    put::<ServiceAccount>(dir, "serviceaccount-v1.json")?;
+    put::<ConfigMap>(dir, "configmap-v1.json")?;
+    put::<ClusterRole>(dir, "clusterrole-rbac-v1.json")?;
+    put::<ClusterRoleBinding>(dir, "clusterrolebinding-rbac-v1.json")?;
+    put::<RoleBinding>(dir, "rolebinding-rbac-v1.json")?;
+    put::<CustomResourceDefinition>(dir, "customresourcedefinition-apiextensions-v1.json")?;
+    Ok(())
+}
+
+fn close_objects(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                // apiVersion/kind are not in k8s-openapi's schemas but are in every manifest.
+                if let Some(serde_json::Value::Object(props)) = map.get_mut("properties")
+                    && props.contains_key("metadata")
+                {
+                    props.entry("apiVersion").or_insert(serde_json::json!({"type": "string"}));
+                    props.entry("kind").or_insert(serde_json::json!({"type": "string"}));
+                }
+                map.insert("additionalProperties".into(), serde_json::Value::Bool(false));
+            }
+            for (_, child) in map.iter_mut() {
+                close_objects(child);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
+    }
+}
+
+/// Runs a command; returns (success, stdout+stderr). Panics with a pointer to the bed if the tool
+/// is missing.
+pub fn run_tool(cmd: &mut std::process::Command, input: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| {
+        panic!("{program} not found ({e}): build the test bed tools with e2e/cluster/build, then eval \"$(e2e/cluster/env)\"")
+    });
+    if let Some(text) = input {
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
