@@ -14,6 +14,8 @@ fn chart() -> String {
 fn helm_lint_passes() {
     let (ok, out) = run_tool(Command::new("helm").args(["lint", "--strict", &chart()]), None);
     assert!(ok, "helm lint failed:\n{out}");
+    // Guards against a stand-in `helm` on PATH that exits 0 without linting.
+    assert!(out.contains("1 chart(s) linted, 0 chart(s) failed"), "unexpected helm lint output:\n{out}");
 }
 
 #[test]
