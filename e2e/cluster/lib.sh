@@ -81,6 +81,15 @@ ours() {
   tr '\0' ' ' <"/proc/$2/cmdline" 2>/dev/null | grep -q -- "^[^ ]*/$1 "
 }
 
+# lock_bed: serialize up/down of one bed (several people share a checkout); waits up to 5 min.
+lock_bed() {
+  mkdir -p "$(dirname "$WORK_DIR")"
+  exec 9>"$WORK_DIR.lock"
+  if ! flock -w 300 9; then
+    die "another e2e/cluster/up or down holds $WORK_DIR.lock for over 5 minutes"
+  fi
+}
+
 tools_present() {
   local t
   for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform; do
