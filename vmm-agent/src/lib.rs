@@ -11,6 +11,8 @@
 //! - [`devices`]: platform (clock/timer), 16550 console, virtio-blk, virtio-vsock, virtio-rng.
 //! - [`record`]: the log format; [`recorder`] and [`replayer`] are the two environments.
 //! - [`client`]: the TCP front end that turns client connections into vsock streams.
+//! - [`snapshot`]: the envelope that machine state travels in for a live clone; the clone
+//!   itself (state save/restore, dirty tracking, applying pages) is in [`vmm::clone`].
 //!
 //! ```no_run
 //! use std::sync::{Arc, atomic::AtomicBool};
@@ -37,4 +39,5 @@ pub mod metrics;
 pub mod record;
 pub mod recorder;
 pub mod replayer;
+pub mod snapshot;
 pub mod vmm;

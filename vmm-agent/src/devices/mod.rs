@@ -72,6 +72,11 @@ impl IrqQueue {
     pub fn bits(&self) -> u64 {
         self.pending
     }
+    /// The queue with exactly these pending vectors (bit `n` is vector `0x20 + n`); restores a
+    /// saved machine.
+    pub fn from_bits(pending: u64) -> Self {
+        IrqQueue { pending }
+    }
 }
 
 /// What devices get while handling an access or an event.

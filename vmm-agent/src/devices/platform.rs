@@ -4,6 +4,9 @@ use lockstep_guest_abi::{platform as reg, slot_base, SLOT_PLATFORM};
 
 use super::{Action, DeviceCtx, DeviceError};
 
+mod state;
+pub use state::PlatformState;
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Platform {
     /// Timer period set by the guest (ns); 0 = off. The primary turns it into ticks by real

@@ -6,6 +6,9 @@ use std::io;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 
+mod state;
+pub use state::ConsoleState;
+
 /// The UART's interrupt line is not wired: guests poll nothing and only transmit.
 #[derive(Debug)]
 pub struct NoIrq;

@@ -71,6 +71,16 @@ pub trait Vcpu: Send {
     fn set_immediate_exit(&mut self, on: bool);
     fn state(&self) -> Result<VcpuState>;
     fn set_state(&mut self, state: &VcpuState) -> Result<()>;
+    /// Finish the instruction behind the last exit without running anything else. KVM completes
+    /// an MMIO read only at the next entry, and until then the registers are those of the
+    /// unfinished instruction: state saved before this would replay the access on a clone.
+    fn complete_pending_io(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Whether an interrupt-window exit is requested for the next entry, if the vCPU can tell.
+    fn interrupt_window_requested(&mut self) -> Option<bool> {
+        None
+    }
 }
 
 /// The architectural state of the vCPU that the guest can observe, in a stable byte form.
@@ -89,8 +99,17 @@ pub struct VcpuState {
     pub fpu_control: [u64; 7],
     pub fpr: [[u8; 16]; 8],
     pub xmm: [[u8; 16]; 16],
-    /// Interrupt shadow and pending-event bits from KVM's vCPU events, for exact resumption.
+    /// KVM's vCPU events (exception, interrupt and NMI injection state, interrupt shadow), in
+    /// the hypervisor's own layout, for exact resumption: an interrupt injected at the last exit
+    /// is here until the next entry delivers it. Not part of the digest.
     pub events: Vec<u8>,
+    /// Model-specific registers besides EFER (which is in `control`): (index, value), only those
+    /// the hypervisor let us read. Not part of the digest.
+    pub msrs: Vec<(u32, u64)>,
+    /// The FPU as KVM's XSAVE image (x87, MXCSR, XMM and the XSAVE header), which is what a
+    /// clone restores: `fpu_control`/`fpr`/`xmm` (from KVM_GET_FPU) are for digests and dumps.
+    /// Empty in power-on state. Not part of the digest.
+    pub xsave: Vec<u8>,
 }
 
 impl VcpuState {
@@ -148,6 +167,13 @@ impl VcpuState {
         }
         out.extend_from_slice(&(self.events.len() as u32).to_le_bytes());
         out.extend_from_slice(&self.events);
+        out.extend_from_slice(&(self.msrs.len() as u32).to_le_bytes());
+        for (index, value) in &self.msrs {
+            out.extend_from_slice(&index.to_le_bytes());
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&(self.xsave.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.xsave);
         out
     }
 
@@ -178,6 +204,20 @@ impl VcpuState {
         }
         let n = r.u32()? as usize;
         s.events = r.take(n)?.to_vec();
+        let n = r.u32()? as usize;
+        if n > MAX_MSRS {
+            return Err(HypervisorError::BadState(format!("{n} MSRs, more than {MAX_MSRS}")));
+        }
+        for _ in 0..n {
+            let index = r.u32()?;
+            let value = r.u64()?;
+            s.msrs.push((index, value));
+        }
+        let n = r.u32()? as usize;
+        if n > MAX_XSAVE {
+            return Err(HypervisorError::BadState(format!("XSAVE image of {n} bytes, more than {MAX_XSAVE}")));
+        }
+        s.xsave = r.take(n)?.to_vec();
         if r.pos != bytes.len() {
             return Err(HypervisorError::BadState(format!("{} trailing bytes", bytes.len() - r.pos)));
         }
@@ -194,9 +234,16 @@ impl VcpuState {
             fpr: [[0; 16]; 8],
             xmm: [[0; 16]; 16],
             events: Vec::new(),
+            msrs: Vec::new(),
+            xsave: Vec::new(),
         }
     }
 }
+
+/// Bound on saved MSRs (untrusted input).
+const MAX_MSRS: usize = 64;
+/// Bound on a saved XSAVE image (KVM_GET_XSAVE's is 4 KiB).
+const MAX_XSAVE: usize = 4096;
 
 struct ByteReader<'a> {
     bytes: &'a [u8],
@@ -251,6 +298,8 @@ mod tests {
         s.gprs[16] = 0x10_0000;
         s.xmm[3] = [7; 16];
         s.events = vec![1, 2, 3];
+        s.msrs = vec![(0xc000_0102, 0xdead_beef)];
+        s.xsave = vec![9; 4096];
         let bytes = s.to_bytes();
         assert_eq!(VcpuState::from_bytes(&bytes).unwrap(), s);
         for cut in [0, 1, 100, bytes.len() - 1] {

@@ -168,6 +168,9 @@ pub struct Machine<V: Vcpu> {
     pub exits: u64,
     /// Stop before handling more than this many exits (`--stop-after-exits`).
     pub exit_limit: Option<u64>,
+    /// The program this machine runs (unknown for test machines); saved state names it so a
+    /// clone cannot be started with the wrong one.
+    pub guest: Option<GuestKind>,
     // Keeps the VM (and so the vCPU's backing) alive.
     _vm: Option<KvmVm>,
 }
@@ -217,7 +220,12 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
             vsock: VirtioMmio::new(Vsock::default()),
             rng: VirtioMmio::new(Rng::default()),
         };
-        Ok(Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, _vm: Some(vm) })
+        Ok(Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: Some(config.guest), _vm: Some(vm) })
+    }
+
+    /// A machine around a VM built elsewhere in this crate (a clone's, before its state arrives).
+    pub(crate) fn with_kvm(mem: GuestMemory, vm: KvmVm, vcpu: crate::hypervisor::kvm::KvmVcpu, devices: Devices, guest: GuestKind) -> Self {
+        Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: Some(guest), _vm: Some(vm) }
     }
 
     pub fn vm(&self) -> &KvmVm {
@@ -232,7 +240,7 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
 impl<V: Vcpu> Machine<V> {
     /// A machine around any vCPU: tests drive the loop with synthetic exits this way.
     pub fn with_vcpu(mem: GuestMemory, vcpu: V, devices: Devices) -> Self {
-        Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, _vm: None }
+        Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: None, _vm: None }
     }
 
     /// Digest of vCPU, interrupt and device state at this exit; with `full`, of memory too.

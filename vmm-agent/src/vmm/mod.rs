@@ -1,6 +1,8 @@
 //! The virtual machine: memory, the vCPU loop and exit handling.
 
 pub mod boot;
+pub mod clone;
+pub mod dirty;
 pub mod machine;
 pub mod memory;
 

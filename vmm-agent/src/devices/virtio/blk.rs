@@ -11,6 +11,9 @@ use virtio_queue::{Queue, QueueT};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::{DeviceCtx, DeviceError};
 
+mod state;
+pub use state::BlkState;
+
 const SECTOR: u64 = 512;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;

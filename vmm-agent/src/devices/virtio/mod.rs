@@ -4,6 +4,9 @@
 pub mod blk;
 pub mod rng;
 pub mod vsock;
+mod state;
+
+pub use state::TransportState;
 
 use virtio_queue::{Queue, QueueT};
 

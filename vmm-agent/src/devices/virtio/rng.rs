@@ -8,6 +8,9 @@ use virtio_queue::{Queue, QueueT};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::{DeviceCtx, DeviceError};
 
+mod state;
+pub use state::RngState;
+
 /// Cap per request so one request cannot make a huge log entry.
 const MAX_BYTES: usize = 4096;
 

@@ -14,6 +14,9 @@ use virtio_queue::{Queue, QueueT};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::{ClientOutput, DeviceCtx, DeviceError};
 
+mod state;
+pub use state::{ConnState, VsockState};
+
 pub const HDR_LEN: usize = 44;
 const OP_REQUEST: u16 = 1;
 const OP_RESPONSE: u16 = 2;
