@@ -36,6 +36,7 @@ pub mod devices;
 pub mod guests;
 pub mod hypervisor;
 pub mod metrics;
+pub mod pair;
 pub mod record;
 pub mod recorder;
 pub mod replayer;

@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use lockstep_agent::client::FrontEnd;
 use lockstep_agent::guests::GuestKind;
 use lockstep_agent::metrics::Metrics;
+use lockstep_agent::pair;
 use lockstep_agent::record::{hex, LogHeader, LogReader, LogSink, LogWriter, MemorySink};
 use lockstep_agent::recorder::{Recorder, ReleaseNow};
 use lockstep_agent::replayer::Replayer;
@@ -37,6 +38,91 @@ enum Command {
     /// Re-execute a recorded log and check it: exits 0 only if every digest in the log matched
     /// and the final digest (memory included) equals the recorded one. Prints the same JSON line.
     Replay(ReplayArgs),
+    /// Run a guest as the primary of a fault-tolerant pair.
+    ///
+    /// Takes the arbiter (a new epoch), serves clients, and accepts one backup at a time on the
+    /// channel port; a backup that connects is brought in sync by live clone, after which a
+    /// reply leaves only once the backup has the log through the exit that produced it.
+    /// If the backup is lost, the primary asks the arbiter and continues alone ("degraded") only
+    /// if it wins; if it loses, it halts without releasing anything more.
+    Primary(PrimaryArgs),
+    /// Join a primary as its backup: receive a live clone, replay the log, suppress output.
+    ///
+    /// When the primary is lost, the backup replays everything it received, asks the arbiter,
+    /// and if it wins goes live as the primary, serving clients on its own --client-listen.
+    Backup(BackupArgs),
+}
+
+#[derive(Args, Debug)]
+struct FtArgs {
+    /// Identity of the VM; both sides of a pair must agree (the channel refuses a mismatch).
+    #[arg(long, value_name = "ID")]
+    vm_id: String,
+    /// The split-brain arbiter: `local:PATH` (one machine) or `lease:NAMESPACE/NAME` (Kubernetes).
+    #[arg(long, value_name = "ARB")]
+    arbiter: String,
+    /// This replica's identity at the arbiter (default: host name and process id).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Accept client TCP connections here (a backup only after it went live).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6380")]
+    client_listen: SocketAddr,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Declare the peer dead after this much silence on the channel.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    heartbeat_timeout_ms: u64,
+    /// Pause the primary's vCPU when this much log is unacknowledged.
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    log_budget_mib: u64,
+    /// Slow the primary when the backup's replay trails by more than this.
+    #[arg(long, default_value_t = 200, value_name = "MS")]
+    lag_target_ms: u64,
+    /// Log a vCPU/device digest every N exits, checked by the backup.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    digest_interval: u64,
+    /// Do not print the guest's console.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct PrimaryArgs {
+    /// Which guest program to run.
+    #[arg(long, value_enum)]
+    guest: GuestKind,
+    /// Accept the backup's logging channel here.
+    #[arg(long, value_name = "ADDR")]
+    channel_listen: SocketAddr,
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Guest-specific argument (compute: iterations per unit of work).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    guest_arg: u64,
+    #[command(flatten)]
+    ft: FtArgs,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    /// The primary's logging channel.
+    #[arg(long, value_name = "ADDR")]
+    channel_connect: SocketAddr,
+    /// The guest the primary runs (must be the same build; the handshake checks).
+    #[arg(long, value_enum, default_value_t = GuestKind::Kvstore)]
+    guest: GuestKind,
+    /// This replica's disk image; the clone overwrites it.
+    #[arg(long, value_name = "PATH")]
+    disk: Option<PathBuf>,
+    /// After going live, accept a new backup's channel here.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    channel_listen: SocketAddr,
+    /// Keep trying to reach the primary this long.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    connect_timeout: u64,
+    #[command(flatten)]
+    ft: FtArgs,
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +197,8 @@ enum CliError {
     Run(#[from] lockstep_agent::vmm::RunError),
     #[error(transparent)]
     Log(#[from] lockstep_agent::record::CodecError),
+    #[error(transparent)]
+    Pair(#[from] lockstep_agent::pair::primary::PairError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -308,6 +396,110 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+fn ft_setup(a: &FtArgs, channel_listen: SocketAddr) -> Result<(pair::primary::Options, lockstep_ft::FtConfig), CliError> {
+    let arbiter = pair::arbiter_from_spec(&a.arbiter).map_err(|e| CliError::Usage(format!("--arbiter {}: {e}", a.arbiter)))?;
+    let me = a.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let metrics = Metrics::new(&a.vm_id);
+    if let Some(addr) = a.metrics_listen {
+        metrics.serve(addr).map_err(io_err(format!("serving metrics on {addr}")))?;
+    }
+    let ms = |v: u64| v * 1_000_000;
+    let cfg = lockstep_ft::FtConfig {
+        heartbeat_timeout: ms(a.heartbeat_timeout_ms),
+        heartbeat_interval: ms(a.heartbeat_timeout_ms / 5).max(ms(1)),
+        log_budget_bytes: (a.log_budget_mib << 20) as usize,
+        lag_target: ms(a.lag_target_ms),
+        ..lockstep_ft::FtConfig::default()
+    };
+    let opts = pair::primary::Options {
+        vm_id: a.vm_id.clone(),
+        me,
+        client_listen: a.client_listen,
+        channel_listen,
+        arbiter,
+        metrics,
+        ft: cfg.clone(),
+        stop: stop_flag(),
+        quiet: a.quiet,
+        digest_interval: a.digest_interval,
+    };
+    Ok((opts, cfg))
+}
+
+fn print_pair_summary(s: &RunSummary, guest: GuestKind, started: Instant, metrics: &Metrics) {
+    let extra = serde_json::json!({
+        "log_bytes": metrics.log_bytes_sent.get(),
+        "log_entries": metrics.log_entries_sent.get(),
+        "epoch": metrics.epoch.get(),
+        "failovers": metrics.failovers.get(),
+        "progress": 0,
+    });
+    println!("{}", summary_json(s, guest, started.elapsed().as_secs_f64(), extra));
+}
+
+fn primary(args: PrimaryArgs) -> Result<(), CliError> {
+    let (opts, cfg) = ft_setup(&args.ft, args.channel_listen)?;
+    let guest = args.guest;
+    let mem_size = args.machine.memory_mib << 20;
+    let disk = match (&args.machine.disk, guest.needs_disk()) {
+        (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
+        (None, true) => return Err(CliError::Usage("the kvstore guest needs --disk (each replica has its own)".into())),
+        (None, false) => None,
+    };
+    let disk_size = match &disk {
+        Some(f) => f.metadata().map_err(io_err("reading disk size"))?.len(),
+        None => 0,
+    };
+    let reader = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(io_err("duplicating the disk handle"))?;
+    // Take the arbiter first: a primary that cannot win its epoch must not start the guest.
+    let record = pair::arbiter_read(&*opts.arbiter).map_err(|e| CliError::Usage(format!("arbiter unreachable: {e}")))?;
+    let epoch = match pair::arbiter_take(&*opts.arbiter, record.epoch, &opts.me).map_err(CliError::Usage)? {
+        lockstep_arbiter::Outcome::Won { epoch } => epoch,
+        lockstep_arbiter::Outcome::Lost { holder, epoch } => {
+            return Err(CliError::Usage(format!(
+                "the arbiter is held by {} at epoch {epoch}: another primary is running; start this agent as its backup instead",
+                holder.unwrap_or_default()
+            )))
+        }
+    };
+    eprintln!("lockstep-agent: primary of {} at epoch {epoch}", opts.vm_id);
+    let mut vm = Machine::new(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg })?;
+    let ft = lockstep_ft::Primary::new(
+        cfg,
+        lockstep_ft::VmIdentity { vm_id: opts.vm_id.clone(), guest_image: guest.image_hash() },
+        lockstep_ft::VmGeometry { memory_bytes: mem_size, disk_bytes: disk_size, page_size: 4096 },
+        epoch,
+        0,
+        pair::now(),
+    );
+    let started = Instant::now();
+    let summary = pair::primary::drive(&mut vm, ft, &opts, reader, Default::default())?;
+    print_pair_summary(&summary, guest, started, &opts.metrics);
+    Ok(())
+}
+
+fn backup(args: BackupArgs) -> Result<(), CliError> {
+    let (opts, cfg) = ft_setup(&args.ft, args.channel_listen)?;
+    let guest = args.guest;
+    let metrics = opts.metrics.clone();
+    let started = Instant::now();
+    let summary = pair::backup::run(
+        pair::backup::Options {
+            guest,
+            channel_connect: args.channel_connect,
+            disk: args.disk,
+            connect_timeout: std::time::Duration::from_secs(args.connect_timeout),
+            primary: opts,
+        },
+        cfg,
+    )?;
+    print_pair_summary(&summary, guest, started, &metrics);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG").unwrap_or_else(|_| "info".into()))
@@ -317,9 +509,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Replay(a) => replay(a),
+        Command::Primary(a) => primary(a),
+        Command::Backup(a) => backup(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Pair(pair::primary::PairError::Halted(why))) => {
+            eprintln!("lockstep-agent: halted: {why}");
+            ExitCode::from(3)
+        }
         Err(e) => {
             eprintln!("lockstep-agent: error: {e}");
             ExitCode::FAILURE

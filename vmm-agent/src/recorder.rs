@@ -36,7 +36,7 @@ const EVENTS_PER_EXIT: usize = 64;
 /// Stop taking client data while the device holds this much undelivered.
 const BACKLOG_LIMIT: u64 = 4 << 20;
 /// Longest a waiting guest blocks before the loop looks at the stop flag again.
-const IDLE_POLL: Duration = Duration::from_millis(20);
+const IDLE_POLL: Duration = Duration::from_millis(5);
 
 /// Prints guest console output line by line with a prefix.
 #[derive(Debug, Default)]
@@ -76,6 +76,11 @@ pub struct Recorder<S: LogSink> {
     pub console: ConsoleLines,
     pub metrics: Arc<Metrics>,
     pub entries: u64,
+    /// Events the agent itself injects at the next exit (a promoted backup closes the streams
+    /// of clients that were connected to the old primary).
+    pub injected: Vec<Event>,
+    /// Set by the agent when it needs the vCPU thread (clone work): a waiting guest is woken.
+    pub wake: Option<Arc<AtomicBool>>,
 }
 
 impl<S: LogSink> std::fmt::Debug for Recorder<S> {
@@ -105,6 +110,8 @@ impl<S: LogSink> Recorder<S> {
             console: ConsoleLines::default(),
             metrics,
             entries: 0,
+            injected: Vec::new(),
+            wake: None,
         })
     }
 
@@ -119,6 +126,7 @@ impl<S: LogSink> Recorder<S> {
     fn log_event(&mut self, exit: u64, e: &Event) -> Result<(), RunError> {
         let entry = match e {
             Event::TimerTick => Entry::TimerTick,
+            Event::Wake => Entry::Wake,
             Event::ClientConnect { conn } => Entry::ClientConnect { conn: *conn },
             Event::ClientData { conn, bytes } => Entry::ClientData { conn: *conn, bytes: bytes.clone() },
             Event::ClientClose { conn } => Entry::ClientClose { conn: *conn },
@@ -170,7 +178,7 @@ impl<S: LogSink> Io for Recorder<S> {
 
 impl<S: LogSink> Environment for Recorder<S> {
     fn events(&mut self, at: EventPoint) -> Result<Vec<Event>, RunError> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.injected);
         self.timer(at.timer_period_ns, Instant::now(), &mut out);
         let mut backlog = at.client_backlog;
         if let Some(rx) = &self.events {
@@ -199,6 +207,9 @@ impl<S: LogSink> Environment for Recorder<S> {
                 _ => std::thread::sleep(wait),
             }
             self.timer(at.timer_period_ns, Instant::now(), &mut out);
+            if out.is_empty() && self.wake.as_ref().is_some_and(|w| w.swap(false, Ordering::AcqRel)) {
+                out.push(Event::Wake);
+            }
         }
         for e in &out {
             self.log_event(at.exit, e)?;

@@ -10,7 +10,6 @@ use crate::vmm::{Environment, Event, EventPoint, RunError, StopReason};
 pub struct Replayer<S: LogSource> {
     source: S,
     peeked: Option<(u64, Entry)>,
-    eof: bool,
     pub digests_checked: u64,
     pub suppressed_output_bytes: u64,
     pub console: ConsoleLines,
@@ -31,7 +30,6 @@ impl<S: LogSource> Replayer<S> {
         Replayer {
             source,
             peeked: None,
-            eof: false,
             digests_checked: 0,
             suppressed_output_bytes: 0,
             console: ConsoleLines::quiet(),
@@ -41,13 +39,15 @@ impl<S: LogSource> Replayer<S> {
     }
 
     fn peek(&mut self) -> Result<Option<&(u64, Entry)>, RunError> {
-        if self.peeked.is_none() && !self.eof {
-            match self.source.next()? {
-                Some(e) => self.peeked = Some(e),
-                None => self.eof = true,
-            }
+        if self.peeked.is_none() {
+            self.peeked = self.source.next()?;
         }
         Ok(self.peeked.as_ref())
+    }
+
+    /// The source, for a promoted backup's hand-over.
+    pub fn source(&mut self) -> &mut S {
+        &mut self.source
     }
 
     fn pop(&mut self) -> Result<Option<(u64, Entry)>, RunError> {
@@ -108,12 +108,25 @@ impl<S: LogSource> Io for Replayer<S> {
 }
 
 impl<S: LogSource> Environment for Replayer<S> {
+    fn begin_exit(&mut self, exit: u64) -> Result<(), RunError> {
+        // Entries already at hand belong to completed exits; otherwise ask the source.
+        if self.peeked.is_some() || self.source.wait_complete(exit)? {
+            return Ok(());
+        }
+        // The source may have handed out more entries while we waited.
+        if self.peek()?.is_some() {
+            return Ok(());
+        }
+        Err(RunError::GoLive { exit })
+    }
+
     fn events(&mut self, at: EventPoint) -> Result<Vec<Event>, RunError> {
         let mut out = Vec::new();
         loop {
             let event = match self.peek()? {
                 Some((x, e)) if *x == at.exit => match e {
                     Entry::TimerTick => Event::TimerTick,
+                    Entry::Wake => Event::Wake,
                     Entry::ClientConnect { conn } => Event::ClientConnect { conn: *conn },
                     Entry::ClientData { conn, bytes } => Event::ClientData { conn: *conn, bytes: bytes.clone() },
                     Entry::ClientClose { conn } => Event::ClientClose { conn: *conn },
@@ -154,6 +167,7 @@ impl<S: LogSource> Environment for Replayer<S> {
                 self.digests_checked += 1;
             }
         }
+        self.source.replayed(exit);
         // Anything else still at (or before) this exit is an input the replay did not consume.
         match self.peek()? {
             Some((x, e)) if *x < exit || (*x == exit && !matches!(e, Entry::End { .. })) => {
@@ -165,11 +179,10 @@ impl<S: LogSource> Environment for Replayer<S> {
     }
 
     fn should_stop(&mut self, exit: u64) -> Result<Option<StopReason>, RunError> {
-        Ok(match self.peek()? {
-            Some((x, Entry::End { .. })) if *x == exit => Some(StopReason::EndOfLog),
-            None => Some(StopReason::EndOfLog),
-            _ => None,
-        })
+        if matches!(self.peek()?, Some((x, Entry::End { .. })) if *x == exit) {
+            return Ok(Some(StopReason::EndOfLog));
+        }
+        Ok((self.peeked.is_none() && self.source.ended()).then_some(StopReason::EndOfLog))
     }
 
     fn end(&mut self, exit: u64, digest: [u8; 32], _reason: &StopReason) -> Result<(), RunError> {

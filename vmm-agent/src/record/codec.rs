@@ -125,6 +125,9 @@ pub enum Entry {
     Digest { digest: [u8; 32] },
     /// The recording ended after this exit; digest includes guest memory.
     End { digest: [u8; 32] },
+    /// The VMM woke a waiting guest without an event (it had work of its own, such as a clone
+    /// round); the guest sees a return from its wait with no interrupt.
+    Wake,
 }
 
 impl Entry {
@@ -138,6 +141,7 @@ impl Entry {
             Entry::ClientClose { .. } => 6,
             Entry::Digest { .. } => 7,
             Entry::End { .. } => 8,
+            Entry::Wake => 9,
         }
     }
 
@@ -152,7 +156,7 @@ impl Entry {
                 out.extend_from_slice(&value.to_le_bytes());
             }
             Entry::Random { bytes } => out.extend_from_slice(bytes),
-            Entry::TimerTick => {}
+            Entry::TimerTick | Entry::Wake => {}
             Entry::ClientConnect { conn } | Entry::ClientClose { conn } => out.extend_from_slice(&conn.to_le_bytes()),
             Entry::ClientData { conn, bytes } => {
                 out.extend_from_slice(&conn.to_le_bytes());
@@ -197,6 +201,10 @@ impl Entry {
                 let digest = p.try_into().expect("32 bytes");
                 if kind == 7 { Entry::Digest { digest } } else { Entry::End { digest } }
             }
+            9 => {
+                exact(0)?;
+                Entry::Wake
+            }
             kind => return Err(CodecError::UnknownKind { offset, kind }),
         })
     }
@@ -212,6 +220,7 @@ fn kind_name(kind: u8) -> &'static str {
         6 => "client-close",
         7 => "digest",
         8 => "end",
+        9 => "wake",
         _ => "unknown",
     }
 }
@@ -227,6 +236,7 @@ impl fmt::Debug for Entry {
             Entry::ClientClose { conn } => write!(f, "client-close(conn {conn})"),
             Entry::Digest { digest } => write!(f, "digest({})", hex(&digest[..8])),
             Entry::End { digest } => write!(f, "end({})", hex(&digest[..8])),
+            Entry::Wake => write!(f, "wake"),
         }
     }
 }
@@ -318,6 +328,7 @@ mod tests {
             Entry::ClientClose { conn: 7 },
             Entry::Digest { digest: [9; 32] },
             Entry::End { digest: [3; 32] },
+            Entry::Wake,
         ]
     }
 
@@ -393,7 +404,7 @@ mod tests {
         /// A valid frame with random corruption either decodes to the original or errors.
         #[test]
         fn mutated_frames_never_decode_to_something_else(
-            idx in 0usize..8, exit in any::<u64>(), pos in any::<usize>(), val in any::<u8>()
+            idx in 0usize..9, exit in any::<u64>(), pos in any::<usize>(), val in any::<u8>()
         ) {
             let e = all_kinds().swap_remove(idx);
             let mut f = encode_frame(exit, &e);

@@ -124,6 +124,10 @@ impl<R: Read + Send> LogSource for LogReader<R> {
             }
         }
     }
+
+    fn ended(&self) -> bool {
+        self.eof && self.start == self.buf.len()
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,20 @@ pub trait LogSink: Send {
 /// Where replay takes entries from. `next` blocks until the entry is available (a backup waits
 /// for the primary) and returns `None` at the end of the log.
 pub trait LogSource: Send {
+    /// The next entry, or `None` if no entry is available now: at the end of a file, or, for a
+    /// backup, when everything of the completed exits has been handed out.
     fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError>;
+    /// Block until the log is complete through `exit`. `Ok(false)`: it never will be (a backup
+    /// whose primary is gone and which won the arbiter: go live at `exit`). Files are complete.
+    fn wait_complete(&mut self, _exit: u64) -> Result<bool, CodecError> {
+        Ok(true)
+    }
+    /// The replayer finished exit `exit` (a backup acknowledges replay progress).
+    fn replayed(&mut self, _exit: u64) {}
+    /// No entry will ever come again.
+    fn ended(&self) -> bool {
+        true
+    }
 }
 
 /// An in-memory sink, for tests and for buffering.
@@ -59,5 +72,8 @@ pub struct MemorySource {
 impl LogSource for MemorySource {
     fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
         Ok(self.entries.pop_front())
+    }
+    fn ended(&self) -> bool {
+        self.entries.is_empty()
     }
 }

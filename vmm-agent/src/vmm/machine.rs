@@ -35,6 +35,8 @@ use crate::hypervisor::{HypervisorError, Vcpu, VcpuState, VmExit};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     TimerTick,
+    /// Return from a wait without an interrupt (the VMM needed the vCPU thread).
+    Wake,
     ClientConnect { conn: u32 },
     ClientData { conn: u32, bytes: Vec<u8> },
     ClientClose { conn: u32 },
@@ -64,6 +66,11 @@ pub enum StopReason {
 
 /// Where inputs come from and outputs go: a recorder or a replayer.
 pub trait Environment: Io {
+    /// The guest has reached exit `exit`; called before anything is done for it. A backup
+    /// waits here until the log is complete through `exit`, or returns [`RunError::GoLive`].
+    fn begin_exit(&mut self, _exit: u64) -> Result<(), RunError> {
+        Ok(())
+    }
     /// Events to apply at this exit.
     fn events(&mut self, at: EventPoint) -> Result<Vec<Event>, RunError>;
     /// After exit `exit` is complete. `digest` computes the machine digest on demand.
@@ -94,6 +101,10 @@ pub enum RunError {
     Divergence { exit: u64, what: String },
     #[error("the log ends after exit {exit} without an end record: the recording was cut short")]
     LogCutShort { exit: u64 },
+    /// Not a failure: a backup's log ended before exit `exit` and it won the arbiter, so this
+    /// exit is to be handled live, as the new primary.
+    #[error("the primary's log ended before exit {exit}: going live")]
+    GoLive { exit: u64 },
     #[error("the log is unusable: {0}")]
     Log(#[from] crate::record::CodecError),
     #[error("writing the log failed: {0}")]
@@ -138,6 +149,27 @@ impl Devices {
             vsock: VirtioMmio::new(Vsock::default()),
             rng: VirtioMmio::new(Rng::default()),
         })
+    }
+
+    /// Start recording which disk byte ranges the guest writes (live clone).
+    pub fn start_disk_tracking(&mut self) {
+        if let Some(b) = &mut self.blk {
+            b.device.written = Some(Vec::new());
+        }
+    }
+
+    /// The disk ranges written since tracking started, merged; tracking stops.
+    pub fn take_disk_writes(&mut self) -> Vec<(u64, u64)> {
+        let Some(mut w) = self.blk.as_mut().and_then(|b| b.device.written.take()) else { return Vec::new() };
+        w.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (off, len) in w {
+            match merged.last_mut() {
+                Some((o, l)) if off <= *o + *l => *l = (*l).max(off + len - *o),
+                _ => merged.push((off, len)),
+            }
+        }
+        merged
     }
 
     fn hash_into(&self, h: &mut blake3::Hasher) {
@@ -243,6 +275,12 @@ impl<V: Vcpu> Machine<V> {
         Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: None, _vm: None }
     }
 
+    /// Bytes of guest RAM.
+    pub fn mem_size(&self) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.mem.last_addr().0 + 1
+    }
+
     /// Digest of vCPU, interrupt and device state at this exit; with `full`, of memory too.
     pub fn digest(&self, full: bool) -> Result<[u8; 32], RunError> {
         let mut h = blake3::Hasher::new();
@@ -273,6 +311,25 @@ impl<V: Vcpu> Machine<V> {
         if !exit.is_guest_caused() {
             return self.vmm_exit(exit).map(|()| None);
         }
+        self.complete_exit(exit, env)
+    }
+
+    /// Run the vCPU to its next guest-caused exit (VMM-caused exits are absorbed).
+    pub fn next_guest_exit(&mut self) -> Result<VmExit, RunError> {
+        loop {
+            let exit = self.vcpu.run()?;
+            if exit.is_guest_caused() {
+                return Ok(exit);
+            }
+            self.vmm_exit(exit)?;
+        }
+    }
+
+    /// Handle a guest-caused exit the vCPU just took. If the environment cannot take this exit
+    /// (a backup whose log ended: [`RunError::GoLive`]), nothing has changed and the caller may
+    /// hand the same exit to another environment.
+    pub fn complete_exit(&mut self, exit: VmExit, env: &mut dyn Environment) -> Result<Option<StopReason>, RunError> {
+        env.begin_exit(self.exits + 1)?;
         self.exits += 1;
         let n = self.exits;
         let action = self.handle_exit(exit, env)?;
@@ -405,6 +462,7 @@ impl<V: Vcpu> Machine<V> {
         let vsock = &mut self.devices.vsock;
         match event {
             Event::TimerTick => ctx.irqs.raise(lockstep_guest_abi::irq::TIMER),
+            Event::Wake => {}
             Event::ClientConnect { conn } => vsock.event(&mut ctx, |d, q, c| d.client_connect(conn, q, c))?,
             Event::ClientData { conn, bytes } => vsock.event(&mut ctx, |d, q, c| d.client_data(conn, &bytes, q, c))?,
             Event::ClientClose { conn } => vsock.event(&mut ctx, |d, q, c| d.client_close(conn, q, c))?,

@@ -33,12 +33,14 @@ pub struct Blk {
     /// Requests served, and bytes moved: part of the deterministic state.
     pub requests: u64,
     pub bytes: u64,
+    /// Byte ranges written since a live clone started tracking (not guest-visible state).
+    pub written: Option<Vec<(u64, u64)>>,
 }
 
 impl Blk {
     pub fn new(disk: File) -> std::io::Result<Self> {
         let capacity = disk.metadata()?.len();
-        Ok(Blk { disk, capacity, requests: 0, bytes: 0 })
+        Ok(Blk { disk, capacity, requests: 0, bytes: 0, written: None })
     }
 
     pub fn capacity(&self) -> u64 {
@@ -85,6 +87,9 @@ impl Blk {
                         let mut buf = vec![0u8; len];
                         reader.read_exact(&mut buf).map_err(std::io::Error::other)?;
                         self.disk.write_all_at(&buf, off)?;
+                        if let Some(w) = &mut self.written {
+                            w.push((off, len as u64));
+                        }
                         self.bytes += len as u64;
                         (S_OK, 0)
                     }

@@ -183,6 +183,11 @@ impl Vsock {
         self.pump_rx(queues, ctx)
     }
 
+    /// Streams the guest still has open.
+    pub fn open_conns(&self) -> Vec<u32> {
+        self.conns.keys().copied().collect()
+    }
+
     pub fn is_open(&self, conn: u32) -> bool {
         self.conns.contains_key(&conn)
     }

@@ -1,0 +1,351 @@
+//! The backup's driver: receive the clone, replay the log as it arrives, acknowledge, and go
+//! live as the primary when the old one is gone and the arbiter says so.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lockstep_ft::wire::Message;
+use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, RoleEvent, VmGeometry, VmIdentity};
+
+use super::channel::{spawn_reader, spawn_writer, FromPeer, ToPeer};
+use super::now;
+use super::primary::{self, PairError, Resume};
+use crate::guests::GuestKind;
+use crate::hypervisor::kvm::KvmVcpu;
+use crate::metrics::Metrics;
+use crate::record::{decode_frame, CodecError, Entry, LogSource};
+use crate::replayer::Replayer;
+use crate::vmm::{Machine, MachineConfig, RunError, RunSummary};
+
+#[derive(Debug)]
+pub struct Options {
+    pub guest: GuestKind,
+    pub channel_connect: SocketAddr,
+    /// This replica's disk image (overwritten by the clone).
+    pub disk: Option<PathBuf>,
+    /// How long to keep trying to reach the primary.
+    pub connect_timeout: Duration,
+    /// How the agent runs once promoted.
+    pub primary: primary::Options,
+}
+
+struct Core {
+    ft: Backup,
+    writer: Option<Sender<ToPeer>>,
+    queue: VecDeque<(u64, Entry)>,
+    machine: Option<Machine<KvmVcpu>>,
+    disk: Option<File>,
+    clone_done: bool,
+    promoted: bool,
+    halted: Option<String>,
+    arbiter: Option<Sender<u64>>,
+    metrics: Arc<Metrics>,
+    guest: GuestKind,
+    disk_path: Option<PathBuf>,
+    max_payload: usize,
+    /// Highest client connection id seen in the log: a promoted backup numbers after it.
+    max_conn: u32,
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().expect("backup core lock")
+    }
+
+    fn act(&self, core: &mut Core) {
+        let r = core.ft.take_ready();
+        if !r.messages.is_empty() {
+            if let Some(w) = &core.writer {
+                let mut buf = Vec::new();
+                if r.encode_messages(core.max_payload, &mut buf).is_ok() {
+                    let _ = w.send(ToPeer::Bytes(buf));
+                }
+            }
+        }
+        for data in r.clone_data {
+            if let Err(e) = apply_clone(core, data) {
+                tracing::error!("cannot apply the clone: {e}");
+                core.halted = Some(format!("cannot apply the clone: {e}"));
+            }
+        }
+        if let Some(c) = r.consult_arbiter {
+            if let Some(a) = &core.arbiter {
+                let _ = a.send(c.seen_epoch);
+            }
+        }
+        if r.close_channel {
+            if let Some(w) = core.writer.take() {
+                let _ = w.send(ToPeer::Close);
+            }
+        }
+        for e in r.role_events {
+            tracing::info!(event = ?e, "backup");
+            match e {
+                RoleEvent::Promoted { .. } => core.promoted = true,
+                RoleEvent::Halted(reason) => core.halted = Some(format!("{reason:?}")),
+                RoleEvent::Synced { from_exit } => {
+                    eprintln!("lockstep-agent: backup in sync from exit {from_exit}");
+                }
+                _ => {}
+            }
+        }
+        let m = core.ft.metrics();
+        core.metrics.replayed_exit.set(core.ft.replayed_exit() as i64);
+        core.metrics.acked_exit.set(core.ft.received_through() as i64);
+        core.metrics.log_bytes_received.inc_by(m.log_bytes_received.saturating_sub(core.metrics.log_bytes_received.get()));
+        self.cv.notify_all();
+    }
+}
+
+fn apply_clone(core: &mut Core, data: CloneData) -> Result<(), String> {
+    match data {
+        CloneData::Begin { memory_bytes, disk_bytes, .. } => {
+            let disk = match (&core.disk_path, disk_bytes) {
+                (_, 0) => None,
+                (Some(p), n) => {
+                    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(p)
+                        .map_err(|e| format!("disk {}: {e}", p.display()))?;
+                    f.set_len(n).map_err(|e| e.to_string())?;
+                    Some(f)
+                }
+                (None, _) => return Err("the primary has a disk: give the backup its own with --disk".into()),
+            };
+            core.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
+            let cfg = MachineConfig { guest: core.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
+            core.machine = Some(Machine::for_clone(cfg).map_err(|e| e.to_string())?);
+            eprintln!("lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk", memory_bytes >> 20, disk_bytes >> 20);
+        }
+        CloneData::Pages { pages, .. } => {
+            let vm = core.machine.as_ref().ok_or("pages before CloneBegin")?;
+            crate::vmm::dirty::apply_pages(&vm.mem, pages.iter().map(|(a, b)| (*a, b.as_slice()))).map_err(|e| e.to_string())?;
+            core.metrics.clone_bytes.inc_by(pages.iter().map(|p| p.1.len() as u64).sum());
+        }
+        CloneData::Disk { offset, bytes } => {
+            let d = core.disk.as_ref().ok_or("disk data but no disk")?;
+            d.write_all_at(&bytes, offset).map_err(|e| e.to_string())?;
+            core.metrics.clone_bytes.inc_by(bytes.len() as u64);
+        }
+        CloneData::Final { exit, device_state, .. } => {
+            let vm = core.machine.as_mut().ok_or("final state before CloneBegin")?;
+            vm.restore_state(&device_state).map_err(|e| e.to_string())?;
+            if vm.exits != exit {
+                return Err(format!("clone state is at exit {} but the primary said {exit}", vm.exits));
+            }
+            core.clone_done = true;
+        }
+    }
+    Ok(())
+}
+
+/// The replayer's log: entries the core hands out for completed exits.
+struct Source(Arc<Shared>);
+
+impl LogSource for Source {
+    fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
+        let mut core = self.0.lock();
+        if core.queue.is_empty() {
+            for e in core.ft.take_replayable() {
+                let (exit, entry, _) = decode_frame(&e.bytes, 0)?.ok_or(CodecError::Truncated(e.bytes.len()))?;
+                if exit != e.exit {
+                    return Err(CodecError::Io(format!("log entry for exit {} claims exit {exit}", e.exit)));
+                }
+                if let Entry::ClientConnect { conn } = entry {
+                    core.max_conn = core.max_conn.max(conn);
+                }
+                core.queue.push_back((exit, entry));
+            }
+        }
+        Ok(core.queue.pop_front())
+    }
+
+    fn wait_complete(&mut self, exit: u64) -> Result<bool, CodecError> {
+        let mut core = self.0.lock();
+        loop {
+            if core.ft.replay_limit() >= exit || !core.queue.is_empty() {
+                return Ok(true);
+            }
+            if core.promoted {
+                return Ok(false);
+            }
+            if let Some(why) = &core.halted {
+                return Err(CodecError::Io(format!("backup halted: {why}")));
+            }
+            core = self.0.cv.wait_timeout(core, Duration::from_millis(20)).expect("lock").0;
+        }
+    }
+
+    fn replayed(&mut self, exit: u64) {
+        let mut core = self.0.lock();
+        core.ft.replayed(exit, now());
+        self.0.act(&mut core);
+    }
+
+    fn ended(&self) -> bool {
+        false
+    }
+}
+
+fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, PairError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!("primary at {addr} not reachable yet: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(source) => return Err(PairError::Io { context: format!("connecting to the primary's channel at {addr}"), source }),
+        }
+    }
+}
+
+/// Join the primary at `opts.channel_connect` by live clone, replay, and go live if it fails.
+pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
+    let popts = &opts.primary;
+    let record = super::arbiter_read(&*popts.arbiter).map_err(PairError::Arbiter)?;
+    let stream = connect(opts.channel_connect, opts.connect_timeout)?;
+    let _ = stream.set_nodelay(true);
+    let read_half = stream.try_clone().map_err(|source| PairError::Io { context: "cloning the channel socket".into(), source })?;
+    let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
+    popts.metrics.role.set(2);
+    popts.metrics.epoch.set(record.epoch as i64);
+    let shared = Arc::new(Shared {
+        core: Mutex::new(Core {
+            ft: Backup::new(cfg.clone(), id, record.epoch, now()),
+            writer: Some(spawn_writer(stream, "channel")),
+            queue: VecDeque::new(),
+            machine: None,
+            disk: None,
+            clone_done: false,
+            promoted: false,
+            halted: None,
+            arbiter: None,
+            metrics: popts.metrics.clone(),
+            guest: opts.guest,
+            disk_path: opts.disk.clone(),
+            max_payload: cfg.max_payload,
+            max_conn: 0,
+        }),
+        cv: Condvar::new(),
+    });
+    let answer = shared.clone();
+    let arbiter = super::spawn_arbiter_worker(popts.arbiter.clone(), popts.me.clone(), move |o| {
+        let mut core = answer.lock();
+        core.ft.arbiter_result(o, now());
+        answer.act(&mut core);
+    });
+    {
+        let mut core = shared.lock();
+        core.arbiter = Some(arbiter);
+        shared.act(&mut core); // sends Hello
+    }
+    let reader = shared.clone();
+    spawn_reader(read_half, "channel", cfg.max_payload, move |ev| {
+        let mut core = reader.lock();
+        let t = now();
+        let keep = match ev {
+            FromPeer::Message(m) => {
+                if let Message::Refuse { reason } = &m {
+                    core.halted = Some(format!("the primary refused this backup: {reason:?}"));
+                }
+                if let Err(e) = core.ft.step(m, t) {
+                    tracing::warn!("primary sent something the protocol refuses: {e}");
+                }
+                true
+            }
+            FromPeer::Closed { error } => {
+                tracing::warn!("primary channel closed{}", error.map(|e| format!(": {e}")).unwrap_or_default());
+                core.writer = None;
+                core.ft.peer_disconnected(t);
+                false
+            }
+        };
+        reader.act(&mut core);
+        keep
+    });
+    let ticker = shared.clone();
+    std::thread::Builder::new()
+        .name("ft-tick".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(2));
+            let mut core = ticker.lock();
+            if core.promoted || core.halted.is_some() {
+                return;
+            }
+            core.ft.tick(now());
+            ticker.act(&mut core);
+        })
+        .expect("spawn ticker");
+
+    // Wait for the clone.
+    let mut vm = {
+        let mut core = shared.lock();
+        while !core.clone_done && core.halted.is_none() && core.ft.state() != BackupState::Halted {
+            core = shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
+        }
+        if let Some(why) = &core.halted {
+            return Err(PairError::Halted(why.clone()));
+        }
+        core.machine.take().ok_or_else(|| PairError::Protocol("clone never completed".into()))?
+    };
+    eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
+
+    let mut rep = Replayer::new(Source(shared.clone()));
+    let pending = loop {
+        let exit = vm.next_guest_exit()?;
+        match vm.complete_exit(exit.clone(), &mut rep) {
+            Ok(None) => continue,
+            Ok(Some(reason)) => {
+                // The primary ended the run normally (its log has an end record).
+                let digest = vm.digest(true)?;
+                use crate::vmm::Environment;
+                rep.end(vm.exits, digest, &reason)?;
+                return Ok(RunSummary { exits: vm.exits, digest, reason });
+            }
+            Err(RunError::GoLive { .. }) => break exit,
+            Err(e) => {
+                if let Some(why) = shared.lock().halted.clone() {
+                    return Err(PairError::Halted(why));
+                }
+                if matches!(e, RunError::Divergence { .. } | RunError::Device(crate::devices::DeviceError::Divergence { .. })) {
+                    popts.metrics.divergences.inc();
+                }
+                return Err(e.into());
+            }
+        }
+    };
+
+    // Go live: the log ended, everything received is replayed, and we won the arbiter.
+    let (ft_primary, max_conn) = {
+        let core = shared.lock();
+        let geometry = VmGeometry { memory_bytes: vm.mem_size(), disk_bytes: core.disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()), page_size: 4096 };
+        let p = core.ft.promote(geometry, now()).ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
+        (p, core.max_conn)
+    };
+    popts.metrics.failovers.inc();
+    let resume = Resume {
+        first_conn: max_conn + 1,
+        clock_offset_ns: rep.last_clock_ns,
+        close_conns: vm.devices.vsock.device.open_conns(),
+        pending_exit: Some(pending),
+    };
+    eprintln!(
+        "lockstep-agent: going live as primary at exit {} (epoch {}), closing {} stale client streams",
+        vm.exits + 1,
+        ft_primary.epoch(),
+        resume.close_conns.len()
+    );
+    let disk = shared.lock().disk.take();
+    primary::drive(&mut vm, ft_primary, popts, disk, resume)
+}
