@@ -41,4 +41,5 @@ pub mod record;
 pub mod recorder;
 pub mod replayer;
 pub mod snapshot;
+pub mod up;
 pub mod vmm;

@@ -51,6 +51,39 @@ enum Command {
     /// When the primary is lost, the backup replays everything it received, asks the arbiter,
     /// and if it wins goes live as the primary, serving clients on its own --client-listen.
     Backup(BackupArgs),
+    /// Run a fault-tolerant pair on this machine (the embedded default): a primary and a
+    /// backup as child processes on a local arbiter, clients on one port that always reaches
+    /// the current primary. When either replica dies the other carries on, and a new backup is
+    /// started and cloned automatically.
+    Up(UpArgs),
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Which guest program to run.
+    #[arg(long, value_enum, default_value_t = GuestKind::Kvstore)]
+    guest: GuestKind,
+    /// Clients connect here (e.g. `redis-cli -p 6380`).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6380")]
+    client_listen: SocketAddr,
+    /// Disks and the arbiter file live here.
+    #[arg(long, value_name = "DIR", default_value = "lockstep-up")]
+    state_dir: PathBuf,
+    /// Replicas use ports above this one on 127.0.0.1 (clients +1/+2, channels +11/+12,
+    /// metrics +21/+22).
+    #[arg(long, default_value_t = 16380, value_name = "PORT")]
+    base_port: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    memory_mib: u64,
+    /// Size of each replica's disk.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    disk_size_mib: u64,
+    #[arg(long, default_value = "local-pair", value_name = "ID")]
+    vm_id: String,
+    /// Show the replicas' info logs.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(Args, Debug)]
@@ -511,6 +544,17 @@ fn main() -> ExitCode {
         Command::Replay(a) => replay(a),
         Command::Primary(a) => primary(a),
         Command::Backup(a) => backup(a),
+        Command::Up(a) => lockstep_agent::up::run(lockstep_agent::up::UpOptions {
+            guest: a.guest,
+            client_listen: a.client_listen,
+            state_dir: a.state_dir,
+            base_port: a.base_port,
+            memory_mib: a.memory_mib,
+            disk_size_mib: a.disk_size_mib,
+            vm_id: a.vm_id,
+            verbose: a.verbose,
+        })
+        .map_err(CliError::Usage),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,256 @@
+//! `lockstep-agent up`: a fault-tolerant pair on one machine with the embedded local arbiter.
+//!
+//! Two replica slots, each a child `lockstep-agent` process: slot A starts as the primary, slot
+//! B joins it as the backup by live clone. Clients use one port; a small proxy forwards each
+//! connection to whichever replica serves clients now. When a replica dies the other carries on
+//! (the backup goes live by itself through the arbiter), and `up` starts a new backup in the
+//! dead slot that clones from the survivor: redundancy is restored without anyone's help.
+
+use std::io::{BufRead, BufReader};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::guests::GuestKind;
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub guest: GuestKind,
+    pub client_listen: SocketAddr,
+    pub state_dir: PathBuf,
+    /// Replica ports: slot i uses base+1+i for clients, base+11+i for the channel, base+21+i
+    /// for metrics.
+    pub base_port: u16,
+    pub memory_mib: u64,
+    pub disk_size_mib: u64,
+    pub vm_id: String,
+    pub verbose: bool,
+}
+
+struct Slot {
+    name: &'static str,
+    client: SocketAddr,
+    channel: SocketAddr,
+    metrics: SocketAddr,
+    disk: PathBuf,
+    child: Option<Child>,
+    started: Instant,
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Slot {
+    fn spawn(&mut self, o: &UpOptions, arbiter: &str, role: Role, peer_channel: SocketAddr) -> std::io::Result<()> {
+        let exe = std::env::current_exe()?;
+        let mut c = Command::new(exe);
+        match role {
+            Role::Primary => {
+                c.args(["primary", "--guest", o.guest.name(), "--channel-listen", &self.channel.to_string()]);
+                c.args(["--memory-mib", &o.memory_mib.to_string(), "--disk-size-mib", &o.disk_size_mib.to_string()]);
+            }
+            Role::Backup => {
+                c.args(["backup", "--guest", o.guest.name(), "--channel-connect", &peer_channel.to_string()]);
+                c.args(["--channel-listen", &self.channel.to_string()]);
+            }
+        }
+        if o.guest.needs_disk() {
+            c.arg("--disk").arg(&self.disk);
+        }
+        c.args(["--vm-id", &o.vm_id, "--arbiter", arbiter, "--name", &format!("{}-{}", self.name, std::process::id())]);
+        c.args(["--client-listen", &self.client.to_string(), "--metrics-listen", &self.metrics.to_string()]);
+        c.env("LOCKSTEP_LOG", if o.verbose { "info" } else { "warn" });
+        c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        let mut child = c.spawn()?;
+        let name = self.name;
+        for stream in [child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)]
+            .into_iter()
+            .flatten()
+        {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("[{name}] {line}");
+                }
+            });
+        }
+        eprintln!("lockstep up: replica {name} started as {role:?} (pid {})", child.id());
+        self.child = Some(child);
+        self.started = Instant::now();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    Primary,
+    Backup,
+}
+
+/// Forward client connections to the replica that serves clients (tried in order, the last one
+/// that worked first). A halted or backup replica does not listen, so a refused connection
+/// means "try the other".
+fn serve_proxy(listener: TcpListener, targets: Vec<SocketAddr>, stop: Arc<AtomicBool>) {
+    let preferred = Arc::new(AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let Ok(client) = client else { continue };
+            let targets = targets.clone();
+            let preferred = preferred.clone();
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let upstream = loop {
+                    let first = preferred.load(Ordering::Relaxed);
+                    let found = (0..targets.len()).map(|i| (first + i) % targets.len()).find_map(|i| {
+                        TcpStream::connect_timeout(&targets[i], Duration::from_millis(200)).ok().map(|s| (i, s))
+                    });
+                    if let Some((i, s)) = found {
+                        preferred.store(i, Ordering::Relaxed);
+                        break Some(s);
+                    }
+                    if Instant::now() > deadline {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                };
+                let Some(upstream) = upstream else { return };
+                let _ = upstream.set_nodelay(true);
+                let _ = client.set_nodelay(true);
+                pipe(client, upstream);
+            });
+        }
+    });
+}
+
+fn pipe(a: TcpStream, b: TcpStream) {
+    let (Ok(a2), Ok(b2)) = (a.try_clone(), b.try_clone()) else { return };
+    let t = std::thread::spawn(move || copy_then_close(a2, b2));
+    copy_then_close(b, a);
+    let _ = t.join();
+}
+
+fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}
+
+/// Which slot serves clients now: the one whose client port accepts a connection.
+fn serving(slots: &[Slot]) -> Option<usize> {
+    slots.iter().position(|s| s.child.is_some() && TcpStream::connect_timeout(&s.client, Duration::from_millis(100)).is_ok())
+}
+
+pub fn run(o: UpOptions) -> Result<(), String> {
+    std::fs::create_dir_all(&o.state_dir).map_err(|e| format!("state directory {}: {e}", o.state_dir.display()))?;
+    let arb_path = o.state_dir.join("arbiter");
+    // A fresh pair: the arbiter starts over (its epoch only matters between these replicas).
+    let _ = std::fs::remove_file(&arb_path);
+    let arbiter = format!("local:{}", arb_path.display());
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;
+    }
+    let mut slots: Vec<Slot> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| Slot {
+            name,
+            client: addr(o.base_port + 1 + i as u16),
+            channel: addr(o.base_port + 11 + i as u16),
+            metrics: addr(o.base_port + 21 + i as u16),
+            disk: o.state_dir.join(format!("disk-{name}.img")),
+            child: None,
+            started: Instant::now(),
+        })
+        .collect();
+    let listener = TcpListener::bind(o.client_listen)
+        .map_err(|e| format!("cannot listen for clients on {} ({e}); is another `up` running? use --client-listen", o.client_listen))?;
+    serve_proxy(listener, slots.iter().map(|s| s.client).collect(), stop.clone());
+
+    let peer0 = slots[0].channel;
+    slots[0].spawn(&o, &arbiter, Role::Primary, peer0).map_err(|e| e.to_string())?;
+    // The primary opens its client port once it holds the arbiter; a probe of the channel port
+    // would look like a backup that came and went.
+    wait_listening(slots[0].client, Duration::from_secs(30))?;
+    let peer = slots[0].channel;
+    slots[1].spawn(&o, &arbiter, Role::Backup, peer).map_err(|e| e.to_string())?;
+    eprintln!(
+        "lockstep up: {} guest, clients on {} (try: redis-cli -p {}), metrics on {} and {}; Ctrl-C stops",
+        o.guest,
+        o.client_listen,
+        o.client_listen.port(),
+        slots[0].metrics,
+        slots[1].metrics
+    );
+
+    let failovers = Mutex::new(0u32);
+    let mut last_status = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        for i in 0..slots.len() {
+            let exited = match slots[i].child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(status))) => Some(status),
+                _ => None,
+            };
+            let Some(status) = exited else { continue };
+            slots[i].child = None;
+            eprintln!("lockstep up: replica {} exited ({status}); the other one carries on", slots[i].name);
+            *failovers.lock().expect("lock") += 1;
+            // Let the survivor go live (heartbeat timeout + arbiter), then clone a new backup.
+            let other = 1 - i;
+            if slots[other].child.is_none() {
+                return Err("both replicas are gone; the data is on the disks in the state directory".into());
+            }
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while serving(&slots) != Some(other) && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let peer = slots[other].channel;
+            let slot = &mut slots[i];
+            slot.spawn(&o, &arbiter, Role::Backup, peer).map_err(|e| e.to_string())?;
+        }
+        if last_status.elapsed() > Duration::from_secs(10) {
+            last_status = Instant::now();
+            let live: Vec<String> = slots
+                .iter()
+                .map(|s| format!("{}={}", s.name, if s.child.is_some() { "up" } else { "down" }))
+                .collect();
+            let primary = serving(&slots).map_or("none".to_string(), |i| slots[i].name.to_string());
+            eprintln!("lockstep up: replicas {} | serving clients: {primary} | restarts {}", live.join(" "), failovers.lock().expect("lock"));
+        }
+    }
+    eprintln!("lockstep up: stopping");
+    for s in &mut slots {
+        if let Some(c) = &mut s.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+    for s in &mut slots {
+        if let Some(mut c) = s.child.take() {
+            let _ = c.wait();
+        }
+    }
+    Ok(())
+}
+
+fn wait_listening(a: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    while TcpStream::connect_timeout(&a, Duration::from_millis(100)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("the primary never started serving on {a}; see its messages above"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+pub fn default_state_dir() -> PathBuf {
+    Path::new("lockstep-up").to_path_buf()
+}
