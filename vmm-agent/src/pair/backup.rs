@@ -93,7 +93,7 @@ impl Shared {
             tracing::info!(event = ?e, "backup");
             match e {
                 RoleEvent::Promoted { .. } => core.promoted = true,
-                RoleEvent::Halted(reason) => core.halted = Some(format!("{reason:?}")),
+                RoleEvent::Halted(reason) => core.halted = Some(describe_halt(&reason)),
                 RoleEvent::Synced { from_exit } => {
                     eprintln!("lockstep-agent: backup in sync from exit {from_exit}");
                 }
@@ -105,6 +105,18 @@ impl Shared {
         core.metrics.acked_exit.set(core.ft.received_through() as i64);
         core.metrics.log_bytes_received.inc_by(m.log_bytes_received.saturating_sub(core.metrics.log_bytes_received.get()));
         self.cv.notify_all();
+    }
+}
+
+fn describe_halt(reason: &lockstep_ft::HaltReason) -> String {
+    use lockstep_ft::HaltReason as H;
+    match reason {
+        H::LostArbiter { winner, epoch } => format!("the arbiter chose {winner} (epoch {epoch}); this replica stops for good"),
+        H::Refused(why) => format!("the primary refused this backup: {why:?}"),
+        H::PrimaryLostBeforeSync => "the primary was lost before the clone completed; there is no state to go live with".into(),
+        H::PrimaryStale { known, primary } => {
+            format!("the primary's epoch {primary} is older than the arbiter's {known}: it is not the current primary")
+        }
     }
 }
 

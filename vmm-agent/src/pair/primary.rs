@@ -159,6 +159,14 @@ impl Shared {
                     if core.halted {
                         return;
                     }
+                    if core.writer.is_some() && core.ft.state() == PrimaryState::Solo {
+                        // The current connection never became a backup (no accepted Hello yet:
+                        // a stray or garbage client). Drop it in favour of the new one.
+                        if let Some(w) = core.writer.take() {
+                            let _ = w.send(ToPeer::Close);
+                        }
+                        core.generation += 1;
+                    }
                     if core.writer.is_some() {
                         // One backup at a time: the core never sees a second connection.
                         tracing::warn!("refusing a second backup connection from {peer}");
@@ -324,7 +332,7 @@ pub struct Cloner {
 }
 
 /// Pages per ClonePages message.
-const PAGES_PER_MESSAGE: u64 = 256;
+const PAGES_PER_MESSAGE: u64 = 64;
 
 impl Cloner {
     pub fn new() -> Self {
@@ -355,6 +363,10 @@ impl Cloner {
                             return; // the backup went away; an Abort follows
                         }
                         shared.act(&mut core);
+                        drop(core);
+                        // Let the channel reader and the ticker at the core between chunks, or
+                        // heartbeats starve behind a long copy.
+                        std::thread::yield_now();
                     }
                 }
                 if let Some(d) = disk {
@@ -455,6 +467,8 @@ impl Cloner {
             }
             CloneAction::Abort => {
                 tracing::warn!("clone aborted: the new backup went away");
+                // A round still copying finishes on its own; its result no longer matters.
+                self.running = None;
                 self.pending = None;
                 vm.stop_dirty_tracking()?;
                 vm.devices.take_disk_writes();
