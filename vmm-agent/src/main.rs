@@ -468,7 +468,6 @@ fn print_pair_summary(s: &RunSummary, guest: GuestKind, started: Instant, metric
         "log_entries": metrics.log_entries_sent.get(),
         "epoch": metrics.epoch.get(),
         "failovers": metrics.failovers.get(),
-        "progress": 0,
     });
     println!("{}", summary_json(s, guest, started.elapsed().as_secs_f64(), extra));
 }
