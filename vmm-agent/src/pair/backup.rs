@@ -103,7 +103,11 @@ impl Shared {
         let m = core.ft.metrics();
         core.metrics.replayed_exit.set(core.ft.replayed_exit() as i64);
         core.metrics.acked_exit.set(core.ft.received_through() as i64);
-        core.metrics.log_bytes_received.inc_by(m.log_bytes_received.saturating_sub(core.metrics.log_bytes_received.get()));
+        // The core counts totals; the Prometheus counters follow them.
+        let (bytes, entries) = (m.log_bytes_received, m.log_entries_received);
+        core.metrics.log_bytes_received.inc_by(bytes.saturating_sub(core.metrics.log_bytes_received.get()));
+        core.metrics.log_entries_received.inc_by(entries.saturating_sub(core.metrics.log_entries_received.get()));
+        core.metrics.epoch.set(m.epoch as i64);
         self.cv.notify_all();
     }
 }

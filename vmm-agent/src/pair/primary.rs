@@ -37,6 +37,7 @@ pub struct Core {
     stop: Arc<AtomicBool>,
     /// Wakes a waiting guest so the vCPU thread can do clone work.
     pub wake: Arc<AtomicBool>,
+    last_rtt: u64,
     max_payload: usize,
 }
 
@@ -70,6 +71,7 @@ impl Shared {
                 halted: false,
                 stop,
                 wake: Arc::new(AtomicBool::new(false)),
+                last_rtt: 0,
                 max_payload: cfg.max_payload,
             }),
             cv: Condvar::new(),
@@ -135,6 +137,12 @@ impl Shared {
                 RoleEvent::Degraded { .. } => core.metrics.failovers.inc(),
                 _ => {}
             }
+        }
+        let m = core.ft.metrics();
+        // The core keeps the latest round trip; observe each new sample once.
+        if m.heartbeat_rtt_nanos != 0 && m.heartbeat_rtt_nanos != core.last_rtt {
+            core.metrics.heartbeat_rtt_seconds.observe(m.heartbeat_rtt_nanos as f64 / 1e9);
+            core.last_rtt = m.heartbeat_rtt_nanos;
         }
         let m = core.ft.metrics();
         core.metrics.protected.set(m.protected as i64);
