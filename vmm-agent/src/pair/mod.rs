@@ -25,6 +25,20 @@ pub fn now() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
+/// One runtime for every arbiter call in the process. A kube client spawns its connection
+/// worker on the runtime that created it, so the client must never outlive that runtime.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("arbiter-io")
+            .enable_all()
+            .build()
+            .expect("tokio runtime for the arbiter")
+    })
+}
+
 /// Runs arbiter calls (async, possibly over the network) off the vCPU and channel threads.
 /// Requests are `seen_epoch`s; answers go to `answer`.
 pub fn spawn_arbiter_worker(
@@ -36,9 +50,8 @@ pub fn spawn_arbiter_worker(
     std::thread::Builder::new()
         .name("arbiter".into())
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
             for seen in rx {
-                let outcome = match rt.block_on(arbiter.try_take(seen, &me)) {
+                let outcome = match runtime().block_on(arbiter.try_take(seen, &me)) {
                     Ok(lockstep_arbiter::Outcome::Won { epoch }) => ArbiterOutcome::Won { epoch },
                     Ok(lockstep_arbiter::Outcome::Lost { holder, epoch }) => {
                         ArbiterOutcome::Lost { winner: holder.unwrap_or_default(), epoch }
@@ -58,18 +71,15 @@ pub fn spawn_arbiter_worker(
 
 /// Build an arbiter from its `--arbiter` spec (`local:PATH` or `lease:NAMESPACE/NAME`).
 pub fn arbiter_from_spec(spec: &str) -> Result<std::sync::Arc<dyn lockstep_arbiter::Arbiter>, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(lockstep_arbiter::from_spec(spec)).map(std::sync::Arc::from).map_err(|e| e.to_string())
+    runtime().block_on(lockstep_arbiter::from_spec(spec)).map(std::sync::Arc::from).map_err(|e| e.to_string())
 }
 
 /// Read the arbiter once (blocking).
 pub fn arbiter_read(arbiter: &dyn lockstep_arbiter::Arbiter) -> Result<lockstep_arbiter::Record, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(arbiter.read()).map_err(|e| e.to_string())
+    runtime().block_on(arbiter.read()).map_err(|e| e.to_string())
 }
 
 /// Take the arbiter once (blocking).
 pub fn arbiter_take(arbiter: &dyn lockstep_arbiter::Arbiter, seen: u64, me: &str) -> Result<lockstep_arbiter::Outcome, String> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    rt.block_on(arbiter.try_take(seen, me)).map_err(|e| e.to_string())
+    runtime().block_on(arbiter.try_take(seen, me)).map_err(|e| e.to_string())
 }
