@@ -174,6 +174,16 @@ pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
     fn put<T: schemars::JsonSchema>(dir: &Path, file: &str) -> std::io::Result<()> {
         let mut v = serde_json::to_value(schemars::schema_for!(T)).expect("schema serialises");
         close_objects(&mut v);
+        // k8s-openapi describes apiextensions' `JSON` (defaults, enum values, examples) as an
+        // object, but Kubernetes allows any JSON value there: open it up, or every CRD with a
+        // numeric default or a string enum would be reported as invalid.
+        if let Some(serde_json::Value::Object(defs)) = v.get_mut("$defs") {
+            for (name, def) in defs.iter_mut() {
+                if name.ends_with("apiextensions.v1.JSON") {
+                    *def = serde_json::json!({ "description": "any JSON value" });
+                }
+            }
+        }
         std::fs::write(dir.join(file), serde_json::to_vec_pretty(&v).expect("json"))
     }
     put::<Deployment>(dir, "deployment-apps-v1.json")?;

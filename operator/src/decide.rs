@@ -310,6 +310,16 @@ pub fn decide(o: &Observed) -> Plan {
     // Lost replicas first: they are deleted whatever else happens.
     let mut deletes = Vec::new();
     for p in &o.pods {
+        // A graceful delete of a pod whose node died never completes (no kubelet confirms it);
+        // finish it without grace once the node is known to be gone.
+        if p.deleting && matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing) {
+            deletes.push(Action::DeletePod {
+                pod: p.name.clone(),
+                force: true,
+                reason: "terminating on a lost node".into(),
+            });
+            continue;
+        }
         if let Some(reason) = p.lost_reason() {
             let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
             notes.push(Note::ReplicaLost { pod: p.name.clone(), reason: reason.clone() });
@@ -652,6 +662,16 @@ mod tests {
         let plan = decide(&observed(None, vec![p]));
         assert!(deletes(&plan).is_empty());
         assert_eq!(creates(&plan), [("vm-1".to_string(), Role::Primary)]);
+    }
+
+    #[test]
+    fn terminating_pod_on_a_lost_node_is_force_deleted() {
+        let mut old = pod("vm-0", Role::Primary);
+        old.deleting = true;
+        old.node_health = NodeHealth::NotReady;
+        let plan = decide(&observed(Some(("vm-1", 2)), vec![old, backup_of("vm-1", "vm-0", 1)]));
+        assert_eq!(deletes(&plan), [("vm-0".to_string(), true)]);
+        assert!(!plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { .. })), "already reported when first deleted");
     }
 
     #[test]
