@@ -145,6 +145,9 @@ impl Shared {
             core.last_rtt = m.heartbeat_rtt_nanos;
         }
         let m = core.ft.metrics();
+        let sent = m.clone_bytes_sent;
+        core.metrics.clone_bytes.inc_by(sent.saturating_sub(core.metrics.clone_bytes.get()));
+        let m = core.ft.metrics();
         core.metrics.protected.set(m.protected as i64);
         core.metrics.acked_exit.set(m.acked_exit as i64);
         core.metrics.replayed_exit.set(m.replayed_exit as i64);
