@@ -114,6 +114,20 @@ impl TestNamespace {
     }
 }
 
+/// Deletes every FTVirtualMachine in `ns` and waits until they are gone. Call it while the
+/// operator still runs: its finalizer must be removed by the operator, or the namespace would hang
+/// in Terminating.
+pub async fn delete_ftvms(client: &Client, ns: &str) {
+    use lockstep_operator::crd::FTVirtualMachine;
+    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), ns);
+    let _ = api.delete_collection(&DeleteParams::default(), &kube::api::ListParams::default()).await;
+    wait_for("the FTVirtualMachines to be deleted", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move { api.list(&kube::api::ListParams::default()).await.ok()?.items.is_empty().then_some(()) }
+    })
+    .await;
+}
+
 /// The operator running in this process, watching one namespace; stops when dropped.
 #[derive(Debug)]
 pub struct Operator {

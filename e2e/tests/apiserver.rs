@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
-use lockstep_e2e::{Operator, TestNamespace, client, install_crd, repo_root, wait_for};
+use lockstep_e2e::{delete_ftvms, Operator, TestNamespace, client, install_crd, repo_root, wait_for};
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(60);
@@ -97,6 +97,7 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
         }
     })
     .await;
+    delete_ftvms(&client, &ns.name).await;
     op.stop().await;
     ns.delete().await;
 }

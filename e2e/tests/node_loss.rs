@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
-use lockstep_e2e::{Operator, TestNamespace, client, install_crd, repo_root, run_tool, wait_for};
+use lockstep_e2e::{delete_ftvms, Operator, TestNamespace, client, install_crd, repo_root, run_tool, wait_for};
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(90);
@@ -118,6 +118,7 @@ async fn primary_node_loss_is_handled_in_seconds() {
     })
     .await;
     eprintln!("old primary {old} removed {gone_after:?} after the node failed");
+    delete_ftvms(&client, &ns.name).await;
     op.stop().await;
     ns.delete().await;
 }
