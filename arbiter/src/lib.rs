@@ -103,7 +103,9 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum ArbiterError {
     /// The `--arbiter` argument could not be parsed.
-    #[error("invalid arbiter spec {spec:?}: {reason}; expected `local:PATH` or `lease:NAMESPACE/NAME`")]
+    #[error(
+        "invalid arbiter spec {spec:?}: {reason}; expected `local:PATH` or `lease:NAMESPACE/NAME`"
+    )]
     BadSpec {
         /// What was given.
         spec: String,
@@ -111,10 +113,14 @@ pub enum ArbiterError {
         reason: String,
     },
     /// The caller passed an identity that cannot be stored.
-    #[error("invalid holder identity {0:?}: it must be non-empty and at most 253 bytes without control characters")]
+    #[error(
+        "invalid holder identity {0:?}: it must be non-empty and at most 253 bytes without control characters"
+    )]
     BadIdentity(String),
     /// File system error of the local arbiter.
-    #[error("local arbiter {path}: {op} failed: {source}; check that the directory exists and is writable by this user")]
+    #[error(
+        "local arbiter {path}: {op} failed: {source}; check that the directory exists and is writable by this user"
+    )]
     Io {
         /// The arbiter file.
         path: PathBuf,
@@ -125,7 +131,9 @@ pub enum ArbiterError {
         source: std::io::Error,
     },
     /// The local arbiter file does not hold a valid record.
-    #[error("local arbiter {path} is corrupt ({reason}); it is never repaired automatically because that could hand out an epoch twice: stop every agent of this VM and remove the file")]
+    #[error(
+        "local arbiter {path} is corrupt ({reason}); it is never repaired automatically because that could hand out an epoch twice: stop every agent of this VM and remove the file"
+    )]
     Corrupt {
         /// The arbiter file.
         path: PathBuf,
@@ -133,10 +141,14 @@ pub enum ArbiterError {
         reason: String,
     },
     /// Kubernetes credentials could not be loaded.
-    #[error("cannot build a Kubernetes client for the lease arbiter: {0}; set KUBECONFIG or run in a pod with a service account")]
+    #[error(
+        "cannot build a Kubernetes client for the lease arbiter: {0}; set KUBECONFIG or run in a pod with a service account"
+    )]
     Config(#[source] kube::Error),
     /// The apiserver refused or failed a request (other than the 409 that means "lost").
-    #[error("lease {namespace}/{name}: {op} failed: {source}; check that the apiserver is reachable and the service account may get/create/update leases")]
+    #[error(
+        "lease {namespace}/{name}: {op} failed: {source}; check that the apiserver is reachable and the service account may get/create/update leases"
+    )]
     Kube {
         /// Lease namespace.
         namespace: String,
@@ -151,7 +163,9 @@ pub enum ArbiterError {
     /// The Lease was deleted after the caller had seen a later epoch: the VM was torn down or
     /// someone deleted the Lease by hand. Restarting the epoch count at 0 could let a stale peer win,
     /// so this is refused.
-    #[error("lease {namespace}/{name} no longer exists but epoch {seen} was seen before; refusing to restart the epoch count (was the FTVirtualMachine deleted?)")]
+    #[error(
+        "lease {namespace}/{name} no longer exists but epoch {seen} was seen before; refusing to restart the epoch count (was the FTVirtualMachine deleted?)"
+    )]
     LeaseGone {
         /// Lease namespace.
         namespace: String,
@@ -215,7 +229,10 @@ pub enum ArbiterSpec {
 impl ArbiterSpec {
     /// Parses `local:PATH` or `lease:NAMESPACE/NAME`.
     pub fn parse(spec: &str) -> Result<Self, ArbiterError> {
-        let bad = |reason: &str| ArbiterError::BadSpec { spec: spec.to_owned(), reason: reason.to_owned() };
+        let bad = |reason: &str| ArbiterError::BadSpec {
+            spec: spec.to_owned(),
+            reason: reason.to_owned(),
+        };
         let Some((kind, rest)) = spec.split_once(':') else {
             return Err(bad("missing the `local:` or `lease:` prefix"));
         };
@@ -228,15 +245,24 @@ impl ArbiterSpec {
             }
             "lease" => {
                 let Some((namespace, name)) = rest.split_once('/') else {
-                    return Err(bad("a lease needs both a namespace and a name, separated by `/`"));
+                    return Err(bad(
+                        "a lease needs both a namespace and a name, separated by `/`",
+                    ));
                 };
                 if !is_dns_label(namespace) {
-                    return Err(bad("the namespace must be a DNS label (lowercase letters, digits, `-`, at most 63)"));
+                    return Err(bad(
+                        "the namespace must be a DNS label (lowercase letters, digits, `-`, at most 63)",
+                    ));
                 }
                 if !is_dns_subdomain(name) {
-                    return Err(bad("the lease name must be a DNS subdomain (lowercase letters, digits, `-`, `.`, at most 253)"));
+                    return Err(bad(
+                        "the lease name must be a DNS subdomain (lowercase letters, digits, `-`, `.`, at most 253)",
+                    ));
                 }
-                Ok(ArbiterSpec::Lease { namespace: namespace.to_owned(), name: name.to_owned() })
+                Ok(ArbiterSpec::Lease {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
             }
             _ => Err(bad("unknown kind before `:`")),
         }
@@ -258,7 +284,9 @@ pub async fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     match ArbiterSpec::parse(spec)? {
         ArbiterSpec::Local(path) => Ok(Box::new(LocalArbiter::new(path))),
         ArbiterSpec::Lease { namespace, name } => {
-            let client = kube::Client::try_default().await.map_err(ArbiterError::Config)?;
+            let client = kube::Client::try_default()
+                .await
+                .map_err(ArbiterError::Config)?;
             Ok(Box::new(LeaseArbiter::new(client, &namespace, &name)))
         }
     }
@@ -274,7 +302,8 @@ pub(crate) fn check_identity(me: &str) -> Result<(), ArbiterError> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -289,12 +318,21 @@ mod tests {
 
     #[test]
     fn parses_local_and_lease_specs() {
-        assert_eq!(ArbiterSpec::parse("local:/tmp/x").unwrap(), ArbiterSpec::Local("/tmp/x".into()));
+        assert_eq!(
+            ArbiterSpec::parse("local:/tmp/x").unwrap(),
+            ArbiterSpec::Local("/tmp/x".into())
+        );
         assert_eq!(
             ArbiterSpec::parse("lease:lockstep/vm-1-arbiter").unwrap(),
-            ArbiterSpec::Lease { namespace: "lockstep".into(), name: "vm-1-arbiter".into() }
+            ArbiterSpec::Lease {
+                namespace: "lockstep".into(),
+                name: "vm-1-arbiter".into()
+            }
         );
-        assert_eq!(ArbiterSpec::parse("lease:a/b.c").unwrap().to_string(), "lease:a/b.c");
+        assert_eq!(
+            ArbiterSpec::parse("lease:a/b.c").unwrap().to_string(),
+            "lease:a/b.c"
+        );
     }
 
     #[test]
@@ -313,7 +351,10 @@ mod tests {
         ] {
             let err = ArbiterSpec::parse(spec).unwrap_err().to_string();
             assert!(err.contains(needle), "{spec:?}: {err}");
-            assert!(err.contains("local:PATH"), "error should say what is expected: {err}");
+            assert!(
+                err.contains("local:PATH"),
+                "error should say what is expected: {err}"
+            );
         }
     }
 

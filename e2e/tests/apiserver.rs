@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{Event as CoreEvent, Pod, Service};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
-use lockstep_e2e::{delete_ftvms, Operator, TestNamespace, client, install_crd, repo_root, wait_for};
+use lockstep_e2e::{
+    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, wait_for,
+};
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(60);
@@ -25,7 +27,10 @@ fn example_in(ns: &str) -> FTVirtualMachine {
 
 async fn pods_of(client: &Client, ns: &str, vm: &str) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels(&format!("lockstep.dev/ftvm={vm}"))).await.unwrap().items
+    api.list(&ListParams::default().labels(&format!("lockstep.dev/ftvm={vm}")))
+        .await
+        .unwrap()
+        .items
 }
 
 fn role(p: &Pod) -> Option<String> {
@@ -38,13 +43,27 @@ async fn crd_is_accepted_as_structural_with_printer_columns() {
     let crd = install_crd(&client).await;
     let conds = crd.status.unwrap().conditions.unwrap_or_default();
     assert!(
-        !conds.iter().any(|c| c.type_ == "NonStructuralSchema" && c.status == "True"),
+        !conds
+            .iter()
+            .any(|c| c.type_ == "NonStructuralSchema" && c.status == "True"),
         "the apiserver flagged the schema as non-structural: {conds:?}"
     );
     let v = &crd.spec.versions[0];
-    let cols: Vec<_> = v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.clone()).collect();
-    assert_eq!(cols, ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
-    assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["ftvm".to_string()][..]));
+    let cols: Vec<_> = v
+        .additional_printer_columns
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        cols,
+        ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]
+    );
+    assert_eq!(
+        crd.spec.names.short_names.as_deref(),
+        Some(&["ftvm".to_string()][..])
+    );
 }
 
 #[tokio::test]
@@ -53,15 +72,34 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "invalid").await;
     let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    let raw: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &ApiResource::erase::<FTVirtualMachine>(&()));
+    let raw: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &ApiResource::erase::<FTVirtualMachine>(&()),
+    );
     let cases = [
-        (serde_json::json!({"guest": "kvstore", "vcpus": 2}), "spec.vcpus"),
-        (serde_json::json!({"guest": "kvstore", "memoryMiB": 8}), "spec.memoryMiB"),
-        (serde_json::json!({"guest": "kvstore", "memoryMiB": 1_000_000}), "spec.memoryMiB"),
+        (
+            serde_json::json!({"guest": "kvstore", "vcpus": 2}),
+            "spec.vcpus",
+        ),
+        (
+            serde_json::json!({"guest": "kvstore", "memoryMiB": 8}),
+            "spec.memoryMiB",
+        ),
+        (
+            serde_json::json!({"guest": "kvstore", "memoryMiB": 1_000_000}),
+            "spec.memoryMiB",
+        ),
         (serde_json::json!({"guest": "Not_A_Name"}), "spec.guest"),
         (serde_json::json!({"memoryMiB": 64}), "spec.guest"),
-        (serde_json::json!({"guest": "kvstore", "ft": {"heartbeatTimeoutMs": 1}}), "spec.ft.heartbeatTimeoutMs"),
-        (serde_json::json!({"guest": "kvstore", "agent": {"imagePullPolicy": "Sometimes"}}), "spec.agent.imagePullPolicy"),
+        (
+            serde_json::json!({"guest": "kvstore", "ft": {"heartbeatTimeoutMs": 1}}),
+            "spec.ft.heartbeatTimeoutMs",
+        ),
+        (
+            serde_json::json!({"guest": "kvstore", "agent": {"imagePullPolicy": "Sometimes"}}),
+            "spec.agent.imagePullPolicy",
+        ),
     ];
     for (i, (spec, field)) in cases.into_iter().enumerate() {
         // Sent untyped, exactly as a user's YAML would be, so the apiserver's schema is what refuses it.
@@ -70,10 +108,19 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
             "metadata": {"name": format!("bad-{i}")}, "spec": spec
         }))
         .unwrap();
-        let err = raw.create(&PostParams::default(), &obj).await.expect_err(&format!("{field} must be refused"));
-        let kube::Error::Api(status) = err else { panic!("unexpected error {err}") };
+        let err = raw
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect_err(&format!("{field} must be refused"));
+        let kube::Error::Api(status) = err else {
+            panic!("unexpected error {err}")
+        };
         assert_eq!(status.code, 422, "{status:?}");
-        assert!(status.message.contains(field), "message should name {field}: {}", status.message);
+        assert!(
+            status.message.contains(field),
+            "message should name {field}: {}",
+            status.message
+        );
     }
     // A clash the schema cannot see: accepted by the apiserver, reported by the operator.
     let op = Operator::start(&client, &ns.name);
@@ -83,17 +130,29 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
     api.create(&PostParams::default(), &vm).await.unwrap();
     let st = wait_for("phase Failed for a port clash", T, || {
         let api = api.clone();
-        async move { api.get_status("clash").await.ok()?.status.filter(|s| s.phase == Some(Phase::Failed)) }
+        async move {
+            api.get_status("clash")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Failed))
+        }
     })
     .await;
     assert!(st.message.unwrap().contains("distinct"));
-    assert!(pods_of(&client, &ns.name, "clash").await.is_empty(), "nothing is started for an invalid spec");
+    assert!(
+        pods_of(&client, &ns.name, "clash").await.is_empty(),
+        "nothing is started for an invalid spec"
+    );
     let events: Api<CoreEvent> = Api::namespaced(client.clone(), &ns.name);
     wait_for("an InvalidSpec event", T, || {
         let events = events.clone();
         async move {
             let list = events.list(&ListParams::default()).await.ok()?;
-            list.items.iter().any(|e| e.reason.as_deref() == Some("InvalidSpec")).then_some(())
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("InvalidSpec"))
+                .then_some(())
         }
     })
     .await;
@@ -112,7 +171,9 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     let ns = TestNamespace::create(&client, "life").await;
     let op = Operator::start(&client, &ns.name);
     let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &example_in(&ns.name)).await.unwrap();
+    api.create(&PostParams::default(), &example_in(&ns.name))
+        .await
+        .unwrap();
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     let lease = wait_for("the arbiter Lease", T, || {
@@ -121,7 +182,10 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     })
     .await;
     assert_eq!(lease.spec.unwrap().lease_transitions.unwrap_or(0), 0);
-    assert_eq!(lease.metadata.owner_references.unwrap()[0].kind, "FTVirtualMachine");
+    assert_eq!(
+        lease.metadata.owner_references.unwrap()[0].kind,
+        "FTVirtualMachine"
+    );
 
     // Primary and (once the primary has an IP) backup.
     let pods = wait_for("a primary and a backup pod", T, || {
@@ -133,20 +197,59 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
         }
     })
     .await;
-    let primary = pods.iter().find(|p| role(p).as_deref() == Some("primary")).expect("a primary pod");
-    let backup = pods.iter().find(|p| role(p).as_deref() == Some("backup")).expect("a backup pod");
+    let primary = pods
+        .iter()
+        .find(|p| role(p).as_deref() == Some("primary"))
+        .expect("a primary pod");
+    let backup = pods
+        .iter()
+        .find(|p| role(p).as_deref() == Some("backup"))
+        .expect("a backup pod");
     for p in &pods {
         let spec = p.spec.as_ref().unwrap();
-        let term = &spec.affinity.as_ref().unwrap().pod_anti_affinity.as_ref().unwrap().required_during_scheduling_ignored_during_execution.as_ref().unwrap()[0];
+        let term = &spec
+            .affinity
+            .as_ref()
+            .unwrap()
+            .pod_anti_affinity
+            .as_ref()
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()[0];
         assert_eq!(term.topology_key, "kubernetes.io/hostname");
-        assert_eq!(term.label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["lockstep.dev/ftvm"], "kvstore");
-        let limits = spec.containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(
+            term.label_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["lockstep.dev/ftvm"],
+            "kvstore"
+        );
+        let limits = spec.containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .as_ref()
+            .unwrap();
         assert_eq!(limits["devices.lockstep.dev/kvm"].0, "1");
     }
-    let primary_ip = primary.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("backup is created only after the primary has an IP");
-    let backup_args = backup.spec.as_ref().unwrap().containers[0].args.clone().unwrap();
+    let primary_ip = primary
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.clone())
+        .expect("backup is created only after the primary has an IP");
+    let backup_args = backup.spec.as_ref().unwrap().containers[0]
+        .args
+        .clone()
+        .unwrap();
     assert_eq!(backup_args[0], "backup");
-    assert!(backup_args.contains(&format!("{primary_ip}:7000")), "{backup_args:?}");
+    assert!(
+        backup_args.contains(&format!("{primary_ip}:7000")),
+        "{backup_args:?}"
+    );
 
     // The scheduler honoured the anti-affinity.
     let nodes = wait_for("both pods scheduled", T, || {
@@ -154,21 +257,36 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
         let ns = ns.name.clone();
         async move {
             let pods = pods_of(&client, &ns, "kvstore").await;
-            let nodes: Vec<String> = pods.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+            let nodes: Vec<String> = pods
+                .iter()
+                .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+                .collect();
             (nodes.len() == 2).then_some(nodes)
         }
     })
     .await;
-    assert_ne!(nodes[0], nodes[1], "primary and backup must be on different nodes");
+    assert_ne!(
+        nodes[0], nodes[1],
+        "primary and backup must be on different nodes"
+    );
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns.name);
     let svc = services.get("kvstore").await.unwrap();
-    assert_eq!(svc.spec.unwrap().selector.unwrap()["lockstep.dev/role"], "primary");
+    assert_eq!(
+        svc.spec.unwrap().selector.unwrap()["lockstep.dev/role"],
+        "primary"
+    );
 
     // Status: Pending until the primary agent takes the Lease.
     let st = wait_for("status with the primary", T, || {
         let api = api.clone();
-        async move { api.get_status("kvstore").await.ok()?.status.filter(|s| s.primary_pod.is_some()) }
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.primary_pod.is_some())
+        }
     })
     .await;
     assert_eq!(st.phase, Some(Phase::Pending));
@@ -177,10 +295,19 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     let arbiter = LeaseArbiter::new(client.clone(), &ns.name, "kvstore-arbiter");
     let primary_name = primary.name_any();
     let backup_name = backup.name_any();
-    assert_eq!(arbiter.try_take(0, &primary_name).await.unwrap(), Outcome::Won { epoch: 1 });
+    assert_eq!(
+        arbiter.try_take(0, &primary_name).await.unwrap(),
+        Outcome::Won { epoch: 1 }
+    );
     let st = wait_for("phase Protected", T, || {
         let api = api.clone();
-        async move { api.get_status("kvstore").await.ok()?.status.filter(|s| s.phase == Some(Phase::Protected)) }
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Protected))
+        }
     })
     .await;
     assert_eq!(st.epoch, 1);
@@ -189,51 +316,88 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     assert!(st.primary_node.is_some() && st.backup_node.is_some());
 
     // Failover: the backup wins epoch 2 (as its agent does when the primary goes silent).
-    assert_eq!(arbiter.try_take(1, &backup_name).await.unwrap(), Outcome::Won { epoch: 2 });
-    let pods = wait_for("the old backup relabelled primary, the old primary gone, a new backup", T, || {
-        let client = client.clone();
-        let ns = ns.name.clone();
-        let (old_primary, new_primary) = (primary_name.clone(), backup_name.clone());
-        async move {
-            let pods = pods_of(&client, &ns, "kvstore").await;
-            let live: Vec<&Pod> = pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
-            let ok = live.len() == 2
-                && live.iter().any(|p| p.name_any() == new_primary && role(p).as_deref() == Some("primary"))
-                && !live.iter().any(|p| p.name_any() == old_primary)
-                && live.iter().any(|p| role(p).as_deref() == Some("backup"));
-            ok.then(|| live.into_iter().cloned().collect::<Vec<Pod>>())
-        }
-    })
+    assert_eq!(
+        arbiter.try_take(1, &backup_name).await.unwrap(),
+        Outcome::Won { epoch: 2 }
+    );
+    let pods = wait_for(
+        "the old backup relabelled primary, the old primary gone, a new backup",
+        T,
+        || {
+            let client = client.clone();
+            let ns = ns.name.clone();
+            let (old_primary, new_primary) = (primary_name.clone(), backup_name.clone());
+            async move {
+                let pods = pods_of(&client, &ns, "kvstore").await;
+                let live: Vec<&Pod> = pods
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .collect();
+                let ok = live.len() == 2
+                    && live.iter().any(|p| {
+                        p.name_any() == new_primary && role(p).as_deref() == Some("primary")
+                    })
+                    && !live.iter().any(|p| p.name_any() == old_primary)
+                    && live.iter().any(|p| role(p).as_deref() == Some("backup"));
+                ok.then(|| live.into_iter().cloned().collect::<Vec<Pod>>())
+            }
+        },
+    )
     .await;
-    let new_backup = pods.iter().find(|p| role(p).as_deref() == Some("backup")).unwrap();
+    let new_backup = pods
+        .iter()
+        .find(|p| role(p).as_deref() == Some("backup"))
+        .unwrap();
     let annotations = new_backup.annotations();
     assert_eq!(annotations["lockstep.dev/pairs-with"], backup_name);
     assert_eq!(annotations["lockstep.dev/created-at-epoch"], "2");
     let st = wait_for("failover counted in status", T, || {
         let api = api.clone();
-        async move { api.get_status("kvstore").await.ok()?.status.filter(|s| s.failover_count == 1 && s.epoch == 2) }
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.failover_count == 1 && s.epoch == 2)
+        }
     })
     .await;
     assert_eq!(st.primary_pod.as_deref(), Some(backup_name.as_str()));
     assert!(st.last_failover_time.is_some());
     assert_eq!(op.metrics.failovers.get(), 1);
     // Exactly one pod is labelled primary at any time we look.
-    let primaries: BTreeSet<String> =
-        pods_of(&client, &ns.name, "kvstore").await.iter().filter(|p| role(p).as_deref() == Some("primary")).map(|p| p.name_any()).collect();
+    let primaries: BTreeSet<String> = pods_of(&client, &ns.name, "kvstore")
+        .await
+        .iter()
+        .filter(|p| role(p).as_deref() == Some("primary"))
+        .map(|p| p.name_any())
+        .collect();
     assert_eq!(primaries.len(), 1, "{primaries:?}");
 
     // Deleting the FTVM removes everything it owns (the finalizer deletes them explicitly).
-    api.delete("kvstore", &DeleteParams::default()).await.unwrap();
-    wait_for("the FTVM, its pods, Service and Lease to be gone", T, || {
-        let (api, client, ns, leases, services) = (api.clone(), client.clone(), ns.name.clone(), leases.clone(), services.clone());
-        async move {
-            let gone = api.get_opt("kvstore").await.ok()?.is_none()
-                && pods_of(&client, &ns, "kvstore").await.is_empty()
-                && leases.get_opt("kvstore-arbiter").await.ok()?.is_none()
-                && services.get_opt("kvstore").await.ok()?.is_none();
-            gone.then_some(())
-        }
-    })
+    api.delete("kvstore", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the FTVM, its pods, Service and Lease to be gone",
+        T,
+        || {
+            let (api, client, ns, leases, services) = (
+                api.clone(),
+                client.clone(),
+                ns.name.clone(),
+                leases.clone(),
+                services.clone(),
+            );
+            async move {
+                let gone = api.get_opt("kvstore").await.ok()?.is_none()
+                    && pods_of(&client, &ns, "kvstore").await.is_empty()
+                    && leases.get_opt("kvstore-arbiter").await.ok()?.is_none()
+                    && services.get_opt("kvstore").await.ok()?.is_none();
+                gone.then_some(())
+            }
+        },
+    )
     .await;
     op.stop().await;
     ns.delete().await;
@@ -252,7 +416,13 @@ async fn lease_arbiter_cas_has_one_winner_per_epoch() {
             let barrier = barrier.clone();
             racers.push(tokio::spawn(async move {
                 barrier.wait().await;
-                (format!("racer-{i}"), arbiter.try_take(epoch, &format!("racer-{i}")).await.unwrap())
+                (
+                    format!("racer-{i}"),
+                    arbiter
+                        .try_take(epoch, &format!("racer-{i}"))
+                        .await
+                        .unwrap(),
+                )
             }));
         }
         let mut winners = Vec::new();
@@ -264,8 +434,14 @@ async fn lease_arbiter_cas_has_one_winner_per_epoch() {
             }
         }
         assert_eq!(winners.len(), 1, "epoch {}: winners {winners:?}", epoch + 1);
-        let record = LeaseArbiter::new(client.clone(), &ns.name, "race").read().await.unwrap();
-        assert_eq!((record.holder.as_deref(), record.epoch), (Some(winners[0].as_str()), epoch + 1));
+        let record = LeaseArbiter::new(client.clone(), &ns.name, "race")
+            .read()
+            .await
+            .unwrap();
+        assert_eq!(
+            (record.holder.as_deref(), record.epoch),
+            (Some(winners[0].as_str()), epoch + 1)
+        );
     }
     // The holder renews; a stale holder is fenced off.
     let arbiter = LeaseArbiter::new(client.clone(), &ns.name, "race");

@@ -13,7 +13,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
-use lockstep_e2e::{delete_ftvms, Operator, TestNamespace, client, install_crd, repo_root, run_tool, wait_for};
+use lockstep_e2e::{
+    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, run_tool, wait_for,
+};
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(90);
@@ -30,7 +32,10 @@ async fn live_pods(client: &Client, ns: &str) -> Vec<Pod> {
 }
 
 fn node_of(p: &Pod) -> String {
-    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
 }
 
 /// Brings the node back whatever happens to the test.
@@ -65,13 +70,30 @@ async fn primary_node_loss_is_handled_in_seconds() {
         }
     })
     .await;
-    let primary = pods.iter().find(|p| p.labels()["lockstep.dev/mode"] == "primary").unwrap().clone();
-    let backup = pods.iter().find(|p| p.labels()["lockstep.dev/mode"] == "backup").unwrap().clone();
+    let primary = pods
+        .iter()
+        .find(|p| p.labels()["lockstep.dev/mode"] == "primary")
+        .unwrap()
+        .clone();
+    let backup = pods
+        .iter()
+        .find(|p| p.labels()["lockstep.dev/mode"] == "backup")
+        .unwrap()
+        .clone();
     let arbiter = LeaseArbiter::new(client.clone(), &ns.name, "kvstore-arbiter");
-    assert_eq!(arbiter.try_take(0, &primary.name_any()).await.unwrap(), Outcome::Won { epoch: 1 });
+    assert_eq!(
+        arbiter.try_take(0, &primary.name_any()).await.unwrap(),
+        Outcome::Won { epoch: 1 }
+    );
     wait_for("Protected", T, || {
         let api = api.clone();
-        async move { api.get_status("kvstore").await.ok()?.status.filter(|s| s.phase == Some(Phase::Protected)) }
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Protected))
+        }
     })
     .await;
 
@@ -79,30 +101,64 @@ async fn primary_node_loss_is_handled_in_seconds() {
     let dead = node_of(&primary);
     let _recover = Recover(dead.clone());
     let t0 = Instant::now();
-    let (ok, out) = run_tool(Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]), None);
+    let (ok, out) = run_tool(
+        Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),
+        None,
+    );
     assert!(ok, "node-fail {dead}: {out}");
-    assert_eq!(arbiter.try_take(1, &backup.name_any()).await.unwrap(), Outcome::Won { epoch: 2 });
+    assert_eq!(
+        arbiter.try_take(1, &backup.name_any()).await.unwrap(),
+        Outcome::Won { epoch: 2 }
+    );
 
     // The operator follows the Lease at once: new primary labelled, a new backup on the third node.
-    let (new_backup, took) = wait_for("a new backup on a surviving node and the old backup relabelled primary", T, || {
-        let (client, ns, dead, promoted) = (client.clone(), ns.name.clone(), dead.clone(), backup.name_any());
-        async move {
-            let pods = live_pods(&client, &ns).await;
-            let promoted_ok = pods.iter().any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
-            let fresh = pods.iter().find(|p| {
-                p.annotations().get("lockstep.dev/pairs-with") == Some(&promoted) && !node_of(p).is_empty()
-            })?;
-            (promoted_ok && node_of(fresh) != dead).then(|| (fresh.clone(), t0.elapsed()))
-        }
-    })
+    let (new_backup, took) = wait_for(
+        "a new backup on a surviving node and the old backup relabelled primary",
+        T,
+        || {
+            let (client, ns, dead, promoted) = (
+                client.clone(),
+                ns.name.clone(),
+                dead.clone(),
+                backup.name_any(),
+            );
+            async move {
+                let pods = live_pods(&client, &ns).await;
+                let promoted_ok = pods.iter().any(|p| {
+                    p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary"
+                });
+                let fresh = pods.iter().find(|p| {
+                    p.annotations().get("lockstep.dev/pairs-with") == Some(&promoted)
+                        && !node_of(p).is_empty()
+                })?;
+                (promoted_ok && node_of(fresh) != dead).then(|| (fresh.clone(), t0.elapsed()))
+            }
+        },
+    )
     .await;
-    eprintln!("new backup {} on {} {:?} after the node failed", new_backup.name_any(), node_of(&new_backup), took);
-    assert_ne!(node_of(&new_backup), node_of(&backup), "anti-affinity: not beside the new primary");
-    assert!(took < Duration::from_secs(30), "protection restored only after {took:?}");
+    eprintln!(
+        "new backup {} on {} {:?} after the node failed",
+        new_backup.name_any(),
+        node_of(&new_backup),
+        took
+    );
+    assert_ne!(
+        node_of(&new_backup),
+        node_of(&backup),
+        "anti-affinity: not beside the new primary"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "protection restored only after {took:?}"
+    );
     let st = wait_for("Protected again with one failover", T, || {
         let api = api.clone();
         async move {
-            api.get_status("kvstore").await.ok()?.status.filter(|s| s.phase == Some(Phase::Protected) && s.failover_count == 1)
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Protected) && s.failover_count == 1)
         }
     })
     .await;
@@ -111,11 +167,21 @@ async fn primary_node_loss_is_handled_in_seconds() {
     // Once the node is NotReady, the old primary (left Terminating: no kubelet confirms) is removed.
     let all: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let old = primary.name_any();
-    let gone_after = wait_for("the old primary's pod to be gone from the dead node", T, || {
-        let all = all.clone();
-        let old = old.clone();
-        async move { all.get_opt(&old).await.ok()?.is_none().then(|| t0.elapsed()) }
-    })
+    let gone_after = wait_for(
+        "the old primary's pod to be gone from the dead node",
+        T,
+        || {
+            let all = all.clone();
+            let old = old.clone();
+            async move {
+                all.get_opt(&old)
+                    .await
+                    .ok()?
+                    .is_none()
+                    .then(|| t0.elapsed())
+            }
+        },
+    )
     .await;
     eprintln!("old primary {old} removed {gone_after:?} after the node failed");
     delete_ftvms(&client, &ns.name).await;

@@ -25,9 +25,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
-use crate::decide::{Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous, Role, decide};
+use crate::decide::{
+    Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous, Role, decide,
+};
 use crate::metrics::Metrics;
-use crate::resources::{self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY, PodPlan};
+use crate::resources::{
+    self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY,
+    PodPlan,
+};
 
 /// Field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "lockstep-operator";
@@ -38,7 +43,9 @@ pub const FINALIZER: &str = "lockstep.dev/cleanup";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An API call failed.
-    #[error("{op} failed: {source}; the operator retries, check RBAC (see charts/lockstep) and the apiserver")]
+    #[error(
+        "{op} failed: {source}; the operator retries, check RBAC (see charts/lockstep) and the apiserver"
+    )]
     Kube {
         /// What was being done.
         op: String,
@@ -60,7 +67,8 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube_api",
             Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",
             },
             Error::NoNamespace(_) => "no_namespace",
@@ -70,7 +78,10 @@ impl Error {
 
 fn kube_err(op: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let op = op.into();
-    move |e| Error::Kube { op, source: Box::new(e) }
+    move |e| Error::Kube {
+        op,
+        source: Box::new(e),
+    }
 }
 
 /// Operator settings.
@@ -100,39 +111,73 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
 impl Context {
     /// A context for `client`.
     pub fn new(client: Client, metrics: Metrics, settings: Settings) -> Self {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, settings }
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(settings.identity.clone()),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            settings,
+        }
     }
 }
 
 /// Reads everything the decision needs.
-pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -> Result<Observed, Error> {
+pub async fn observe(
+    ftvm: &FTVirtualMachine,
+    client: &Client,
+    now: Timestamp,
+) -> Result<Observed, Error> {
     let name = ftvm.name_any();
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let ns = ftvm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
-    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("list pods"))?;
     let uid = ftvm.uid();
     // Only pods this very object owns: a re-created FTVM of the same name must not adopt old pods.
     let owned: Vec<Pod> = list
         .items
         .into_iter()
-        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()))
+        .filter(|p| {
+            p.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
         .collect();
 
     let nodes: Api<Node> = Api::all(client.clone());
-    let node_names: BTreeSet<String> = owned.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
+    let node_names: BTreeSet<String> = owned
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
     let mut health = std::collections::BTreeMap::new();
     for n in node_names {
-        let node = nodes.get_opt(&n).await.map_err(kube_err(format!("get node {n}")))?;
-        health.insert(n, node.as_ref().map(node_health).unwrap_or(NodeHealth::Missing));
+        let node = nodes
+            .get_opt(&n)
+            .await
+            .map_err(kube_err(format!("get node {n}")))?;
+        health.insert(
+            n,
+            node.as_ref()
+                .map(node_health)
+                .unwrap_or(NodeHealth::Missing),
+        );
     }
     let pods = owned.iter().filter_map(|p| pod_view(p, &health)).collect();
 
@@ -145,7 +190,10 @@ pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -
             let spec = l.spec.unwrap_or_default();
             LeaseView {
                 holder: spec.holder_identity.filter(|h| !h.is_empty()),
-                epoch: spec.lease_transitions.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+                epoch: spec
+                    .lease_transitions
+                    .and_then(|t| u64::try_from(t).ok())
+                    .unwrap_or(0),
             }
         });
 
@@ -173,18 +221,29 @@ pub fn node_health(node: &Node) -> NodeHealth {
         .spec
         .as_ref()
         .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| t.iter().any(|t| t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready"));
+        .is_some_and(|t| {
+            t.iter().any(|t| {
+                t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready"
+            })
+        });
     let ready = node
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True");
-    if ready && !tainted { NodeHealth::Ready } else { NodeHealth::NotReady }
+    if ready && !tainted {
+        NodeHealth::Ready
+    } else {
+        NodeHealth::NotReady
+    }
 }
 
 /// Reduces a Pod to what the decision needs; `None` for pods not made by this operator.
-pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>) -> Option<PodView> {
+pub fn pod_view(
+    p: &Pod,
+    health: &std::collections::BTreeMap<String, NodeHealth>,
+) -> Option<PodView> {
     let labels = p.labels();
     let mode = Role::parse(labels.get(LABEL_MODE)?)?;
     let name = p.name_any();
@@ -203,8 +262,16 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
         mode,
         role_label: labels.get(LABEL_ROLE).and_then(|r| Role::parse(r)),
         pairs_with: p.annotations().get(ANN_PAIRS_WITH).cloned(),
-        created_epoch: p.annotations().get(ANN_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(0),
-        ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
+        created_epoch: p
+            .annotations()
+            .get(ANN_EPOCH)
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(0),
+        ip: p
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty()),
         state,
         deleting: p.metadata.deletion_timestamp.is_some(),
         node_health: match &node {
@@ -218,14 +285,20 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
 
 /// Performs a plan: actions in order, then events, then status.
 pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for action in &plan.actions {
         tracing::debug!(ftvm = %ftvm.name_any(), ?action, "executing");
         match action {
             Action::CreateLease => {
                 let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-                ignore_exists(api.create(&PostParams::default(), &resources::lease(ftvm)).await).map_err(kube_err("create lease"))?;
+                ignore_exists(
+                    api.create(&PostParams::default(), &resources::lease(ftvm))
+                        .await,
+                )
+                .map_err(kube_err("create lease"))?;
             }
             Action::ApplyService => {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
@@ -233,14 +306,19 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 let mut body = serde_json::to_value(&svc).unwrap_or_default();
                 body["apiVersion"] = json!("v1");
                 body["kind"] = json!("Service");
-                api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-                    .await
-                    .map_err(kube_err("apply service"))?;
+                api.patch(
+                    &ftvm.name_any(),
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&body),
+                )
+                .await
+                .map_err(kube_err("apply service"))?;
             }
             Action::ApplyAgentAccess => {
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
-                let mut sa = serde_json::to_value(resources::agent_service_account(&ns)).unwrap_or_default();
+                let mut sa =
+                    serde_json::to_value(resources::agent_service_account(&ns)).unwrap_or_default();
                 sa["apiVersion"] = json!("v1");
                 sa["kind"] = json!("ServiceAccount");
                 sa_api
@@ -248,7 +326,11 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     .await
                     .map_err(kube_err("apply agent service account"))?;
                 let rb_api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
-                let mut rb = serde_json::to_value(resources::agent_role_binding(&ns, &ctx.settings.agent_cluster_role)).unwrap_or_default();
+                let mut rb = serde_json::to_value(resources::agent_role_binding(
+                    &ns,
+                    &ctx.settings.agent_cluster_role,
+                ))
+                .unwrap_or_default();
                 rb["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
                 rb["kind"] = json!("RoleBinding");
                 rb_api
@@ -258,21 +340,37 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
             }
             Action::SetRole { pod, role } => {
                 let patch = json!({ "metadata": { "labels": { LABEL_ROLE: role.as_str() } } });
-                match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
-                    Ok(_) => tracing::info!(ftvm = %ftvm.name_any(), pod, role = role.as_str(), "relabelled"),
+                match pods
+                    .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(ftvm = %ftvm.name_any(), pod, role = role.as_str(), "relabelled")
+                    }
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
                     Err(e) => return Err(kube_err(format!("label pod {pod}"))(e)),
                 }
             }
             Action::DeletePod { pod, force, reason } => {
-                let dp = DeleteParams { grace_period_seconds: force.then_some(0), ..DeleteParams::default() };
+                let dp = DeleteParams {
+                    grace_period_seconds: force.then_some(0),
+                    ..DeleteParams::default()
+                };
                 match pods.delete(pod, &dp).await {
-                    Ok(_) => tracing::info!(ftvm = %ftvm.name_any(), pod, force, reason, "deleted replica"),
+                    Ok(_) => {
+                        tracing::info!(ftvm = %ftvm.name_any(), pod, force, reason, "deleted replica")
+                    }
                     Err(kube::Error::Api(s)) if s.is_not_found() => {}
                     Err(e) => return Err(kube_err(format!("delete pod {pod}"))(e)),
                 }
             }
-            Action::CreatePod { pod, member, mode, primary, epoch } => {
+            Action::CreatePod {
+                pod,
+                member,
+                mode,
+                primary,
+                epoch,
+            } => {
                 let plan = PodPlan {
                     name: pod,
                     member: *member,
@@ -282,7 +380,8 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     default_image: &ctx.settings.default_agent_image,
                 };
                 let obj = resources::pod(ftvm, &plan);
-                ignore_exists(pods.create(&PostParams::default(), &obj).await).map_err(kube_err(format!("create pod {pod}")))?;
+                ignore_exists(pods.create(&PostParams::default(), &obj).await)
+                    .map_err(kube_err(format!("create pod {pod}")))?;
                 tracing::info!(ftvm = %ftvm.name_any(), pod, mode = mode.as_str(), "created replica");
             }
         }
@@ -318,15 +417,39 @@ pub fn event_for(note: &Note) -> Event {
             "Relabel",
             format!("primary {from} was replaced by {to} at arbiter epoch {epoch}"),
         ),
-        Note::BackupCreated { pod, primary } => (EventType::Normal, "BackupCreated", "CreatePod", format!("creating backup {pod} for primary {primary}")),
-        Note::ReplicaLost { pod, reason } => (EventType::Warning, "ReplicaLost", "DeletePod", format!("replica {pod} is lost: {reason}")),
+        Note::BackupCreated { pod, primary } => (
+            EventType::Normal,
+            "BackupCreated",
+            "CreatePod",
+            format!("creating backup {pod} for primary {primary}"),
+        ),
+        Note::ReplicaLost { pod, reason } => (
+            EventType::Warning,
+            "ReplicaLost",
+            "DeletePod",
+            format!("replica {pod} is lost: {reason}"),
+        ),
         Note::InvalidSpec(msg) => (EventType::Warning, "InvalidSpec", "Validate", msg.clone()),
         Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
     };
-    Event { type_, reason: reason.into(), note: Some(text), action: action.into(), secondary: None }
+    Event {
+        type_,
+        reason: reason.into(),
+        note: Some(text),
+        action: action.into(),
+        secondary: None,
+    }
 }
 
-fn condition(prev: &[Condition], type_: &str, ok: bool, reason: &str, message: &str, generation: Option<i64>, now: Timestamp) -> Condition {
+fn condition(
+    prev: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     // Keep the transition time while the status does not change, as Kubernetes conventions ask.
     let since = prev
@@ -363,13 +486,25 @@ pub fn status_for(ftvm: &FTVirtualMachine, plan: &Plan, now: Timestamp) -> FTVir
         execution_lag_seconds: prev.execution_lag_seconds,
         observed_generation: generation,
         conditions: vec![
-            condition(&prev.conditions, "Ready", s.phase == Phase::Protected, s.phase.as_str(), &s.message, generation, now),
+            condition(
+                &prev.conditions,
+                "Ready",
+                s.phase == Phase::Protected,
+                s.phase.as_str(),
+                &s.message,
+                generation,
+                now,
+            ),
             condition(
                 &prev.conditions,
                 "SpecValid",
                 s.spec_valid,
                 if s.spec_valid { "Valid" } else { "Invalid" },
-                if s.spec_valid { "spec accepted" } else { &s.message },
+                if s.spec_valid {
+                    "spec accepted"
+                } else {
+                    &s.message
+                },
                 generation,
                 now,
             ),
@@ -378,7 +513,9 @@ pub fn status_for(ftvm: &FTVirtualMachine, plan: &Plan, now: Timestamp) -> FTVir
 }
 
 async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let status = status_for(ftvm, plan, Timestamp::now());
     let body = json!({
@@ -386,10 +523,17 @@ async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Re
         "kind": FTVirtualMachine::kind(&()),
         "status": status,
     });
-    api.patch_status(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-        .await
-        .map_err(kube_err("apply status"))?;
-    ctx.metrics.set_phase(&format!("{ns}/{}", ftvm.name_any()), Some(plan.status.phase));
+    api.patch_status(
+        &ftvm.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kube_err("apply status"))?;
+    ctx.metrics.set_phase(
+        &format!("{ns}/{}", ftvm.name_any()),
+        Some(plan.status.phase),
+    );
     Ok(())
 }
 
@@ -410,10 +554,15 @@ async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Er
 /// but deleting explicitly makes `kubectl delete ftvm` finish with the replicas really gone.
 async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Error> {
     let name = ftvm.name_any();
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let ns = ftvm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
-    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
+    let list = pods
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("list pods"))?;
     for p in list.items {
         let pname = p.name_any();
         if let Err(e) = pods.delete(&pname, &DeleteParams::default()).await
@@ -429,7 +578,9 @@ async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, 
         return Err(kube_err("delete service")(e));
     }
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Err(e) = leases.delete(&resources::lease_name(&name), &DeleteParams::default()).await
+    if let Err(e) = leases
+        .delete(&resources::lease_name(&name), &DeleteParams::default())
+        .await
         && !matches!(&e, kube::Error::Api(s) if s.is_not_found())
     {
         return Err(kube_err("delete lease")(e));
@@ -442,7 +593,9 @@ async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, 
 /// One reconcile of one FTVM.
 pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciles.inc();
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, ftvm, |event| async {
         match event {
@@ -456,26 +609,44 @@ pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result
 
 /// Counts the error and retries soon.
 pub fn error_policy(ftvm: Arc<FTVirtualMachine>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    ctx.metrics.errors.with_label_values(&[error.metric_label()]).inc();
+    ctx.metrics
+        .errors
+        .with_label_values(&[error.metric_label()])
+        .inc();
     tracing::warn!(ftvm = %ftvm.name_any(), error = %error, "reconcile failed");
     Requeue::requeue(Duration::from_secs(2))
 }
 
 /// Runs the controller until `shutdown` completes.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
-    let (ftvms, pods, leases, services): (Api<FTVirtualMachine>, Api<Pod>, Api<Lease>, Api<Service>) = match &ctx.settings.namespace {
+    let (ftvms, pods, leases, services): (
+        Api<FTVirtualMachine>,
+        Api<Pod>,
+        Api<Lease>,
+        Api<Service>,
+    ) = match &ctx.settings.namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
-    let ours = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let ours =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // Leases are also taken and renewed by the agents: every holder change wakes us up at once.
-    let arbiter_leases = watcher::Config::default().labels(&format!("{}=true", lockstep_arbiter::ARBITER_LABEL));
+    let arbiter_leases =
+        watcher::Config::default().labels(&format!("{}=true", lockstep_arbiter::ARBITER_LABEL));
     let controller = Controller::new(ftvms, watcher::Config::default());
     let store = controller.store();
     controller
@@ -483,19 +654,24 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(leases, arbiter_leases)
         .owns(services, ours)
         // A node change (NotReady, unreachable taint, deletion) wakes the FTVMs whose replicas run there.
-        .watches(Api::<Node>::all(client), watcher::Config::default(), move |node: Node| {
-            let n = node.name_any();
-            store
-                .state()
-                .iter()
-                .filter(|f| {
-                    f.status
-                        .as_ref()
-                        .is_some_and(|s| s.primary_node.as_deref() == Some(n.as_str()) || s.backup_node.as_deref() == Some(n.as_str()))
-                })
-                .map(|f| ObjectRef::from_obj(f.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches(
+            Api::<Node>::all(client),
+            watcher::Config::default(),
+            move |node: Node| {
+                let n = node.name_any();
+                store
+                    .state()
+                    .iter()
+                    .filter(|f| {
+                        f.status.as_ref().is_some_and(|s| {
+                            s.primary_node.as_deref() == Some(n.as_str())
+                                || s.backup_node.as_deref() == Some(n.as_str())
+                        })
+                    })
+                    .map(|f| ObjectRef::from_obj(f.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -526,16 +702,27 @@ mod tests {
         assert_eq!(node_health(&node("True", None)), NodeHealth::Ready);
         assert_eq!(node_health(&node("Unknown", None)), NodeHealth::NotReady);
         assert_eq!(node_health(&node("False", None)), NodeHealth::NotReady);
-        assert_eq!(node_health(&node("True", Some("node.kubernetes.io/unreachable"))), NodeHealth::NotReady);
+        assert_eq!(
+            node_health(&node("True", Some("node.kubernetes.io/unreachable"))),
+            NodeHealth::NotReady
+        );
     }
 
     #[test]
     fn pod_view_reads_what_the_builder_wrote() {
         let f = ftvm(json!({"guest": "kvstore"}));
-        let plan = PodPlan { name: "vm-3", member: 3, mode: Role::Backup, primary: Some(("vm-2", "10.0.0.2")), epoch: 5, default_image: "i" };
+        let plan = PodPlan {
+            name: "vm-3",
+            member: 3,
+            mode: Role::Backup,
+            primary: Some(("vm-2", "10.0.0.2")),
+            epoch: 5,
+            default_image: "i",
+        };
         let mut p = resources::pod(&f, &plan);
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
-        p.status = Some(serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3"})).unwrap());
+        p.status =
+            Some(serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3"})).unwrap());
         let health = std::collections::BTreeMap::from([("n1".to_string(), NodeHealth::Ready)]);
         let v = pod_view(&p, &health).unwrap();
         assert_eq!(
@@ -555,7 +742,10 @@ mod tests {
             }
         );
         // a pod on a node we did not find is on a missing node
-        assert_eq!(pod_view(&p, &Default::default()).unwrap().node_health, NodeHealth::Missing);
+        assert_eq!(
+            pod_view(&p, &Default::default()).unwrap().node_health,
+            NodeHealth::Missing
+        );
     }
 
     #[test]
@@ -587,16 +777,29 @@ mod tests {
 
     #[test]
     fn events_have_reasons_and_notes() {
-        let e = event_for(&Note::Failover { from: "a".into(), to: "b".into(), epoch: 3 });
+        let e = event_for(&Note::Failover {
+            from: "a".into(),
+            to: "b".into(),
+            epoch: 3,
+        });
         assert_eq!(e.reason, "Failover");
         assert!(e.note.unwrap().contains("epoch 3"));
-        assert_eq!(event_for(&Note::InvalidSpec("x".into())).reason, "InvalidSpec");
+        assert_eq!(
+            event_for(&Note::InvalidSpec("x".into())).reason,
+            "InvalidSpec"
+        );
     }
 
     #[test]
     fn error_labels_are_stable() {
-        let e = Error::Kube { op: "x".into(), source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded) };
+        let e = Error::Kube {
+            op: "x".into(),
+            source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded),
+        };
         assert_eq!(e.metric_label(), "kube_api");
-        assert_eq!(Error::NoNamespace("a".into()).metric_label(), "no_namespace");
+        assert_eq!(
+            Error::NoNamespace("a".into()).metric_label(),
+            "no_namespace"
+        );
     }
 }

@@ -298,7 +298,12 @@ pub fn decide(o: &Observed) -> Plan {
             notes.push(Note::InvalidSpec(err.clone()));
         }
         // Leave whatever runs alone: an edit that broke the spec must not kill a live VM.
-        return Plan { actions, notes, status, failover: false };
+        return Plan {
+            actions,
+            notes,
+            status,
+            failover: false,
+        };
     }
 
     if o.lease.is_none() {
@@ -322,8 +327,15 @@ pub fn decide(o: &Observed) -> Plan {
         }
         if let Some(reason) = p.lost_reason() {
             let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
-            notes.push(Note::ReplicaLost { pod: p.name.clone(), reason: reason.clone() });
-            deletes.push(Action::DeletePod { pod: p.name.clone(), force, reason });
+            notes.push(Note::ReplicaLost {
+                pod: p.name.clone(),
+                reason: reason.clone(),
+            });
+            deletes.push(Action::DeletePod {
+                pod: p.name.clone(),
+                force,
+                reason,
+            });
         }
     }
     let live: Vec<&PodView> = o.pods.iter().filter(|p| p.live()).collect();
@@ -331,9 +343,15 @@ pub fn decide(o: &Observed) -> Plan {
     // Who is (or is to be) primary: the Lease holder, else at epoch 0 the primary-mode pod.
     let primary_name: Option<String> = match &lease.holder {
         Some(h) => Some(h.clone()),
-        None => live.iter().filter(|p| p.mode == Role::Primary).min_by_key(|p| p.member).map(|p| p.name.clone()),
+        None => live
+            .iter()
+            .filter(|p| p.mode == Role::Primary)
+            .min_by_key(|p| p.member)
+            .map(|p| p.name.clone()),
     };
-    let primary: Option<&PodView> = primary_name.as_deref().and_then(|n| live.iter().copied().find(|p| p.name == n));
+    let primary: Option<&PodView> = primary_name
+        .as_deref()
+        .and_then(|n| live.iter().copied().find(|p| p.name == n));
 
     // A backup is valid if it follows the primary-to-be and has not been fenced by a later epoch.
     let valid_backup = |p: &PodView| {
@@ -357,30 +375,44 @@ pub fn decide(o: &Observed) -> Plan {
         failover = true;
         status.failover_count = prev.failover_count.saturating_add(1);
         status.last_failover = Some(o.now);
-        notes.push(Note::Failover { from: old.clone(), to: new.clone(), epoch: lease.epoch });
+        notes.push(Note::Failover {
+            from: old.clone(),
+            to: new.clone(),
+            epoch: lease.epoch,
+        });
     }
 
     // Labels: demote first, then promote, so the Service never selects two pods.
     for p in &live {
         let is_primary = primary.is_some_and(|pr| pr.name == p.name);
         if !is_primary && p.role_label == Some(Role::Primary) {
-            actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Backup });
+            actions.push(Action::SetRole {
+                pod: p.name.clone(),
+                role: Role::Backup,
+            });
         }
     }
     if let Some(p) = primary
         && p.role_label != Some(Role::Primary)
     {
-        actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Primary });
+        actions.push(Action::SetRole {
+            pod: p.name.clone(),
+            role: Role::Primary,
+        });
     }
     if let Some(b) = backup
         && b.role_label.is_none()
     {
-        actions.push(Action::SetRole { pod: b.name.clone(), role: Role::Backup });
+        actions.push(Action::SetRole {
+            pod: b.name.clone(),
+            role: Role::Backup,
+        });
     }
 
     // Stale replicas: alive but neither the primary nor its one valid backup.
     for p in &live {
-        let keep = primary.is_some_and(|pr| pr.name == p.name) || backup.is_some_and(|b| b.name == p.name);
+        let keep =
+            primary.is_some_and(|pr| pr.name == p.name) || backup.is_some_and(|b| b.name == p.name);
         if !keep {
             let reason = if extra_backups.iter().any(|e| e.name == p.name) {
                 "a second backup for the same primary".to_owned()
@@ -391,7 +423,11 @@ pub fn decide(o: &Observed) -> Plan {
                     lease.epoch
                 )
             };
-            deletes.push(Action::DeletePod { pod: p.name.clone(), force: false, reason });
+            deletes.push(Action::DeletePod {
+                pod: p.name.clone(),
+                force: false,
+                reason,
+            });
         }
     }
     actions.extend(deletes);
@@ -407,7 +443,10 @@ pub fn decide(o: &Observed) -> Plan {
                 match &pr.ip {
                     Some(ip) => {
                         let pod = pod_name(&o.name, next_member);
-                        notes.push(Note::BackupCreated { pod: pod.clone(), primary: pr.name.clone() });
+                        notes.push(Note::BackupCreated {
+                            pod: pod.clone(),
+                            primary: pr.name.clone(),
+                        });
                         actions.push(Action::CreatePod {
                             pod,
                             member: next_member,
@@ -416,22 +455,53 @@ pub fn decide(o: &Observed) -> Plan {
                             epoch: lease.epoch,
                         });
                     }
-                    None => status.message = format!("waiting for primary {} to get a pod IP before creating its backup", pr.name),
+                    None => {
+                        status.message = format!(
+                            "waiting for primary {} to get a pod IP before creating its backup",
+                            pr.name
+                        )
+                    }
                 }
             }
-            let both_running = pr.state == PodState::Running && backup.is_some_and(|b| b.state == PodState::Running);
+            let both_running = pr.state == PodState::Running
+                && backup.is_some_and(|b| b.state == PodState::Running);
             (status.phase, status.message) = if lease.holder.is_none() {
-                (Phase::Pending, or(status.message, format!("waiting for primary {} to take the arbiter lease", pr.name)))
+                (
+                    Phase::Pending,
+                    or(
+                        status.message,
+                        format!("waiting for primary {} to take the arbiter lease", pr.name),
+                    ),
+                )
             } else if both_running {
-                (Phase::Protected, format!("primary {} is protected by backup {}", pr.name, backup.map(|b| b.name.as_str()).unwrap_or("")))
+                (
+                    Phase::Protected,
+                    format!(
+                        "primary {} is protected by backup {}",
+                        pr.name,
+                        backup.map(|b| b.name.as_str()).unwrap_or("")
+                    ),
+                )
             } else {
-                (Phase::Degraded, or(status.message, format!("primary {} runs without a running backup", pr.name)))
+                (
+                    Phase::Degraded,
+                    or(
+                        status.message,
+                        format!("primary {} runs without a running backup", pr.name),
+                    ),
+                )
             };
         }
         None if lease.epoch == 0 && lease.holder.is_none() => {
             // Nobody went live yet: no state can be lost by starting (again) from scratch.
             let pod = pod_name(&o.name, next_member);
-            actions.push(Action::CreatePod { pod, member: next_member, mode: Role::Primary, primary: None, epoch: 0 });
+            actions.push(Action::CreatePod {
+                pod,
+                member: next_member,
+                mode: Role::Primary,
+                primary: None,
+                epoch: 0,
+            });
             status.message = "creating the primary".into();
         }
         None => {
@@ -439,7 +509,10 @@ pub fn decide(o: &Observed) -> Plan {
             if let Some(b) = backup {
                 status.phase = Phase::FailingOver;
                 status.backup = Some((b.name.clone(), b.node.clone()));
-                status.message = format!("primary {holder} is lost; waiting for backup {} to take the arbiter", b.name);
+                status.message = format!(
+                    "primary {holder} is lost; waiting for backup {} to take the arbiter",
+                    b.name
+                );
             } else {
                 status.phase = Phase::Failed;
                 status.message = format!(
@@ -452,11 +525,20 @@ pub fn decide(o: &Observed) -> Plan {
             }
         }
     }
-    Plan { actions, notes, status, failover }
+    Plan {
+        actions,
+        notes,
+        status,
+        failover,
+    }
 }
 
 fn or(current: String, fallback: String) -> String {
-    if current.is_empty() { fallback } else { current }
+    if current.is_empty() {
+        fallback
+    } else {
+        current
+    }
 }
 
 #[cfg(test)]
@@ -480,14 +562,25 @@ mod tests {
     }
 
     fn backup_of(name: &str, primary: &str, epoch: u64) -> PodView {
-        PodView { pairs_with: Some(primary.into()), created_epoch: epoch, ..pod(name, Role::Backup) }
+        PodView {
+            pairs_with: Some(primary.into()),
+            created_epoch: epoch,
+            ..pod(name, Role::Backup)
+        }
     }
 
     fn observed(lease: Option<(&str, u64)>, pods: Vec<PodView>) -> Observed {
         Observed {
             name: "vm".into(),
             spec_error: None,
-            lease: Some(lease.map(|(h, e)| LeaseView { holder: Some(h.into()), epoch: e }).unwrap_or_default()),
+            lease: Some(
+                lease
+                    .map(|(h, e)| LeaseView {
+                        holder: Some(h.into()),
+                        epoch: e,
+                    })
+                    .unwrap_or_default(),
+            ),
             pods,
             previous: Previous::default(),
             now: Timestamp::from_second(1_000_000).unwrap(),
@@ -537,7 +630,11 @@ mod tests {
 
         p.ip = Some("10.1.2.3".into());
         let plan = decide(&observed(None, vec![p]));
-        let create = plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. })).unwrap();
+        let create = plan
+            .actions
+            .iter()
+            .find(|a| matches!(a, Action::CreatePod { .. }))
+            .unwrap();
         assert_eq!(
             create,
             &Action::CreatePod {
@@ -548,22 +645,41 @@ mod tests {
                 epoch: 0
             }
         );
-        assert!(plan.notes.contains(&Note::BackupCreated { pod: "vm-1".into(), primary: "vm-0".into() }));
+        assert!(plan.notes.contains(&Note::BackupCreated {
+            pod: "vm-1".into(),
+            primary: "vm-0".into()
+        }));
     }
 
     #[test]
     fn protected_when_holder_and_backup_run() {
-        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
+        ));
         assert_eq!(plan.status.phase, Phase::Protected);
-        assert_eq!(plan.status.primary, Some(("vm-0".into(), Some("node-vm-0".into()))));
-        assert_eq!(plan.status.backup, Some(("vm-1".into(), Some("node-vm-1".into()))));
+        assert_eq!(
+            plan.status.primary,
+            Some(("vm-0".into(), Some("node-vm-0".into())))
+        );
+        assert_eq!(
+            plan.status.backup,
+            Some(("vm-1".into(), Some("node-vm-1".into())))
+        );
         assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
-        assert_eq!(plan.actions, vec![Action::ApplyService, Action::ApplyAgentAccess], "steady state does nothing else");
+        assert_eq!(
+            plan.actions,
+            vec![Action::ApplyService, Action::ApplyAgentAccess],
+            "steady state does nothing else"
+        );
     }
 
     #[test]
     fn pending_until_the_primary_takes_the_lease() {
-        let plan = decide(&observed(None, vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        let plan = decide(&observed(
+            None,
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
+        ));
         assert_eq!(plan.status.phase, Phase::Pending);
         assert!(plan.status.message.contains("take the arbiter"));
     }
@@ -575,33 +691,69 @@ mod tests {
         old.node_health = NodeHealth::NotReady;
         let new = backup_of("vm-1", "vm-0", 1);
         let mut o = observed(Some(("vm-1", 2)), vec![old, new]);
-        o.previous = Previous { primary_pod: Some("vm-0".into()), epoch: 1, failover_count: 3, ..Previous::default() };
+        o.previous = Previous {
+            primary_pod: Some("vm-0".into()),
+            epoch: 1,
+            failover_count: 3,
+            ..Previous::default()
+        };
         let plan = decide(&o);
         assert!(plan.failover);
         assert_eq!(plan.status.failover_count, 4);
         assert_eq!(plan.status.last_failover, Some(o.now));
-        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Primary }));
-        assert_eq!(deletes(&plan), [("vm-0".to_string(), true)], "pod on a dead node is force-deleted");
+        assert!(plan.actions.contains(&Action::SetRole {
+            pod: "vm-1".into(),
+            role: Role::Primary
+        }));
+        assert_eq!(
+            deletes(&plan),
+            [("vm-0".to_string(), true)],
+            "pod on a dead node is force-deleted"
+        );
         assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
-        let Some(Action::CreatePod { primary, epoch, .. }) = plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. })) else {
+        let Some(Action::CreatePod { primary, epoch, .. }) = plan
+            .actions
+            .iter()
+            .find(|a| matches!(a, Action::CreatePod { .. }))
+        else {
             unreachable!()
         };
         assert_eq!(primary.as_ref().unwrap().0, "vm-1");
         assert_eq!(*epoch, 2);
         assert_eq!(plan.status.phase, Phase::Degraded);
-        assert!(plan.notes.iter().any(|n| matches!(n, Note::Failover { to, epoch: 2, .. } if to == "vm-1")));
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| matches!(n, Note::Failover { to, epoch: 2, .. } if to == "vm-1"))
+        );
     }
 
     #[test]
     fn loser_on_a_healthy_node_is_demoted_before_promotion_and_removed() {
         // Partition: vm-1 won; vm-0 still runs on a ready node and still carries the primary label.
-        let mut o = observed(Some(("vm-1", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]);
+        let mut o = observed(
+            Some(("vm-1", 2)),
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)],
+        );
         o.previous.primary_pod = Some("vm-0".into());
         o.previous.epoch = 1;
         let plan = decide(&o);
-        let demote = plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-0".into(), role: Role::Backup });
-        let promote = plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-1".into(), role: Role::Primary });
-        assert!(demote.unwrap() < promote.unwrap(), "never two pods labelled primary");
+        let demote = plan.actions.iter().position(|a| {
+            *a == Action::SetRole {
+                pod: "vm-0".into(),
+                role: Role::Backup,
+            }
+        });
+        let promote = plan.actions.iter().position(|a| {
+            *a == Action::SetRole {
+                pod: "vm-1".into(),
+                role: Role::Primary,
+            }
+        });
+        assert!(
+            demote.unwrap() < promote.unwrap(),
+            "never two pods labelled primary"
+        );
         assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
     }
 
@@ -618,23 +770,37 @@ mod tests {
         assert!(plan.notes.iter().any(|n| matches!(n, Note::StateLost(_))));
         // and the event is not repeated once Failed is recorded
         o.previous.phase = Some(Phase::Failed);
-        assert!(!decide(&o).notes.iter().any(|n| matches!(n, Note::StateLost(_))));
+        assert!(
+            !decide(&o)
+                .notes
+                .iter()
+                .any(|n| matches!(n, Note::StateLost(_)))
+        );
     }
 
     #[test]
     fn primary_lost_with_live_backup_is_failing_over_and_keeps_the_backup() {
         let mut p = pod("vm-0", Role::Primary);
         p.state = PodState::Exited;
-        let plan = decide(&observed(Some(("vm-0", 1)), vec![p, backup_of("vm-1", "vm-0", 1)]));
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![p, backup_of("vm-1", "vm-0", 1)],
+        ));
         assert_eq!(plan.status.phase, Phase::FailingOver);
         assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
-        assert!(creates(&plan).is_empty(), "the backup takes over by itself; nothing new is started");
+        assert!(
+            creates(&plan).is_empty(),
+            "the backup takes over by itself; nothing new is started"
+        );
     }
 
     #[test]
     fn backup_fenced_by_a_later_epoch_is_replaced() {
         // The primary lost contact and continued alone at epoch 2; the old backup (epoch 1) is stale.
-        let plan = decide(&observed(Some(("vm-0", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]));
+        let plan = decide(&observed(
+            Some(("vm-0", 2)),
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)],
+        ));
         assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
         assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
         assert_eq!(plan.status.phase, Phase::Degraded);
@@ -642,7 +808,10 @@ mod tests {
 
     #[test]
     fn backup_created_at_epoch_zero_stays_valid_at_epoch_one() {
-        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
+        ));
         assert!(deletes(&plan).is_empty());
     }
 
@@ -669,16 +838,29 @@ mod tests {
         let mut old = pod("vm-0", Role::Primary);
         old.deleting = true;
         old.node_health = NodeHealth::NotReady;
-        let plan = decide(&observed(Some(("vm-1", 2)), vec![old, backup_of("vm-1", "vm-0", 1)]));
+        let plan = decide(&observed(
+            Some(("vm-1", 2)),
+            vec![old, backup_of("vm-1", "vm-0", 1)],
+        ));
         assert_eq!(deletes(&plan), [("vm-0".to_string(), true)]);
-        assert!(!plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { .. })), "already reported when first deleted");
+        assert!(
+            !plan
+                .notes
+                .iter()
+                .any(|n| matches!(n, Note::ReplicaLost { .. })),
+            "already reported when first deleted"
+        );
     }
 
     #[test]
     fn duplicate_backups_are_trimmed_to_one() {
         let plan = decide(&observed(
             Some(("vm-0", 1)),
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1), backup_of("vm-2", "vm-0", 1)],
+            vec![
+                pod("vm-0", Role::Primary),
+                backup_of("vm-1", "vm-0", 1),
+                backup_of("vm-2", "vm-0", 1),
+            ],
         ));
         assert_eq!(deletes(&plan), [("vm-2".to_string(), false)]);
         assert_eq!(plan.status.backup.unwrap().0, "vm-1");
@@ -701,7 +883,13 @@ mod tests {
     fn missing_role_label_on_backup_is_set() {
         let mut b = backup_of("vm-1", "vm-0", 1);
         b.role_label = None;
-        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), b]));
-        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Backup }));
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![pod("vm-0", Role::Primary), b],
+        ));
+        assert!(plan.actions.contains(&Action::SetRole {
+            pod: "vm-1".into(),
+            role: Role::Backup
+        }));
     }
 }

@@ -49,7 +49,9 @@ pub enum SteppedDown {
         epoch: u64,
     },
     /// Renewing failed for longer than the renew deadline.
-    #[error("could not renew the leader lease for {0:?}; stepping down before another replica may take over")]
+    #[error(
+        "could not renew the leader lease for {0:?}; stepping down before another replica may take over"
+    )]
     Deadline(Duration),
 }
 
@@ -80,7 +82,10 @@ pub async fn acquire(arbiter: &dyn Arbiter, me: &str, timing: Timing) -> u64 {
     let mut observer = Observer::default();
     loop {
         match arbiter.read().await {
-            Ok(rec) if rec.holder.as_deref() == Some(me) || observer.should_take(&rec, Instant::now(), timing.lease_duration) => {
+            Ok(rec)
+                if rec.holder.as_deref() == Some(me)
+                    || observer.should_take(&rec, Instant::now(), timing.lease_duration) =>
+            {
                 // A record still naming us is from an earlier run of this pod: take a fresh epoch
                 // rather than trust state we no longer remember.
                 match arbiter.try_take(rec.epoch, me).await {
@@ -92,7 +97,9 @@ pub async fn acquire(arbiter: &dyn Arbiter, me: &str, timing: Timing) -> u64 {
                     Err(e) => tracing::warn!(error = %e, "leader election take failed"),
                 }
             }
-            Ok(rec) => tracing::debug!(holder = ?rec.holder, epoch = rec.epoch, "leader is alive; standing by"),
+            Ok(rec) => {
+                tracing::debug!(holder = ?rec.holder, epoch = rec.epoch, "leader is alive; standing by")
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read the leader lease"),
         }
         tokio::time::sleep(timing.retry_period).await;
@@ -106,7 +113,9 @@ pub async fn hold(arbiter: &dyn Arbiter, me: &str, epoch: u64, timing: Timing) -
         tokio::time::sleep(timing.renew_period).await;
         match arbiter.renew(epoch, me).await {
             Ok(lockstep_arbiter::Outcome::Won { .. }) => last_ok = Instant::now(),
-            Ok(lockstep_arbiter::Outcome::Lost { holder, epoch }) => return SteppedDown::Lost { holder, epoch },
+            Ok(lockstep_arbiter::Outcome::Lost { holder, epoch }) => {
+                return SteppedDown::Lost { holder, epoch };
+            }
             Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
         }
         if last_ok.elapsed() >= timing.renew_deadline {
@@ -140,7 +149,11 @@ mod tests {
         assert!(!o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(9), d));
         assert!(!o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(18), d));
         assert!(o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(19), d));
-        let free = Record { holder: None, epoch: 4, renewed_at: None };
+        let free = Record {
+            holder: None,
+            epoch: 4,
+            renewed_at: None,
+        };
         assert!(Observer::default().should_take(&free, t0, d));
     }
 
@@ -173,10 +186,16 @@ mod tests {
         assert_eq!(arb.read().await.unwrap().holder.as_deref(), Some("op-a"));
         // a dies (stops renewing): b takes over after a lease duration of silence.
         a_holds.abort();
-        let epoch = tokio::time::timeout(Duration::from_secs(3), b).await.expect("b never took over").unwrap();
+        let epoch = tokio::time::timeout(Duration::from_secs(3), b)
+            .await
+            .expect("b never took over")
+            .unwrap();
         assert_eq!(epoch, 2);
         // a's lease is fenced: renewing its old epoch reports the new holder.
         let down = hold(arb.as_ref(), "op-a", first, fast()).await;
-        assert!(matches!(down, SteppedDown::Lost { epoch: 2, ref holder } if holder.as_deref() == Some("op-b")), "{down}");
+        assert!(
+            matches!(down, SteppedDown::Lost { epoch: 2, ref holder } if holder.as_deref() == Some("op-b")),
+            "{down}"
+        );
     }
 }

@@ -9,7 +9,9 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::crd::Phase;
 
@@ -37,7 +39,9 @@ pub enum MetricsError {
     #[error("cannot register metric: {0}")]
     Register(#[from] prometheus::Error),
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr} for /metrics: {source}; pick a free address with --metrics-listen")]
+    #[error(
+        "cannot listen on {addr} for /metrics: {source}; pick a free address with --metrics-listen"
+    )]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -51,14 +55,29 @@ impl Metrics {
     /// Registers all metrics in a fresh registry.
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let reconciles = IntCounter::new("lockstep_operator_reconciles_total", "Reconciles of FTVirtualMachines started")?;
+        let reconciles = IntCounter::new(
+            "lockstep_operator_reconciles_total",
+            "Reconciles of FTVirtualMachines started",
+        )?;
         let errors = IntCounterVec::new(
-            Opts::new("lockstep_operator_reconcile_errors_total", "Failed reconciles by reason"),
+            Opts::new(
+                "lockstep_operator_reconcile_errors_total",
+                "Failed reconciles by reason",
+            ),
             &["reason"],
         )?;
-        let ftvms = IntGaugeVec::new(Opts::new("lockstep_operator_ftvms", "FTVirtualMachines by phase"), &["phase"])?;
-        let failovers = IntCounter::new("lockstep_operator_failovers_total", "Failovers (arbiter holder changes) seen")?;
-        let leader = IntGauge::new("lockstep_operator_leader", "1 while this operator replica is the elected leader")?;
+        let ftvms = IntGaugeVec::new(
+            Opts::new("lockstep_operator_ftvms", "FTVirtualMachines by phase"),
+            &["phase"],
+        )?;
+        let failovers = IntCounter::new(
+            "lockstep_operator_failovers_total",
+            "Failovers (arbiter holder changes) seen",
+        )?;
+        let leader = IntGauge::new(
+            "lockstep_operator_leader",
+            "1 while this operator replica is the elected leader",
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ftvms.clone()))?;
@@ -67,7 +86,15 @@ impl Metrics {
         for p in Phase::ALL {
             ftvms.with_label_values(&[p.as_str()]).set(0);
         }
-        Ok(Metrics { registry, reconciles, errors, ftvms, failovers, leader, phases: Arc::default() })
+        Ok(Metrics {
+            registry,
+            reconciles,
+            errors,
+            ftvms,
+            failovers,
+            leader,
+            phases: Arc::default(),
+        })
     }
 
     /// Records the phase of one FTVM (`None` when it is gone) and refreshes the by-phase gauge.
@@ -94,7 +121,9 @@ impl Metrics {
 
 /// Binds the metrics listener (so the caller learns about a busy port at start-up).
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
 }
 
 /// Serves `/metrics` and `/healthz` until the task is dropped.
@@ -114,7 +143,10 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(route(&req, &metrics)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
         });
@@ -123,9 +155,17 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
 
 fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
         "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics or /healthz\n".to_owned(),
+        ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -154,7 +194,11 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out

@@ -30,12 +30,23 @@ fn serve(
         let mut h = pin!(handle);
         let mut seen = Vec::new();
         for (code, answer) in script {
-            let (req, send) = h.next_request().await.expect("fewer requests than scripted");
+            let (req, send) = h
+                .next_request()
+                .await
+                .expect("fewer requests than scripted");
             let method = req.method().to_string();
             let uri = req.uri().to_string();
-            let content_type = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            let content_type = req
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
             let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
             let reply = answer.unwrap_or_else(|| body.clone());
             send.send_response(
                 Response::builder()
@@ -44,7 +55,12 @@ fn serve(
                     .body(Body::from(serde_json::to_vec(&reply).unwrap()))
                     .unwrap(),
             );
-            seen.push(Seen { method, uri, content_type, body });
+            seen.push(Seen {
+                method,
+                uri,
+                content_type,
+                body,
+            });
         }
         seen
     })
@@ -66,7 +82,12 @@ fn ftvm() -> FTVirtualMachine {
 fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
     let client = kube::Client::new(svc, "ns");
     let metrics = Metrics::new().unwrap();
-    let settings = Settings { namespace: None, default_agent_image: "agent:test".into(), identity: "op-0".into(), agent_cluster_role: "lockstep-agent".into() };
+    let settings = Settings {
+        namespace: None,
+        default_agent_image: "agent:test".into(),
+        identity: "op-0".into(),
+        agent_cluster_role: "lockstep-agent".into(),
+    };
     (Context::new(client, metrics.clone(), settings), metrics)
 }
 
@@ -79,8 +100,15 @@ fn failover_plan() -> Plan {
         actions: vec![
             Action::CreateLease,
             Action::ApplyService,
-            Action::SetRole { pod: "vm-1".into(), role: Role::Primary },
-            Action::DeletePod { pod: "vm-0".into(), force: true, reason: "node gone".into() },
+            Action::SetRole {
+                pod: "vm-1".into(),
+                role: Role::Primary,
+            },
+            Action::DeletePod {
+                pod: "vm-0".into(),
+                force: true,
+                reason: "node gone".into(),
+            },
             Action::CreatePod {
                 pod: "vm-2".into(),
                 member: 2,
@@ -89,7 +117,11 @@ fn failover_plan() -> Plan {
                 epoch: 2,
             },
         ],
-        notes: vec![Note::Failover { from: "vm-0".into(), to: "vm-1".into(), epoch: 2 }],
+        notes: vec![Note::Failover {
+            from: "vm-0".into(),
+            to: "vm-1".into(),
+            epoch: 2,
+        }],
         status: StatusView {
             phase: Phase::Degraded,
             message: "primary vm-1 runs without a running backup".into(),
@@ -110,19 +142,27 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
     let server = serve(
         handle,
         vec![
-            (201, None),                                                      // lease
-            (200, None),                                                      // service apply
-            (200, None),                                                      // relabel
-            (200, Some(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}))), // delete
-            (201, None),                                                      // pod
-            (201, None),                                                      // event
-            (200, Some(ftvm_json())),                                         // status
+            (201, None), // lease
+            (200, None), // service apply
+            (200, None), // relabel
+            (
+                200,
+                Some(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})),
+            ), // delete
+            (201, None), // pod
+            (201, None), // event
+            (200, Some(ftvm_json())), // status
         ],
     );
     let (ctx, metrics) = ctx(svc);
-    controller::execute(&ftvm(), &failover_plan(), &ctx).await.unwrap();
+    controller::execute(&ftvm(), &failover_plan(), &ctx)
+        .await
+        .unwrap();
     let seen = server.await.unwrap();
-    let calls: Vec<String> = seen.iter().map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap())).collect();
+    let calls: Vec<String> = seen
+        .iter()
+        .map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap()))
+        .collect();
     assert_eq!(
         calls,
         [
@@ -137,25 +177,48 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
     );
     // The Lease starts empty and owned by the FTVM.
     assert_eq!(seen[0].body["spec"]["leaseTransitions"], 0);
-    assert_eq!(seen[0].body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    assert_eq!(
+        seen[0].body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-1"
+    );
     // Service and status go through server-side apply with our field manager.
     for i in [1, 6] {
         assert_eq!(seen[i].content_type, "application/apply-patch+yaml");
-        assert!(seen[i].uri.contains("fieldManager=lockstep-operator"), "{}", seen[i].uri);
+        assert!(
+            seen[i].uri.contains("fieldManager=lockstep-operator"),
+            "{}",
+            seen[i].uri
+        );
     }
-    assert_eq!(seen[1].body["spec"]["selector"]["lockstep.dev/role"], "primary");
+    assert_eq!(
+        seen[1].body["spec"]["selector"]["lockstep.dev/role"],
+        "primary"
+    );
     assert_eq!(seen[2].content_type, "application/merge-patch+json");
-    assert_eq!(seen[2].body, json!({"metadata": {"labels": {"lockstep.dev/role": "primary"}}}));
+    assert_eq!(
+        seen[2].body,
+        json!({"metadata": {"labels": {"lockstep.dev/role": "primary"}}})
+    );
     // A pod on a lost node is deleted without grace: its kubelet cannot confirm.
     assert_eq!(seen[3].body["gracePeriodSeconds"], 0);
-    let args = seen[4].body["spec"]["containers"][0]["args"].as_array().unwrap().clone();
+    let args = seen[4].body["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert_eq!(args[0], "backup");
     assert!(args.contains(&json!("10.0.0.2:7000")));
     assert_eq!(seen[4].body["spec"]["containers"][0]["image"], "agent:test");
     assert_eq!(seen[5].body["reason"], "Failover");
     let st = &seen[6].body["status"];
     assert_eq!(seen[6].body["kind"], "FTVirtualMachine");
-    assert_eq!((st["phase"].as_str(), st["epoch"].as_u64(), st["primaryNode"].as_str()), (Some("Degraded"), Some(2), Some("node-b")));
+    assert_eq!(
+        (
+            st["phase"].as_str(),
+            st["epoch"].as_u64(),
+            st["primaryNode"].as_str()
+        ),
+        (Some("Degraded"), Some(2), Some("node-b"))
+    );
     assert_eq!(st["failoverCount"], 1);
     assert_eq!(metrics.failovers.get(), 1);
     assert_eq!(metrics.ftvms.with_label_values(&["Degraded"]).get(), 1);
@@ -164,17 +227,32 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
 #[tokio::test]
 async fn already_existing_objects_are_fine_and_forbidden_is_an_error() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let server = serve(handle, vec![(409, Some(status(409, "AlreadyExists"))), (403, Some(status(403, "Forbidden")))]);
+    let server = serve(
+        handle,
+        vec![
+            (409, Some(status(409, "AlreadyExists"))),
+            (403, Some(status(403, "Forbidden"))),
+        ],
+    );
     let (ctx, _) = ctx(svc);
     let mut plan = failover_plan();
     plan.actions = vec![
         Action::CreateLease,
-        Action::CreatePod { pod: "vm-0".into(), member: 0, mode: Role::Primary, primary: None, epoch: 0 },
+        Action::CreatePod {
+            pod: "vm-0".into(),
+            member: 0,
+            mode: Role::Primary,
+            primary: None,
+            epoch: 0,
+        },
     ];
     let err = controller::execute(&ftvm(), &plan, &ctx).await.unwrap_err();
     assert_eq!(err.metric_label(), "kube_api");
     assert!(err.to_string().contains("create pod vm-0 failed"), "{err}");
-    assert!(err.to_string().contains("RBAC"), "the message says what to check: {err}");
+    assert!(
+        err.to_string().contains("RBAC"),
+        "the message says what to check: {err}"
+    );
     assert_eq!(server.await.unwrap().len(), 2);
 }
 
@@ -199,16 +277,47 @@ async fn observe_reads_pods_nodes_and_lease() {
     let server = serve(
         handle,
         vec![
-            (200, Some(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod, foreign]}))),
-            (200, Some(json!({"metadata": {"name": "node-a"}, "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}))),
-            (200, Some(json!({"metadata": {"name": "vm-arbiter"}, "spec": {"holderIdentity": "vm-0", "leaseTransitions": 1}}))),
+            (
+                200,
+                Some(
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod, foreign]}),
+                ),
+            ),
+            (
+                200,
+                Some(
+                    json!({"metadata": {"name": "node-a"}, "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}),
+                ),
+            ),
+            (
+                200,
+                Some(
+                    json!({"metadata": {"name": "vm-arbiter"}, "spec": {"holderIdentity": "vm-0", "leaseTransitions": 1}}),
+                ),
+            ),
         ],
     );
     let (ctx, _) = ctx(svc);
-    let o = controller::observe(&ftvm(), &ctx.client, k8s_openapi::jiff::Timestamp::UNIX_EPOCH).await.unwrap();
+    let o = controller::observe(
+        &ftvm(),
+        &ctx.client,
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    )
+    .await
+    .unwrap();
     let seen = server.await.unwrap();
-    assert!(seen[0].uri.contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"), "{}", seen[0].uri);
-    assert_eq!(o.pods.len(), 1, "a pod owned by an older object of the same name is not ours");
+    assert!(
+        seen[0]
+            .uri
+            .contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"),
+        "{}",
+        seen[0].uri
+    );
+    assert_eq!(
+        o.pods.len(),
+        1,
+        "a pod owned by an older object of the same name is not ours"
+    );
     assert_eq!(o.pods[0].node_health, NodeHealth::NotReady);
     assert_eq!(o.pods[0].state, PodState::Running);
     let lease = o.lease.unwrap();
