@@ -1,0 +1,718 @@
+//! The scenarios. Each fills its part of the [`Report`]; an error in one is recorded and the
+//! others still run (every child of a failed scenario is killed when its handle drops).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::agents::{remove_matching, Env, Guest, PairSpec, Standalone};
+use crate::plot::{self, Line, Marker};
+use crate::prom::{self, Scrape};
+use crate::redis_bench::{self, TestResult};
+use crate::report::{CloneRun, FailoverRun, LogRow, PromCheck, Quantiles, RateRun, Report, ThroughputCell};
+use crate::resp::{RateClient, Reply, Resp};
+use crate::sampler::{unix_now, Sampler};
+use crate::stats::{self, Bucket};
+
+/// What to run, and how much of it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub quick: bool,
+    /// redis-benchmark -n (per test: SET and GET each).
+    pub requests: u64,
+    pub pipelines: Vec<u32>,
+    pub clients: u32,
+    pub rounds: usize,
+    /// Fixed request rate of the kvstore log-bandwidth scenario.
+    pub rate: f64,
+    /// How long it runs before the kill (at least 35 s: Prometheus' rate() window is 30 s).
+    pub rate_seconds: f64,
+    /// How long idle and compute are measured.
+    pub bandwidth_seconds: f64,
+    pub kills: usize,
+    pub clone_sizes: Vec<u64>,
+    pub clone_reps: usize,
+    pub prometheus: PathBuf,
+    /// Where the PNGs go (docs/img) and how the report links them.
+    pub img_dir: PathBuf,
+    pub dashboard: PathBuf,
+}
+
+/// The running bench: configuration, where agents live, and the report being filled.
+#[derive(Debug)]
+pub struct Bench {
+    pub cfg: Config,
+    pub env: Env,
+    pub report: Report,
+    pub started: Instant,
+}
+
+const MODES: [&str; 3] = ["plain", "record", "ft"];
+const HOLD: &str = "lockstep_output_hold_seconds";
+const LOG_BYTES: &str = "lockstep_log_bytes_sent_total";
+/// The PromQL of the log-bandwidth check (and, summed per VM, of the Grafana dashboard).
+pub const LOG_BANDWIDTH_QUERY: &str = "rate(lockstep_log_bytes_sent_total[30s]) * 8";
+
+impl Bench {
+    pub fn progress(&self, msg: &str) {
+        eprintln!("[lockstep-bench {:>6.1}s] {msg}", self.started.elapsed().as_secs_f64());
+    }
+
+    /// Runs a scenario; an error is reported and recorded, not fatal.
+    pub fn scenario(&mut self, name: &str, f: impl FnOnce(&mut Bench) -> Result<()>) {
+        self.progress(&format!("=== {name}"));
+        let t = Instant::now();
+        match f(self) {
+            Ok(()) => self.progress(&format!("=== {name}: done in {:.1} s", t.elapsed().as_secs_f64())),
+            Err(e) => {
+                let msg = format!("{name}: {e:#}");
+                self.progress(&format!("=== FAILED {msg}"));
+                self.report.errors.push(msg);
+            }
+        }
+        remove_matching(&self.env.dir, "");
+    }
+}
+
+fn hold_quantiles(delta: &[Bucket]) -> Quantiles {
+    Quantiles {
+        p50: stats::histogram_quantile(0.5, delta),
+        p99: stats::histogram_quantile(0.99, delta),
+        count: delta.iter().find(|b| b.le.is_infinite()).map(|b| b.count).unwrap_or(0.0),
+    }
+}
+
+fn sample_quantiles(v: &[f64]) -> Quantiles {
+    Quantiles { p50: stats::percentile(v, 0.5), p99: stats::percentile(v, 0.99), count: v.len() as f64 }
+}
+
+fn sleep_s(s: f64) {
+    std::thread::sleep(Duration::from_secs_f64(s.max(0.0)));
+}
+
+/// Per (mode, P): each round's results.
+#[derive(Debug, Default)]
+struct Cell {
+    rps: Vec<f64>,
+    tests: Vec<Vec<TestResult>>,
+    exits: f64,
+    requests: f64,
+    seconds: f64,
+    cpu: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Throughput and latency in three modes, interleaved.
+
+pub fn throughput(b: &mut Bench) -> Result<()> {
+    let env = b.env.clone();
+    b.progress("throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB)");
+    let plain = Standalone::start(&env, "plain", Guest::Kvstore, false)?;
+    let rec = Standalone::start(&env, "record", Guest::Kvstore, true)?;
+    let spec = PairSpec::new(&env, "ft", Guest::Kvstore, 64);
+    let (ftp, ftb) = spec.start(&env, "ft")?;
+    let mut sampler = Sampler::start(Duration::from_millis(100));
+    sampler.add("ft-primary", ftp.ports.metrics);
+    sampler.add("ft-backup", ftb.ports.metrics);
+
+    let targets: [(SocketAddr, SocketAddr, i32); 3] =
+        [(plain.client, plain.metrics, plain.proc.pid), (rec.client, rec.metrics, rec.proc.pid), (ftp.ports.client, ftp.ports.metrics, ftp.proc.pid)];
+    let timeout = Duration::from_secs(if b.cfg.quick { 120 } else { 300 });
+    b.progress("throughput: warm-up run on each mode");
+    for (i, (addr, _, _)) in targets.iter().enumerate() {
+        redis_bench::run(*addr, (b.cfg.requests / 5).max(1000), 16, b.cfg.clients, timeout).with_context(|| format!("warm-up of {}", MODES[i]))?;
+    }
+
+    let mut cells: BTreeMap<(usize, u32), Cell> = BTreeMap::new();
+    let mut hold_total: Vec<Bucket> = Vec::new();
+    let mut lag: Vec<f64> = Vec::new();
+    let total = b.cfg.rounds * b.cfg.pipelines.len() * 3;
+    let mut done = 0;
+    for round in 0..b.cfg.rounds {
+        for (pi, &pl) in b.cfg.pipelines.clone().iter().enumerate() {
+            // Rotate the order so no mode always runs first (or right after another).
+            for k in 0..3 {
+                let m = (k + round + pi) % 3;
+                let (addr, metrics, pid) = targets[m];
+                let before = prom::scrape(metrics)?;
+                let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+                let t0 = sampler.now();
+                let res = redis_bench::run(addr, b.cfg.requests, pl, b.cfg.clients, timeout).with_context(|| format!("{} P={pl}", MODES[m]))?;
+                let t1 = sampler.now();
+                let after = prom::scrape(metrics)?;
+                let cpu1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+                let rps = redis_bench::combined_rps(&res);
+                let c = cells.entry((m, pl)).or_default();
+                c.rps.push(rps);
+                c.exits += after.get("lockstep_exits_total").unwrap_or(0.0) - before.get("lockstep_exits_total").unwrap_or(0.0);
+                c.requests += res.iter().map(|t| t.requests as f64).sum::<f64>();
+                c.seconds += t1 - t0;
+                c.cpu += cpu1 - cpu0;
+                c.tests.push(res);
+                if MODES[m] == "ft" {
+                    let d = stats::bucket_delta(&after.histogram(HOLD), &before.histogram(HOLD));
+                    if hold_total.is_empty() {
+                        hold_total = d;
+                    } else {
+                        for (acc, x) in hold_total.iter_mut().zip(d) {
+                            acc.count += x.count;
+                        }
+                    }
+                    lag.extend(sampler.points("ft-primary", t0, t1).iter().filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")));
+                }
+                done += 1;
+                b.progress(&format!("throughput {done}/{total}: round {}/{}, -P {pl}, {}: {rps:.0} req/s", round + 1, b.cfg.rounds, MODES[m]));
+            }
+        }
+    }
+    sampler.stop();
+
+    // Ratios per round and pipelining level, then medians and the geometric mean over levels.
+    let mut ft_ratios = Vec::new();
+    let mut rec_ratios = Vec::new();
+    for &pl in &b.cfg.pipelines {
+        for (m, name) in MODES.iter().enumerate() {
+            let c = &cells[&(m, pl)];
+            let base = &cells[&(0, pl)];
+            let per_round: Vec<f64> = c.rps.iter().zip(&base.rps).map(|(x, p)| x / p).collect();
+            let ratio = stats::median(&per_round);
+            if *name == "ft" {
+                ft_ratios.extend(ratio);
+            }
+            if *name == "record" {
+                rec_ratios.extend(ratio);
+            }
+            let pick = |test: &str, f: fn(&TestResult) -> f64| -> f64 {
+                let v: Vec<f64> = c.tests.iter().flat_map(|r| r.iter().filter(|t| t.test == test).map(f)).collect();
+                stats::median(&v).unwrap_or(0.0)
+            };
+            let cell = ThroughputCell {
+                mode: name.to_string(),
+                pipeline: pl,
+                requests_per_second: stats::median(&c.rps).unwrap_or(0.0),
+                rounds: c.rps.clone(),
+                ratio_to_plain: ratio,
+                set_p50_ms: pick("SET", |t| t.p50_ms),
+                set_p99_ms: pick("SET", |t| t.p99_ms),
+                get_p50_ms: pick("GET", |t| t.p50_ms),
+                get_p99_ms: pick("GET", |t| t.p99_ms),
+                exits_per_request: (c.requests > 0.0).then(|| c.exits / c.requests),
+                exits_per_second: (c.seconds > 0.0).then(|| c.exits / c.seconds),
+                cpu_us_per_exit: (c.exits > 0.0).then(|| c.cpu / c.exits * 1e6),
+            };
+            let lat = b.report.latency_ms.entry(name.to_string()).or_default().entry(format!("P{pl}")).or_default();
+            lat.insert("set_p50".into(), cell.set_p50_ms);
+            lat.insert("set_p99".into(), cell.set_p99_ms);
+            lat.insert("get_p50".into(), cell.get_p50_ms);
+            lat.insert("get_p99".into(), cell.get_p99_ms);
+            b.report.throughput.push(cell);
+        }
+    }
+    b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
+    b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
+    let plain_all: Vec<f64> = b.cfg.pipelines.iter().filter_map(|pl| cells.get(&(0, *pl))).filter_map(|c| stats::coefficient_of_variation(&c.rps)).collect();
+    b.report.machine.plain_throughput_cv = stats::median(&plain_all);
+    b.report.output_hold_seconds.insert("redis_benchmark".into(), hold_quantiles(&hold_total));
+    b.report.execution_lag_seconds.insert("redis_benchmark".into(), sample_quantiles(&lag));
+    b.report.redis_benchmark = format!(
+        "`redis-benchmark -t set,get -n {} -c {} -d 32 -r 1000 -P <level>`, -P in {:?}, {} round(s); in each round every mode runs at every level, in rotating order. \
+         Ports: 127.0.0.1 only.",
+        b.cfg.requests, b.cfg.clients, b.cfg.pipelines, b.cfg.rounds
+    );
+
+    // Latency distribution plot: SET, last round, one panel per pipelining level.
+    let colors = [plot::BLUE_, plot::GREEN_, plot::RED_];
+    let mut panels = Vec::new();
+    for &pl in &b.cfg.pipelines {
+        let mut lines = Vec::new();
+        for (m, name) in MODES.iter().enumerate() {
+            if let Some(last) = cells[&(m, pl)].tests.last() {
+                if let Some(t) = last.iter().find(|t| t.test == "SET") {
+                    // (latency ms, percentile): a CDF.
+                    lines.push(Line { label: name.to_string(), color: colors[m], points: t.distribution.iter().map(|&(p, ms)| (ms, p)).collect() });
+                }
+            }
+        }
+        panels.push((format!("SET latency CDF, -P {pl}"), lines));
+    }
+    let path = b.cfg.img_dir.join("latency-cdf.png");
+    plot::panels(&path, &panels, "latency (ms)", "percentile", Some(100.0))?;
+    b.report.plots.push("img/latency-cdf.png".into());
+
+    for (name, s) in [("plain", plain), ("record", rec)] {
+        let j = s.stop()?;
+        b.progress(&format!("throughput: {name} agent summary: {} exits, {} exits/s, log {} bytes", j["exits"], j["exits_per_second"], j["log_bytes"]));
+    }
+    drop((ftp, ftb));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Log bandwidth of idle and compute guests in an FT pair.
+
+fn measure_pair_window(b: &Bench, primary: SocketAddr, pid: i32, seconds: f64) -> Result<(Scrape, Scrape, f64, f64)> {
+    let s0 = prom::scrape(primary)?;
+    let c0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+    let t0 = Instant::now();
+    let step = 5.0f64.min(seconds);
+    let mut left = seconds;
+    while left > 0.0 {
+        sleep_s(step.min(left));
+        left -= step;
+        b.progress(&format!("  … {:.0}/{seconds:.0} s", seconds - left.max(0.0)));
+    }
+    let s1 = prom::scrape(primary)?;
+    let c1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+    Ok((s0, s1, t0.elapsed().as_secs_f64(), c1 - c0))
+}
+
+fn log_row(guest: &str, load: &str, s0: &Scrape, s1: &Scrape, secs: f64, cpu: f64) -> LogRow {
+    let d = |n: &str| s1.get(n).unwrap_or(0.0) - s0.get(n).unwrap_or(0.0);
+    let exits = d("lockstep_exits_total");
+    LogRow {
+        guest: guest.into(),
+        load: load.into(),
+        seconds: secs,
+        log_bytes: d(LOG_BYTES),
+        log_entries: d("lockstep_log_entries_sent_total"),
+        bits_per_second: d(LOG_BYTES) * 8.0 / secs,
+        exits_per_second: exits / secs,
+        wall_us_per_exit: (exits > 0.0).then(|| secs / exits * 1e6),
+        cpu_us_per_exit: (exits > 0.0).then(|| cpu / exits * 1e6),
+    }
+}
+
+pub fn log_bandwidth(b: &mut Bench, guest: Guest) -> Result<()> {
+    let env = b.env.clone();
+    b.progress(&format!("log bandwidth: {} guest in an FT pair, {:.0} s", guest.name(), b.cfg.bandwidth_seconds));
+    let spec = PairSpec::new(&env, guest.name(), guest, 64);
+    let (p, _bk) = spec.start(&env, guest.name())?;
+    sleep_s(1.0);
+    let (s0, s1, secs, cpu) = measure_pair_window(b, p.ports.metrics, p.proc.pid, b.cfg.bandwidth_seconds)?;
+    let load = match guest {
+        Guest::Idle => "100 Hz timer ticks only",
+        Guest::Compute => "CPU-bound at CPL3, 100 Hz timer, progress report per ~1 ms unit",
+        Guest::Kvstore => "",
+    };
+    let row = log_row(guest.name(), load, &s0, &s1, secs, cpu);
+    b.progress(&format!("log bandwidth: {}: {:.1} kbit/s, {:.0} exits/s", guest.name(), row.bits_per_second / 1e3, row.exits_per_second));
+    b.report.log_bits_per_second.insert(guest.name().into(), Some(row.bits_per_second));
+    b.report.log_bandwidth.push(row);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. kvstore at a fixed rate, Prometheus scraping, then a failover and a re-clone (the plot).
+
+#[derive(Debug)]
+struct Prometheus {
+    _proc: crate::procs::Proc,
+    addr: SocketAddr,
+    version: String,
+}
+
+impl Prometheus {
+    fn start(b: &Bench, targets: &[SocketAddr]) -> Result<Prometheus> {
+        let dir = b.env.dir.join("prometheus");
+        std::fs::create_dir_all(dir.join("data"))?;
+        let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: lockstep\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        );
+        let cfg_path = dir.join("prometheus.yml");
+        std::fs::write(&cfg_path, config)?;
+        let version = std::process::Command::new(&b.cfg.prometheus)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string() + &String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
+            .with_context(|| format!("running {} (apt-get install prometheus)", b.cfg.prometheus.display()))?;
+        let addr = crate::agents::free_addr()?;
+        let mut cmd = std::process::Command::new(&b.cfg.prometheus);
+        cmd.arg(format!("--config.file={}", cfg_path.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .arg("--log.level=warn")
+            .current_dir(&dir);
+        let mut proc = crate::procs::Proc::spawn("prometheus", cmd, b.env.verbose)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = prom::http_get(addr, "/-/ready", Duration::from_secs(1)) {
+                break;
+            }
+            if let Some(code) = proc.exited()? {
+                bail!("prometheus exited ({code}): {}", proc.tail(10));
+            }
+            if Instant::now() > deadline {
+                bail!("prometheus did not become ready on {addr}");
+            }
+            sleep_s(0.1);
+        }
+        Ok(Prometheus { _proc: proc, addr, version: version.trim().to_string() })
+    }
+
+    fn query(&self, q: &str, at: f64) -> Result<Vec<prom::VectorSample>> {
+        let path = format!("/api/v1/query?query={}&time={at:.3}", prom::url_encode(q));
+        let (status, body) = prom::http_get(self.addr, &path, Duration::from_secs(10))?;
+        if status != 200 && status != 400 && status != 422 {
+            bail!("Prometheus answered HTTP {status} to {q}");
+        }
+        prom::parse_query_response(&body).with_context(|| format!("query {q}"))
+    }
+}
+
+/// The dashboard's PromQL expressions, in panel order.
+pub fn dashboard_queries(json: &str) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    let mut out = Vec::new();
+    for p in v["panels"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        for t in p["targets"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+            if let Some(e) = t["expr"].as_str() {
+                out.push(e.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a dashboard expression computes exactly [`LOG_BANDWIDTH_QUERY`] (optionally with a
+/// label selector and an aggregation around it).
+pub fn is_log_bandwidth_query(expr: &str) -> bool {
+    let e: String = expr.chars().filter(|c| !c.is_whitespace()).collect();
+    let Some(start) = e.find("rate(lockstep_log_bytes_sent_total") else { return false };
+    let rest = &e[start + "rate(lockstep_log_bytes_sent_total".len()..];
+    let rest = if rest.starts_with('{') { rest.find('}').map(|i| &rest[i + 1..]).unwrap_or("") } else { rest };
+    rest.starts_with("[30s])*8")
+}
+
+pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
+    let env = b.env.clone();
+    let vm = "rate";
+    b.progress(&format!("fixed rate: FT pair of the kvstore, a client at {:.0} req/s, Prometheus scraping every 1 s", b.cfg.rate));
+    let spec = PairSpec::new(&env, vm, Guest::Kvstore, 64);
+    let (mut p, mut bk) = spec.start(&env, vm)?;
+    let promsrv = match Prometheus::start(b, &[p.ports.metrics, bk.ports.metrics]) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            b.report.errors.push(format!("prometheus: {e:#}"));
+            None
+        }
+    };
+    let mut sampler = Sampler::start(Duration::from_millis(100));
+    sampler.add("primary", p.ports.metrics);
+    sampler.add("backup", bk.ports.metrics);
+    let mut client = RateClient::start(p.ports.client, b.cfg.rate);
+    let client_offset = client.started.saturating_duration_since(sampler.started).as_secs_f64();
+    let t_start = sampler.now();
+    let mut waited = 0.0;
+    while waited < b.cfg.rate_seconds {
+        let step = 5.0f64.min(b.cfg.rate_seconds - waited);
+        sleep_s(step);
+        waited += step;
+        let st = &client.stats;
+        b.progress(&format!(
+            "fixed rate: {waited:.0}/{:.0} s, {} requests answered, {} errors",
+            b.cfg.rate_seconds,
+            st.ok.load(std::sync::atomic::Ordering::Relaxed),
+            st.errors.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
+    let eval_unix = unix_now() - 1.0;
+    let t_end = sampler.now() - 1.0;
+    sleep_s(2.5); // Prometheus has scraped past eval_unix by now.
+
+    // The steady window: skip the first 5 s.
+    let w0 = t_start + 5.0;
+    let w1 = t_end;
+    let series = |t: &str, m: &str| sampler.series(t, m);
+    let log = series("primary", LOG_BYTES);
+    let dv = |s: &[(f64, f64)]| -> Option<f64> { Some(stats::value_at(s, w1)? - stats::value_at(s, w0)?) };
+    let log_bytes = dv(&log).context("no metrics samples of the primary in the steady window")?;
+    let bytes_in = dv(&series("primary", "lockstep_client_bytes_received_total")).unwrap_or(0.0);
+    let bytes_out = dv(&series("primary", "lockstep_client_bytes_sent_total")).unwrap_or(0.0);
+    let lats: Vec<(f64, f64)> = client.stats.latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let in_window: Vec<f64> = lats.iter().filter(|(t, _)| t + client_offset >= w0 && t + client_offset <= w1).map(|(_, l)| *l).collect();
+    let requests = in_window.len() as f64;
+    let secs = w1 - w0;
+    let all_lat: Vec<f64> = lats.iter().map(|(_, l)| *l * 1e3).collect();
+    let run = RateRun {
+        target_requests_per_second: b.cfg.rate,
+        achieved_requests_per_second: requests / secs,
+        seconds: secs,
+        requests,
+        client_bytes_in: bytes_in,
+        client_bytes_out: bytes_out,
+        log_bytes,
+        log_bytes_per_client_request: (requests > 0.0).then(|| log_bytes / requests),
+        log_bytes_per_client_byte_in: (bytes_in > 0.0).then(|| log_bytes / bytes_in),
+        log_bytes_per_client_byte_in_and_out: (bytes_in + bytes_out > 0.0).then(|| log_bytes / (bytes_in + bytes_out)),
+        client_latency_p50_ms: stats::percentile(&all_lat, 0.5),
+        client_latency_p99_ms: stats::percentile(&all_lat, 0.99),
+    };
+    let bps = log_bytes * 8.0 / secs;
+    b.report.log_bits_per_second.insert("kvstore".into(), Some(bps));
+    b.report.log_bytes_per_client_request = run.log_bytes_per_client_request;
+    b.report.log_bytes_per_client_byte = run.log_bytes_per_client_byte_in;
+    // The same window as a log-bandwidth row (exits and CPU from the sampled counters).
+    let pts = sampler.points("primary", w0, w1);
+    if let (Some(first), Some(last)) = (pts.first(), pts.last()) {
+        let mut row = log_row("kvstore", &format!("{:.0} req/s, one connection, SET/GET of 32-byte values", b.cfg.rate), &first.scrape, &last.scrape, last.t - first.t, 0.0);
+        row.cpu_us_per_exit = None;
+        b.report.log_bandwidth.push(row);
+    }
+    let lag: Vec<f64> = pts.iter().filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")).collect();
+    b.report.execution_lag_seconds.insert("fixed_rate".into(), sample_quantiles(&lag));
+    if let (Some(first), Some(last)) = (pts.first(), pts.last()) {
+        let d = stats::bucket_delta(&last.scrape.histogram(HOLD), &first.scrape.histogram(HOLD));
+        b.report.output_hold_seconds.insert("fixed_rate".into(), hold_quantiles(&d));
+    }
+    b.progress(&format!(
+        "fixed rate: {:.0} req/s achieved, log {:.1} kbit/s, {:.1} log bytes per request",
+        run.achieved_requests_per_second,
+        bps / 1e3,
+        run.log_bytes_per_client_request.unwrap_or(0.0)
+    ));
+    b.report.kvstore_fixed_rate = Some(run);
+
+    // Prometheus against the agent's own count over the same 30 s.
+    if let Some(ps) = &promsrv {
+        match prometheus_check(b, ps, &sampler, eval_unix, vm, p.ports.metrics) {
+            Ok(c) => {
+                b.progress(&format!(
+                    "prometheus: {:.0} bit/s by PromQL, {:.0} bit/s by the agent's counter ({:+.2} %)",
+                    c.prometheus_bits_per_second,
+                    c.agent_bits_per_second,
+                    c.relative_difference * 100.0
+                ));
+                b.report.prometheus = Some(c);
+            }
+            Err(e) => b.report.errors.push(format!("prometheus check: {e:#}")),
+        }
+    }
+    drop(promsrv);
+
+    // The failover timeline: kill the primary, the client follows to the backup, then a new
+    // backup joins the survivor by live clone.
+    b.progress("failover timeline: kill -9 of the primary under the fixed-rate client");
+    let t_kill_i = p.proc.kill9();
+    let t_kill = t_kill_i.duration_since(sampler.started).as_secs_f64();
+    *client.target.lock().unwrap_or_else(|e| e.into_inner()) = bk.ports.client;
+    let (live_i, _) = bk.proc.wait_line_at("going live", Duration::from_secs(30))?;
+    let t_live = live_i.duration_since(sampler.started).as_secs_f64();
+    sleep_s(3.0);
+    b.progress("failover timeline: a new backup joins the survivor");
+    let nb = spec.backup(&env, "rate-backup2", bk.ports.channel, Duration::from_secs(120))?;
+    let t_sync = sampler.now();
+    sampler.add("new backup", nb.ports.metrics);
+    sleep_s(if b.cfg.quick { 4.0 } else { 8.0 });
+    client.stop();
+    sampler.stop();
+    let t_stop = sampler.now();
+
+    let show_from = (t_kill - 15.0).max(t_start);
+    let mk = |target: &str, label: &str, color| -> Line {
+        let s: Vec<(f64, f64)> = sampler.series(target, LOG_BYTES);
+        Line {
+            label: label.into(),
+            color,
+            points: stats::windowed_rates(&s, 1.0).into_iter().filter(|(t, _)| *t >= show_from).map(|(t, r)| (t - show_from, r * 8.0 / 1e6)).collect(),
+        }
+    };
+    let lines = vec![mk("primary", "primary (killed)", plot::BLUE_), mk("backup", "backup → new primary", plot::RED_), mk("new backup", "new backup", plot::GREEN_)];
+    let markers = vec![
+        Marker { x: t_kill - show_from, label: "kill -9".into(), color: plot::GREY_ },
+        Marker { x: t_live - show_from, label: "  live".into(), color: plot::RED_ },
+        Marker { x: t_sync - show_from, label: "in sync".into(), color: plot::GREEN_ },
+    ];
+    plot::timeseries(
+        &b.cfg.img_dir.join("failover-log-bandwidth.png"),
+        &format!("Log bandwidth across a failover (kvstore at {:.0} req/s)", b.cfg.rate),
+        "seconds",
+        "Mbit/s sent on the logging channel",
+        &lines,
+        &markers,
+    )?;
+    b.report.plots.push("img/failover-log-bandwidth.png".into());
+    b.progress(&format!(
+        "failover timeline: live {:.3} s after the kill, new backup in sync {:.1} s after the kill, plotted {:.0} s",
+        t_live - t_kill,
+        t_sync - t_kill,
+        t_stop - show_from
+    ));
+    drop((nb, bk));
+    Ok(())
+}
+
+fn prometheus_check(b: &Bench, ps: &Prometheus, sampler: &Sampler, at: f64, vm: &str, primary_metrics: SocketAddr) -> Result<PromCheck> {
+    let up = ps.query("up", at)?.iter().filter(|s| s.value == 1.0).count();
+    let res = ps.query(LOG_BANDWIDTH_QUERY, at)?;
+    let instance = primary_metrics.to_string();
+    let prom_bps = res
+        .iter()
+        .find(|s| s.metric.get("instance") == Some(&instance))
+        .map(|s| s.value)
+        .with_context(|| format!("no series for the primary ({instance}) in {res:?}"))?;
+    let own = sampler.series_unix("primary", LOG_BYTES);
+    let agent_bps = stats::rate_between(&own, at - 30.0, at).context("the agent's samples do not cover the 30 s window")? * 8.0;
+    let diff = (prom_bps - agent_bps) / agent_bps;
+
+    let dash_text = std::fs::read_to_string(&b.cfg.dashboard).with_context(|| format!("reading {}", b.cfg.dashboard.display()))?;
+    let queries = dashboard_queries(&dash_text)?;
+    let dash = queries.iter().find(|q| q.contains(LOG_BYTES)).cloned().unwrap_or_default();
+    let dash_eval = dash.replace("$vm_id", vm);
+    let dash_bps = if dash.is_empty() { None } else { ps.query(&dash_eval, at)?.iter().find(|s| s.metric.get("vm_id").map(|v| v == vm).unwrap_or(true)).map(|s| s.value) };
+    let hold = queries.iter().find(|q| q.contains("lockstep_output_hold_seconds")).cloned().unwrap_or_default();
+    let hold_p99 = if hold.is_empty() { None } else { ps.query(&hold.replace("$vm_id", vm), at)?.first().map(|s| s.value) };
+    Ok(PromCheck {
+        prometheus_version: ps.version.clone(),
+        scrape_interval: "1s".into(),
+        query: LOG_BANDWIDTH_QUERY.into(),
+        dashboard_uses_same_rate: is_log_bandwidth_query(&dash),
+        dashboard_query: dash,
+        dashboard_query_evaluated: dash_eval,
+        evaluated_at_unix: at,
+        window_seconds: 30.0,
+        prometheus_bits_per_second: prom_bps,
+        dashboard_bits_per_second: dash_bps,
+        agent_bits_per_second: agent_bps,
+        relative_difference: diff,
+        within_5_percent: diff.abs() <= 0.05,
+        targets_up: up,
+        output_hold_p99_query: hold,
+        output_hold_p99_prometheus: hold_p99,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Failover time over many kills.
+
+pub fn failovers(b: &mut Bench) -> Result<()> {
+    let env = b.env.clone();
+    let mut seed = unix_now().to_bits();
+    let mut times = Vec::new();
+    for k in 0..b.cfg.kills {
+        let vm = format!("fo{k}");
+        let spec = PairSpec::new(&env, &vm, Guest::Kvstore, 64);
+        let (mut p, mut bk) = spec.start(&env, &vm)?;
+        let mut c = Resp::connect(p.ports.client, Duration::from_secs(5))?;
+        let marker = format!("v{k}-{}", seed % 100000);
+        if c.cmd(&["SET", "failover:marker", &marker])? != Reply::Simple("OK".into()) {
+            bail!("SET before the kill was not acknowledged");
+        }
+        let mut acked = 0i64;
+        for _ in 0..10 {
+            if let Reply::Int(n) = c.cmd(&["INCR", "failover:counter"])? {
+                acked = n;
+            }
+        }
+        drop(c);
+        let mut load = RateClient::start(p.ports.client, 200.0);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        sleep_s(0.3 + ((seed >> 33) % 500) as f64 / 1000.0);
+        let t0 = p.proc.kill9();
+        load.stop();
+        let addr = bk.ports.client;
+        let deadline = t0 + Duration::from_secs(30);
+        let t1 = loop {
+            let got = Resp::connect(addr, Duration::from_millis(200)).and_then(|mut r| r.cmd(&["GET", "failover:marker"]));
+            if let Ok(Reply::Bulk(Some(v))) = got {
+                if v == marker.as_bytes() {
+                    break Instant::now();
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("kill {}: the backup never answered correctly; its last lines:\n{}", k + 1, bk.proc.tail(10));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let secs = (t1 - t0).as_secs_f64();
+        let live = bk.proc.wait_line_at("going live", Duration::from_secs(1)).ok().map(|(t, _)| t.saturating_duration_since(t0).as_secs_f64());
+        let mut r = Resp::connect(addr, Duration::from_secs(5))?;
+        let counter: i64 = r.cmd(&["GET", "failover:counter"])?.text().and_then(|t| t.parse().ok()).unwrap_or(-1);
+        let ok = counter == acked;
+        b.progress(&format!("failover {}/{}: {secs:.3} s to the first correct reply (went live after {}), counter {counter}/{acked}", k + 1, b.cfg.kills, live.map(|l| format!("{l:.3} s")).unwrap_or("?".into())));
+        times.push(secs);
+        b.report.failovers.push(FailoverRun { seconds: secs, went_live_seconds: live, counter_ok: ok });
+        drop((p, bk));
+        remove_matching(&env.dir, &vm);
+    }
+    b.report.failover_seconds = stats::Spread::of(&times);
+    b.report.heartbeat_timeout_ms = 500;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Clone time and pause by guest memory size.
+
+pub fn clones(b: &mut Bench) -> Result<()> {
+    let env = b.env.clone();
+    let total = b.cfg.clone_sizes.len() * b.cfg.clone_reps;
+    let mut n = 0;
+    let mut per_size: BTreeMap<u64, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for &mib in &b.cfg.clone_sizes.clone() {
+        for _ in 0..b.cfg.clone_reps {
+            n += 1;
+            let vm = format!("clone{mib}");
+            let spec = PairSpec::new(&env, &vm, Guest::Kvstore, mib);
+            let p = spec.primary(&env, &format!("{vm}-primary"))?;
+            Resp::wait_ready(p.ports.client, Duration::from_secs(30))?;
+            let load = RateClient::start(p.ports.client, 200.0);
+            sleep_s(0.5);
+            let t = Instant::now();
+            let bk = spec.backup(&env, &format!("{vm}-backup"), p.ports.channel, Duration::from_secs(180))?;
+            let sync = t.elapsed().as_secs_f64();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let (pause, dur) = loop {
+                let s = prom::scrape(p.ports.metrics)?;
+                let pause = s.get("lockstep_clone_pause_seconds").unwrap_or(0.0);
+                let dur = s.get("lockstep_clone_duration_seconds").unwrap_or(0.0);
+                if pause > 0.0 && dur > 0.0 {
+                    break (pause, dur);
+                }
+                if Instant::now() > deadline {
+                    bail!("the primary never reported clone pause/duration metrics");
+                }
+                sleep_s(0.1);
+            };
+            drop(load);
+            b.progress(&format!("clone {n}/{total}: {mib} MiB: pause {:.1} ms, clone {:.0} ms, backup start → in sync {:.2} s", pause * 1e3, dur * 1e3, sync));
+            b.report.clones.push(CloneRun { memory_mib: mib, pause_seconds: pause, duration_seconds: dur, sync_seconds: sync });
+            let e = per_size.entry(mib).or_default();
+            e.0.push(pause);
+            e.1.push(dur);
+            drop((p, bk));
+            remove_matching(&env.dir, &vm);
+        }
+    }
+    for (mib, (pauses, durs)) in per_size {
+        b.report.clone_pause_seconds.insert(format!("{mib}MiB"), stats::median(&pauses));
+        b.report.clone_duration_seconds.insert(format!("{mib}MiB"), stats::median(&durs));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_the_log_bandwidth_query() {
+        assert!(is_log_bandwidth_query(LOG_BANDWIDTH_QUERY));
+        assert!(is_log_bandwidth_query("sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[30s]) * 8)"));
+        assert!(!is_log_bandwidth_query("sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[5m]) * 8)"));
+        assert!(!is_log_bandwidth_query("rate(lockstep_log_bytes_sent_total[30s])"));
+        assert!(!is_log_bandwidth_query("irate(lockstep_log_bytes_received_total[30s]) * 8"));
+    }
+
+    #[test]
+    fn the_charts_dashboard_uses_the_benchmarked_query() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/lockstep/dashboards/lockstep.json");
+        let q = dashboard_queries(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let log: Vec<&String> = q.iter().filter(|e| e.contains(LOG_BYTES)).collect();
+        assert_eq!(log.len(), 1, "{q:?}");
+        assert!(is_log_bandwidth_query(log[0]), "the dashboard plots {:?}, not {LOG_BANDWIDTH_QUERY}", log[0]);
+    }
+}
