@@ -226,19 +226,40 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
         ],
         (Role::Backup, Some((_, ip))) => vec![
             "backup".into(),
+            "--guest".into(),
+            s.guest.clone(),
             "--vm-id".into(),
             vm_id(ftvm),
             "--channel-connect".into(),
             join_host_port(ip, s.channel_port),
             "--client-listen".into(),
             listen(s.client_port),
+            // After it goes live, the next backup connects here (to this pod's IP).
+            "--channel-listen".into(),
+            listen(s.channel_port),
             "--arbiter".into(),
             arbiter,
         ],
     };
-    args.extend(["--metrics-listen".into(), listen(s.metrics_port)]);
+    args.extend([
+        "--metrics-listen".into(),
+        listen(s.metrics_port),
+        // The arbiter identity must be the pod name: the operator reads the Lease holder back as
+        // the name of the primary pod. Kubernetes expands $(POD_NAME) from the container's env.
+        "--name".into(),
+        "$(POD_NAME)".into(),
+        "--heartbeat-timeout-ms".into(),
+        s.ft.heartbeat_timeout_ms.to_string(),
+        "--lag-target-ms".into(),
+        s.ft.lag_target_ms.to_string(),
+        "--log-budget-mib".into(),
+        s.ft.log_buffer_mib.to_string(),
+    ]);
     if s.disk_size_mib > 0 {
         args.extend(["--disk".into(), format!("{DISK_DIR}/disk.img")]);
+        if plan.mode == Role::Primary {
+            args.extend(["--disk-size-mib".into(), s.disk_size_mib.to_string()]);
+        }
     }
     args
 }
@@ -367,15 +388,10 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
         env_field("POD_NAME", "metadata.name"),
         env_field("POD_NAMESPACE", "metadata.namespace"),
         env("LOCKSTEP_IDENTITY", "$(POD_NAME)"),
-        env(
-            "LOCKSTEP_HEARTBEAT_TIMEOUT_MS",
-            s.ft.heartbeat_timeout_ms.to_string(),
-        ),
-        env("LOCKSTEP_LAG_TARGET_MS", s.ft.lag_target_ms.to_string()),
-        env("LOCKSTEP_LOG_BUFFER_MIB", s.ft.log_buffer_mib.to_string()),
-        env("LOCKSTEP_DISK_SIZE_MIB", s.disk_size_mib.to_string()),
     ];
     if let Some(level) = &s.agent.log_level {
+        // The agent reads LOCKSTEP_LOG; RUST_LOG for any library that looks there.
+        env_vars.push(env("LOCKSTEP_LOG", level.clone()));
         env_vars.push(env("RUST_LOG", level.clone()));
     }
     let container = Container {
@@ -481,7 +497,8 @@ pub(crate) mod tests {
         assert_eq!(
             args,
             "primary --guest kvstore --vm-id ns.vm --client-listen 0.0.0.0:6380 --channel-listen 0.0.0.0:7000 \
-             --arbiter lease:ns/vm-arbiter --memory-mib 128 --metrics-listen 0.0.0.0:9100"
+             --arbiter lease:ns/vm-arbiter --memory-mib 128 --metrics-listen 0.0.0.0:9100 --name $(POD_NAME) \
+             --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16"
         );
     }
 
@@ -491,8 +508,10 @@ pub(crate) mod tests {
         let args = agent_args(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7")))).join(" ");
         assert_eq!(
             args,
-            "backup --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
-             --arbiter lease:ns/vm-arbiter --metrics-listen 0.0.0.0:9100 --disk /var/lib/lockstep/disk.img"
+            "backup --guest kvstore --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
+             --channel-listen 0.0.0.0:7000 --arbiter lease:ns/vm-arbiter --metrics-listen 0.0.0.0:9100 \
+             --name $(POD_NAME) --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16 \
+             --disk /var/lib/lockstep/disk.img"
         );
         assert!(
             agent_args(&f, &plan(Role::Backup, Some(("vm-0", "fd00::7"))))
