@@ -250,6 +250,12 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
         backup_args.contains(&format!("{primary_ip}:7000")),
         "{backup_args:?}"
     );
+    // The agent's arbiter identity is its pod name (expanded by the kubelet from the downward API).
+    let name_at = backup_args
+        .iter()
+        .position(|a| a == "--name")
+        .expect("--name is passed");
+    assert_eq!(backup_args[name_at + 1], "$(POD_NAME)");
 
     // The scheduler honoured the anti-affinity.
     let nodes = wait_for("both pods scheduled", T, || {
