@@ -457,3 +457,53 @@ async fn lease_arbiter_cas_has_one_winner_per_epoch() {
     assert!(!arbiter.renew(3, "someone-else").await.unwrap().won());
     ns.delete().await;
 }
+
+/// Operator leader election on a real Lease: one leader, a standby that takes over only after the
+/// leader stops renewing, and a fenced old leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_leader_election_on_a_real_lease() {
+    use lockstep_operator::leader::{self, SteppedDown, Timing};
+    let client = client().await;
+    let ns = TestNamespace::create(&client, "leader").await;
+    let timing = Timing {
+        lease_duration: Duration::from_millis(1500),
+        renew_period: Duration::from_millis(200),
+        renew_deadline: Duration::from_millis(1000),
+        retry_period: Duration::from_millis(200),
+    };
+    let arb = |_: ()| -> Arc<dyn Arbiter> {
+        Arc::new(LeaseArbiter::new(
+            client.clone(),
+            &ns.name,
+            "lockstep-operator",
+        ))
+    };
+    let (a, b) = (arb(()), arb(()));
+    let epoch_a = leader::acquire(a.as_ref(), "op-a", timing).await;
+    assert_eq!(epoch_a, 1);
+    let a_holds = {
+        let a = a.clone();
+        tokio::spawn(async move { leader::hold(a.as_ref(), "op-a", epoch_a, timing).await })
+    };
+    let b_wait = {
+        let b = b.clone();
+        tokio::spawn(async move { leader::acquire(b.as_ref(), "op-b", timing).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !b_wait.is_finished(),
+        "the standby took over from a renewing leader"
+    );
+    a_holds.abort(); // the leader dies
+    let epoch_b = tokio::time::timeout(Duration::from_secs(10), b_wait)
+        .await
+        .expect("the standby never took over")
+        .unwrap();
+    assert_eq!(epoch_b, 2);
+    let down = leader::hold(a.as_ref(), "op-a", epoch_a, timing).await;
+    assert!(
+        matches!(&down, SteppedDown::Lost { holder, epoch: 2 } if holder.as_deref() == Some("op-b")),
+        "{down}"
+    );
+    ns.delete().await;
+}

@@ -107,6 +107,10 @@ pub struct Context {
     pub metrics: Metrics,
     /// Settings.
     pub settings: Settings,
+    /// Highest epoch whose failover was already counted and announced, per FTVM. A reconcile can
+    /// start from a cached object that does not show the previous status write yet; without this
+    /// the same failover would be counted and announced twice.
+    announced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -129,6 +133,7 @@ impl Context {
             client,
             metrics,
             settings,
+            announced: Default::default(),
         }
     }
 }
@@ -386,15 +391,26 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
             }
         }
     }
+    let key = format!("{ns}/{}", ftvm.name_any());
+    let fresh_failover = plan.failover && {
+        let mut seen = ctx.announced.lock().unwrap_or_else(|p| p.into_inner());
+        let last = seen.entry(key).or_insert(0);
+        let fresh = plan.status.epoch > *last;
+        *last = (*last).max(plan.status.epoch);
+        fresh
+    };
     let oref = ftvm.object_ref(&());
     for note in &plan.notes {
+        if matches!(note, Note::Failover { .. }) && !fresh_failover {
+            continue;
+        }
         let event = event_for(note);
         if let Err(e) = ctx.recorder.publish(&event, &oref).await {
             // An event is a courtesy to humans; failing to publish it must not stop the reconcile.
             tracing::warn!(error = %e, reason = %event.reason, "could not publish event");
         }
     }
-    if plan.failover {
+    if fresh_failover {
         ctx.metrics.failovers.inc();
     }
     write_status(ftvm, plan, ctx).await

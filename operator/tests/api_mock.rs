@@ -324,3 +324,26 @@ async fn observe_reads_pods_nodes_and_lease() {
     assert_eq!((lease.holder.as_deref(), lease.epoch), (Some("vm-0"), 1));
     assert!(o.spec_error.is_none());
 }
+
+#[tokio::test]
+async fn a_failover_seen_twice_from_a_stale_cache_is_counted_and_announced_once() {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    // event + status for the first pass, only status for the second
+    let server = serve(
+        handle,
+        vec![
+            (201, None),
+            (200, Some(ftvm_json())),
+            (200, Some(ftvm_json())),
+        ],
+    );
+    let (ctx, metrics) = ctx(svc);
+    let mut plan = failover_plan();
+    plan.actions.clear();
+    controller::execute(&ftvm(), &plan, &ctx).await.unwrap();
+    controller::execute(&ftvm(), &plan, &ctx).await.unwrap();
+    let seen = server.await.unwrap();
+    let events = seen.iter().filter(|s| s.uri.contains("/events")).count();
+    assert_eq!(events, 1, "the Failover event is published once");
+    assert_eq!(metrics.failovers.get(), 1);
+}
