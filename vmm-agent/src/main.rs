@@ -443,6 +443,9 @@ fn ft_setup(a: &FtArgs, channel_listen: SocketAddr) -> Result<(pair::primary::Op
     let cfg = lockstep_ft::FtConfig {
         heartbeat_timeout: ms(a.heartbeat_timeout_ms),
         heartbeat_interval: ms(a.heartbeat_timeout_ms / 5).max(ms(1)),
+        // A channel that carries heartbeats but no acknowledgements (a backup still applying a
+        // clone on a busy machine) is given twice the heartbeat timeout before it counts as stalled.
+        stall_timeout: ms(2 * a.heartbeat_timeout_ms),
         log_budget_bytes: (a.log_budget_mib << 20) as usize,
         lag_target: ms(a.lag_target_ms),
         ..lockstep_ft::FtConfig::default()
@@ -478,7 +481,10 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let mem_size = args.machine.memory_mib << 20;
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
-        (None, true) => return Err(CliError::Usage("the kvstore guest needs --disk (each replica has its own)".into())),
+        (None, true) => {
+            eprintln!("note: no --disk given; kvstore uses a scratch disk that is lost when the pair is");
+            Some(scratch_disk(args.machine.disk_size_mib)?)
+        }
         (None, false) => None,
     };
     let disk_size = match &disk {

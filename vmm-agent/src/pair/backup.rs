@@ -135,7 +135,15 @@ fn apply_clone(core: &mut Core, data: CloneData) -> Result<(), String> {
                     f.set_len(n).map_err(|e| e.to_string())?;
                     Some(f)
                 }
-                (None, _) => return Err("the primary has a disk: give the backup its own with --disk".into()),
+                (None, n) => {
+                    // No --disk: a scratch copy, gone when this agent exits.
+                    let p = std::env::temp_dir().join(format!("lockstep-backup-{}.img", std::process::id()));
+                    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)
+                        .map_err(|e| format!("scratch disk {}: {e}", p.display()))?;
+                    let _ = std::fs::remove_file(&p);
+                    f.set_len(n).map_err(|e| e.to_string())?;
+                    Some(f)
+                }
             };
             core.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
             let cfg = MachineConfig { guest: core.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
