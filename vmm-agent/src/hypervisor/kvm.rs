@@ -429,3 +429,32 @@ impl super::Vcpu for KvmVcpu {
         Some(self.fd.get_kvm_run().request_interrupt_window != 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_events_round_trip_through_the_packed_form() {
+        let mut ev = kvm_vcpu_events { flags: KVM_VCPUEVENT_VALID_SMM | 4, sipi_vector: 0x1234_5678, ..Default::default() };
+        ev.exception.injected = 1;
+        ev.exception.nr = 14;
+        ev.exception.has_error_code = 1;
+        ev.exception.error_code = 0xdead_beef;
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = 0x20;
+        ev.interrupt.shadow = 1;
+        ev.nmi.masked = 1;
+        ev.smi.latched_init = 1;
+        let packed = events_pack(&ev);
+        assert_eq!(packed.len(), EVENTS_LEN);
+        // The target's own flags decide which optional parts are applied.
+        let mut back = kvm_vcpu_events { flags: ev.flags, ..Default::default() };
+        events_unpack(&packed, &mut back).unwrap();
+        assert_eq!(back, ev);
+        let mut no_smm = kvm_vcpu_events::default();
+        events_unpack(&packed, &mut no_smm).unwrap();
+        assert_eq!(no_smm.smi.latched_init, 0);
+        assert!(events_unpack(&packed[..EVENTS_LEN - 1], &mut back).is_err());
+    }
+}

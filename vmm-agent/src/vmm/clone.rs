@@ -211,7 +211,8 @@ impl<V: Vcpu> Machine<V> {
     }
 
     /// Take over saved state. Memory must already hold the primary's contents as of the same
-    /// exit, and the machine must not have run since it was built for the clone.
+    /// exit, and the machine must not have run since it was built for the clone. On an error
+    /// the machine is half restored: discard it (and clone again).
     pub fn restore_state(&mut self, bytes: &[u8]) -> Result<(), CloneError> {
         let s: MachineState = snapshot::load(bytes)?;
         self.apply_state(&s)

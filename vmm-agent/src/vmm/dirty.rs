@@ -206,18 +206,26 @@ impl Machine<KvmVcpu> {
     }
 }
 
-/// Read the bytes of `ranges` out of `mem`, in pieces of at most `chunk` bytes: the payload of
-/// one pre-copy round (`ClonePages`).
-pub fn read_pages(mem: &GuestMemory, ranges: impl IntoIterator<Item = PageRange>, chunk: u64) -> Result<Vec<(u64, Vec<u8>)>, CloneError> {
-    let mut out = Vec::new();
-    for r in ranges {
-        for c in r.chunks(chunk) {
-            let mut buf = vec![0u8; c.len as usize];
-            mem.read_slice(&mut buf, GuestAddress(c.addr))?;
-            out.push((c.addr, buf));
-        }
-    }
-    Ok(out)
+/// Read the bytes of `ranges` out of `mem` in pieces of at most `max_bytes` (rounded down to
+/// whole pages, at least one page), one piece at a time: a sender that sends and drops each
+/// piece before taking the next holds one piece of memory, not a round's worth.
+pub fn pieces<'a>(
+    mem: &'a GuestMemory,
+    ranges: impl IntoIterator<Item = PageRange> + 'a,
+    max_bytes: u64,
+) -> impl Iterator<Item = Result<(u64, Vec<u8>), CloneError>> + 'a {
+    ranges.into_iter().flat_map(move |r| r.chunks(max_bytes)).map(move |c| {
+        let mut buf = vec![0u8; c.len as usize];
+        mem.read_slice(&mut buf, GuestAddress(c.addr))?;
+        Ok((c.addr, buf))
+    })
+}
+
+/// All of [`pieces`] at once: the payload of one pre-copy round (`ClonePages`). `max_bytes` is
+/// the largest piece in bytes.
+pub fn read_pages(mem: &GuestMemory, ranges: impl IntoIterator<Item = PageRange>, max_bytes: u64) -> Result<Vec<(u64, Vec<u8>)>, CloneError> {
+    let ranges: Vec<PageRange> = ranges.into_iter().collect();
+    pieces(mem, ranges, max_bytes).collect()
 }
 
 /// Write received pages into a clone's memory. Untrusted input: every piece must lie inside
