@@ -482,7 +482,7 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
-            eprintln!("note: no --disk given; kvstore uses a scratch disk that is lost when the pair is");
+            eprintln!("note: no --disk given; kvstore uses a scratch disk that is lost when this agent exits");
             Some(scratch_disk(args.machine.disk_size_mib)?)
         }
         (None, false) => None,

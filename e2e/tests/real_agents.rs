@@ -1,0 +1,376 @@
+//! The whole system on the test bed with real agents: the operator creates the pods, the real
+//! scheduler places them, and because kwok runs no containers, this test starts each pod's
+//! `lockstep-agent` as a local process with exactly the pod's arguments (listening on the pod's
+//! loopback IP, arbitrating through the real Lease). A client writes; the primary's node dies
+//! and its agent is killed; the backup agent wins the Lease and goes live; the operator relabels,
+//! removes the lost pod and schedules a new backup, whose agent clones in. Nothing acknowledged
+//! is lost. Every step is timed.
+//!
+//! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use lockstep_e2e::{
+    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, run_tool, wait_for,
+};
+use lockstep_operator::crd::{FTVirtualMachine, Phase};
+
+const T: Duration = Duration::from_secs(120);
+
+fn agent_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let bin = target.join("debug/lockstep-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p lockstep-agent; `make test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A pod's agent running as a local process.
+struct AgentProc {
+    pod: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    client_addr: String,
+}
+
+impl AgentProc {
+    /// Start the agent with the pod's container arguments, bound to the pod's IP.
+    fn start(pod: &Pod, scratch: &std::path::Path) -> AgentProc {
+        let name = pod.name_any();
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .expect("pod has an IP");
+        let spec = pod.spec.as_ref().unwrap();
+        let c = &spec.containers[0];
+        let args: Vec<String> = c
+            .args
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| {
+                a.replace("$(POD_NAME)", &name)
+                    .replace("0.0.0.0", &ip)
+                    .replace(
+                        "/var/lib/lockstep/disk.img",
+                        &scratch.join(format!("{name}.img")).display().to_string(),
+                    )
+            })
+            .collect();
+        let client_addr = args
+            .windows(2)
+            .find(|w| w[0] == "--client-listen")
+            .map(|w| w[1].clone())
+            .expect("--client-listen");
+        eprintln!(
+            "starting agent for pod {name}: lockstep-agent {}",
+            args.join(" ")
+        );
+        let mut child = Command::new(agent_binary())
+            .args(&args)
+            .env("LOCKSTEP_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let err = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let tag = name.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("  [{tag}] {line}");
+                let _ = tx.send(line);
+            }
+        });
+        AgentProc {
+            pod: name,
+            child,
+            lines: rx,
+            client_addr,
+        }
+    }
+
+    fn wait_line(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) if l.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => panic!("agent of {} never said {needle:?}", self.pod),
+            }
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One RESP request on a fresh or kept connection.
+fn resp(conn: &mut BufReader<TcpStream>, args: &[&str]) -> std::io::Result<String> {
+    let mut req = format!("*{}\r\n", args.len());
+    for a in args {
+        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.get_mut().write_all(req.as_bytes())?;
+    let mut line = String::new();
+    if conn.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let line = line.trim_end().to_string();
+    if let Some(n) = line.strip_prefix('$') {
+        let n: i64 = n.parse().unwrap();
+        if n < 0 {
+            return Ok(String::new());
+        }
+        let mut buf = vec![0u8; n as usize + 2];
+        conn.read_exact(&mut buf)?;
+        return Ok(String::from_utf8_lossy(&buf[..n as usize]).into());
+    }
+    Ok(line[1..].to_string())
+}
+
+fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = TcpStream::connect(addr) {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut c = BufReader::new(s);
+            if resp(&mut c, &["PING"])
+                .map(|r| r == "PONG")
+                .unwrap_or(false)
+            {
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing serves clients at {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn live_pods(client: &Client, ns: &str) -> Vec<Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    api.list(&ListParams::default().labels("lockstep.dev/ftvm=kvstore"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+fn has_ip(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_ref())
+        .is_some_and(|ip| !ip.is_empty())
+}
+
+struct Recover(String);
+impl Drop for Recover {
+    fn drop(&mut self) {
+        let (ok, out) = run_tool(
+            Command::new(repo_root().join("e2e/cluster/node-recover")).arg(&self.0),
+            None,
+        );
+        if !ok {
+            eprintln!("node-recover {} failed: {out}", self.0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_agents_survive_the_loss_of_the_primarys_node() {
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "agents").await;
+    let op = Operator::start(&client, &ns.name);
+    let scratch = tempfile::tempdir().unwrap();
+    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
+    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
+    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
+    vm.metadata.namespace = Some(ns.name.clone());
+    let t0 = Instant::now();
+    api.create(&PostParams::default(), &vm).await.unwrap();
+
+    let pods = wait_for("two scheduled replicas with pod IPs", T, || {
+        let (client, ns) = (client.clone(), ns.name.clone());
+        async move {
+            let pods = live_pods(&client, &ns).await;
+            (pods.len() == 2 && pods.iter().all(|p| !node_of(p).is_empty() && has_ip(p)))
+                .then_some(pods)
+        }
+    })
+    .await;
+    let primary_pod = pods
+        .iter()
+        .find(|p| p.labels()["lockstep.dev/mode"] == "primary")
+        .unwrap()
+        .clone();
+    let backup_pod = pods
+        .iter()
+        .find(|p| p.labels()["lockstep.dev/mode"] == "backup")
+        .unwrap()
+        .clone();
+    assert_ne!(node_of(&primary_pod), node_of(&backup_pod), "anti-affinity");
+    eprintln!(
+        "step: pods scheduled on {} and {} after {:?}",
+        node_of(&primary_pod),
+        node_of(&backup_pod),
+        t0.elapsed()
+    );
+
+    let mut primary = AgentProc::start(&primary_pod, scratch.path());
+    primary.wait_line("clients on", T);
+    let backup = AgentProc::start(&backup_pod, scratch.path());
+    backup.wait_line("backup in sync", T);
+    eprintln!("step: backup in sync after {:?}", t0.elapsed());
+    wait_for("Protected", T, || {
+        let api = api.clone();
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Protected))
+        }
+    })
+    .await;
+    eprintln!("step: status Protected after {:?}", t0.elapsed());
+
+    // A client writes; every acknowledged INCR is recorded.
+    let mut c = connect(&primary.client_addr, T);
+    let mut acked = 0u64;
+    let mut sent = 0u64;
+    for _ in 0..300 {
+        sent += 1;
+        acked = resp(&mut c, &["INCR", "counter"]).unwrap().parse().unwrap();
+    }
+    assert_eq!(acked, 300);
+
+    // The primary's node dies and its agent with it.
+    let dead = node_of(&primary_pod);
+    let _recover = Recover(dead.clone());
+    let t1 = Instant::now();
+    let (ok, out) = run_tool(
+        Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),
+        None,
+    );
+    assert!(ok, "node-fail {dead}: {out}");
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+    sent += 1;
+    if let Ok(v) = resp(&mut c, &["INCR", "counter"]) {
+        acked = v.parse().unwrap_or(acked);
+    }
+    backup.wait_line("going live", T);
+    let live_after = t1.elapsed();
+    let mut c2 = connect(&backup.client_addr, T);
+    let v: u64 = resp(&mut c2, &["GET", "counter"]).unwrap().parse().unwrap();
+    let first_reply = t1.elapsed();
+    assert!(
+        acked <= v && v <= sent,
+        "counter {v} outside [acknowledged {acked}, sent {sent}]"
+    );
+    eprintln!(
+        "step: backup live {live_after:?} and answering {first_reply:?} after the node failed (counter {v})"
+    );
+
+    // The operator follows the Lease: the promoted pod is labelled primary and a new backup is
+    // placed on the third node.
+    let promoted = backup_pod.name_any();
+    let new_pod = wait_for("a new backup pod with an IP on a surviving node", T, || {
+        let (client, ns, dead, promoted) = (
+            client.clone(),
+            ns.name.clone(),
+            dead.clone(),
+            promoted.clone(),
+        );
+        async move {
+            let pods = live_pods(&client, &ns).await;
+            let promoted_ok = pods
+                .iter()
+                .any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
+            let fresh = pods.iter().find(|p| {
+                p.annotations().get("lockstep.dev/pairs-with") == Some(&promoted)
+                    && !node_of(p).is_empty()
+                    && has_ip(p)
+            })?;
+            (promoted_ok && node_of(fresh) != dead).then(|| fresh.clone())
+        }
+    })
+    .await;
+    eprintln!(
+        "step: new backup {} on {} {:?} after the node failed",
+        new_pod.name_any(),
+        node_of(&new_pod),
+        t1.elapsed()
+    );
+    let new_backup = AgentProc::start(&new_pod, scratch.path());
+    new_backup.wait_line("backup in sync", T);
+    eprintln!(
+        "step: new backup cloned and in sync {:?} after the node failed",
+        t1.elapsed()
+    );
+    let st = wait_for("Protected again with one failover", T, || {
+        let api = api.clone();
+        async move {
+            api.get_status("kvstore")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.phase == Some(Phase::Protected) && s.failover_count == 1)
+        }
+    })
+    .await;
+    eprintln!(
+        "step: status Protected again {:?} after the node failed, epoch {}",
+        t1.elapsed(),
+        st.epoch
+    );
+    assert_eq!(st.epoch, 2);
+
+    // Writes keep being protected and nothing was lost.
+    for _ in 0..50 {
+        let r: u64 = resp(&mut c2, &["INCR", "counter"])
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(r > v);
+    }
+    drop(new_backup);
+    drop(backup);
+    delete_ftvms(&client, &ns.name).await;
+    op.stop().await;
+    ns.delete().await;
+}
