@@ -186,7 +186,9 @@ impl PairSpec {
         let mut args: Vec<String> = vec!["backup".into(), "--guest".into(), self.guest.name().into()];
         args.extend(self.common(name, &ports));
         args.extend(["--channel-connect".into(), channel.to_string()]);
-        args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string()]);
+        if self.guest == Guest::Kvstore {
+            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string()]);
+        }
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         proc.wait_line("backup in sync", timeout)?;
         Ok(Replica { proc, ports })

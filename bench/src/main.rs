@@ -18,9 +18,10 @@ struct Cli {
     /// A short smoke run (about 2 minutes): one round, fewer pipelining levels, kills and clones.
     #[arg(long)]
     quick: bool,
-    /// The agent to benchmark.
-    #[arg(long, value_name = "PATH", default_value = "target/release/lockstep-agent")]
-    agent: PathBuf,
+    /// The agent to benchmark [default: $LOCKSTEP_AGENT, else lockstep-agent next to this
+    /// binary, else target/release/lockstep-agent].
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
     /// Where benchmarks.md, benchmarks.json and img/ are written.
     #[arg(long, value_name = "DIR", default_value = "docs")]
     out: PathBuf,
@@ -60,10 +61,23 @@ fn utc_now() -> String {
     o.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
+fn default_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOCKSTEP_AGENT") {
+        return p.into();
+    }
+    if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("lockstep-agent"))) {
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("target/release/lockstep-agent")
+}
+
 fn run(cli: Cli) -> Result<bool> {
     procs::install_signal_handler()?;
-    if !cli.agent.exists() {
-        bail!("{} not found: build it first (cargo build --release -p lockstep-agent) or pass --agent", cli.agent.display());
+    let agent = cli.agent.clone().unwrap_or_else(default_agent);
+    if !agent.exists() {
+        bail!("{} not found: build it first (cargo build --release -p lockstep-agent) or pass --agent", agent.display());
     }
     for tool in ["redis-benchmark"] {
         if std::process::Command::new(tool).arg("--version").output().is_err() {
@@ -93,7 +107,7 @@ fn run(cli: Cli) -> Result<bool> {
     };
     let command = format!("cargo run --release -p lockstep-bench{}", if q { " -- --quick" } else { "" });
     let mut bench = Bench {
-        env: Env { agent: std::fs::canonicalize(&cli.agent)?, dir: tmp.path().to_path_buf(), verbose: cli.verbose },
+        env: Env { agent: std::fs::canonicalize(&agent)?, dir: tmp.path().to_path_buf(), verbose: cli.verbose },
         report: Report {
             mode: if q { "quick" } else { "full" }.into(),
             command,

@@ -37,6 +37,15 @@ pub struct Line {
     pub label: String,
     pub color: RGBColor,
     pub points: Vec<(f64, f64)>,
+    /// Stroke width in pixels (0: the default, 2).
+    pub stroke: u32,
+}
+
+impl Line {
+    pub fn width(mut self, w: u32) -> Line {
+        self.stroke = w;
+        self
+    }
 }
 
 /// A vertical marker (an event on a time axis).
@@ -99,20 +108,21 @@ where
         }
         mesh.draw().map_err(e)?;
     }
-    for m in markers {
+    for (i, m) in markers.iter().enumerate() {
         let style = ShapeStyle::from(&m.color).stroke_width(1);
         c.draw_series(std::iter::once(PathElement::new(vec![(m.x, 0.0), (m.x, y1)], style))).map_err(e)?;
         if text {
-            c.draw_series(std::iter::once(Text::new(m.label.clone(), (m.x, y1 * 0.97), ("sans-serif", 12).into_font().color(&m.color))))
+            c.draw_series(std::iter::once(Text::new(m.label.clone(), (m.x, y1 * (0.97 - 0.07 * i as f64)), ("sans-serif", 12).into_font().color(&m.color))))
                 .map_err(e)?;
         }
     }
     for l in lines {
-        let style = ShapeStyle::from(&l.color).stroke_width(2);
+        let width = if l.stroke == 0 { 2 } else { l.stroke };
+        let style = ShapeStyle::from(&l.color).stroke_width(width);
         let s = c.draw_series(LineSeries::new(l.points.iter().copied(), style)).map_err(e)?;
         if text {
             let color = l.color;
-            s.label(l.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(2)));
+            s.label(l.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(width)));
         }
     }
     if text && lines.iter().any(|l| !l.label.is_empty()) {
@@ -166,8 +176,8 @@ mod tests {
     fn draws_small_pngs() {
         let dir = tempfile::tempdir().unwrap();
         let lines = vec![
-            Line { label: "primary".into(), color: BLUE_, points: (0..50).map(|i| (i as f64 * 0.1, (i % 7) as f64)).collect() },
-            Line { label: "backup".into(), color: RED_, points: vec![(2.0, 1.0), (4.9, 3.0)] },
+            Line { label: "primary".into(), color: BLUE_, points: (0..50).map(|i| (i as f64 * 0.1, (i % 7) as f64)).collect(), stroke: 0 },
+            Line { label: "backup".into(), color: RED_, points: vec![(2.0, 1.0), (4.9, 3.0)], stroke: 0 }.width(4),
         ];
         let p = dir.path().join("t.png");
         timeseries(&p, "log bandwidth", "s", "Mbit/s", &lines, &[Marker { x: 2.5, label: "kill".into(), color: GREY_ }]).unwrap();

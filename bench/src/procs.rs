@@ -161,6 +161,18 @@ impl Proc {
         t
     }
 
+    /// Sends `sig` (e.g. SIGSTOP); returns the instant just before it was sent.
+    pub fn signal(&mut self, sig: i32) -> Instant {
+        let t = Instant::now();
+        if self.child.is_some() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe {
+                libc::kill(self.pid, sig);
+            }
+        }
+        t
+    }
+
     /// SIGTERM, wait up to `timeout` (then SIGKILL), and return everything it wrote on stdout.
     pub fn terminate(&mut self, timeout: Duration) -> Result<String> {
         if self.child.is_some() {

@@ -110,7 +110,7 @@ pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, timeout
     }
     let res = parse_output(&out).with_context(|| format!("redis-benchmark output: {}", out.chars().take(500).collect::<String>()))?;
     for t in &res {
-        if t.requests != 0 && t.requests != requests {
+        if t.requests < requests {
             bail!("redis-benchmark completed {} of {requests} {} requests", t.requests, t.test);
         }
     }

@@ -85,6 +85,8 @@ pub struct Quantiles {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FailoverRun {
+    /// "kill -9" or "SIGSTOP".
+    pub how: String,
     pub seconds: f64,
     pub went_live_seconds: Option<f64>,
     pub counter_ok: bool,
@@ -152,6 +154,8 @@ pub struct Report {
     pub output_hold_seconds: BTreeMap<String, Quantiles>,
     pub execution_lag_seconds: BTreeMap<String, Quantiles>,
     pub failover_seconds: Option<Spread>,
+    /// Failover when the primary freezes (SIGSTOP): detection by heartbeat timeout only.
+    pub failover_silent_seconds: Option<Spread>,
     pub failovers: Vec<FailoverRun>,
     pub heartbeat_timeout_ms: u64,
     pub clone_pause_seconds: BTreeMap<String, Option<f64>>,
@@ -220,6 +224,15 @@ impl Report {
             met: kv.map(|b| b <= 18e6),
             why: String::new(),
         });
+        if let Some(sat) = self.log_bandwidth.iter().filter(|r| r.load.starts_with("saturated")).max_by(|a, b| a.bits_per_second.total_cmp(&b.bits_per_second)) {
+            t.push(Target {
+                figure: format!("Log bandwidth, kvstore {}", sat.load),
+                measured: mbit(Some(sat.bits_per_second)),
+                target: "context: the original's 1.5–18 Mbit/s were real applications, not a saturating benchmark".into(),
+                met: None,
+                why: String::new(),
+            });
+        }
         let cp = self.log_bits_per_second.get("compute").copied().flatten();
         t.push(Target {
             figure: "Log bandwidth, compute guest".into(),
@@ -236,6 +249,15 @@ impl Report {
             met: fo.map(|s| s.max < 1.0),
             why: String::new(),
         });
+        if let Some(s) = &self.failover_silent_seconds {
+            t.push(Target {
+                figure: format!("Failover time, frozen primary (SIGSTOP: heartbeat timeout), {} runs", s.samples.len()),
+                measured: format!("min {:.3} / median {:.3} / max {:.3} s", s.min, s.median, s.max),
+                target: "< 1 s".into(),
+                met: Some(s.max < 1.0),
+                why: String::new(),
+            });
+        }
         let p64 = self.clone_pause_seconds.get("64MiB").copied().flatten();
         t.push(Target {
             figure: "Clone pause, 64 MiB guest".into(),
@@ -408,8 +430,21 @@ impl Report {
                 self.heartbeat_timeout_ms
             );
             let _ = writeln!(w, "min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.\n", s.min, s.median, s.max);
-            let live: Vec<String> = self.failovers.iter().map(|r| format!("{:.3}", r.seconds)).collect();
-            let _ = writeln!(w, "Each kill: {} s. Lost acknowledged increments: {}.", live.join(", "), self.failovers.iter().filter(|r| !r.counter_ok).count());
+            let live: Vec<String> = self.failovers.iter().filter(|r| r.how != "SIGSTOP").map(|r| format!("{:.3}", r.seconds)).collect();
+            let _ = writeln!(
+                w,
+                "Each kill: {} s. Runs where the counter incremented (and acknowledged) before the failure differed afterwards: {}.",
+                live.join(", "),
+                self.failovers.iter().filter(|r| !r.counter_ok).count()
+            );
+            let _ = writeln!(
+                w,
+                "\nOn one machine `kill -9` closes the primary's sockets, so the backup sees the channel end at once. A node that dies or is cut off \
+                 sends nothing; that path is detected by the heartbeat timeout only, measured by freezing the primary with SIGSTOP instead:"
+            );
+            if let Some(s) = &self.failover_silent_seconds {
+                let _ = writeln!(w, "\nSIGSTOP, {} runs: min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.", s.samples.len(), s.min, s.median, s.max);
+            }
         }
         if self.plots.iter().any(|p| p.contains("failover")) {
             let _ = writeln!(w, "\n![log bandwidth across a failover](img/failover-log-bandwidth.png)\n");

@@ -89,6 +89,12 @@ fn sample_quantiles(v: &[f64]) -> Quantiles {
     Quantiles { p50: stats::percentile(v, 0.5), p99: stats::percentile(v, 0.99), count: v.len() as f64 }
 }
 
+/// redis-benchmark `-n` at pipelining level `pl`: deeper pipelines run more requests, so that
+/// each run lasts long enough to measure (P=1: base, P=4: 2x, P=16: 5x).
+pub fn requests_at(base: u64, pl: u32) -> u64 {
+    base * (1 + pl as u64 / 4)
+}
+
 fn sleep_s(s: f64) {
     std::thread::sleep(Duration::from_secs_f64(s.max(0.0)));
 }
@@ -129,6 +135,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     let mut cells: BTreeMap<(usize, u32), Cell> = BTreeMap::new();
     let mut hold_total: Vec<Bucket> = Vec::new();
     let mut lag: Vec<f64> = Vec::new();
+    let mut saturated: BTreeMap<u32, LogRow> = BTreeMap::new();
     let total = b.cfg.rounds * b.cfg.pipelines.len() * 3;
     let mut done = 0;
     for round in 0..b.cfg.rounds {
@@ -140,7 +147,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 let before = prom::scrape(metrics)?;
                 let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
                 let t0 = sampler.now();
-                let res = redis_bench::run(addr, b.cfg.requests, pl, b.cfg.clients, timeout).with_context(|| format!("{} P={pl}", MODES[m]))?;
+                let res = redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, timeout).with_context(|| format!("{} P={pl}", MODES[m]))?;
                 let t1 = sampler.now();
                 let after = prom::scrape(metrics)?;
                 let cpu1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
@@ -153,6 +160,13 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 c.cpu += cpu1 - cpu0;
                 c.tests.push(res);
                 if MODES[m] == "ft" {
+                    let row = log_row("kvstore", &format!("saturated: redis-benchmark -P {pl}"), &before, &after, t1 - t0, cpu1 - cpu0);
+                    let agg = saturated.entry(pl).or_insert_with(|| LogRow { load: row.load.clone(), guest: row.guest.clone(), ..Default::default() });
+                    agg.seconds += row.seconds;
+                    agg.log_bytes += row.log_bytes;
+                    agg.log_entries += row.log_entries;
+                    agg.exits_per_second += row.exits_per_second * row.seconds;
+                    agg.cpu_us_per_exit = Some(agg.cpu_us_per_exit.unwrap_or(0.0) + (cpu1 - cpu0));
                     let d = stats::bucket_delta(&after.histogram(HOLD), &before.histogram(HOLD));
                     if hold_total.is_empty() {
                         hold_total = d;
@@ -211,6 +225,15 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
             b.report.throughput.push(cell);
         }
     }
+    for (_, mut r) in saturated {
+        let exits = r.exits_per_second; // accumulated exits
+        let cpu = r.cpu_us_per_exit.unwrap_or(0.0);
+        r.bits_per_second = r.log_bytes * 8.0 / r.seconds;
+        r.exits_per_second = exits / r.seconds;
+        r.wall_us_per_exit = (exits > 0.0).then(|| r.seconds / exits * 1e6);
+        r.cpu_us_per_exit = (exits > 0.0).then(|| cpu / exits * 1e6);
+        b.report.log_bandwidth.push(r);
+    }
     b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
     b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
     let plain_all: Vec<f64> = b.cfg.pipelines.iter().filter_map(|pl| cells.get(&(0, *pl))).filter_map(|c| stats::coefficient_of_variation(&c.rps)).collect();
@@ -218,9 +241,11 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     b.report.output_hold_seconds.insert("redis_benchmark".into(), hold_quantiles(&hold_total));
     b.report.execution_lag_seconds.insert("redis_benchmark".into(), sample_quantiles(&lag));
     b.report.redis_benchmark = format!(
-        "`redis-benchmark -t set,get -n {} -c {} -d 32 -r 1000 -P <level>`, -P in {:?}, {} round(s); in each round every mode runs at every level, in rotating order. \
-         Ports: 127.0.0.1 only.",
-        b.cfg.requests, b.cfg.clients, b.cfg.pipelines, b.cfg.rounds
+        "`redis-benchmark -t set,get -n <n> -c {} -d 32 -r 1000 -P <level>` with (level, n) in {:?}, {} round(s); in each round every mode runs at every level, \
+         in rotating order, after one warm-up run per mode. Ports: 127.0.0.1 only.",
+        b.cfg.clients,
+        b.cfg.pipelines.iter().map(|&p| (p, requests_at(b.cfg.requests, p))).collect::<Vec<_>>(),
+        b.cfg.rounds
     );
 
     // Latency distribution plot: SET, last round, one panel per pipelining level.
@@ -232,8 +257,21 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
             if let Some(last) = cells[&(m, pl)].tests.last() {
                 if let Some(t) = last.iter().find(|t| t.test == "SET") {
                     // (latency ms, percentile): a CDF.
-                    lines.push(Line { label: name.to_string(), color: colors[m], points: t.distribution.iter().map(|&(p, ms)| (ms, p)).collect() });
+                    lines.push(Line { label: name.to_string(), color: colors[m], points: t.distribution.iter().map(|&(p, ms)| (ms, p)).collect(), stroke: 0 });
                 }
+            }
+        }
+        // Cut the x axis at twice the largest p99 so the bulk is visible; the tail is in the table.
+        let p99 = lines.iter().filter_map(|l: &Line| l.points.iter().find(|p| p.1 >= 99.0).map(|p| p.0)).fold(0.0f64, f64::max);
+        if p99 > 0.0 {
+            let cut = p99 * 2.0;
+            for l in &mut lines {
+                let last = l.points.iter().take_while(|p| p.0 <= cut).last().map(|p| p.1);
+                l.points.retain(|p| p.0 <= cut);
+                if let Some(y) = last {
+                    l.points.push((cut, y));
+                }
+                l.points.insert(0, (0.0, 0.0));
             }
         }
         panels.push((format!("SET latency CDF, -P {pl}"), lines));
@@ -513,25 +551,38 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     let t_stop = sampler.now();
 
     let show_from = (t_kill - 15.0).max(t_start);
-    let mk = |target: &str, label: &str, color| -> Line {
-        let s: Vec<(f64, f64)> = sampler.series(target, LOG_BYTES);
+    // What each replica sends (primary role) and receives (backup role) on the channel.
+    let mk = |target: &str, metric: &str, label: &str, color, from: f64, to: f64| -> Line {
+        let s: Vec<(f64, f64)> = sampler.series(target, metric);
         Line {
             label: label.into(),
             color,
-            points: stats::windowed_rates(&s, 1.0).into_iter().filter(|(t, _)| *t >= show_from).map(|(t, r)| (t - show_from, r * 8.0 / 1e6)).collect(),
+            points: stats::windowed_rates(&s, 0.5)
+                .into_iter()
+                .filter(|(t, _)| *t >= show_from.max(from) && *t <= to)
+                .map(|(t, r)| (t - show_from, r * 8.0 / 1e6))
+                .collect(),
+            stroke: 0,
         }
     };
-    let lines = vec![mk("primary", "primary (killed)", plot::BLUE_), mk("backup", "backup → new primary", plot::RED_), mk("new backup", "new backup", plot::GREEN_)];
+    const RECEIVED: &str = "lockstep_log_bytes_received_total";
+    // Received first and thick, sent on top and thin: where they coincide both stay visible.
+    let lines = vec![
+        mk("backup", RECEIVED, "backup: received", plot::ORANGE_, 0.0, t_kill + 0.5).width(5),
+        mk("new backup", RECEIVED, "new backup: received", plot::GREEN_, 0.0, f64::MAX).width(5),
+        mk("primary", LOG_BYTES, "primary: sent", plot::BLUE_, 0.0, f64::MAX),
+        mk("backup", LOG_BYTES, "backup, live: sent", plot::RED_, t_live, f64::MAX),
+    ];
     let markers = vec![
         Marker { x: t_kill - show_from, label: "kill -9".into(), color: plot::GREY_ },
-        Marker { x: t_live - show_from, label: "  live".into(), color: plot::RED_ },
+        Marker { x: t_live - show_from, label: "live".into(), color: plot::RED_ },
         Marker { x: t_sync - show_from, label: "in sync".into(), color: plot::GREEN_ },
     ];
     plot::timeseries(
         &b.cfg.img_dir.join("failover-log-bandwidth.png"),
         &format!("Log bandwidth across a failover (kvstore at {:.0} req/s)", b.cfg.rate),
         "seconds",
-        "Mbit/s sent on the logging channel",
+        "log Mbit/s",
         &lines,
         &markers,
     )?;
@@ -590,11 +641,25 @@ fn prometheus_check(b: &Bench, ps: &Prometheus, sampler: &Sampler, at: f64, vm: 
 // 4. Failover time over many kills.
 
 pub fn failovers(b: &mut Bench) -> Result<()> {
+    let kills = b.cfg.kills;
+    let times = failover_runs(b, kills, false)?;
+    b.report.failover_seconds = stats::Spread::of(&times);
+    b.report.heartbeat_timeout_ms = 500;
+    let silent = if b.cfg.kills == 0 { 0 } else if b.cfg.quick { 1 } else { 3 };
+    let times = failover_runs(b, silent, true)?;
+    b.report.failover_silent_seconds = stats::Spread::of(&times);
+    Ok(())
+}
+
+/// `n` failovers: `kill -9` of the primary, or with `silent` a SIGSTOP (the primary's sockets
+/// stay open, as when a node freezes or its network goes: only the heartbeat timeout detects it).
+fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
     let env = b.env.clone();
     let mut seed = unix_now().to_bits();
     let mut times = Vec::new();
-    for k in 0..b.cfg.kills {
-        let vm = format!("fo{k}");
+    let how = if silent { "SIGSTOP" } else { "kill -9" };
+    for k in 0..n {
+        let vm = format!("fo{k}{}", if silent { "s" } else { "" });
         let spec = PairSpec::new(&env, &vm, Guest::Kvstore, 64);
         let (mut p, mut bk) = spec.start(&env, &vm)?;
         let mut c = Resp::connect(p.ports.client, Duration::from_secs(5))?;
@@ -612,7 +677,7 @@ pub fn failovers(b: &mut Bench) -> Result<()> {
         let mut load = RateClient::start(p.ports.client, 200.0);
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         sleep_s(0.3 + ((seed >> 33) % 500) as f64 / 1000.0);
-        let t0 = p.proc.kill9();
+        let t0 = if silent { p.proc.signal(libc::SIGSTOP) } else { p.proc.kill9() };
         load.stop();
         let addr = bk.ports.client;
         let deadline = t0 + Duration::from_secs(30);
@@ -633,15 +698,17 @@ pub fn failovers(b: &mut Bench) -> Result<()> {
         let mut r = Resp::connect(addr, Duration::from_secs(5))?;
         let counter: i64 = r.cmd(&["GET", "failover:counter"])?.text().and_then(|t| t.parse().ok()).unwrap_or(-1);
         let ok = counter == acked;
-        b.progress(&format!("failover {}/{}: {secs:.3} s to the first correct reply (went live after {}), counter {counter}/{acked}", k + 1, b.cfg.kills, live.map(|l| format!("{l:.3} s")).unwrap_or("?".into())));
+        b.progress(&format!(
+            "failover ({how}) {}/{n}: {secs:.3} s to the first correct reply (went live after {}), counter {counter}/{acked}",
+            k + 1,
+            live.map(|l| format!("{l:.3} s")).unwrap_or("?".into())
+        ));
         times.push(secs);
-        b.report.failovers.push(FailoverRun { seconds: secs, went_live_seconds: live, counter_ok: ok });
+        b.report.failovers.push(FailoverRun { how: how.into(), seconds: secs, went_live_seconds: live, counter_ok: ok });
         drop((p, bk));
         remove_matching(&env.dir, &vm);
     }
-    b.report.failover_seconds = stats::Spread::of(&times);
-    b.report.heartbeat_timeout_ms = 500;
-    Ok(())
+    Ok(times)
 }
 
 // ---------------------------------------------------------------------------------------------
