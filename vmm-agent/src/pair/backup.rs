@@ -39,23 +39,32 @@ struct Core {
     ft: Backup,
     writer: Option<Sender<ToPeer>>,
     queue: VecDeque<(u64, Entry)>,
-    machine: Option<Machine<KvmVcpu>>,
-    disk: Option<File>,
-    clone_done: bool,
+    /// Clone data taken from the core, applied by the reader thread outside the lock.
+    clone_queue: Vec<CloneData>,
     promoted: bool,
     halted: Option<String>,
     arbiter: Option<Sender<u64>>,
     metrics: Arc<Metrics>,
-    guest: GuestKind,
-    disk_path: Option<PathBuf>,
     max_payload: usize,
     /// Highest client connection id seen in the log: a promoted backup numbers after it.
     max_conn: u32,
 }
 
+/// The replica being built from the clone. Applying 64 MiB of pages takes a while; doing it
+/// outside the core's lock keeps heartbeats flowing meanwhile.
+struct CloneTarget {
+    machine: Option<Machine<KvmVcpu>>,
+    disk: Option<File>,
+    done: bool,
+    guest: GuestKind,
+    disk_path: Option<PathBuf>,
+    metrics: Arc<Metrics>,
+}
+
 struct Shared {
     core: Mutex<Core>,
     cv: Condvar,
+    target: Mutex<CloneTarget>,
 }
 
 impl Shared {
@@ -73,12 +82,7 @@ impl Shared {
                 }
             }
         }
-        for data in r.clone_data {
-            if let Err(e) = apply_clone(core, data) {
-                tracing::error!("cannot apply the clone: {e}");
-                core.halted = Some(format!("cannot apply the clone: {e}"));
-            }
-        }
+        core.clone_queue.extend(r.clone_data);
         if let Some(c) = r.consult_arbiter {
             if let Some(a) = &core.arbiter {
                 let _ = a.send(c.seen_epoch);
@@ -124,7 +128,7 @@ fn describe_halt(reason: &lockstep_ft::HaltReason) -> String {
     }
 }
 
-fn apply_clone(core: &mut Core, data: CloneData) -> Result<(), String> {
+fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
     match data {
         CloneData::Begin { memory_bytes, disk_bytes, .. } => {
             let disk = match (&core.disk_path, disk_bytes) {
@@ -166,7 +170,7 @@ fn apply_clone(core: &mut Core, data: CloneData) -> Result<(), String> {
             if vm.exits != exit {
                 return Err(format!("clone state is at exit {} but the primary said {exit}", vm.exits));
             }
-            core.clone_done = true;
+            core.done = true;
         }
     }
     Ok(())
@@ -249,19 +253,23 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
             ft: Backup::new(cfg.clone(), id, record.epoch, now()),
             writer: Some(spawn_writer(stream, "channel")),
             queue: VecDeque::new(),
-            machine: None,
-            disk: None,
-            clone_done: false,
+            clone_queue: Vec::new(),
             promoted: false,
             halted: None,
             arbiter: None,
             metrics: popts.metrics.clone(),
-            guest: opts.guest,
-            disk_path: opts.disk.clone(),
             max_payload: cfg.max_payload,
             max_conn: 0,
         }),
         cv: Condvar::new(),
+        target: Mutex::new(CloneTarget {
+            machine: None,
+            disk: None,
+            done: false,
+            guest: opts.guest,
+            disk_path: opts.disk.clone(),
+            metrics: popts.metrics.clone(),
+        }),
     });
     let answer = shared.clone();
     let arbiter = super::spawn_arbiter_worker(popts.arbiter.clone(), popts.me.clone(), move |o| {
@@ -296,6 +304,20 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
             }
         };
         reader.act(&mut core);
+        let work = std::mem::take(&mut core.clone_queue);
+        drop(core);
+        if !work.is_empty() {
+            let mut target = reader.target.lock().expect("clone target lock");
+            for data in work {
+                if let Err(e) = apply_clone(&mut target, data) {
+                    tracing::error!("cannot apply the clone: {e}");
+                    reader.lock().halted = Some(format!("cannot apply the clone: {e}"));
+                    return false;
+                }
+            }
+            drop(target);
+            reader.cv.notify_all();
+        }
         keep
     });
     let ticker = shared.clone();
@@ -313,15 +335,22 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         .expect("spawn ticker");
 
     // Wait for the clone.
-    let mut vm = {
-        let mut core = shared.lock();
-        while !core.clone_done && core.halted.is_none() && core.ft.state() != BackupState::Halted {
-            core = shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
+    let (mut vm, disk) = loop {
+        {
+            let mut target = shared.target.lock().expect("clone target lock");
+            if target.done {
+                let vm = target.machine.take().ok_or_else(|| PairError::Protocol("clone never completed".into()))?;
+                break (vm, target.disk.take());
+            }
         }
+        let core = shared.lock();
         if let Some(why) = &core.halted {
             return Err(PairError::Halted(why.clone()));
         }
-        core.machine.take().ok_or_else(|| PairError::Protocol("clone never completed".into()))?
+        if core.ft.state() == BackupState::Halted {
+            return Err(PairError::Halted("the primary was lost before the clone completed".into()));
+        }
+        drop(shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock"));
     };
     eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
 
@@ -353,7 +382,7 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     // Go live: the log ended, everything received is replayed, and we won the arbiter.
     let (ft_primary, max_conn) = {
         let core = shared.lock();
-        let geometry = VmGeometry { memory_bytes: vm.mem_size(), disk_bytes: core.disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()), page_size: 4096 };
+        let geometry = VmGeometry { memory_bytes: vm.mem_size(), disk_bytes: disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()), page_size: 4096 };
         let p = core.ft.promote(geometry, now()).ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
         (p, core.max_conn)
     };
@@ -370,6 +399,5 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         ft_primary.epoch(),
         resume.close_conns.len()
     );
-    let disk = shared.lock().disk.take();
     primary::drive(&mut vm, ft_primary, popts, disk, resume)
 }
