@@ -405,3 +405,105 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
     let _ = std::fs::remove_file(&disk_a);
     let _ = std::fs::remove_file(&disk_b);
 }
+
+mod without_kvm {
+    //! The parts of save/restore that need no KVM, on a scripted vCPU.
+    use std::sync::{Arc, Mutex};
+
+    use lockstep_agent::devices::IrqQueue;
+    use lockstep_agent::hypervisor::{Result as HvResult, Vcpu, VcpuState, VmExit};
+    use lockstep_agent::snapshot::SnapshotError;
+    use lockstep_agent::vmm::clone::CloneError;
+    use lockstep_agent::vmm::machine::Devices;
+    use lockstep_agent::vmm::{memory, Machine};
+
+    #[derive(Default)]
+    struct Seen {
+        window: Vec<bool>,
+        set: Vec<VcpuState>,
+        completed_io: u32,
+    }
+
+    struct FakeVcpu {
+        state: VcpuState,
+        seen: Arc<Mutex<Seen>>,
+    }
+
+    impl Vcpu for FakeVcpu {
+        fn run(&mut self) -> HvResult<VmExit> {
+            Ok(VmExit::Hlt)
+        }
+        fn set_mmio_read_data(&mut self, _data: &[u8]) {}
+        fn ready_for_interrupt(&mut self) -> bool {
+            false
+        }
+        fn inject_interrupt(&mut self, _vector: u8) -> HvResult<()> {
+            Ok(())
+        }
+        fn request_interrupt_window(&mut self, on: bool) {
+            self.seen.lock().unwrap().window.push(on);
+        }
+        fn set_immediate_exit(&mut self, _on: bool) {}
+        fn state(&self) -> HvResult<VcpuState> {
+            Ok(self.state.clone())
+        }
+        fn set_state(&mut self, state: &VcpuState) -> HvResult<()> {
+            self.seen.lock().unwrap().set.push(state.clone());
+            self.state = state.clone();
+            Ok(())
+        }
+        fn complete_pending_io(&mut self) -> HvResult<()> {
+            self.seen.lock().unwrap().completed_io += 1;
+            Ok(())
+        }
+    }
+
+    fn machine(state: VcpuState) -> (Machine<FakeVcpu>, Arc<Mutex<Seen>>) {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let vcpu = FakeVcpu { state, seen: seen.clone() };
+        (Machine::with_vcpu(memory::create(16 << 20).unwrap(), vcpu, Devices::new(None).unwrap()), seen)
+    }
+
+    #[test]
+    fn pending_interrupts_window_request_and_devices_carry_over() {
+        let mut s = VcpuState::zeroed();
+        s.gprs[16] = 0x10_2030;
+        s.events = vec![0; 27];
+        let (mut a, seen_a) = machine(s.clone());
+        a.exits = 4242;
+        a.irqs = IrqQueue::from_bits(0b110);
+        a.devices.platform.timer_period_ns = 10_000_000;
+        a.devices.platform.progress = 77;
+        let bytes = a.save_state().unwrap();
+        assert_eq!(seen_a.lock().unwrap().completed_io, 1, "pending I/O must be completed before saving");
+
+        let (mut b, seen_b) = machine(VcpuState::zeroed());
+        b.restore_state(&bytes).unwrap();
+        assert_eq!(b.exits, 4242);
+        assert_eq!(b.irqs, a.irqs);
+        assert_eq!(b.devices.platform, a.devices.platform);
+        let seen = seen_b.lock().unwrap();
+        assert_eq!(seen.set, vec![s]);
+        // Interrupts are pending, so the loop had asked for a window exit: the clone asks too.
+        assert_eq!(seen.window, vec![true]);
+        assert_eq!(b.digest(true).unwrap(), a.digest(true).unwrap());
+    }
+
+    #[test]
+    fn a_guest_with_xsave_enabled_is_refused_and_a_bigger_machine_too() {
+        let mut s = VcpuState::zeroed();
+        s.control[3] |= 1 << 18; // CR4.OSXSAVE
+        let (mut a, _) = machine(s);
+        assert!(matches!(a.save_state(), Err(CloneError::Unsupported(_))));
+
+        let (mut small, _) = machine(VcpuState::zeroed());
+        let bytes = small.save_state().unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let vcpu = FakeVcpu { state: VcpuState::zeroed(), seen };
+        let mut big = Machine::with_vcpu(memory::create(32 << 20).unwrap(), vcpu, Devices::new(None).unwrap());
+        assert!(matches!(big.restore_state(&bytes), Err(CloneError::State(SnapshotError::Mismatch(_)))));
+        let mut damaged = bytes.clone();
+        damaged[30] ^= 1;
+        assert!(matches!(big.restore_state(&damaged), Err(CloneError::State(SnapshotError::BadCrc { .. }))));
+    }
+}
