@@ -87,14 +87,17 @@ pub struct Standalone {
 }
 
 impl Standalone {
-    pub fn start(env: &Env, name: &str, guest: Guest, record: bool) -> Result<Standalone> {
+    /// `disk_mib`: the kvstore appends every write to its disk and powers off (code 101, "disk
+    /// full") when it is full, so long benchmarks need a big (sparse) disk.
+    pub fn start(env: &Env, name: &str, guest: Guest, record: bool, disk_mib: u64) -> Result<Standalone> {
         let client = free_addr()?;
         let metrics = free_addr()?;
         let log = record.then(|| env.path(&format!("{name}.log")));
-        let mut args: Vec<String> = vec!["run".into(), "--guest".into(), guest.name().into(), "--quiet".into(), "--vm-id".into(), name.into()];
+        // Not --quiet: the guest's console (a panic message, say) stays in the kept stderr.
+        let mut args: Vec<String> = vec!["run".into(), "--guest".into(), guest.name().into(), "--vm-id".into(), name.into()];
         args.extend(["--client-listen".into(), client.to_string(), "--metrics-listen".into(), metrics.to_string()]);
         if guest == Guest::Kvstore {
-            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), "16".into()]);
+            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), disk_mib.to_string()]);
         }
         if let Some(l) = &log {
             args.extend(["--record".into(), l.display().to_string()]);
@@ -138,12 +141,14 @@ pub struct PairSpec {
     pub vm_id: String,
     pub guest: Guest,
     pub memory_mib: u64,
+    /// The primary's disk (the clone copies it to the backup).
+    pub disk_mib: u64,
     pub arbiter: PathBuf,
 }
 
 impl PairSpec {
     pub fn new(env: &Env, vm_id: &str, guest: Guest, memory_mib: u64) -> PairSpec {
-        PairSpec { vm_id: vm_id.into(), guest, memory_mib, arbiter: env.path(&format!("{vm_id}.arbiter")) }
+        PairSpec { vm_id: vm_id.into(), guest, memory_mib, disk_mib: 16, arbiter: env.path(&format!("{vm_id}.arbiter")) }
     }
 
     fn common(&self, name: &str, ports: &Ports) -> Vec<String> {
@@ -152,7 +157,6 @@ impl PairSpec {
             self.vm_id.clone(),
             "--name".into(),
             name.into(),
-            "--quiet".into(),
             "--arbiter".into(),
             format!("local:{}", self.arbiter.display()),
             "--client-listen".into(),
@@ -171,7 +175,7 @@ impl PairSpec {
         args.extend(self.common(name, &ports));
         args.extend(["--memory-mib".into(), self.memory_mib.to_string()]);
         if self.guest == Guest::Kvstore {
-            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), "16".into()]);
+            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), self.disk_mib.to_string()]);
         }
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         proc.wait_line("channel on", Duration::from_secs(30))?;

@@ -29,10 +29,15 @@ pub mod stats;
 /// Fills `why` for each missed target from what the run measured.
 pub fn explain(r: &mut report::Report) {
     let hold = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
-    let p1 = r.throughput.iter().find(|c| c.mode == "ft" && c.pipeline == 1).and_then(|c| c.ratio_to_plain);
+    let per_level: Vec<String> =
+        r.throughput.iter().filter(|c| c.mode == "ft").filter_map(|c| c.ratio_to_plain.map(|x| format!("-P {} {x:.3}", c.pipeline))).collect();
     let plain_lat = r.latency_ms.get("plain").and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
     let ft_lat = r.latency_ms.get("ft").and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
     let cores = r.machine.cores;
+    let ft_cells: Vec<&report::ThroughputCell> = r.throughput.iter().filter(|c| c.mode == "ft").collect();
+    let backup_cores = stats::median(&ft_cells.iter().filter_map(|c| c.backup_cpu_cores).collect::<Vec<_>>());
+    let agent_cores = stats::median(&ft_cells.iter().filter_map(|c| c.agent_cpu_cores).collect::<Vec<_>>());
+    let busy = stats::median(&ft_cells.iter().filter_map(|c| c.machine_busy).collect::<Vec<_>>());
     let fo_live: Vec<f64> = r.failovers.iter().filter_map(|f| f.went_live_seconds).collect();
     let hb = r.heartbeat_timeout_ms;
     for t in &mut r.targets {
@@ -43,15 +48,22 @@ pub fn explain(r: &mut report::Report) {
             t.why = format!(
                 "every reply waits for the backup's acknowledgement of the log through the exit that produced it (output hold p50 {}), \
                  and with few requests in flight per connection that wait is on each request's critical path{}; \
-                 the primary's vCPU, the backup's replay, the client and the channel threads share {cores} cores here, whereas the original ran \
-                 each replica on its own host with a dedicated logging NIC, and the original's 0.94–0.99 was for applications that are not a \
-                 request/response loop bound on per-request latency. {}",
+                 the backup replays every exit at about the primary's cost, on the same {cores} cores as the primary's vCPU, the client and \
+                 the channel threads{}, whereas the original ran each replica on its own host with a dedicated logging NIC and measured \
+                 applications that are not a request/response loop bound on per-request latency. {}",
                 hold.map(|h| format!("{:.2} ms", h * 1e3)).unwrap_or_else(|| "–".into()),
                 match (plain_lat, ft_lat) {
                     (Some(a), Some(b)) => format!(" (SET p50 at -P 1: {a:.3} ms plain vs {b:.3} ms FT)"),
                     _ => String::new(),
                 },
-                p1.map(|x| format!("At -P 1 the ratio is {x:.3}; deeper pipelines amortise the wait over more requests.")).unwrap_or_default()
+                match (agent_cores, backup_cores, busy) {
+                    (Some(a), Some(bk), Some(m)) => format!(
+                        " (during the FT runs the primary used {a:.2} cores, the backup {bk:.2}, and the machine was {:.0} % busy, other sessions' work included)",
+                        m * 100.0
+                    ),
+                    _ => String::new(),
+                },
+                if per_level.is_empty() { String::new() } else { format!("Ratio per pipelining level: {}.", per_level.join(", ")) }
             );
         } else if t.figure.starts_with("Failover") {
             t.why = format!(

@@ -226,6 +226,23 @@ impl Drop for Proc {
     }
 }
 
+/// (busy, total) jiffies of the whole machine from the first line of `/proc/stat`
+/// (idle and iowait are not busy).
+pub fn machine_jiffies() -> Option<(f64, f64)> {
+    parse_proc_stat_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+pub fn parse_proc_stat_cpu(text: &str) -> Option<(f64, f64)> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 5 {
+        return None;
+    }
+    // user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+    let total: f64 = v.iter().take(8).sum();
+    Some((total - v[3] - v[4], total))
+}
+
 /// CPU time (utime + stime) of a process from `/proc/PID/stat`, in seconds.
 pub fn cpu_seconds_of(pid: i32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -261,6 +278,14 @@ mod tests {
     }
 
     #[test]
+    fn parses_machine_cpu() {
+        let t = "cpu  100 5 50 800 20 3 2 0 0 0\ncpu0 1 2 3 4 5\n";
+        assert_eq!(parse_proc_stat_cpu(t), Some((160.0, 980.0)));
+        assert_eq!(parse_proc_stat_cpu("intr 1 2"), None);
+        assert!(machine_jiffies().is_some());
+    }
+
+    #[test]
     fn children_are_killed_on_drop() {
         let mut cmd = Command::new("sleep");
         cmd.arg("30");
@@ -275,7 +300,7 @@ mod tests {
     #[test]
     fn terminate_collects_stdout_and_wait_line_sees_stderr() {
         let mut cmd = Command::new("sh");
-        cmd.args(["-c", "echo ready >&2; trap 'echo bye; exit 0' TERM; while :; do sleep 0.05; done"]);
+        cmd.args(["-c", "trap 'echo bye; exit 0' TERM; echo ready >&2; while :; do sleep 0.05; done"]);
         let mut p = Proc::spawn("sh", cmd, false).unwrap();
         p.wait_line("ready", Duration::from_secs(5)).unwrap();
         assert_eq!(p.terminate(Duration::from_secs(5)).unwrap().trim(), "bye");

@@ -43,6 +43,12 @@ pub struct ThroughputCell {
     pub exits_per_request: Option<f64>,
     pub exits_per_second: Option<f64>,
     pub cpu_us_per_exit: Option<f64>,
+    /// CPU used by the (primary) agent process, in cores, while this mode ran.
+    pub agent_cpu_cores: Option<f64>,
+    /// CPU used by the FT backup, in cores (ft only).
+    pub backup_cpu_cores: Option<f64>,
+    /// Fraction of the whole machine's CPU that was busy (every process, other sessions' too).
+    pub machine_busy: Option<f64>,
 }
 
 /// Log bandwidth of one guest in an FT pair.
@@ -88,7 +94,10 @@ pub struct FailoverRun {
     /// "kill -9" or "SIGSTOP".
     pub how: String,
     pub seconds: f64,
+    /// When the backup printed "going live".
     pub went_live_seconds: Option<f64>,
+    /// When the first TCP connection to the backup's client port succeeded.
+    pub first_connect_seconds: Option<f64>,
     pub counter_ok: bool,
 }
 
@@ -339,12 +348,12 @@ impl Report {
         let _ = writeln!(w, "{}\n", self.redis_benchmark);
         let _ = writeln!(
             w,
-            "| mode | -P | req/s (median) | ratio to plain | SET p50 / p99 ms | GET p50 / p99 ms | exits/request | exits/s | CPU µs/exit |\n|---|---|---|---|---|---|---|---|---|"
+            "| mode | -P | req/s (median) | ratio to plain | SET p50 / p99 ms | GET p50 / p99 ms | exits/request | exits/s | CPU µs/exit | agent / backup CPU (cores) | machine busy |\n|---|---|---|---|---|---|---|---|---|---|---|"
         );
         for c in &self.throughput {
             let _ = writeln!(
                 w,
-                "| {} | {} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {} | {} |",
+                "| {} | {} | {:.0} | {} | {:.3} / {:.3} | {:.3} / {:.3} | {} | {} | {} | {} / {} | {} |",
                 c.mode,
                 c.pipeline,
                 c.requests_per_second,
@@ -355,7 +364,10 @@ impl Report {
                 c.get_p99_ms,
                 f(c.exits_per_request, 2),
                 f(c.exits_per_second, 0),
-                f(c.cpu_us_per_exit, 1)
+                f(c.cpu_us_per_exit, 1),
+                f(c.agent_cpu_cores, 2),
+                f(c.backup_cpu_cores, 2),
+                c.machine_busy.map(|b| format!("{:.0} %", b * 100.0)).unwrap_or_else(|| "–".into())
             );
         }
         let _ = writeln!(
@@ -393,7 +405,8 @@ impl Report {
                 w,
                 "\nkvstore at a fixed rate: {:.0} req/s asked, {:.0} req/s achieved (one connection, alternating `SET key:N <32 bytes>` / `GET key:N`), \
                  client latency p50 {} / p99 {}. Log bytes **per client request: {}**, **per client byte received: {}** \
-                 (per byte in either direction: {}).",
+                 (per byte in either direction: {}). Client bytes received are counted by the bench's client: the agent's \
+                 `lockstep_client_bytes_received_total` stays 0 on a pair primary.",
                 r.target_requests_per_second,
                 r.achieved_requests_per_second,
                 f(r.client_latency_p50_ms, 3).to_string() + " ms",
@@ -444,6 +457,10 @@ impl Report {
             );
             if let Some(s) = &self.failover_silent_seconds {
                 let _ = writeln!(w, "\nSIGSTOP, {} runs: min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.", s.samples.len(), s.min, s.median, s.max);
+            }
+            let _ = writeln!(w, "\n| failure | backup says \"going live\" | first TCP connect accepted | first correct reply |\n|---|---|---|---|");
+            for r in &self.failovers {
+                let _ = writeln!(w, "| {} | {} | {} | {:.3} s |", r.how, ms(r.went_live_seconds), ms(r.first_connect_seconds), r.seconds);
             }
         }
         if self.plots.iter().any(|p| p.contains("failover")) {

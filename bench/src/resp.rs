@@ -131,8 +131,8 @@ pub struct RateStats {
     pub errors: AtomicU64,
     pub reconnects: AtomicU64,
     pub request_bytes: AtomicU64,
-    /// (seconds since the loop started, latency in seconds) of each answered request.
-    pub latencies: Mutex<Vec<(f64, f64)>>,
+    /// (seconds since the loop started, latency in seconds, request bytes) of each answered request.
+    pub latencies: Mutex<Vec<(f64, f64, u64)>>,
 }
 
 /// A client that sends `rate` requests per second (alternating `SET key:N <32 bytes>` and
@@ -184,7 +184,8 @@ impl RateClient {
                 let t0 = Instant::now();
                 st.sent.fetch_add(1, Ordering::Relaxed);
                 let r = if i % 2 == 0 { c.cmd(&["SET", &key, &value]) } else { c.cmd(&["GET", &key]) };
-                st.request_bytes.fetch_add(c.bytes_sent - before, Ordering::Relaxed);
+                let req_bytes = c.bytes_sent - before;
+                st.request_bytes.fetch_add(req_bytes, Ordering::Relaxed);
                 match r {
                     Ok(Reply::Error(_)) | Err(_) => {
                         st.errors.fetch_add(1, Ordering::Relaxed);
@@ -195,7 +196,7 @@ impl RateClient {
                         st.latencies
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push(((t0 - started).as_secs_f64(), t0.elapsed().as_secs_f64()));
+                            .push(((t0 - started).as_secs_f64(), t0.elapsed().as_secs_f64(), req_bytes));
                     }
                 }
                 i += 1;

@@ -108,6 +108,11 @@ struct Cell {
     requests: f64,
     seconds: f64,
     cpu: f64,
+    /// CPU seconds of the FT backup during this cell's runs.
+    backup_cpu: f64,
+    /// Busy and total jiffies of the whole machine during this cell's runs.
+    busy: f64,
+    jiffies: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -116,9 +121,12 @@ struct Cell {
 pub fn throughput(b: &mut Bench) -> Result<()> {
     let env = b.env.clone();
     b.progress("throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB)");
-    let plain = Standalone::start(&env, "plain", Guest::Kvstore, false)?;
-    let rec = Standalone::start(&env, "record", Guest::Kvstore, true)?;
-    let spec = PairSpec::new(&env, "ft", Guest::Kvstore, 64);
+    // The kvstore logs every write to its disk: give the long runs room (the files are sparse).
+    let disk_mib = 512;
+    let plain = Standalone::start(&env, "plain", Guest::Kvstore, false, disk_mib)?;
+    let rec = Standalone::start(&env, "record", Guest::Kvstore, true, disk_mib)?;
+    let mut spec = PairSpec::new(&env, "ft", Guest::Kvstore, 64);
+    spec.disk_mib = disk_mib;
     let (ftp, ftb) = spec.start(&env, "ft")?;
     let mut sampler = Sampler::start(Duration::from_millis(100));
     sampler.add("ft-primary", ftp.ports.metrics);
@@ -146,11 +154,21 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 let (addr, metrics, pid) = targets[m];
                 let before = prom::scrape(metrics)?;
                 let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+                let bcpu0 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
+                let j0 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
                 let t0 = sampler.now();
-                let res = redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, timeout).with_context(|| format!("{} P={pl}", MODES[m]))?;
+                let res = match redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, timeout) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let agent = [&plain.proc, &rec.proc, &ftp.proc][m];
+                        bail!("{} P={pl}: {e:#}; the agent's last lines:\n{}", MODES[m], agent.tail(8));
+                    }
+                };
                 let t1 = sampler.now();
                 let after = prom::scrape(metrics)?;
                 let cpu1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
+                let bcpu1 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
+                let j1 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
                 let rps = redis_bench::combined_rps(&res);
                 let c = cells.entry((m, pl)).or_default();
                 c.rps.push(rps);
@@ -158,6 +176,9 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 c.requests += res.iter().map(|t| t.requests as f64).sum::<f64>();
                 c.seconds += t1 - t0;
                 c.cpu += cpu1 - cpu0;
+                c.backup_cpu += bcpu1 - bcpu0;
+                c.busy += j1.0 - j0.0;
+                c.jiffies += j1.1 - j0.1;
                 c.tests.push(res);
                 if MODES[m] == "ft" {
                     let row = log_row("kvstore", &format!("saturated: redis-benchmark -P {pl}"), &before, &after, t1 - t0, cpu1 - cpu0);
@@ -216,6 +237,9 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 exits_per_request: (c.requests > 0.0).then(|| c.exits / c.requests),
                 exits_per_second: (c.seconds > 0.0).then(|| c.exits / c.seconds),
                 cpu_us_per_exit: (c.exits > 0.0).then(|| c.cpu / c.exits * 1e6),
+                agent_cpu_cores: (c.seconds > 0.0).then(|| c.cpu / c.seconds),
+                backup_cpu_cores: (*name == "ft" && c.seconds > 0.0).then(|| c.backup_cpu / c.seconds),
+                machine_busy: (c.jiffies > 0.0).then(|| c.busy / c.jiffies),
             };
             let lat = b.report.latency_ms.entry(name.to_string()).or_default().entry(format!("P{pl}")).or_default();
             lat.insert("set_p50".into(), cell.set_p50_ms);
@@ -469,13 +493,16 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     let log = series("primary", LOG_BYTES);
     let dv = |s: &[(f64, f64)]| -> Option<f64> { Some(stats::value_at(s, w1)? - stats::value_at(s, w0)?) };
     let log_bytes = dv(&log).context("no metrics samples of the primary in the steady window")?;
-    let bytes_in = dv(&series("primary", "lockstep_client_bytes_received_total")).unwrap_or(0.0);
     let bytes_out = dv(&series("primary", "lockstep_client_bytes_sent_total")).unwrap_or(0.0);
-    let lats: Vec<(f64, f64)> = client.stats.latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let in_window: Vec<f64> = lats.iter().filter(|(t, _)| t + client_offset >= w0 && t + client_offset <= w1).map(|(_, l)| *l).collect();
+    let lats: Vec<(f64, f64, u64)> = client.stats.latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let in_window: Vec<&(f64, f64, u64)> = lats.iter().filter(|(t, _, _)| t + client_offset >= w0 && t + client_offset <= w1).collect();
     let requests = in_window.len() as f64;
+    // The agent exports lockstep_client_bytes_received_total but the pair primary never counts
+    // it (it stays 0), so client bytes in come from the client's own count of what it sent.
+    let agent_in = dv(&series("primary", "lockstep_client_bytes_received_total")).unwrap_or(0.0);
+    let bytes_in = if agent_in > 0.0 { agent_in } else { in_window.iter().map(|x| x.2 as f64).sum() };
     let secs = w1 - w0;
-    let all_lat: Vec<f64> = lats.iter().map(|(_, l)| *l * 1e3).collect();
+    let all_lat: Vec<f64> = lats.iter().map(|(_, l, _)| *l * 1e3).collect();
     let run = RateRun {
         target_requests_per_second: b.cfg.rate,
         achieved_requests_per_second: requests / secs,
@@ -681,8 +708,12 @@ fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
         load.stop();
         let addr = bk.ports.client;
         let deadline = t0 + Duration::from_secs(30);
+        let mut first_connect: Option<Instant> = None;
         let t1 = loop {
-            let got = Resp::connect(addr, Duration::from_millis(200)).and_then(|mut r| r.cmd(&["GET", "failover:marker"]));
+            let got = Resp::connect(addr, Duration::from_millis(200)).and_then(|mut r| {
+                first_connect.get_or_insert_with(Instant::now);
+                r.cmd(&["GET", "failover:marker"])
+            });
             if let Ok(Reply::Bulk(Some(v))) = got {
                 if v == marker.as_bytes() {
                     break Instant::now();
@@ -704,7 +735,13 @@ fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
             live.map(|l| format!("{l:.3} s")).unwrap_or("?".into())
         ));
         times.push(secs);
-        b.report.failovers.push(FailoverRun { how: how.into(), seconds: secs, went_live_seconds: live, counter_ok: ok });
+        b.report.failovers.push(FailoverRun {
+            how: how.into(),
+            seconds: secs,
+            went_live_seconds: live,
+            first_connect_seconds: first_connect.map(|t| (t - t0).as_secs_f64()),
+            counter_ok: ok,
+        });
         drop((p, bk));
         remove_matching(&env.dir, &vm);
     }
