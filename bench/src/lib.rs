@@ -38,7 +38,13 @@ pub fn explain(r: &mut report::Report) {
     let backup_cores = stats::median(&ft_cells.iter().filter_map(|c| c.backup_cpu_cores).collect::<Vec<_>>());
     let agent_cores = stats::median(&ft_cells.iter().filter_map(|c| c.agent_cpu_cores).collect::<Vec<_>>());
     let busy = stats::median(&ft_cells.iter().filter_map(|c| c.machine_busy).collect::<Vec<_>>());
-    let fo_live: Vec<f64> = r.failovers.iter().filter_map(|f| f.went_live_seconds).collect();
+    let phases = |how: &str| -> (Option<f64>, Option<f64>) {
+        let runs: Vec<&report::FailoverRun> = r.failovers.iter().filter(|f| f.how == how).collect();
+        let live: Vec<f64> = runs.iter().filter_map(|f| f.went_live_seconds).collect();
+        // The longest wait between "going live" and the new client port accepting connections.
+        let gap = runs.iter().filter_map(|f| Some(f.first_connect_seconds? - f.went_live_seconds?)).fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
+        (stats::median(&live), gap)
+    };
     let hb = r.heartbeat_timeout_ms;
     for t in &mut r.targets {
         if t.met != Some(false) {
@@ -66,10 +72,19 @@ pub fn explain(r: &mut report::Report) {
                 if per_level.is_empty() { String::new() } else { format!("Ratio per pipelining level: {}.", per_level.join(", ")) }
             );
         } else if t.figure.starts_with("Failover") {
+            let how = if t.figure.contains("SIGSTOP") { "SIGSTOP" } else { "kill -9" };
+            let (live, gap) = phases(how);
             t.why = format!(
-                "failure detection is a heartbeat timeout ({hb} ms by default) before the backup may ask the arbiter, then replay of the remaining log, \
-                 go-live and the client's reconnect{}. A shorter --heartbeat-timeout-ms trades failover time against false suspicion on a loaded machine.",
-                stats::median(&fo_live).map(|m| format!(" (the backup said \"going live\" a median {m:.3} s after the kill)")).unwrap_or_default()
+                "failure detection{} before the backup may ask the arbiter, then replay of the remaining log, go-live and the client's reconnect{}{}.",
+                if how == "SIGSTOP" { format!(" is the heartbeat timeout ({hb} ms by default)") } else { " (the channel's end, at once here)".to_string() },
+                live.map(|m| format!("; the backup said \"going live\" a median {m:.3} s after the failure")).unwrap_or_default(),
+                gap.filter(|g| *g > 0.1)
+                    .map(|g| format!(
+                        "; in the slowest run the new primary's client port accepted its first connection only {:.0} ms after \"going live\" \
+                         (time spent inside the agent between promotion and listening, not in detection)",
+                        g * 1e3
+                    ))
+                    .unwrap_or_default()
             );
         } else if t.figure.starts_with("Clone pause") {
             t.why = "the final pause copies every page dirtied since the last pre-copy round plus the vCPU and device state while the vCPU is stopped; \

@@ -120,7 +120,7 @@ struct Cell {
 
 pub fn throughput(b: &mut Bench) -> Result<()> {
     let env = b.env.clone();
-    b.progress("throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB)");
+    b.progress("throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB memory, 512 MiB disk)");
     // The kvstore logs every write to its disk: give the long runs room (the files are sparse).
     let disk_mib = 512;
     let plain = Standalone::start(&env, "plain", Guest::Kvstore, false, disk_mib)?;
