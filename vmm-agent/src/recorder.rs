@@ -128,7 +128,10 @@ impl<S: LogSink> Recorder<S> {
             Event::TimerTick => Entry::TimerTick,
             Event::Wake => Entry::Wake,
             Event::ClientConnect { conn } => Entry::ClientConnect { conn: *conn },
-            Event::ClientData { conn, bytes } => Entry::ClientData { conn: *conn, bytes: bytes.clone() },
+            Event::ClientData { conn, bytes } => {
+                self.metrics.client_bytes_in.inc_by(bytes.len() as u64);
+                Entry::ClientData { conn: *conn, bytes: bytes.clone() }
+            }
             Event::ClientClose { conn } => Entry::ClientClose { conn: *conn },
         };
         self.log(exit, &entry).map_err(RunError::from)

@@ -360,10 +360,14 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         match vm.complete_exit(exit.clone(), &mut rep) {
             Ok(None) => continue,
             Ok(Some(reason)) => {
-                // The primary ended the run normally (its log has an end record).
+                // The guest powered off at this exit, on the primary as here: the VM is over on
+                // both sides (a primary does not ship an end record; see FtSink::append).
                 let digest = vm.digest(true)?;
-                use crate::vmm::Environment;
-                rep.end(vm.exits, digest, &reason)?;
+                if !matches!(reason, crate::vmm::StopReason::PowerOff(_)) {
+                    use crate::vmm::Environment;
+                    rep.end(vm.exits, digest, &reason)?;
+                }
+                eprintln!("lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it", vm.exits);
                 return Ok(RunSummary { exits: vm.exits, digest, reason });
             }
             Err(RunError::GoLive { .. }) => break exit,
