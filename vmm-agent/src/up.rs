@@ -226,14 +226,14 @@ pub fn run(o: UpOptions) -> Result<(), String> {
         }
     }
     eprintln!("lockstep up: stopping");
-    for s in &mut slots {
-        if let Some(c) = &mut s.child {
+    // The backup first: a primary that stops hands over, and a backup still running would take
+    // over a VM that is being shut down.
+    let primary = serving(&slots);
+    let order: Vec<usize> = (0..slots.len()).filter(|&i| Some(i) != primary).chain(primary).collect();
+    for i in order {
+        if let Some(mut c) = slots[i].child.take() {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        }
-    }
-    for s in &mut slots {
-        if let Some(mut c) = s.child.take() {
             let _ = c.wait();
         }
     }

@@ -176,8 +176,9 @@ fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
     Ok(())
 }
 
-/// The replayer's log: entries the core hands out for completed exits.
-struct Source(Arc<Shared>);
+/// The replayer's log: entries the core hands out for completed exits. A stop request (SIGTERM)
+/// ends the wait like a lost primary does; the caller tells the two apart.
+struct Source(Arc<Shared>, Arc<std::sync::atomic::AtomicBool>);
 
 impl LogSource for Source {
     fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
@@ -203,7 +204,7 @@ impl LogSource for Source {
             if core.ft.replay_limit() >= exit || !core.queue.is_empty() {
                 return Ok(true);
             }
-            if core.promoted {
+            if core.promoted || self.1.load(std::sync::atomic::Ordering::Relaxed) {
                 return Ok(false);
             }
             if let Some(why) = &core.halted {
@@ -354,8 +355,16 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     };
     eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
 
-    let mut rep = Replayer::new(Source(shared.clone()));
+    let stop = popts.stop.clone();
+    let stopped = |vm: &Machine<KvmVcpu>| -> Result<RunSummary, PairError> {
+        eprintln!("lockstep-agent: backup stopped on request after exit {}", vm.exits);
+        Ok(RunSummary { exits: vm.exits, digest: vm.digest(false)?, reason: crate::vmm::StopReason::Requested })
+    };
+    let mut rep = Replayer::new(Source(shared.clone(), stop.clone()));
     let pending = loop {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return stopped(&vm);
+        }
         let exit = vm.next_guest_exit()?;
         match vm.complete_exit(exit.clone(), &mut rep) {
             Ok(None) => continue,
@@ -370,6 +379,7 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
                 eprintln!("lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it", vm.exits);
                 return Ok(RunSummary { exits: vm.exits, digest, reason });
             }
+            Err(RunError::GoLive { .. }) if stop.load(std::sync::atomic::Ordering::Relaxed) => return stopped(&vm),
             Err(RunError::GoLive { .. }) => break exit,
             Err(e) => {
                 if let Some(why) = shared.lock().halted.clone() {
