@@ -314,3 +314,34 @@ pub fn run_tool(cmd: &mut std::process::Command, input: Option<&str>) -> (bool, 
     );
     (out.status.success(), text)
 }
+
+/// Pods of the FTVM `kvstore` in `ns` that are not being deleted.
+pub async fn live_pods(client: &Client, ns: &str) -> Vec<k8s_openapi::api::core::v1::Pod> {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), ns);
+    api.list(&kube::api::ListParams::default().labels("lockstep.dev/ftvm=kvstore"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect()
+}
+
+/// The node a pod is scheduled on ("" before scheduling).
+pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
+    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+}
+
+/// Brings a failed test-bed node back whatever happens to the test.
+#[derive(Debug)]
+pub struct RecoverNode(pub String);
+
+impl Drop for RecoverNode {
+    fn drop(&mut self) {
+        let script = repo_root().join("e2e/cluster/node-recover");
+        let (ok, out) = run_tool(std::process::Command::new(script).arg(&self.0), None);
+        if !ok {
+            eprintln!("node-recover {} failed: {out}", self.0);
+        }
+    }
+}

@@ -10,45 +10,19 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::api::{Api, PostParams};
+use kube::ResourceExt;
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
-    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, run_tool, wait_for,
+    Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
+    repo_root, run_tool, wait_for,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(90);
 
-async fn live_pods(client: &Client, ns: &str) -> Vec<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels("lockstep.dev/ftvm=kvstore"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
-}
 
-fn node_of(p: &Pod) -> String {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
 
-/// Brings the node back whatever happens to the test.
-struct Recover(String);
-impl Drop for Recover {
-    fn drop(&mut self) {
-        let script = repo_root().join("e2e/cluster/node-recover");
-        let (ok, out) = run_tool(Command::new(script).arg(&self.0), None);
-        if !ok {
-            eprintln!("node-recover {} failed: {out}", self.0);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_node_loss_is_handled_in_seconds() {
@@ -99,7 +73,7 @@ async fn primary_node_loss_is_handled_in_seconds() {
 
     // The primary's node dies. The backup agent notices within its heartbeat timeout and takes over.
     let dead = node_of(&primary);
-    let _recover = Recover(dead.clone());
+    let _recover = RecoverNode(dead.clone());
     let t0 = Instant::now();
     let (ok, out) = run_tool(
         Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),

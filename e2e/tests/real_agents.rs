@@ -16,10 +16,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::api::{Api, PostParams};
+use kube::ResourceExt;
 use lockstep_e2e::{
-    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, run_tool, wait_for,
+    Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
+    repo_root, run_tool, wait_for,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
@@ -171,23 +172,7 @@ fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
     }
 }
 
-async fn live_pods(client: &Client, ns: &str) -> Vec<Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels("lockstep.dev/ftvm=kvstore"))
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
-}
 
-fn node_of(p: &Pod) -> String {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
 
 fn has_ip(p: &Pod) -> bool {
     p.status
@@ -196,18 +181,6 @@ fn has_ip(p: &Pod) -> bool {
         .is_some_and(|ip| !ip.is_empty())
 }
 
-struct Recover(String);
-impl Drop for Recover {
-    fn drop(&mut self) {
-        let (ok, out) = run_tool(
-            Command::new(repo_root().join("e2e/cluster/node-recover")).arg(&self.0),
-            None,
-        );
-        if !ok {
-            eprintln!("node-recover {} failed: {out}", self.0);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agents_survive_the_loss_of_the_primarys_node() {
@@ -280,7 +253,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
 
     // The primary's node dies and its agent with it.
     let dead = node_of(&primary_pod);
-    let _recover = Recover(dead.clone());
+    let _recover = RecoverNode(dead.clone());
     let t1 = Instant::now();
     let (ok, out) = run_tool(
         Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),
