@@ -32,6 +32,12 @@ pub struct Metrics {
     pub client_bytes_out: IntCounter,
 }
 
+/// Bring a Prometheus counter up to a total kept elsewhere (the protocol core counts its own
+/// totals; counters only ever move forward).
+pub fn follow_total(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
 fn labelled(name: &str, help: &str, vm_id: &str) -> Opts {
     Opts::new(name, help).const_label("vm_id", vm_id)
 }

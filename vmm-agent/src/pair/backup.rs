@@ -18,7 +18,7 @@ use super::now;
 use super::primary::{self, PairError, Resume};
 use crate::guests::GuestKind;
 use crate::hypervisor::kvm::KvmVcpu;
-use crate::metrics::Metrics;
+use crate::metrics::{follow_total, Metrics};
 use crate::record::{decode_frame, CodecError, Entry, LogSource};
 use crate::replayer::Replayer;
 use crate::vmm::{Machine, MachineConfig, RunError, RunSummary};
@@ -107,10 +107,8 @@ impl Shared {
         let m = core.ft.metrics();
         core.metrics.replayed_exit.set(core.ft.replayed_exit() as i64);
         core.metrics.acked_exit.set(core.ft.received_through() as i64);
-        // The core counts totals; the Prometheus counters follow them.
-        let (bytes, entries) = (m.log_bytes_received, m.log_entries_received);
-        core.metrics.log_bytes_received.inc_by(bytes.saturating_sub(core.metrics.log_bytes_received.get()));
-        core.metrics.log_entries_received.inc_by(entries.saturating_sub(core.metrics.log_entries_received.get()));
+        follow_total(&core.metrics.log_bytes_received, m.log_bytes_received);
+        follow_total(&core.metrics.log_entries_received, m.log_entries_received);
         core.metrics.epoch.set(m.epoch as i64);
         self.cv.notify_all();
     }

@@ -16,7 +16,7 @@ use super::channel::{spawn_reader, spawn_writer, FromPeer, ToPeer};
 use super::now;
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
-use crate::metrics::Metrics;
+use crate::metrics::{follow_total, Metrics};
 use crate::record::{encode_frame, Entry, LogSink};
 use crate::recorder::OutputPolicy;
 
@@ -138,16 +138,13 @@ impl Shared {
                 _ => {}
             }
         }
-        let m = core.ft.metrics();
+        let m = core.ft.metrics().clone();
         // The core keeps the latest round trip; observe each new sample once.
         if m.heartbeat_rtt_nanos != 0 && m.heartbeat_rtt_nanos != core.last_rtt {
             core.metrics.heartbeat_rtt_seconds.observe(m.heartbeat_rtt_nanos as f64 / 1e9);
             core.last_rtt = m.heartbeat_rtt_nanos;
         }
-        let m = core.ft.metrics();
-        let sent = m.clone_bytes_sent;
-        core.metrics.clone_bytes.inc_by(sent.saturating_sub(core.metrics.clone_bytes.get()));
-        let m = core.ft.metrics();
+        follow_total(&core.metrics.clone_bytes, m.clone_bytes_sent);
         core.metrics.protected.set(m.protected as i64);
         core.metrics.acked_exit.set(m.acked_exit as i64);
         core.metrics.replayed_exit.set(m.replayed_exit as i64);
