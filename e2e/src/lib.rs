@@ -329,7 +329,10 @@ pub async fn live_pods(client: &Client, ns: &str) -> Vec<k8s_openapi::api::core:
 
 /// The node a pod is scheduled on ("" before scheduling).
 pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
-    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
 }
 
 /// Brings a failed test-bed node back whatever happens to the test.
@@ -344,4 +347,20 @@ impl Drop for RecoverNode {
             eprintln!("node-recover {} failed: {out}", self.0);
         }
     }
+}
+
+/// Wait until the status of FTVM `name` satisfies `want`; returns that status.
+pub async fn wait_for_status(
+    api: &Api<lockstep_operator::crd::FTVirtualMachine>,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    want: impl Fn(&lockstep_operator::crd::FTVirtualMachineStatus) -> bool,
+) -> lockstep_operator::crd::FTVirtualMachineStatus {
+    let want = &want;
+    wait_for(what, timeout, || {
+        let api = api.clone();
+        async move { api.get_status(name).await.ok()?.status.filter(want) }
+    })
+    .await
 }

@@ -13,6 +13,7 @@ use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
     Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, wait_for,
+    wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
@@ -128,15 +129,8 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
     vm.metadata.name = Some("clash".into());
     vm.spec.channel_port = vm.spec.client_port;
     api.create(&PostParams::default(), &vm).await.unwrap();
-    let st = wait_for("phase Failed for a port clash", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("clash")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Failed))
-        }
+    let st = wait_for_status(&api, "clash", "phase Failed for a port clash", T, |s| {
+        s.phase == Some(Phase::Failed)
     })
     .await;
     assert!(st.message.unwrap().contains("distinct"));
@@ -284,15 +278,8 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     );
 
     // Status: Pending until the primary agent takes the Lease.
-    let st = wait_for("status with the primary", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.primary_pod.is_some())
-        }
+    let st = wait_for_status(&api, "kvstore", "status with the primary", T, |s| {
+        s.primary_pod.is_some()
     })
     .await;
     assert_eq!(st.phase, Some(Phase::Pending));
@@ -305,15 +292,8 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
         arbiter.try_take(0, &primary_name).await.unwrap(),
         Outcome::Won { epoch: 1 }
     );
-    let st = wait_for("phase Protected", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Protected))
-        }
+    let st = wait_for_status(&api, "kvstore", "phase Protected", T, |s| {
+        s.phase == Some(Phase::Protected)
     })
     .await;
     assert_eq!(st.epoch, 1);
@@ -357,15 +337,8 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     let annotations = new_backup.annotations();
     assert_eq!(annotations["lockstep.dev/pairs-with"], backup_name);
     assert_eq!(annotations["lockstep.dev/created-at-epoch"], "2");
-    let st = wait_for("failover counted in status", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.failover_count == 1 && s.epoch == 2)
-        }
+    let st = wait_for_status(&api, "kvstore", "failover counted in status", T, |s| {
+        s.failover_count == 1 && s.epoch == 2
     })
     .await;
     assert_eq!(st.primary_pod.as_deref(), Some(backup_name.as_str()));

@@ -10,19 +10,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, PostParams};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
     Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
-    repo_root, run_tool, wait_for,
+    repo_root, run_tool, wait_for, wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(90);
-
-
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_node_loss_is_handled_in_seconds() {
@@ -59,15 +56,8 @@ async fn primary_node_loss_is_handled_in_seconds() {
         arbiter.try_take(0, &primary.name_any()).await.unwrap(),
         Outcome::Won { epoch: 1 }
     );
-    wait_for("Protected", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Protected))
-        }
+    wait_for_status(&api, "kvstore", "Protected", T, |s| {
+        s.phase == Some(Phase::Protected)
     })
     .await;
 
@@ -125,16 +115,13 @@ async fn primary_node_loss_is_handled_in_seconds() {
         took < Duration::from_secs(30),
         "protection restored only after {took:?}"
     );
-    let st = wait_for("Protected again with one failover", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Protected) && s.failover_count == 1)
-        }
-    })
+    let st = wait_for_status(
+        &api,
+        "kvstore",
+        "Protected again with one failover",
+        T,
+        |s| s.phase == Some(Phase::Protected) && s.failover_count == 1,
+    )
     .await;
     assert_eq!(st.epoch, 2);
 

@@ -16,11 +16,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, PostParams};
 use lockstep_e2e::{
     Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
-    repo_root, run_tool, wait_for,
+    repo_root, run_tool, wait_for, wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
@@ -172,15 +172,12 @@ fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
     }
 }
 
-
-
 fn has_ip(p: &Pod) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.pod_ip.as_ref())
         .is_some_and(|ip| !ip.is_empty())
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agents_survive_the_loss_of_the_primarys_node() {
@@ -228,15 +225,8 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let backup = AgentProc::start(&backup_pod, scratch.path());
     backup.wait_line("backup in sync", T);
     eprintln!("step: backup in sync after {:?}", t0.elapsed());
-    wait_for("Protected", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Protected))
-        }
+    wait_for_status(&api, "kvstore", "Protected", T, |s| {
+        s.phase == Some(Phase::Protected)
     })
     .await;
     eprintln!("step: status Protected after {:?}", t0.elapsed());
@@ -315,16 +305,13 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         "step: new backup cloned and in sync {:?} after the node failed",
         t1.elapsed()
     );
-    let st = wait_for("Protected again with one failover", T, || {
-        let api = api.clone();
-        async move {
-            api.get_status("kvstore")
-                .await
-                .ok()?
-                .status
-                .filter(|s| s.phase == Some(Phase::Protected) && s.failover_count == 1)
-        }
-    })
+    let st = wait_for_status(
+        &api,
+        "kvstore",
+        "Protected again with one failover",
+        T,
+        |s| s.phase == Some(Phase::Protected) && s.failover_count == 1,
+    )
     .await;
     eprintln!(
         "step: status Protected again {:?} after the node failed, epoch {}",
