@@ -106,8 +106,10 @@ fn two_recordings_of_one_workload_differ_yet_each_replays() {
         assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&fresh).unwrap());
         logs.push((std::fs::read(&log).unwrap(), rec));
     }
+    // The inputs reached the guest at different exits, so the logs differ. The final digests may
+    // still coincide: kvstore keeps no clock or tick count, so its end state can be the same for
+    // both timings; asserting that they differ made this test flaky.
     assert_ne!(logs[0].0, logs[1].0, "two runs with different timing produced identical logs");
-    assert_ne!(logs[0].1["digest"], logs[1].1["digest"]);
 }
 
 #[test]
