@@ -1,29 +1,27 @@
 //! The client front end: accepts TCP connections on the client port and turns each into a
 //! stream of events for the vsock device; writes the guest's released output back.
 //!
-//! Threads, not async: each connection has a reader that blocks on the socket and a writer that
-//! blocks on its queue. The vCPU thread never touches a socket.
+//! Threads, not async: each connection has a reader that blocks on the socket. Output is written
+//! by whichever thread releases it (the vCPU in plain mode, the channel reader when the backup's
+//! acknowledgement releases it under the output rule) through an [`OrderedWriter`], which never
+//! blocks that thread: a client that does not read gets its bytes from a flusher thread.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
 use crate::devices::ClientOutput;
+use crate::sock::OrderedWriter;
 use crate::vmm::Event;
 
 /// Chunk size of one read from a client socket (one log entry at most this big).
 const READ_CHUNK: usize = 64 * 1024;
 /// Events queued between the sockets and the vCPU; a full queue stops the readers.
 const QUEUE: usize = 1024;
-
-enum ToClient {
-    Data(Vec<u8>),
-    Close,
-}
 
 #[derive(Debug, Default)]
 pub struct FrontStats {
@@ -35,7 +33,7 @@ pub struct FrontStats {
 /// Handle used by the vCPU side to deliver output.
 #[derive(Clone)]
 pub struct FrontEnd {
-    writers: Arc<Mutex<HashMap<u32, Sender<ToClient>>>>,
+    writers: Arc<Mutex<HashMap<u32, OrderedWriter>>>,
     pub stats: Arc<FrontStats>,
     closed: Arc<AtomicBool>,
     local_addr: SocketAddr,
@@ -87,9 +85,15 @@ impl FrontEnd {
     fn adopt(&self, stream: TcpStream, conn: u32, events: SyncSender<Event>) {
         let _ = stream.set_nodelay(true);
         let Ok(write_half) = stream.try_clone() else { return };
+        let writer = match OrderedWriter::new(write_half, &format!("client-{conn}")) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("cannot serve client {conn}: {e}");
+                return;
+            }
+        };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let (wtx, wrx) = mpsc::channel::<ToClient>();
-        self.writers.lock().expect("writers lock").insert(conn, wtx);
+        self.writers.lock().expect("writers lock").insert(conn, writer);
         if events.send(Event::ClientConnect { conn }).is_err() {
             return;
         }
@@ -112,38 +116,25 @@ impl FrontEnd {
             }
             let _ = events.send(Event::ClientClose { conn });
         });
-        let stats = self.stats.clone();
-        let writers = self.writers.clone();
-        let _ = thread::Builder::new().name(format!("client-{conn}-tx")).spawn(move || {
-            let mut stream = write_half;
-            for msg in wrx {
-                match msg {
-                    ToClient::Data(bytes) => {
-                        if stream.write_all(&bytes).is_err() {
-                            break;
-                        }
-                        stats.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                    }
-                    ToClient::Close => break,
-                }
-            }
-            let _ = stream.shutdown(Shutdown::Both);
-            writers.lock().expect("writers lock").remove(&conn);
-        });
     }
 
     /// Send released output to its client.
     pub fn deliver(&self, out: ClientOutput) {
-        let writers = self.writers.lock().expect("writers lock");
+        let mut writers = self.writers.lock().expect("writers lock");
         match out {
             ClientOutput::Data { conn, bytes } => {
                 if let Some(w) = writers.get(&conn) {
-                    let _ = w.send(ToClient::Data(bytes));
+                    let n = bytes.len() as u64;
+                    if w.write(bytes) {
+                        self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+                    } else {
+                        writers.remove(&conn);
+                    }
                 }
             }
             ClientOutput::Close { conn } => {
-                if let Some(w) = writers.get(&conn) {
-                    let _ = w.send(ToClient::Close);
+                if let Some(w) = writers.remove(&conn) {
+                    w.close();
                 }
             }
         }
@@ -152,8 +143,8 @@ impl FrontEnd {
     /// Close every client connection (a halted or demoted agent must not talk to clients).
     pub fn close_all(&self) {
         self.closed.store(true, Ordering::Relaxed);
-        for w in self.writers.lock().expect("writers lock").values() {
-            let _ = w.send(ToClient::Close);
+        for (_, w) in self.writers.lock().expect("writers lock").drain() {
+            w.close();
         }
         // Unblock the accept loop so it sees the flag.
         let _ = TcpStream::connect(self.local_addr);

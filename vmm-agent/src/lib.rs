@@ -41,5 +41,6 @@ pub mod record;
 pub mod recorder;
 pub mod replayer;
 pub mod snapshot;
+pub mod sock;
 pub mod up;
 pub mod vmm;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use lockstep_ft::wire::Message;
 use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, RoleEvent, VmGeometry, VmIdentity};
 
-use super::channel::{spawn_reader, spawn_writer, FromPeer, ToPeer};
+use super::channel::{spawn_reader, FromPeer, OrderedWriter};
 use super::now;
 use super::primary::{self, PairError, Resume};
 use crate::guests::GuestKind;
@@ -37,7 +37,7 @@ pub struct Options {
 
 struct Core {
     ft: Backup,
-    writer: Option<Sender<ToPeer>>,
+    writer: Option<OrderedWriter>,
     queue: VecDeque<(u64, Entry)>,
     /// Clone data taken from the core, applied by the reader thread outside the lock.
     clone_queue: Vec<CloneData>,
@@ -78,7 +78,7 @@ impl Shared {
             if let Some(w) = &core.writer {
                 let mut buf = Vec::new();
                 if r.encode_messages(core.max_payload, &mut buf).is_ok() {
-                    let _ = w.send(ToPeer::Bytes(buf));
+                    w.write(buf);
                 }
             }
         }
@@ -90,7 +90,7 @@ impl Shared {
         }
         if r.close_channel {
             if let Some(w) = core.writer.take() {
-                let _ = w.send(ToPeer::Close);
+                w.close();
             }
         }
         for e in r.role_events {
@@ -244,13 +244,14 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     let stream = connect(opts.channel_connect, opts.connect_timeout)?;
     let _ = stream.set_nodelay(true);
     let read_half = stream.try_clone().map_err(|source| PairError::Io { context: "cloning the channel socket".into(), source })?;
+    let writer = super::channel::writer(stream, "channel").map_err(|source| PairError::Io { context: "starting the channel writer".into(), source })?;
     let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
     popts.metrics.role.set(2);
     popts.metrics.epoch.set(record.epoch as i64);
     let shared = Arc::new(Shared {
         core: Mutex::new(Core {
             ft: Backup::new(cfg.clone(), id, record.epoch, now()),
-            writer: Some(spawn_writer(stream, "channel")),
+            writer: Some(writer),
             queue: VecDeque::new(),
             clone_queue: Vec::new(),
             promoted: false,

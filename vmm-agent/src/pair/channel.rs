@@ -1,18 +1,13 @@
-//! The TCP logging channel's plumbing: a writer thread fed by a queue (frames stay in the order
-//! the core produced them), and a reader thread that decodes frames with the core's
-//! `FrameReader` and hands each message to a callback.
+//! The TCP logging channel's plumbing: an ordered writer that sends frames from the thread that
+//! produced them (frames stay in the order the core produced them), and a reader thread that
+//! decodes frames with the core's `FrameReader` and hands each message to a callback.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc::{self, Sender};
 
 use lockstep_ft::wire::{FrameReader, Message, WireError};
 
-#[derive(Debug)]
-pub enum ToPeer {
-    Bytes(Vec<u8>),
-    Close,
-}
+pub use crate::sock::OrderedWriter;
 
 /// What the reader saw.
 #[derive(Debug)]
@@ -22,27 +17,9 @@ pub enum FromPeer {
     Closed { error: Option<String> },
 }
 
-/// Start the writer thread for `stream`.
-pub fn spawn_writer(stream: TcpStream, name: &str) -> Sender<ToPeer> {
-    let (tx, rx) = mpsc::channel::<ToPeer>();
-    std::thread::Builder::new()
-        .name(format!("{name}-tx"))
-        .spawn(move || {
-            let mut s = stream;
-            for cmd in rx {
-                match cmd {
-                    ToPeer::Bytes(b) => {
-                        if s.write_all(&b).is_err() {
-                            break;
-                        }
-                    }
-                    ToPeer::Close => break,
-                }
-            }
-            let _ = s.shutdown(Shutdown::Both);
-        })
-        .expect("spawn channel writer");
-    tx
+/// The writing half: frames go out from the thread that produced them (see [`crate::sock`]).
+pub fn writer(stream: TcpStream, name: &str) -> Result<OrderedWriter, std::io::Error> {
+    OrderedWriter::new(stream, name)
 }
 
 /// Start the reader thread for `stream`; `on` is called for every message and once at the end.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use lockstep_ft::wire::{encode_to_vec, LogEntry, Message, RefuseReason};
 use lockstep_ft::{CloneAction, FtConfig, OutputId, Primary, PrimaryState, RoleEvent, Throttle};
 
-use super::channel::{spawn_reader, spawn_writer, FromPeer, ToPeer};
+use super::channel::{spawn_reader, FromPeer, OrderedWriter};
 use super::now;
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
@@ -23,7 +23,7 @@ use crate::recorder::OutputPolicy;
 /// The primary's protocol core and what its `Ready` acts on.
 pub struct Core {
     pub ft: Primary,
-    writer: Option<Sender<ToPeer>>,
+    writer: Option<OrderedWriter>,
     /// Which channel connection is current; readers of older ones are ignored.
     generation: u64,
     held: HashMap<u64, ClientOutput>,
@@ -95,7 +95,7 @@ impl Shared {
                 if let Err(e) = r.encode_messages(core.max_payload, &mut buf) {
                     tracing::error!("cannot encode frames for the backup: {e}");
                 } else {
-                    let _ = w.send(ToPeer::Bytes(buf));
+                    w.write(buf);
                 }
             }
         }
@@ -122,7 +122,7 @@ impl Shared {
         }
         if r.close_channel {
             if let Some(w) = core.writer.take() {
-                let _ = w.send(ToPeer::Close);
+                w.close();
             }
         }
         for e in r.role_events {
@@ -171,7 +171,7 @@ impl Shared {
                         // The current connection never became a backup (no accepted Hello yet:
                         // a stray or garbage client). Drop it in favour of the new one.
                         if let Some(w) = core.writer.take() {
-                            let _ = w.send(ToPeer::Close);
+                            w.close();
                         }
                         core.generation += 1;
                     }
@@ -185,9 +185,16 @@ impl Shared {
                     }
                     tracing::info!("backup connected from {peer}");
                     let Ok(read_half) = stream.try_clone() else { continue };
+                    let writer = match super::channel::writer(stream, "channel") {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::warn!("cannot serve the backup connection from {peer}: {e}");
+                            continue;
+                        }
+                    };
                     core.generation += 1;
                     let generation = core.generation;
-                    core.writer = Some(spawn_writer(stream, "channel"));
+                    core.writer = Some(writer);
                     let max = core.max_payload;
                     drop(core);
                     let shared = me.clone();
