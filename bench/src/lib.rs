@@ -29,15 +29,24 @@ pub mod stats;
 /// Fills `why` for each missed target from what the run measured.
 pub fn explain(r: &mut report::Report) {
     let hold = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
-    let per_level: Vec<String> =
-        r.throughput.iter().filter(|c| c.mode == "ft").filter_map(|c| c.ratio_to_plain.map(|x| format!("-P {} {x:.3}", c.pipeline))).collect();
-    let plain_lat = r.latency_ms.get("plain").and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
-    let ft_lat = r.latency_ms.get("ft").and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
+    let cell = |mode: &str, pl: u32| r.throughput.iter().find(|c| c.mode == mode && c.pipeline == pl);
+    let per_level = |mode: &str| -> String {
+        let v: Vec<String> =
+            r.throughput.iter().filter(|c| c.mode == mode).filter_map(|c| c.ratio_to_plain.map(|x| format!("-P {} {x:.3}", c.pipeline))).collect();
+        if v.is_empty() { String::new() } else { format!(" Ratio per pipelining level: {}.", v.join(", ")) }
+    };
+    let set_p50 = |mode: &str| r.latency_ms.get(mode).and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
     let cores = r.machine.cores;
-    let ft_cells: Vec<&report::ThroughputCell> = r.throughput.iter().filter(|c| c.mode == "ft").collect();
-    let backup_cores = stats::median(&ft_cells.iter().filter_map(|c| c.backup_cpu_cores).collect::<Vec<_>>());
-    let agent_cores = stats::median(&ft_cells.iter().filter_map(|c| c.agent_cpu_cores).collect::<Vec<_>>());
-    let busy = stats::median(&ft_cells.iter().filter_map(|c| c.machine_busy).collect::<Vec<_>>());
+    let median_of = |mode: &str, f: fn(&report::ThroughputCell) -> Option<f64>| {
+        stats::median(&r.throughput.iter().filter(|c| c.mode == mode).filter_map(f).collect::<Vec<_>>())
+    };
+    let backup_cores = median_of("ft", |c| c.backup_cpu_cores);
+    let agent_cores = median_of("ft", |c| c.agent_cpu_cores);
+    let busy = median_of("ft", |c| c.machine_busy);
+    // The primary's own CPU per exit against the plain VM's, both on CPU 0 alone, at the
+    // deepest pipelining level (where throughput is bound by that core, not by latency).
+    let deepest = r.throughput.iter().map(|c| c.pipeline).max().unwrap_or(1);
+    let per_exit = (cell("plain_1cpu", deepest).and_then(|c| c.cpu_us_per_exit), cell("ft_2hosts", deepest).and_then(|c| c.cpu_us_per_exit));
     let phases = |how: &str| -> (Option<f64>, Option<f64>) {
         let runs: Vec<&report::FailoverRun> = r.failovers.iter().filter(|f| f.how == how).collect();
         let live: Vec<f64> = runs.iter().filter_map(|f| f.went_live_seconds).collect();
@@ -50,26 +59,36 @@ pub fn explain(r: &mut report::Report) {
         if t.met != Some(false) {
             continue;
         }
-        if t.figure.starts_with("FT throughput") {
+        if t.figure.starts_with("FT throughput") && t.figure.contains("own core") {
             t.why = format!(
-                "every reply waits for the backup's acknowledgement of the log through the exit that produced it (output hold p50 {}), \
-                 and with few requests in flight per connection that wait is on each request's critical path{}; \
-                 the backup replays every exit at about the primary's cost, on the same {cores} cores as the primary's vCPU, the client and \
-                 the channel threads{}, whereas the original ran each replica on its own host with a dedicated logging NIC and measured \
-                 applications that are not a request/response loop bound on per-request latency. {}",
+                "with the backup on its own core, what is left is the FT cost on the primary's core and on each reply's path: \
+                 every reply waits for the backup's acknowledgement of the log through the exit that produced it (output hold p50 {}), \
+                 which at -P 1 is on each request's critical path{}; and the primary's core does the logging work besides the guest{}. \
+                 Each exit costs tens of microseconds of instruction emulation in this nested hypervisor, so every microsecond the \
+                 primary spends per exit on the protocol is a large share of a request.{}",
                 hold.map(|h| format!("{:.2} ms", h * 1e3)).unwrap_or_else(|| "–".into()),
-                match (plain_lat, ft_lat) {
+                match (set_p50("plain_1cpu"), set_p50("ft_2hosts")) {
                     (Some(a), Some(b)) => format!(" (SET p50 at -P 1: {a:.3} ms plain vs {b:.3} ms FT)"),
                     _ => String::new(),
                 },
+                match per_exit {
+                    (Some(a), Some(b)) => format!(" (CPU per exit at -P {deepest}: {a:.1} µs plain vs {b:.1} µs FT primary: encoding, the channel's sends and the acks' wake-ups)"),
+                    _ => String::new(),
+                },
+                per_level("ft_2hosts")
+            );
+        } else if t.figure.starts_with("FT throughput") {
+            t.why = format!(
+                "everything above, plus the backup's replay: it executes every exit again at about the primary's cost, on the same {cores} cores \
+                 as the primary's vCPU and the client{}, whereas the original ran each replica on its own host with a dedicated logging NIC.{}",
                 match (agent_cores, backup_cores, busy) {
                     (Some(a), Some(bk), Some(m)) => format!(
-                        " (during the FT runs the primary used {a:.2} cores, the backup {bk:.2}, and the machine was {:.0} % busy, other sessions' work included)",
+                        " (during these runs the primary used {a:.2} cores, the backup {bk:.2}, and the machine was {:.0} % busy, other sessions' work included)",
                         m * 100.0
                     ),
                     _ => String::new(),
                 },
-                if per_level.is_empty() { String::new() } else { format!("Ratio per pipelining level: {}.", per_level.join(", ")) }
+                per_level("ft")
             );
         } else if t.figure.starts_with("Failover") {
             let how = if t.figure.contains("SIGSTOP") { "SIGSTOP" } else { "kill -9" };

@@ -98,8 +98,21 @@ pub fn parse_output(text: &str) -> Result<Vec<TestResult>> {
 }
 
 /// Runs `redis-benchmark -t set,get -n N -P P -c C` against `addr` and parses the result.
-pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, timeout: Duration) -> Result<Vec<TestResult>> {
+/// `cpus` restricts the client to those CPUs (None: anywhere).
+pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, cpus: Option<&[usize]>, timeout: Duration) -> Result<Vec<TestResult>> {
     let mut cmd = Command::new("redis-benchmark");
+    if let Some(cpus) = cpus {
+        let set = crate::procs::cpu_set(cpus);
+        // SAFETY: runs in the child between fork and exec and only makes one system call.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
         .args(["-n", &requests.to_string(), "-P", &pipeline.to_string(), "-c", &clients.to_string()])
         .args(["-t", "set,get", "-d", "32", "-r", "1000"]);

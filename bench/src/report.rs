@@ -148,7 +148,12 @@ pub struct Report {
     pub git_commit: Option<String>,
     pub wall_seconds: f64,
     pub machine: Machine,
+    /// FT pair over plain VM with the placement of separate hosts (VM host: CPU 0 with the
+    /// client; backup host: CPU 1) — the topology the original system's figures describe.
     pub ft_throughput_ratio: Option<f64>,
+    /// The same with every process free to use both cores, so the backup's replay competes with
+    /// the primary and the client.
+    pub ft_throughput_ratio_shared_cores: Option<f64>,
     pub record_throughput_ratio: Option<f64>,
     pub redis_benchmark: String,
     pub throughput: Vec<ThroughputCell>,
@@ -202,10 +207,18 @@ impl Report {
         let mut t = Vec::new();
         let ft = self.ft_throughput_ratio;
         t.push(Target {
-            figure: "FT throughput / plain VM (kvstore, redis-benchmark)".into(),
+            figure: "FT throughput / plain VM (kvstore, redis-benchmark), backup on its own core".into(),
             measured: f(ft, 3),
             target: "≥ 0.97 (original: 0.94–0.99)".into(),
             met: ft.map(|r| r >= 0.97),
+            why: String::new(),
+        });
+        let shared = self.ft_throughput_ratio_shared_cores;
+        t.push(Target {
+            figure: "FT throughput / plain VM (kvstore, redis-benchmark), all on shared cores".into(),
+            measured: f(shared, 3),
+            target: "≥ 0.97 (original: 0.94–0.99)".into(),
+            met: shared.map(|r| r >= 0.97),
             why: String::new(),
         });
         let rec = self.record_throughput_ratio;
@@ -372,10 +385,15 @@ impl Report {
         }
         let _ = writeln!(
             w,
-            "\n`ft_throughput_ratio` = {} and `record_throughput_ratio` = {}: the geometric mean over pipelining levels of the median per-round ratio. \
+            "\n`ft_throughput_ratio` = {} (*ft_2hosts* / *plain_1cpu*), `ft_throughput_ratio_shared_cores` = {} (*ft* / *plain*) and \
+             `record_throughput_ratio` = {} (*record* / *plain*): the geometric mean over pipelining levels of the median per-round ratio. \
              *plain* is `lockstep-agent run` without `--record` (it still builds log entries and throws them away, so it isolates the log's I/O), \
-             *record* is `run --record` to a file, *ft* is a `primary` with a `backup` that joined by live clone.",
+             *record* is `run --record` to a file, *ft* is a `primary` with a `backup` that joined by live clone. \
+             *plain*, *record* and *ft* let every process use both cores, so in *ft* the backup's replay competes with the primary and the client. \
+             *plain_1cpu* and *ft_2hosts* are the same agents pinned (all threads, `sched_setaffinity`) to the placement of separate hosts, \
+             which is what the original system measured: the VM's host is CPU 0 (agent and `redis-benchmark`), the backup's host is CPU 1.",
             f(self.ft_throughput_ratio, 3),
+            f(self.ft_throughput_ratio_shared_cores, 3),
             f(self.record_throughput_ratio, 3)
         );
         if self.plots.iter().any(|p| p.contains("latency")) {
@@ -607,7 +625,7 @@ mod tests {
         let md = sample().markdown();
         for needle in [
             "# Benchmarks",
-            "| FT throughput / plain VM (kvstore, redis-benchmark) | 0.910 | ≥ 0.97 (original: 0.94–0.99) | **no** |",
+            "| FT throughput / plain VM (kvstore, redis-benchmark), backup on its own core | 0.910 | ≥ 0.97 (original: 0.94–0.99) | **no** |",
             "2.50 Mbit/s",
             "min **0.610 s**, median **0.650 s**, max **0.700 s**",
             "| 64MiB | 12.0 ms |",

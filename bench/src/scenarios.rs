@@ -50,7 +50,34 @@ pub struct Bench {
     pub started: Instant,
 }
 
-const MODES: [&str; 3] = ["plain", "record", "ft"];
+/// Where the processes of a throughput measurement run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// Every process may use every core: the backup competes with the primary and the client.
+    Shared,
+    /// The deployment the targets assume, on one machine: the VM's host is CPU 0 (agent and
+    /// client), the backup's host is CPU 1. The plain VM gets CPU 0 only, like the primary.
+    TwoHosts,
+}
+
+/// One way of running the kvstore in the throughput comparison.
+#[derive(Debug, Clone, Copy)]
+struct Mode {
+    name: &'static str,
+    /// Which running agent serves it: 0 plain, 1 recording, 2 FT primary.
+    agent: usize,
+    placement: Placement,
+    /// The mode whose throughput this one is divided by.
+    base: usize,
+}
+
+const MODES: [Mode; 5] = [
+    Mode { name: "plain", agent: 0, placement: Placement::Shared, base: 0 },
+    Mode { name: "record", agent: 1, placement: Placement::Shared, base: 0 },
+    Mode { name: "ft", agent: 2, placement: Placement::Shared, base: 0 },
+    Mode { name: "plain_1cpu", agent: 0, placement: Placement::TwoHosts, base: 3 },
+    Mode { name: "ft_2hosts", agent: 2, placement: Placement::TwoHosts, base: 3 },
+];
 const HOLD: &str = "lockstep_output_hold_seconds";
 const LOG_BYTES: &str = "lockstep_log_bytes_sent_total";
 /// The PromQL of the log-bandwidth check (and, summed per VM, of the Grafana dashboard).
@@ -134,34 +161,51 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
 
     let targets: [(SocketAddr, SocketAddr, i32); 3] =
         [(plain.client, plain.metrics, plain.proc.pid), (rec.client, rec.metrics, rec.proc.pid), (ftp.ports.client, ftp.ports.metrics, ftp.proc.pid)];
+    let agents = [&plain.proc, &rec.proc, &ftp.proc];
+    // The two-host placement needs two cores; on one, only the shared modes run.
+    let two_cores = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
+    let modes: Vec<usize> = (0..MODES.len()).filter(|&m| two_cores || MODES[m].placement == Placement::Shared).collect();
+    let place = |p: Placement| -> Result<Option<&'static [usize]>> {
+        let (vm, backup, client): (&[usize], &[usize], Option<&'static [usize]>) = match p {
+            Placement::Shared => (&[0, 1], &[0, 1], None),
+            Placement::TwoHosts => (&[0], &[1], Some(&[0])),
+        };
+        for pid in [plain.proc.pid, rec.proc.pid, ftp.proc.pid] {
+            crate::procs::pin(pid, vm)?;
+        }
+        crate::procs::pin(ftb.proc.pid, backup)?;
+        Ok(client)
+    };
     let timeout = Duration::from_secs(if b.cfg.quick { 120 } else { 300 });
-    b.progress("throughput: warm-up run on each mode");
+    b.progress("throughput: warm-up run on each agent");
+    place(Placement::Shared)?;
     for (i, (addr, _, _)) in targets.iter().enumerate() {
-        redis_bench::run(*addr, (b.cfg.requests / 5).max(1000), 16, b.cfg.clients, timeout).with_context(|| format!("warm-up of {}", MODES[i]))?;
+        redis_bench::run(*addr, (b.cfg.requests / 5).max(1000), 16, b.cfg.clients, None, timeout).with_context(|| format!("warm-up of {}", MODES[i].name))?;
     }
 
     let mut cells: BTreeMap<(usize, u32), Cell> = BTreeMap::new();
     let mut hold_total: Vec<Bucket> = Vec::new();
     let mut lag: Vec<f64> = Vec::new();
     let mut saturated: BTreeMap<u32, LogRow> = BTreeMap::new();
-    let total = b.cfg.rounds * b.cfg.pipelines.len() * 3;
+    let total = b.cfg.rounds * b.cfg.pipelines.len() * modes.len();
     let mut done = 0;
     for round in 0..b.cfg.rounds {
         for (pi, &pl) in b.cfg.pipelines.clone().iter().enumerate() {
             // Rotate the order so no mode always runs first (or right after another).
-            for k in 0..3 {
-                let m = (k + round + pi) % 3;
-                let (addr, metrics, pid) = targets[m];
+            for k in 0..modes.len() {
+                let m = modes[(k + round + pi) % modes.len()];
+                let mode = MODES[m];
+                let (addr, metrics, pid) = targets[mode.agent];
+                let client_cpus = place(mode.placement)?;
                 let before = prom::scrape(metrics)?;
                 let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
                 let bcpu0 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
                 let j0 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
                 let t0 = sampler.now();
-                let res = match redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, timeout) {
+                let res = match redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, client_cpus, timeout) {
                     Ok(r) => r,
                     Err(e) => {
-                        let agent = [&plain.proc, &rec.proc, &ftp.proc][m];
-                        bail!("{} P={pl}: {e:#}; the agent's last lines:\n{}", MODES[m], agent.tail(8));
+                        bail!("{} P={pl}: {e:#}; the agent's last lines:\n{}", mode.name, agents[mode.agent].tail(8));
                     }
                 };
                 let t1 = sampler.now();
@@ -180,7 +224,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 c.busy += j1.0 - j0.0;
                 c.jiffies += j1.1 - j0.1;
                 c.tests.push(res);
-                if MODES[m] == "ft" {
+                if mode.name == "ft" {
                     let row = log_row("kvstore", &format!("saturated: redis-benchmark -P {pl}"), &before, &after, t1 - t0, cpu1 - cpu0);
                     let agg = saturated.entry(pl).or_insert_with(|| LogRow { load: row.load.clone(), guest: row.guest.clone(), ..Default::default() });
                     agg.seconds += row.seconds;
@@ -199,26 +243,29 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                     lag.extend(sampler.points("ft-primary", t0, t1).iter().filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")));
                 }
                 done += 1;
-                b.progress(&format!("throughput {done}/{total}: round {}/{}, -P {pl}, {}: {rps:.0} req/s", round + 1, b.cfg.rounds, MODES[m]));
+                b.progress(&format!("throughput {done}/{total}: round {}/{}, -P {pl}, {}: {rps:.0} req/s", round + 1, b.cfg.rounds, mode.name));
             }
         }
     }
+    place(Placement::Shared)?;
     sampler.stop();
 
     // Ratios per round and pipelining level, then medians and the geometric mean over levels.
     let mut ft_ratios = Vec::new();
+    let mut ft_shared_ratios = Vec::new();
     let mut rec_ratios = Vec::new();
     for &pl in &b.cfg.pipelines {
-        for (m, name) in MODES.iter().enumerate() {
+        for &m in &modes {
+            let name = MODES[m].name;
             let c = &cells[&(m, pl)];
-            let base = &cells[&(0, pl)];
+            let base = &cells[&(MODES[m].base, pl)];
             let per_round: Vec<f64> = c.rps.iter().zip(&base.rps).map(|(x, p)| x / p).collect();
             let ratio = stats::median(&per_round);
-            if *name == "ft" {
-                ft_ratios.extend(ratio);
-            }
-            if *name == "record" {
-                rec_ratios.extend(ratio);
+            match name {
+                "ft_2hosts" => ft_ratios.extend(ratio),
+                "ft" => ft_shared_ratios.extend(ratio),
+                "record" => rec_ratios.extend(ratio),
+                _ => {}
             }
             let pick = |test: &str, f: fn(&TestResult) -> f64| -> f64 {
                 let v: Vec<f64> = c.tests.iter().flat_map(|r| r.iter().filter(|t| t.test == test).map(f)).collect();
@@ -238,7 +285,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 exits_per_second: (c.seconds > 0.0).then(|| c.exits / c.seconds),
                 cpu_us_per_exit: (c.exits > 0.0).then(|| c.cpu / c.exits * 1e6),
                 agent_cpu_cores: (c.seconds > 0.0).then(|| c.cpu / c.seconds),
-                backup_cpu_cores: (*name == "ft" && c.seconds > 0.0).then(|| c.backup_cpu / c.seconds),
+                backup_cpu_cores: (name.starts_with("ft") && c.seconds > 0.0).then(|| c.backup_cpu / c.seconds),
                 machine_busy: (c.jiffies > 0.0).then(|| c.busy / c.jiffies),
             };
             let lat = b.report.latency_ms.entry(name.to_string()).or_default().entry(format!("P{pl}")).or_default();
@@ -259,6 +306,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
         b.report.log_bandwidth.push(r);
     }
     b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
+    b.report.ft_throughput_ratio_shared_cores = stats::geometric_mean(&ft_shared_ratios);
     b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
     let plain_all: Vec<f64> = b.cfg.pipelines.iter().filter_map(|pl| cells.get(&(0, *pl))).filter_map(|c| stats::coefficient_of_variation(&c.rps)).collect();
     b.report.machine.plain_throughput_cv = stats::median(&plain_all);
@@ -273,11 +321,12 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     );
 
     // Latency distribution plot: SET, last round, one panel per pipelining level.
-    let colors = [plot::BLUE_, plot::GREEN_, plot::RED_];
+    let colors = [plot::BLUE_, plot::GREEN_, plot::RED_, plot::PURPLE_, plot::ORANGE_];
     let mut panels = Vec::new();
     for &pl in &b.cfg.pipelines {
         let mut lines = Vec::new();
-        for (m, name) in MODES.iter().enumerate() {
+        for &m in &modes {
+            let name = MODES[m].name;
             if let Some(last) = cells[&(m, pl)].tests.last() {
                 if let Some(t) = last.iter().find(|t| t.test == "SET") {
                     // (latency ms, percentile): a CDF.
