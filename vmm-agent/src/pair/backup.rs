@@ -46,6 +46,8 @@ struct Core {
     arbiter: Option<Sender<u64>>,
     metrics: Arc<Metrics>,
     max_payload: usize,
+    /// Threads waiting on the condvar (see `Shared::act`).
+    waiters: u32,
     /// Highest client connection id seen in the log: a promoted backup numbers after it.
     max_conn: u32,
 }
@@ -110,7 +112,10 @@ impl Shared {
         follow_total(&core.metrics.log_bytes_received, m.log_bytes_received);
         follow_total(&core.metrics.log_entries_received, m.log_entries_received);
         core.metrics.epoch.set(m.epoch as i64);
-        self.cv.notify_all();
+        // A notify is a system call even with nobody waiting; `act` runs for every message.
+        if core.waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -208,7 +213,9 @@ impl LogSource for Source {
             if let Some(why) = &core.halted {
                 return Err(CodecError::Io(format!("backup halted: {why}")));
             }
+            core.waiters += 1;
             core = self.0.cv.wait_timeout(core, Duration::from_millis(20)).expect("lock").0;
+            core.waiters -= 1;
         }
     }
 
@@ -259,6 +266,7 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
             arbiter: None,
             metrics: popts.metrics.clone(),
             max_payload: cfg.max_payload,
+            waiters: 0,
             max_conn: 0,
         }),
         cv: Condvar::new(),
@@ -350,7 +358,10 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         if core.ft.state() == BackupState::Halted {
             return Err(PairError::Halted("the primary was lost before the clone completed".into()));
         }
-        drop(shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock"));
+        let mut core = core;
+        core.waiters += 1;
+        let mut core = shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
+        core.waiters -= 1;
     };
     eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
 

@@ -39,6 +39,9 @@ pub struct Core {
     pub wake: Arc<AtomicBool>,
     last_rtt: u64,
     max_payload: usize,
+    /// Threads waiting on the condvar. A notify is a system call even with nobody waiting, and
+    /// `act` runs several times per exit, so it only notifies when someone waits.
+    waiters: u32,
 }
 
 impl std::fmt::Debug for Core {
@@ -73,6 +76,7 @@ impl Shared {
                 wake: Arc::new(AtomicBool::new(false)),
                 last_rtt: 0,
                 max_payload: cfg.max_payload,
+                waiters: 0,
             }),
             cv: Condvar::new(),
         })
@@ -150,7 +154,9 @@ impl Shared {
         core.metrics.replayed_exit.set(m.replayed_exit as i64);
         core.metrics.execution_lag_seconds.set(m.lag_nanos as f64 / 1e9);
         core.metrics.epoch.set(core.ft.epoch() as i64);
-        self.cv.notify_all();
+        if core.waiters > 0 {
+            self.cv.notify_all();
+        }
     }
 
     /// Accept backup connections on `listener`, one at a time.
@@ -285,7 +291,9 @@ impl LogSink for FtSink {
             // Back-pressure: the backup has too much unacknowledged log. A clone's final pause
             // is the driver loop's business, so do not block for that here.
             while core.ft.pause_vcpu() && !core.halted && core.ft.state() != PrimaryState::Cloning {
+                core.waiters += 1;
                 core = self.shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
+                core.waiters -= 1;
             }
             throttle = core.ft.throttle();
         }
