@@ -167,6 +167,9 @@ pub async fn delete_ftvms(client: &Client, ns: &str) {
     .await;
 }
 
+/// How often the in-process operator refreshes the scraped log bandwidth and lag of a running FTVM.
+pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(2);
+
 /// The operator running in this process, watching one namespace; stops when dropped.
 #[derive(Debug)]
 pub struct Operator {
@@ -188,6 +191,8 @@ impl Operator {
                 default_agent_image: "lockstep-agent:e2e".into(),
                 identity: "e2e-operator".into(),
                 agent_cluster_role: "lockstep-agent".into(),
+                // Short, so that tests see log bandwidth in status within seconds.
+                scrape_interval: SCRAPE_INTERVAL,
             },
         ));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -5,9 +5,10 @@
 //! [`decide`] (pure, unit-tested) returns a [`Plan`], and [`execute`] performs its actions in order,
 //! publishes its events and writes status by server-side apply.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -33,11 +34,15 @@ use crate::resources::{
     self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY,
     PodPlan,
 };
+use crate::telemetry::{self, Telemetry};
 
 /// Field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "lockstep-operator";
 /// Finalizer that makes deletion go through [`cleanup`].
 pub const FINALIZER: &str = "lockstep.dev/cleanup";
+/// How often a protected or degraded FTVM is reconciled, and so how often its primary's log
+/// bandwidth and lag are scraped into status, unless the operator is told otherwise.
+pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Reconcile errors. The variant names are the `reason` label of the error metric.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +100,9 @@ pub struct Settings {
     pub identity: String,
     /// ClusterRole granting agents access to Leases (installed by the chart), bound per namespace.
     pub agent_cluster_role: String,
+    /// Period of the look at a running FTVM that refreshes log bandwidth and lag in its status
+    /// ([`DEFAULT_SCRAPE_INTERVAL`]).
+    pub scrape_interval: Duration,
 }
 
 /// Shared state of reconciles.
@@ -110,7 +118,9 @@ pub struct Context {
     /// Highest epoch whose failover was already counted and announced, per FTVM. A reconcile can
     /// start from a cached object that does not show the previous status write yet; without this
     /// the same failover would be counted and announced twice.
-    announced: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    announced: Mutex<HashMap<String, u64>>,
+    /// Log bandwidth and lag scraped from each FTVM's primary, with the baseline for the next rate.
+    telemetry: Mutex<HashMap<String, Telemetry>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -134,8 +144,68 @@ impl Context {
             metrics,
             settings,
             announced: Default::default(),
+            telemetry: Default::default(),
         }
     }
+
+    /// What is known about the primary of the FTVM `key` (`namespace/name`).
+    pub fn telemetry(&self, key: &str) -> Option<Telemetry> {
+        let all = self.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(key).cloned()
+    }
+
+    /// Scrapes `pod`'s agent at `addr` if it is due and folds the result in. A failure is logged
+    /// and counted, never returned: the figures are a courtesy, the reconcile must go on.
+    pub async fn refresh_telemetry(&self, key: &str, pod: &str, addr: SocketAddr) {
+        // Spaced by half the period: the reconcile that our own status write triggers a moment
+        // later must not scrape again (that would write again, and so on).
+        let gap = (self.settings.scrape_interval / 2).max(telemetry::MIN_SCRAPE_GAP);
+        if !self
+            .telemetry(key)
+            .unwrap_or_default()
+            .due(pod, Instant::now(), gap)
+        {
+            return;
+        }
+        match telemetry::fetch(addr, telemetry::SCRAPE_TIMEOUT).await {
+            Ok(body) => {
+                let sample = telemetry::parse(&body);
+                let mut all = self.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+                all.entry(key.to_owned())
+                    .or_default()
+                    .record(pod, sample, Instant::now());
+            }
+            Err(e) => {
+                self.metrics
+                    .agent_scrape_errors
+                    .with_label_values(&[e.metric_label()])
+                    .inc();
+                tracing::warn!(ftvm = %key, pod, error = %e, "could not scrape the primary agent's metrics");
+            }
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        let mut all = self.telemetry.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(key);
+    }
+}
+
+/// `namespace/name`, the key of per-FTVM state in the context and in metrics.
+fn key_of(ftvm: &FTVirtualMachine) -> String {
+    format!(
+        "{}/{}",
+        ftvm.namespace().unwrap_or_default(),
+        ftvm.name_any()
+    )
+}
+
+/// The address of a pod's agent metrics.
+pub fn metrics_addr(pod_ip: &str, metrics_port: i32) -> Option<SocketAddr> {
+    Some(SocketAddr::new(
+        pod_ip.parse().ok()?,
+        u16::try_from(metrics_port).ok()?,
+    ))
 }
 
 /// Reads everything the decision needs.
@@ -391,7 +461,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
             }
         }
     }
-    let key = format!("{ns}/{}", ftvm.name_any());
+    let key = key_of(ftvm);
     let fresh_failover = plan.failover && {
         let mut seen = ctx.announced.lock().unwrap_or_else(|p| p.into_inner());
         let last = seen.entry(key).or_insert(0);
@@ -483,11 +553,29 @@ fn condition(
     }
 }
 
-/// The status a plan asks for, given the previous one.
-pub fn status_for(ftvm: &FTVirtualMachine, plan: &Plan, now: Timestamp) -> FTVirtualMachineStatus {
+/// The status a plan asks for, given the previous one and what was scraped from the primary.
+pub fn status_for(
+    ftvm: &FTVirtualMachine,
+    plan: &Plan,
+    telemetry: Option<&Telemetry>,
+    now: Timestamp,
+) -> FTVirtualMachineStatus {
     let s = &plan.status;
     let prev = ftvm.status.clone().unwrap_or_default();
     let generation = ftvm.metadata.generation;
+    let primary = s.primary.as_ref().map(|p| p.0.as_str());
+    let (log_bandwidth, lag) = match telemetry {
+        Some(t) if t.pod.is_some() && t.pod.as_deref() == primary => {
+            (t.log_bandwidth_bits_per_second, t.execution_lag_seconds)
+        }
+        // Figures about another pod describe nothing now; none scraped by this process yet (a
+        // new leader) keeps what the status said about the same primary.
+        _ if prev.primary_pod.is_some() && prev.primary_pod.as_deref() == primary => (
+            prev.log_bandwidth_bits_per_second,
+            prev.execution_lag_seconds,
+        ),
+        _ => (None, None),
+    };
     FTVirtualMachineStatus {
         phase: Some(s.phase),
         message: Some(s.message.clone()),
@@ -498,8 +586,8 @@ pub fn status_for(ftvm: &FTVirtualMachine, plan: &Plan, now: Timestamp) -> FTVir
         epoch: s.epoch,
         failover_count: s.failover_count,
         last_failover_time: s.last_failover.map(Time),
-        log_bandwidth_bits_per_second: prev.log_bandwidth_bits_per_second,
-        execution_lag_seconds: prev.execution_lag_seconds,
+        log_bandwidth_bits_per_second: log_bandwidth,
+        execution_lag_seconds: lag,
         observed_generation: generation,
         conditions: vec![
             condition(
@@ -533,7 +621,8 @@ async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Re
         .namespace()
         .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
-    let status = status_for(ftvm, plan, Timestamp::now());
+    let telemetry = ctx.telemetry(&key_of(ftvm));
+    let status = status_for(ftvm, plan, telemetry.as_ref(), Timestamp::now());
     let body = json!({
         "apiVersion": FTVirtualMachine::api_version(&()),
         "kind": FTVirtualMachine::kind(&()),
@@ -557,13 +646,36 @@ async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Er
     let observed = observe(&ftvm, &ctx.client, Timestamp::now()).await?;
     let plan = decide(&observed);
     tracing::debug!(ftvm = %ftvm.name_any(), phase = ?plan.status.phase, actions = plan.actions.len(), "decided");
+    if let Some((pod, addr)) = scrape_target(&ftvm, &observed, &plan) {
+        ctx.refresh_telemetry(&key_of(&ftvm), &pod, addr).await;
+    }
     execute(&ftvm, &plan, ctx).await?;
     // Watches bring most changes at once; the periodic look is a safety net, short while the VM is
-    // not protected so that a stuck step is retried soon.
+    // not protected so that a stuck step is retried soon, and keeps the scraped figures fresh.
+    let every = ctx.settings.scrape_interval;
     Ok(match plan.status.phase {
-        Phase::Protected | Phase::Failed => Requeue::requeue(Duration::from_secs(60)),
-        _ => Requeue::requeue(Duration::from_secs(5)),
+        Phase::Protected => Requeue::requeue(every),
+        Phase::Failed => Requeue::requeue(Duration::from_secs(60)),
+        Phase::Degraded => Requeue::requeue(every.min(Duration::from_secs(5))),
+        Phase::Pending | Phase::FailingOver => Requeue::requeue(Duration::from_secs(5)),
     })
+}
+
+/// The primary pod and its metrics address, while there is a primary that holds the arbiter.
+fn scrape_target(
+    ftvm: &FTVirtualMachine,
+    observed: &Observed,
+    plan: &Plan,
+) -> Option<(String, SocketAddr)> {
+    if !matches!(plan.status.phase, Phase::Protected | Phase::Degraded) {
+        return None;
+    }
+    let (name, _) = plan.status.primary.as_ref()?;
+    let pod = observed.pods.iter().find(|p| &p.name == name)?;
+    Some((
+        name.clone(),
+        metrics_addr(pod.ip.as_deref()?, ftvm.spec.metrics_port)?,
+    ))
 }
 
 /// Deletes everything the FTVM owns. Owner references would let the garbage collector do it too,
@@ -602,6 +714,7 @@ async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, 
         return Err(kube_err("delete lease")(e));
     }
     ctx.metrics.set_phase(&format!("{ns}/{name}"), None);
+    ctx.forget(&format!("{ns}/{name}"));
     tracing::info!(ftvm = %name, namespace = %ns, "cleaned up");
     Ok(Requeue::await_change())
 }
@@ -764,10 +877,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn status_keeps_transition_times_while_unchanged() {
-        let mut f = ftvm(json!({"guest": "kvstore"}));
-        let plan = Plan {
+    fn protected_plan() -> Plan {
+        Plan {
             actions: vec![],
             notes: vec![],
             failover: false,
@@ -781,14 +892,66 @@ mod tests {
                 last_failover: None,
                 spec_valid: true,
             },
-        };
+        }
+    }
+
+    #[test]
+    fn status_keeps_transition_times_while_unchanged() {
+        let mut f = ftvm(json!({"guest": "kvstore"}));
+        let plan = protected_plan();
         let t1 = Timestamp::from_second(1000).unwrap();
-        let s1 = status_for(&f, &plan, t1);
+        let s1 = status_for(&f, &plan, None, t1);
         assert_eq!(s1.primary_node.as_deref(), Some("n0"));
         assert_eq!(s1.conditions[0].status, "True");
         f.status = Some(s1);
-        let s2 = status_for(&f, &plan, Timestamp::from_second(2000).unwrap());
+        let s2 = status_for(&f, &plan, None, Timestamp::from_second(2000).unwrap());
         assert_eq!(s2.conditions[0].last_transition_time.0, t1);
+    }
+
+    #[test]
+    fn status_shows_the_figures_scraped_from_the_current_primary_only() {
+        let mut f = ftvm(json!({"guest": "kvstore"}));
+        let mut plan = protected_plan();
+        let now = Timestamp::from_second(1000).unwrap();
+        let t = Instant::now();
+        let sample = |bytes: f64| telemetry::Sample {
+            log_bytes_sent: Some(bytes),
+            execution_lag_seconds: Some(0.003),
+        };
+        let mut tel = Telemetry::default();
+        tel.record("vm-0", sample(0.0), t);
+        tel.record("vm-0", sample(2500.0), t + Duration::from_secs(2));
+        let s = status_for(&f, &plan, Some(&tel), now);
+        assert_eq!(
+            (s.log_bandwidth_bits_per_second, s.execution_lag_seconds),
+            (Some(10000.0), Some(0.003))
+        );
+        // A new leader has scraped nothing yet: the status keeps its figures for the same primary.
+        f.status = Some(s);
+        let s = status_for(&f, &plan, None, now);
+        assert_eq!(s.log_bandwidth_bits_per_second, Some(10000.0));
+        // After a failover neither the old primary's figures nor the old status describe vm-1.
+        plan.status.primary = Some(("vm-1".into(), None));
+        f.status = Some(s);
+        let s = status_for(&f, &plan, Some(&tel), now);
+        assert_eq!(
+            (s.log_bandwidth_bits_per_second, s.execution_lag_seconds),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn metrics_address_of_a_pod() {
+        assert_eq!(
+            metrics_addr("10.0.0.7", 9100),
+            Some("10.0.0.7:9100".parse().unwrap())
+        );
+        assert_eq!(
+            metrics_addr("fd00::7", 9100),
+            Some("[fd00::7]:9100".parse().unwrap())
+        );
+        assert_eq!(metrics_addr("", 9100), None);
+        assert_eq!(metrics_addr("10.0.0.7", 70000), None);
     }
 
     #[test]

@@ -264,10 +264,12 @@ pub struct FTVirtualMachineStatus {
     /// When the last failover was seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_time: Option<Time>,
-    /// Log bandwidth last reported by the primary, bits per second.
+    /// Log bandwidth of the primary in bits per second: 8 × the growth of its agent's
+    /// `lockstep_log_bytes_sent_total` between the operator's last two scrapes of that pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_bandwidth_bits_per_second: Option<f64>,
-    /// Execution lag of the backup last reported, seconds.
+    /// How far the backup's replay trails the primary, in seconds: the primary agent's
+    /// `lockstep_execution_lag_seconds` at the operator's last scrape.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution_lag_seconds: Option<f64>,
     /// Generation of the spec this status describes.

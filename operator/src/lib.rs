@@ -13,6 +13,7 @@
 //! * [`resources`]: builders of the Lease, Pods and Service.
 //! * [`controller`]: observe → decide → execute, status by server-side apply, events, finalizer,
 //!   and the watches on Pods, Leases, Services and Nodes.
+//! * [`telemetry`]: log bandwidth and execution lag, scraped from the primary agent's `/metrics`.
 //! * [`leader`]: leader election of operator replicas on the arbiter's compare-and-swap.
 //! * [`metrics`]: `/metrics` and `/healthz`.
 //!
@@ -36,3 +37,4 @@ pub mod decide;
 pub mod leader;
 pub mod metrics;
 pub mod resources;
+pub mod telemetry;

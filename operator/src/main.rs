@@ -39,6 +39,10 @@ struct Args {
         default_value = "lockstep-agent"
     )]
     agent_cluster_role: String,
+    /// Seconds between looks at a running FTVM, which refresh the log bandwidth and execution lag
+    /// scraped from its primary agent's /metrics into status.
+    #[arg(long, env = "LOCKSTEP_AGENT_SCRAPE_INTERVAL_SECS", default_value_t = controller::DEFAULT_SCRAPE_INTERVAL.as_secs())]
+    agent_scrape_interval_secs: u64,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "LOCKSTEP_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -130,6 +134,7 @@ async fn run(args: Args) -> Result<(), MainError> {
             default_agent_image: args.agent_image,
             identity: identity.clone(),
             agent_cluster_role: args.agent_cluster_role,
+            scrape_interval: Duration::from_secs(args.agent_scrape_interval_secs.max(2)),
         },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub failovers: IntCounter,
     /// 1 while this replica is the elected leader.
     pub leader: IntGauge,
+    /// Failed scrapes of primary agents' `/metrics`, by reason (the scrape error's label).
+    pub agent_scrape_errors: IntCounterVec,
     phases: Arc<Mutex<HashMap<String, Phase>>>,
 }
 
@@ -78,11 +80,19 @@ impl Metrics {
             "lockstep_operator_leader",
             "1 while this operator replica is the elected leader",
         )?;
+        let agent_scrape_errors = IntCounterVec::new(
+            Opts::new(
+                "lockstep_operator_agent_scrape_errors_total",
+                "Failed scrapes of a primary agent's /metrics (for status log bandwidth and lag), by reason",
+            ),
+            &["reason"],
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ftvms.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(agent_scrape_errors.clone()))?;
         for p in Phase::ALL {
             ftvms.with_label_values(&[p.as_str()]).set(0);
         }
@@ -93,6 +103,7 @@ impl Metrics {
             ftvms,
             failovers,
             leader,
+            agent_scrape_errors,
             phases: Arc::default(),
         })
     }

@@ -87,6 +87,7 @@ fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
         default_agent_image: "agent:test".into(),
         identity: "op-0".into(),
         agent_cluster_role: "lockstep-agent".into(),
+        scrape_interval: controller::DEFAULT_SCRAPE_INTERVAL,
     };
     (Context::new(client, metrics.clone(), settings), metrics)
 }
