@@ -4,7 +4,9 @@
 //! loopback IP, arbitrating through the real Lease). A client writes; the primary's node dies
 //! and its agent is killed; the backup agent wins the Lease and goes live; the operator relabels,
 //! removes the lost pod and schedules a new backup, whose agent clones in. Nothing acknowledged
-//! is lost. Every step is timed.
+//! is lost. Every step is timed. Along the way the FTVM's status must show the log bandwidth and
+//! execution lag that the operator scraped from the primary agent's own metrics, for the first
+//! primary and again for the promoted one.
 //!
 //! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away).
 
@@ -22,7 +24,8 @@ use lockstep_e2e::{
     Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
     repo_root, run_tool, wait_for, wait_for_status,
 };
-use lockstep_operator::crd::{FTVirtualMachine, Phase};
+use lockstep_operator::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
+use lockstep_operator::telemetry;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -45,6 +48,7 @@ struct AgentProc {
     child: Child,
     lines: mpsc::Receiver<String>,
     client_addr: String,
+    metrics_addr: String,
 }
 
 impl AgentProc {
@@ -77,6 +81,11 @@ impl AgentProc {
             .find(|w| w[0] == "--client-listen")
             .map(|w| w[1].clone())
             .expect("--client-listen");
+        let metrics_addr = args
+            .windows(2)
+            .find(|w| w[0] == "--metrics-listen")
+            .map(|w| w[1].clone())
+            .expect("--metrics-listen");
         eprintln!(
             "starting agent for pod {name}: lockstep-agent {}",
             args.join(" ")
@@ -102,6 +111,7 @@ impl AgentProc {
             child,
             lines: rx,
             client_addr,
+            metrics_addr,
         }
     }
 
@@ -172,6 +182,55 @@ fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
     }
 }
 
+/// The log bytes the agent at `addr` (its `--metrics-listen`) says it has sent.
+async fn log_bytes_sent(addr: &str) -> f64 {
+    let body = telemetry::fetch(addr.parse().unwrap(), Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("scrape {addr}: {e}"));
+    telemetry::parse(&body)
+        .log_bytes_sent
+        .expect("the agent exports lockstep_log_bytes_sent_total")
+}
+
+/// Waits until the status reports a log bandwidth above zero and an execution lag for `primary`,
+/// and checks the bandwidth against the agent's own counter.
+async fn wait_for_scraped_figures(
+    api: &Api<FTVirtualMachine>,
+    primary: &AgentProc,
+    since: Instant,
+) -> FTVirtualMachineStatus {
+    let st = wait_for_status(
+        api,
+        "kvstore",
+        &format!("log bandwidth and lag of {} in status", primary.pod),
+        T,
+        |s| {
+            s.primary_pod.as_deref() == Some(primary.pod.as_str())
+                && s.log_bandwidth_bits_per_second.is_some_and(|b| b > 0.0)
+                && s.execution_lag_seconds.is_some()
+        },
+    )
+    .await;
+    let bw = st.log_bandwidth_bits_per_second.unwrap();
+    let lag = st.execution_lag_seconds.unwrap();
+    let total = log_bytes_sent(&primary.metrics_addr).await;
+    eprintln!(
+        "step: status of {} shows log bandwidth {bw:.0} bit/s and lag {lag}s {:?} after it went Protected \
+         (its counter: {total} bytes, scrape interval {:?})",
+        primary.pod,
+        since.elapsed(),
+        lockstep_e2e::SCRAPE_INTERVAL
+    );
+    // The rate is taken over at least one second, so it cannot exceed all bytes ever sent per
+    // second; a slip such as dividing by milliseconds instead of seconds would break this.
+    assert!(
+        bw <= 8.0 * total,
+        "bandwidth {bw} bit/s exceeds 8 x {total} bytes sent in total"
+    );
+    assert!((0.0..60.0).contains(&lag), "execution lag {lag}s");
+    st
+}
+
 fn has_ip(p: &Pod) -> bool {
     p.status
         .as_ref()
@@ -230,6 +289,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     })
     .await;
     eprintln!("step: status Protected after {:?}", t0.elapsed());
+    let protected_at = Instant::now();
 
     // A client writes; every acknowledged INCR is recorded.
     let mut c = connect(&primary.client_addr, T);
@@ -240,6 +300,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         acked = resp(&mut c, &["INCR", "counter"]).unwrap().parse().unwrap();
     }
     assert_eq!(acked, 300);
+    wait_for_scraped_figures(&api, &primary, protected_at).await;
 
     // The primary's node dies and its agent with it.
     let dead = node_of(&primary_pod);
@@ -319,6 +380,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         st.epoch
     );
     assert_eq!(st.epoch, 2);
+    let protected_again = Instant::now();
 
     // Writes keep being protected and nothing was lost.
     for _ in 0..50 {
@@ -328,6 +390,8 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
             .unwrap();
         assert!(r > v);
     }
+    // After the failover the figures are scraped from the promoted primary's own agent.
+    wait_for_scraped_figures(&api, &backup, protected_again).await;
     drop(new_backup);
     drop(backup);
     delete_ftvms(&client, &ns.name).await;
