@@ -86,6 +86,41 @@ fn kvstore_under_redis_benchmark_replays_with_identical_disk() {
 }
 
 #[test]
+fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
+    let dir = Scratch::new("rewrite");
+    let disk = dir.path("disk.img");
+    zero_disk(&disk, 1);
+    let log = dir.path("kv.log");
+    // 40000 INCRs of one key are about 1.8 MB of AOF: more than the 1 MiB disk's halves hold,
+    // so the guest must rewrite its log into the other half, several times.
+    let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--disk-size-mib", "1", "--record", log.to_str().unwrap()]);
+    run.wait_console("listening");
+    let port = run.port();
+    for i in 0..50 {
+        assert_eq!(redis_cli(&port, &["SET", &format!("key:{i}"), &format!("value {i}")]), "OK");
+    }
+    let bench = redis_tool("redis-benchmark").args(["-p", &port, "-n", "40000", "-t", "incr", "-P", "16", "-q"]).output().unwrap();
+    assert!(bench.status.success(), "redis-benchmark failed: {}", String::from_utf8_lossy(&bench.stderr));
+    assert_eq!(redis_cli(&port, &["GET", "counter:__rand_int__"]), "40000");
+    run.wait_console("rewrote the AOF (51 keys)");
+    let rec = run.stop();
+
+    // The rewrites are guest behaviour like any other: the replay does them too, byte for byte.
+    let replica = dir.path("replica.img");
+    zero_disk(&replica, 1);
+    assert_replays(&log, Some(&replica), &rec);
+    assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&replica).unwrap(), "replayed disk differs from the recorded one");
+
+    // A guest restarted on the rewritten disk recovers every key.
+    let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
+    again.wait_console("listening");
+    assert_eq!(redis_cli(&again.port(), &["GET", "counter:__rand_int__"]), "40000");
+    assert_eq!(redis_cli(&again.port(), &["GET", "key:49"]), "value 49");
+    assert_eq!(redis_cli(&again.port(), &["DBSIZE"]), "51");
+    again.stop();
+}
+
+#[test]
 fn two_recordings_of_one_workload_differ_yet_each_replays() {
     let dir = Scratch::new("twice");
     let mut logs = Vec::new();

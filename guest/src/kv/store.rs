@@ -40,6 +40,11 @@ impl Store {
         self.map.is_empty()
     }
 
+    /// Every key and value in key order (what an AOF rewrite persists).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.map.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         self.map.get(key).map(|v| v.as_slice())
     }

@@ -1,49 +1,84 @@
-//! The append-only file on the virtio-blk disk.
+//! The append-only file on the virtio-blk disk, rewritten when it fills up.
 //!
-//! Sector 0 holds a header; from byte 512 on, RESP-encoded write commands follow one another.
-//! The disk starts zeroed, so the first zero byte where a command should start marks the end.
-//! Appends rewrite the last partial sector together with the new bytes in one request.
+//! Layout: sector 0 is the header (magic, then which half is active as one byte); the rest of
+//! the disk is two equal halves. The active half holds RESP-encoded write commands one after
+//! another from its start; the first zero byte where a command should start marks the end, so a
+//! half is zeroed before it becomes active. Appends rewrite the last partial sector together
+//! with the new bytes in one request.
+//!
+//! When an append does not fit in the active half, the store is rewritten (like Redis'
+//! BGREWRITEAOF, but in the foreground): the other half is zeroed, every key is written to it as
+//! one SET, and only then does the header switch halves — one sector write, so a crash at any
+//! point leaves either the old log or the new one. The rewrite reflects the store after the
+//! pending commands, so those are not appended again. The data set may use up to half the disk.
 
+use alloc::vec;
 use alloc::vec::Vec;
 
 use lockstep_guest::kv::resp::{self, reply, Parse};
+use lockstep_guest::kv::store::Store;
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::mmio::MmioTransport;
 
 use crate::Hal;
 
-const MAGIC: &[u8; 8] = b"LSKVAOF1";
-const DATA_START: u64 = SECTOR_SIZE as u64;
-const READ_CHUNK: usize = 64 * 1024;
+const MAGIC: &[u8; 8] = b"LSKVAOF2";
+const OLD_MAGIC: &[u8; 8] = b"LSKVAOF1";
+const SECTOR: u64 = SECTOR_SIZE as u64;
+const CHUNK: usize = 64 * 1024;
 
 pub struct Aof {
     blk: VirtIOBlk<Hal, MmioTransport<'static>>,
-    capacity: u64,
-    /// Byte offset of the end of the persisted log.
+    /// Bytes in each half (a whole number of sectors).
+    half: u64,
+    active: u8,
+    /// Disk byte offset of the end of the persisted log.
     end: u64,
     /// Bytes of the last, partial sector as persisted (len = end % 512).
     tail: Vec<u8>,
     /// Encoded commands not yet written.
     pending: Vec<u8>,
+    /// Rewrites done since boot (reported on the console).
+    pub rewrites: u64,
 }
 
 impl Aof {
     pub fn open(mut blk: VirtIOBlk<Hal, MmioTransport<'static>>) -> Self {
-        let capacity = blk.capacity() * SECTOR_SIZE as u64;
+        let capacity = blk.capacity() * SECTOR;
+        let half = (capacity.saturating_sub(SECTOR) / 2) / SECTOR * SECTOR;
+        assert!(half >= CHUNK as u64, "kvstore: the disk is too small (needs at least 129 KiB)");
         let mut header = [0u8; SECTOR_SIZE];
         blk.read_blocks(0, &mut header).expect("read AOF header");
-        if &header[..8] != MAGIC {
-            assert!(header.iter().all(|&b| b == 0), "disk holds something that is not a kvstore AOF");
+        let active = if &header[..8] == MAGIC {
+            assert!(header[8] <= 1, "kvstore: AOF header names half {}", header[8]);
+            header[8]
+        } else {
+            assert!(&header[..8] != OLD_MAGIC, "kvstore: the disk holds an AOF of an older format (1); start with a fresh disk");
+            assert!(header.iter().all(|&b| b == 0), "kvstore: the disk holds something that is not a kvstore AOF");
             header[..8].copy_from_slice(MAGIC);
+            header[8] = 0;
             blk.write_blocks(0, &header).expect("write AOF header");
-        }
-        Aof { blk, capacity, end: DATA_START, tail: Vec::new(), pending: Vec::new() }
+            0
+        };
+        let mut aof = Aof { blk, half, active, end: 0, tail: Vec::new(), pending: Vec::new(), rewrites: 0 };
+        aof.end = aof.base(active);
+        aof
+    }
+
+    fn base(&self, half: u8) -> u64 {
+        SECTOR + half as u64 * self.half
+    }
+
+    fn limit(&self) -> u64 {
+        self.base(self.active) + self.half
     }
 
     /// Apply every logged command in order; returns how many there were.
     pub fn replay(&mut self, mut apply: impl FnMut(&[Vec<u8>])) -> u64 {
+        let start = self.base(self.active);
+        let limit = self.limit();
         let mut data: Vec<u8> = Vec::new();
-        let mut offset = DATA_START;
+        let mut offset = start;
         let mut parsed = 0usize;
         let mut count = 0;
         loop {
@@ -54,21 +89,19 @@ impl Aof {
                     count += 1;
                     continue;
                 }
-                Parse::Incomplete if offset < self.capacity && data[parsed..].first() != Some(&0) => {
-                    let n = READ_CHUNK.min((self.capacity - offset) as usize);
-                    let start = data.len();
-                    data.resize(start + n, 0);
-                    self.blk
-                        .read_blocks((offset / SECTOR_SIZE as u64) as usize, &mut data[start..])
-                        .expect("read AOF");
+                Parse::Incomplete if offset < limit && data[parsed..].first() != Some(&0) => {
+                    let n = CHUNK.min((limit - offset) as usize);
+                    let at = data.len();
+                    data.resize(at + n, 0);
+                    self.blk.read_blocks((offset / SECTOR) as usize, &mut data[at..]).expect("read AOF");
                     offset += n as u64;
                     continue;
                 }
-                _ => break, // a zero byte, or the end of the disk: the log ends here
+                _ => break, // a zero byte, or the end of the half: the log ends here
             }
         }
-        self.end = DATA_START + parsed as u64;
-        let tail_len = (self.end % SECTOR_SIZE as u64) as usize;
+        self.end = start + parsed as u64;
+        let tail_len = (self.end % SECTOR) as usize;
         self.tail = data[parsed - tail_len..parsed].to_vec();
         count
     }
@@ -81,25 +114,66 @@ impl Aof {
         !self.pending.is_empty()
     }
 
-    pub fn flush(&mut self) -> Result<(), &'static str> {
-        let first_sector = self.end / SECTOR_SIZE as u64;
+    /// Persist the pending commands; `store` is the state after them, for a rewrite.
+    pub fn flush(&mut self, store: &Store) -> Result<(), &'static str> {
+        let first_sector = self.end / SECTOR;
+        let padded = (self.tail.len() + self.pending.len()).div_ceil(SECTOR_SIZE) as u64 * SECTOR;
+        if first_sector * SECTOR + padded > self.limit() {
+            return self.rewrite(store);
+        }
         let mut buf = core::mem::take(&mut self.tail);
         buf.extend_from_slice(&self.pending);
         let new_end = self.end + self.pending.len() as u64;
-        let padded = buf.len().div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
-        if first_sector * SECTOR_SIZE as u64 + padded as u64 > self.capacity {
-            // Keep the state unchanged so a later attempt sees the same picture.
-            buf.truncate(buf.len() - self.pending.len());
-            self.tail = buf;
-            return Err("disk full");
-        }
         let data_len = buf.len();
-        buf.resize(padded, 0);
-        self.blk.write_blocks(first_sector as usize, &buf).map_err(|_| "disk write failed")?;
+        buf.resize(padded as usize, 0);
+        if self.blk.write_blocks(first_sector as usize, &buf).is_err() {
+            buf.truncate(data_len - self.pending.len());
+            self.tail = buf;
+            return Err("disk write failed");
+        }
         self.end = new_end;
-        let tail_len = (new_end % SECTOR_SIZE as u64) as usize;
+        let tail_len = (new_end % SECTOR) as usize;
         self.tail = buf[data_len - tail_len..data_len].to_vec();
         self.pending.clear();
+        Ok(())
+    }
+
+    /// Write the whole store into the other half, then switch to it.
+    fn rewrite(&mut self, store: &Store) -> Result<(), &'static str> {
+        let mut log = Vec::new();
+        for (k, v) in store.iter() {
+            reply::command(&mut log, &[b"SET".to_vec(), k.to_vec(), v.to_vec()]);
+        }
+        // Room for the sector padding, so the next append starts inside the half.
+        if log.len() as u64 + SECTOR > self.half {
+            return Err("disk full: the data set is larger than half the disk");
+        }
+        let other = 1 - self.active;
+        let base = self.base(other);
+        // Zero the half first: the end of the log is its first zero byte.
+        let zeros = vec![0u8; CHUNK];
+        let mut at = base;
+        while at < base + self.half {
+            let n = (CHUNK as u64).min(base + self.half - at) as usize;
+            self.blk.write_blocks((at / SECTOR) as usize, &zeros[..n]).map_err(|_| "disk write failed")?;
+            at += n as u64;
+        }
+        let len = log.len();
+        let mut buf = log;
+        buf.resize(len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE, 0);
+        for (i, chunk) in buf.chunks(CHUNK).enumerate() {
+            self.blk.write_blocks(((base + (i * CHUNK) as u64) / SECTOR) as usize, chunk).map_err(|_| "disk write failed")?;
+        }
+        let mut header = [0u8; SECTOR_SIZE];
+        header[..8].copy_from_slice(MAGIC);
+        header[8] = other;
+        self.blk.write_blocks(0, &header).map_err(|_| "disk write failed")?;
+        self.active = other;
+        self.end = base + len as u64;
+        let tail_len = (self.end % SECTOR) as usize;
+        self.tail = buf[len - tail_len..len].to_vec();
+        self.pending.clear();
+        self.rewrites += 1;
         Ok(())
     }
 }

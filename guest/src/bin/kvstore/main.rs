@@ -112,8 +112,12 @@ fn main() -> ! {
 
         // 3. Persist before any reply that depends on it leaves.
         if aof.pending() {
-            if let Err(msg) = aof.flush() {
+            let rewrites = aof.rewrites;
+            if let Err(msg) = aof.flush(&store) {
                 panic!("kvstore: cannot persist: {msg}");
+            }
+            if aof.rewrites != rewrites {
+                println!("kvstore: rewrote the AOF ({} keys) into the other half of the disk", store.len());
             }
             busy = true;
         }
