@@ -37,6 +37,8 @@ pub struct FrontEnd {
     pub stats: Arc<FrontStats>,
     closed: Arc<AtomicBool>,
     local_addr: SocketAddr,
+    /// The agent's `lockstep_client_bytes_sent_total`, counted where bytes are handed over.
+    sent: Option<prometheus::IntCounter>,
 }
 
 impl std::fmt::Debug for FrontEnd {
@@ -61,6 +63,7 @@ impl FrontEnd {
             stats: Arc::default(),
             closed: Arc::default(),
             local_addr,
+            sent: None,
         };
         let accept = fe.clone();
         let next = Arc::new(AtomicU32::new(first_conn));
@@ -76,6 +79,12 @@ impl FrontEnd {
             }
         })?;
         Ok((fe, rx))
+    }
+
+    /// Count delivered bytes in `counter` too (set before cloning the handle).
+    pub fn with_sent_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.sent = Some(counter);
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -127,6 +136,9 @@ impl FrontEnd {
                     let n = bytes.len() as u64;
                     if w.write(bytes) {
                         self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+                        if let Some(c) = &self.sent {
+                            c.inc_by(n);
+                        }
                     } else {
                         writers.remove(&conn);
                     }

@@ -27,12 +27,15 @@ struct Agent {
     lines: mpsc::Receiver<String>,
     client: u16,
     channel: u16,
+    metrics: u16,
 }
 
 impl Agent {
     fn spawn(name: &str, args: &[String], client: u16, channel: u16) -> Agent {
+        let metrics = free_port();
         let mut child = agent()
             .args(args)
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
             .env("LOCKSTEP_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -47,7 +50,7 @@ impl Agent {
                 let _ = tx.send(line);
             }
         });
-        Agent { name: name.into(), child, lines: rx, client, channel }
+        Agent { name: name.into(), child, lines: rx, client, channel, metrics }
     }
 
     fn primary(dir: &Scratch, name: &str, arbiter: &str) -> Agent {
@@ -78,6 +81,26 @@ impl Agent {
         let a = Agent::spawn(name, &args, client, channel);
         a.wait_for("backup in sync", 60);
         a
+    }
+
+    /// The agent's /metrics as series (with labels) → value.
+    fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics)).expect("connect to /metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.split('{').next()?.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        *self.metrics().get(name).unwrap_or_else(|| panic!("{} has no metric {name}", self.name))
     }
 
     fn wait_for(&self, needle: &str, secs: u64) -> String {
@@ -276,9 +299,23 @@ fn a_lost_backup_is_replaced_by_clone_and_a_second_failover_loses_nothing() {
     let before = acked.incr_acked.load(Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(500));
     assert!(acked.incr_acked.load(Ordering::SeqCst) > before, "the degraded primary stopped acknowledging writes");
+    assert_eq!(p.metric("lockstep_protected"), 0.0, "a primary without a backup must not claim protection");
+    assert_eq!(p.metric("lockstep_failovers_total"), 1.0, "losing the backup is one failover (to degraded)");
     // A new backup joins by live clone while the workload runs.
     let b2 = Agent::backup(&dir, "b2", &arbiter, p.channel);
     std::thread::sleep(Duration::from_millis(700));
+    // The metrics tell the story: protected again, log flowing and acknowledged, replies released
+    // under the output rule, and the clone counted on both sides.
+    let m = p.metrics();
+    assert_eq!(m["lockstep_protected"], 1.0, "{m:?}");
+    assert!(m["lockstep_log_bytes_sent_total"] > 0.0 && m["lockstep_log_entries_sent_total"] > 0.0, "{m:?}");
+    assert!(m["lockstep_acked_exit"] > 0.0, "{m:?}");
+    assert!(m["lockstep_client_bytes_sent_total"] > 0.0 && m["lockstep_client_bytes_received_total"] > 0.0, "{m:?}");
+    assert!(m["lockstep_output_hold_seconds_count"] > 0.0, "{m:?}");
+    assert!(m["lockstep_clone_bytes_total"] >= (16 << 20) as f64, "a clone copies at least the guest's memory: {m:?}");
+    let mb = b2.metrics();
+    assert!(mb["lockstep_log_bytes_received_total"] > 0.0, "{mb:?}");
+    assert_eq!(mb["lockstep_protected"], 0.0, "only a primary is ever protected: {mb:?}");
     p.kill9();
     w.join().unwrap();
     b2.wait_for("going live", 20);

@@ -105,9 +105,6 @@ impl Shared {
         }
         for rel in r.released {
             if let Some(out) = core.held.remove(&rel.id.0) {
-                if let ClientOutput::Data { bytes, .. } = &out {
-                    core.metrics.client_bytes_out.inc_by(bytes.len() as u64);
-                }
                 core.front.deliver(out);
             }
             core.metrics.output_hold_seconds.observe(rel.held_nanos as f64 / 1e9);
@@ -575,6 +572,7 @@ pub fn drive(
         context: format!("listening for clients on {} (is the port taken?)", opts.client_listen),
         source,
     })?;
+    let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     let listener = TcpListener::bind(opts.channel_listen).map_err(|source| PairError::Io {
         context: format!("listening for a backup on {}", opts.channel_listen),
