@@ -27,7 +27,8 @@ use serde_json::json;
 
 use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use crate::decide::{
-    Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous, Role, decide,
+    ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState,
+    PodView, Previous, Role, decide,
 };
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -332,6 +333,17 @@ pub fn pod_view(
         Some("Succeeded") | Some("Failed") => PodState::Exited,
         _ => PodState::Pending,
     };
+    let terminated = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == resources::AGENT_CONTAINER))
+        .and_then(|c| c.state.as_ref()?.terminated.as_ref());
+    let started_at = terminated
+        .and_then(|t| t.started_at.clone())
+        .or_else(|| p.status.as_ref()?.start_time.clone())
+        .map(|t| t.0);
+    let exited_at = terminated.and_then(|t| t.finished_at.clone()).map(|t| t.0);
     Some(PodView {
         member,
         mode,
@@ -349,6 +361,17 @@ pub fn pod_view(
             .filter(|ip| !ip.is_empty()),
         state,
         deleting: p.metadata.deletion_timestamp.is_some(),
+        attempt: p
+            .annotations()
+            .get(ANN_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0),
+        started_at,
+        exited_at,
+        replace_at: p
+            .annotations()
+            .get(ANN_REPLACE_AT)
+            .and_then(|t| t.parse().ok()),
         node_health: match &node {
             None => NodeHealth::Unscheduled,
             Some(n) => health.get(n).copied().unwrap_or(NodeHealth::Missing),
@@ -439,12 +462,27 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     Err(e) => return Err(kube_err(format!("delete pod {pod}"))(e)),
                 }
             }
+            Action::MarkReplaceAt { pod, at } => {
+                let patch =
+                    json!({ "metadata": { "annotations": { ANN_REPLACE_AT: at.to_string() } } });
+                match pods
+                    .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(ftvm = %ftvm.name_any(), pod, %at, "crashed replica kept; its replacement waits")
+                    }
+                    Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                    Err(e) => return Err(kube_err(format!("annotate pod {pod}"))(e)),
+                }
+            }
             Action::CreatePod {
                 pod,
                 member,
                 mode,
                 primary,
                 epoch,
+                attempt,
             } => {
                 let plan = PodPlan {
                     name: pod,
@@ -452,6 +490,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     mode: *mode,
                     primary: primary.as_ref().map(|(n, ip)| (n.as_str(), ip.as_str())),
                     epoch: *epoch,
+                    attempt: *attempt,
                     default_image: &ctx.settings.default_agent_image,
                 };
                 let obj = resources::pod(ftvm, &plan);
@@ -473,6 +512,12 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
     for note in &plan.notes {
         if matches!(note, Note::Failover { .. }) && !fresh_failover {
             continue;
+        }
+        if let Note::BackOff(b) = note {
+            ctx.metrics
+                .replica_backoffs
+                .with_label_values(&[b.role.as_str()])
+                .inc();
         }
         let event = event_for(note);
         if let Err(e) = ctx.recorder.publish(&event, &oref).await {
@@ -517,6 +562,12 @@ pub fn event_for(note: &Note) -> Event {
         ),
         Note::InvalidSpec(msg) => (EventType::Warning, "InvalidSpec", "Validate", msg.clone()),
         Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
+        Note::BackOff(b) => (
+            EventType::Warning,
+            "BackOff",
+            "DelayReplacement",
+            b.describe(),
+        ),
     };
     Event {
         type_,
@@ -589,7 +640,7 @@ pub fn status_for(
         log_bandwidth_bits_per_second: log_bandwidth,
         execution_lag_seconds: lag,
         observed_generation: generation,
-        conditions: vec![
+        conditions: [
             condition(
                 &prev.conditions,
                 "Ready",
@@ -612,7 +663,24 @@ pub fn status_for(
                 generation,
                 now,
             ),
-        ],
+        ]
+        .into_iter()
+        // Present only while a crashing replica's replacement waits.
+        .chain(s.backoff.as_ref().map(|b| {
+            condition(
+                &prev.conditions,
+                "ReplicaBackoff",
+                true,
+                match b.role {
+                    Role::Primary => "PrimaryCrashLoop",
+                    Role::Backup => "BackupCrashLoop",
+                },
+                &b.describe(),
+                generation,
+                now,
+            )
+        }))
+        .collect(),
     }
 }
 
@@ -650,15 +718,28 @@ async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Er
         ctx.refresh_telemetry(&key_of(&ftvm), &pod, addr).await;
     }
     execute(&ftvm, &plan, ctx).await?;
-    // Watches bring most changes at once; the periodic look is a safety net, short while the VM is
-    // not protected so that a stuck step is retried soon, and keeps the scraped figures fresh.
-    let every = ctx.settings.scrape_interval;
-    Ok(match plan.status.phase {
-        Phase::Protected => Requeue::requeue(every),
-        Phase::Failed => Requeue::requeue(Duration::from_secs(60)),
-        Phase::Degraded => Requeue::requeue(every.min(Duration::from_secs(5))),
-        Phase::Pending | Phase::FailingOver => Requeue::requeue(Duration::from_secs(5)),
-    })
+    Ok(Requeue::requeue(requeue_after(
+        &plan,
+        ctx.settings.scrape_interval,
+        Timestamp::now(),
+    )))
+}
+
+/// When to look at an FTVM again. Watches bring most changes at once; the periodic look is a
+/// safety net, short while the VM is not protected so that a stuck step is retried soon, keeps
+/// the scraped figures fresh, and comes exactly when a held-back replacement is due.
+pub fn requeue_after(plan: &Plan, scrape_interval: Duration, now: Timestamp) -> Duration {
+    let periodic = match plan.status.phase {
+        Phase::Protected => scrape_interval,
+        Phase::Failed => Duration::from_secs(60),
+        Phase::Degraded => scrape_interval.min(Duration::from_secs(5)),
+        Phase::Pending | Phase::FailingOver => Duration::from_secs(5),
+    };
+    let due = plan
+        .wake_at
+        .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO));
+    // A little past the due time, so that the look does not land a hair before it.
+    due.map_or(periodic, |d| periodic.min(d + Duration::from_millis(100)))
 }
 
 /// The primary pod and its metrics address, while there is a primary that holds the arbiter.
@@ -846,6 +927,7 @@ mod tests {
             mode: Role::Backup,
             primary: Some(("vm-2", "10.0.0.2")),
             epoch: 5,
+            attempt: 2,
             default_image: "i",
         };
         let mut p = resources::pod(&f, &plan);
@@ -868,12 +950,112 @@ mod tests {
                 state: PodState::Running,
                 deleting: false,
                 node_health: NodeHealth::Ready,
+                attempt: 2,
+                started_at: None,
+                exited_at: None,
+                replace_at: None,
             }
         );
         // a pod on a node we did not find is on a missing node
         assert_eq!(
             pod_view(&p, &Default::default()).unwrap().node_health,
             NodeHealth::Missing
+        );
+    }
+
+    #[test]
+    fn pod_view_reads_how_long_an_exited_agent_ran_and_when_it_is_replaced() {
+        let f = ftvm(json!({"guest": "kvstore"}));
+        let plan = PodPlan {
+            name: "vm-1",
+            member: 1,
+            mode: Role::Primary,
+            primary: None,
+            epoch: 0,
+            attempt: 0,
+            default_image: "i",
+        };
+        let mut p = resources::pod(&f, &plan);
+        p.annotations_mut()
+            .insert(ANN_REPLACE_AT.into(), "2026-11-26T01:40:05Z".into());
+        p.status = Some(
+            serde_json::from_value(json!({
+                "phase": "Failed",
+                "startTime": "2026-11-26T01:39:50Z",
+                "containerStatuses": [{
+                    "name": "agent", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                    "state": {"terminated": {"exitCode": 1, "startedAt": "2026-11-26T01:39:58Z", "finishedAt": "2026-11-26T01:40:00Z"}}
+                }]
+            }))
+            .unwrap(),
+        );
+        let v = pod_view(&p, &Default::default()).unwrap();
+        let t = |s: &str| Some(s.parse::<Timestamp>().unwrap());
+        assert_eq!(v.state, PodState::Exited);
+        assert_eq!(v.attempt, 0, "a first attempt carries no annotation");
+        assert_eq!(v.started_at, t("2026-11-26T01:39:58Z"));
+        assert_eq!(v.exited_at, t("2026-11-26T01:40:00Z"));
+        assert_eq!(v.replace_at, t("2026-11-26T01:40:05Z"));
+        // Without the container's record, the pod's start time stands in; the exit is unknown.
+        p.status.as_mut().unwrap().container_statuses = None;
+        let v = pod_view(&p, &Default::default()).unwrap();
+        assert_eq!(
+            (v.started_at, v.exited_at),
+            (t("2026-11-26T01:39:50Z"), None)
+        );
+    }
+
+    #[test]
+    fn a_held_back_replacement_shows_as_a_condition_and_sets_the_requeue() {
+        let f = ftvm(json!({"guest": "kvstore"}));
+        let now = Timestamp::from_second(1000).unwrap();
+        let mut plan = protected_plan();
+        plan.status.phase = Phase::Degraded;
+        plan.status.backup = None;
+        let b = crate::decide::Backoff {
+            role: Role::Backup,
+            pod: "vm-4".into(),
+            failures: 3,
+            until: Timestamp::from_second(1003).unwrap(),
+        };
+        plan.status.backoff = Some(b.clone());
+        plan.wake_at = Some(b.until);
+        let s = status_for(&f, &plan, None, now);
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ReplicaBackoff")
+            .expect("a ReplicaBackoff condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "BackupCrashLoop")
+        );
+        assert!(
+            c.message
+                .contains("next backup is created at 1970-01-01T00:16:43Z"),
+            "{}",
+            c.message
+        );
+        assert_eq!(
+            requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now),
+            Duration::from_millis(3100)
+        );
+        let e = event_for(&Note::BackOff(b));
+        assert_eq!(
+            (e.reason.as_str(), e.type_),
+            ("BackOff", EventType::Warning)
+        );
+        // Once the backup runs, the condition is gone and the look is periodic again.
+        let plan = protected_plan();
+        assert!(
+            status_for(&f, &plan, None, now)
+                .conditions
+                .iter()
+                .all(|c| c.type_ != "ReplicaBackoff")
+        );
+        assert_eq!(
+            requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now),
+            DEFAULT_SCRAPE_INTERVAL
         );
     }
 
@@ -891,7 +1073,9 @@ mod tests {
                 failover_count: 0,
                 last_failover: None,
                 spec_valid: true,
+                backoff: None,
             },
+            wake_at: None,
         }
     }
 

@@ -275,7 +275,8 @@ pub struct FTVirtualMachineStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` (protected), `SpecValid`.
+    /// `Ready` (protected), `SpecValid`, and `ReplicaBackoff` while a crashing replica's replacement
+    /// waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -1,7 +1,7 @@
 //! The reconcile decisions: a pure function from what was observed to what to do.
 //!
 //! Nothing here talks to the apiserver, so every rule is unit-tested with small builders. The
-//! executor (`execute.rs`) turns the [`Plan`] into API calls.
+//! executor (`controller::execute`) turns the [`Plan`] into API calls.
 //!
 //! The rules, in the order they matter:
 //! 1. **The Lease decides who is primary.** The pod named by the Lease holder is the primary; the
@@ -16,10 +16,43 @@
 //! 4. **Lost replicas are removed at once**: a pod on a node that is NotReady/unreachable/gone, or a
 //!    pod whose agent exited, is deleted (forcefully when its kubelet cannot confirm), so the
 //!    replacement backup can be scheduled in seconds instead of after the default eviction.
+//! 5. **A replica that keeps crashing is replaced with exponential backoff**, per role: the
+//!    primary-to-be at epoch 0, or the backup of the current primary. The first exit is replaced at
+//!    once; each further quick exit in a row waits twice as long ([`backoff_delay`]: 5 s, 10 s, …
+//!    5 min). A pod whose agent ran [`HEALTHY_RUN`] before exiting starts the count afresh. The
+//!    count travels on the pods (annotation [`ANN_ATTEMPT`] on each replacement), and while the
+//!    replacement waits the exited pod is kept, marked with the time of the next attempt
+//!    ([`ANN_REPLACE_AT`]): the state survives operator restarts, and the crashed agent's logs can
+//!    be read meanwhile. Node loss is not a crash: it is never delayed.
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::crd::Phase;
+
+/// Pod annotation: how many replicas of this role exited quickly in a row before this one was
+/// created (absent: none).
+pub const ANN_ATTEMPT: &str = "lockstep.dev/attempt";
+/// Pod annotation on an exited replica: when its replacement will be created (RFC 3339).
+pub const ANN_REPLACE_AT: &str = "lockstep.dev/replace-at";
+/// Wait before the second replacement in a row of a crashing replica; it doubles with each further
+/// crash.
+pub const BACKOFF_INITIAL: SignedDuration = SignedDuration::from_secs(5);
+/// The longest wait between replacements.
+pub const BACKOFF_MAX: SignedDuration = SignedDuration::from_secs(300);
+/// An agent that ran this long before exiting was healthy: its exit starts the count afresh (the
+/// kubelet's rule for CrashLoopBackOff).
+pub const HEALTHY_RUN: SignedDuration = SignedDuration::from_secs(600);
+
+/// How long to wait before replacing a replica whose role has now failed `failures` times in a
+/// row: nothing for the first, then [`BACKOFF_INITIAL`] doubling up to [`BACKOFF_MAX`].
+pub fn backoff_delay(failures: u32) -> SignedDuration {
+    if failures <= 1 {
+        return SignedDuration::ZERO;
+    }
+    let doublings = (failures - 2).min(20);
+    let secs = BACKOFF_INITIAL.as_secs().saturating_mul(1 << doublings);
+    SignedDuration::from_secs(secs.min(BACKOFF_MAX.as_secs()))
+}
 
 /// The role label value of a replica.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,9 +130,30 @@ pub struct PodView {
     pub deleting: bool,
     /// Health of its node.
     pub node_health: NodeHealth,
+    /// Quick failures of its role in a row before it was created ([`ANN_ATTEMPT`]).
+    pub attempt: u32,
+    /// When its agent started, if known.
+    pub started_at: Option<Timestamp>,
+    /// When its agent exited, if it did and that is known.
+    pub exited_at: Option<Timestamp>,
+    /// When it is to be replaced, once the operator decided to wait ([`ANN_REPLACE_AT`]).
+    pub replace_at: Option<Timestamp>,
 }
 
 impl PodView {
+    /// How many times in a row its role has failed, counting its own exit.
+    fn failures(&self) -> u32 {
+        let healthy = match (self.started_at, self.exited_at) {
+            (Some(start), Some(end)) => end.duration_since(start) >= HEALTHY_RUN,
+            _ => false,
+        };
+        if healthy {
+            1
+        } else {
+            self.attempt.saturating_add(1)
+        }
+    }
+
     fn lost_reason(&self) -> Option<String> {
         if self.deleting {
             return None; // already on its way out
@@ -199,7 +253,43 @@ pub enum Action {
         primary: Option<(String, String)>,
         /// Epoch at creation.
         epoch: u64,
+        /// Quick failures of this role in a row before it ([`ANN_ATTEMPT`]).
+        attempt: u32,
     },
+    /// Keep an exited replica and record on it when it will be replaced ([`ANN_REPLACE_AT`]).
+    MarkReplaceAt {
+        /// Pod.
+        pod: String,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// A replacement held back because its role keeps crashing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backoff {
+    /// Role of the crashing replicas.
+    pub role: Role,
+    /// The last one that exited (kept until the next attempt).
+    pub pod: String,
+    /// Exits in a row, counting that one.
+    pub failures: u32,
+    /// When the next replica of this role is created.
+    pub until: Timestamp,
+}
+
+impl Backoff {
+    /// In words, for status and events.
+    pub fn describe(&self) -> String {
+        format!(
+            "{role} {pod}'s agent exited, {n} time{s} in a row; the next {role} is created at {until} (delete {pod} to retry at once)",
+            role = self.role.as_str(),
+            pod = self.pod,
+            n = self.failures,
+            s = if self.failures == 1 { "" } else { "s" },
+            until = self.until,
+        )
+    }
 }
 
 /// Kinds of Kubernetes events the plan asks for.
@@ -232,6 +322,8 @@ pub enum Note {
     InvalidSpec(String),
     /// Both replicas are lost after the VM went live.
     StateLost(String),
+    /// A crashing replica's replacement is delayed.
+    BackOff(Backoff),
 }
 
 /// The status the plan wants written.
@@ -253,6 +345,8 @@ pub struct StatusView {
     pub last_failover: Option<Timestamp>,
     /// Spec valid?
     pub spec_valid: bool,
+    /// A replacement held back by crash-loop backoff.
+    pub backoff: Option<Backoff>,
 }
 
 /// What to do, what to report, and when to look again.
@@ -266,6 +360,8 @@ pub struct Plan {
     pub status: StatusView,
     /// True when a failover was seen in this pass (for the failover metric).
     pub failover: bool,
+    /// Look again at this time at the latest (a held-back replacement is due).
+    pub wake_at: Option<Timestamp>,
 }
 
 /// Pod name for an ordinal.
@@ -288,6 +384,7 @@ pub fn decide(o: &Observed) -> Plan {
         failover_count: prev.failover_count,
         last_failover: prev.last_failover,
         spec_valid: true,
+        backoff: None,
     };
 
     if let Some(err) = &o.spec_error {
@@ -303,6 +400,7 @@ pub fn decide(o: &Observed) -> Plan {
             notes,
             status,
             failover: false,
+            wake_at: None,
         };
     }
 
@@ -312,32 +410,6 @@ pub fn decide(o: &Observed) -> Plan {
     actions.push(Action::ApplyService);
     actions.push(Action::ApplyAgentAccess);
 
-    // Lost replicas first: they are deleted whatever else happens.
-    let mut deletes = Vec::new();
-    for p in &o.pods {
-        // A graceful delete of a pod whose node died never completes (no kubelet confirms it);
-        // finish it without grace once the node is known to be gone.
-        if p.deleting && matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing) {
-            deletes.push(Action::DeletePod {
-                pod: p.name.clone(),
-                force: true,
-                reason: "terminating on a lost node".into(),
-            });
-            continue;
-        }
-        if let Some(reason) = p.lost_reason() {
-            let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
-            notes.push(Note::ReplicaLost {
-                pod: p.name.clone(),
-                reason: reason.clone(),
-            });
-            deletes.push(Action::DeletePod {
-                pod: p.name.clone(),
-                force,
-                reason,
-            });
-        }
-    }
     let live: Vec<&PodView> = o.pods.iter().filter(|p| p.live()).collect();
 
     // Who is (or is to be) primary: the Lease holder, else at epoch 0 the primary-mode pod.
@@ -365,6 +437,86 @@ pub fn decide(o: &Observed) -> Plan {
     backups.sort_by_key(|p| p.member);
     let extra_backups: Vec<&PodView> = backups.split_off(backups.len().min(1));
     let backup = backups.first().copied();
+
+    // A crashed replica that is to be replaced by one of its role: the primary-to-be while nobody
+    // went live, or the current primary's backup. Its replacement may have to wait.
+    let exited = |mode: Role| {
+        o.pods
+            .iter()
+            .filter(move |p| !p.deleting && p.state == PodState::Exited && p.mode == mode)
+    };
+    let crashed: Option<&PodView> =
+        if primary.is_none() && lease.epoch == 0 && lease.holder.is_none() {
+            exited(Role::Primary).max_by_key(|p| p.member)
+        } else if primary.is_some() && backup.is_none() {
+            exited(Role::Backup)
+                .filter(|p| p.pairs_with == primary_name && lease.epoch <= p.created_epoch.max(1))
+                .max_by_key(|p| p.member)
+        } else {
+            None
+        };
+    let crash = crashed.map(|p| {
+        let failures = p.failures();
+        let until = p
+            .replace_at
+            .unwrap_or_else(|| ceil_second(p.exited_at.unwrap_or(o.now)) + backoff_delay(failures));
+        Backoff {
+            role: p.mode,
+            pod: p.name.clone(),
+            failures,
+            until,
+        }
+    });
+    let held = crash.clone().filter(|c| o.now < c.until);
+    // The attempt number a replacement of `role` carries.
+    let attempt = |role: Role| {
+        crash
+            .as_ref()
+            .filter(|c| c.role == role)
+            .map_or(0, |c| c.failures)
+    };
+
+    // Lost replicas: deleted whatever else happens, unless one is kept while its replacement waits.
+    let mut deletes = Vec::new();
+    for p in &o.pods {
+        // A graceful delete of a pod whose node died never completes (no kubelet confirms it);
+        // finish it without grace once the node is known to be gone.
+        if p.deleting && matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing) {
+            deletes.push(Action::DeletePod {
+                pod: p.name.clone(),
+                force: true,
+                reason: "terminating on a lost node".into(),
+            });
+            continue;
+        }
+        let Some(reason) = p.lost_reason() else {
+            continue;
+        };
+        // A pod marked for replacement was reported when it was marked.
+        let first_seen = p.replace_at.is_none();
+        if first_seen {
+            notes.push(Note::ReplicaLost {
+                pod: p.name.clone(),
+                reason: reason.clone(),
+            });
+        }
+        if let Some(h) = held.as_ref().filter(|h| h.pod == p.name) {
+            if first_seen {
+                notes.push(Note::BackOff(h.clone()));
+                deletes.push(Action::MarkReplaceAt {
+                    pod: p.name.clone(),
+                    at: h.until,
+                });
+            }
+            continue;
+        }
+        let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
+        deletes.push(Action::DeletePod {
+            pod: p.name.clone(),
+            force,
+            reason,
+        });
+    }
 
     // Failover: the holder changed from the primary we last reported.
     let mut failover = false;
@@ -439,7 +591,13 @@ pub fn decide(o: &Observed) -> Plan {
             if let Some(b) = backup {
                 status.backup = Some((b.name.clone(), b.node.clone()));
             }
-            if backup.is_none() {
+            if let Some(h) = held.as_ref().filter(|h| h.role == Role::Backup) {
+                status.message = format!(
+                    "primary {} runs without a backup: {}",
+                    pr.name,
+                    h.describe()
+                );
+            } else if backup.is_none() {
                 match &pr.ip {
                     Some(ip) => {
                         let pod = pod_name(&o.name, next_member);
@@ -453,6 +611,7 @@ pub fn decide(o: &Observed) -> Plan {
                             mode: Role::Backup,
                             primary: Some((pr.name.clone(), ip.clone())),
                             epoch: lease.epoch,
+                            attempt: attempt(Role::Backup),
                         });
                     }
                     None => {
@@ -494,15 +653,20 @@ pub fn decide(o: &Observed) -> Plan {
         }
         None if lease.epoch == 0 && lease.holder.is_none() => {
             // Nobody went live yet: no state can be lost by starting (again) from scratch.
-            let pod = pod_name(&o.name, next_member);
-            actions.push(Action::CreatePod {
-                pod,
-                member: next_member,
-                mode: Role::Primary,
-                primary: None,
-                epoch: 0,
-            });
-            status.message = "creating the primary".into();
+            if let Some(h) = held.as_ref().filter(|h| h.role == Role::Primary) {
+                status.message = h.describe();
+            } else {
+                let pod = pod_name(&o.name, next_member);
+                actions.push(Action::CreatePod {
+                    pod,
+                    member: next_member,
+                    mode: Role::Primary,
+                    primary: None,
+                    epoch: 0,
+                    attempt: attempt(Role::Primary),
+                });
+                status.message = "creating the primary".into();
+            }
         }
         None => {
             let holder = lease.holder.clone().unwrap_or_default();
@@ -525,12 +689,20 @@ pub fn decide(o: &Observed) -> Plan {
             }
         }
     }
+    status.backoff = held.clone();
     Plan {
         actions,
         notes,
         status,
         failover,
+        wake_at: held.map(|h| h.until),
     }
+}
+
+/// `t` rounded up to a whole second, so that an annotated time reads back exactly.
+fn ceil_second(t: Timestamp) -> Timestamp {
+    let secs = t.as_second() + i64::from(t.subsec_nanosecond() > 0);
+    Timestamp::from_second(secs).unwrap_or(t)
 }
 
 fn or(current: String, fallback: String) -> String {
@@ -558,6 +730,10 @@ mod tests {
             state: PodState::Running,
             deleting: false,
             node_health: NodeHealth::Ready,
+            attempt: 0,
+            started_at: None,
+            exited_at: None,
+            replace_at: None,
         }
     }
 
@@ -642,7 +818,8 @@ mod tests {
                 member: 1,
                 mode: Role::Backup,
                 primary: Some(("vm-0".into(), "10.1.2.3".into())),
-                epoch: 0
+                epoch: 0,
+                attempt: 0,
             }
         );
         assert!(plan.notes.contains(&Note::BackupCreated {
@@ -877,6 +1054,212 @@ mod tests {
         assert_eq!(plan.notes, vec![Note::InvalidSpec("ports clash".into())]);
         o.previous.message = Some(plan.status.message.clone());
         assert!(decide(&o).notes.is_empty());
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_000_000 + secs).unwrap()
+    }
+
+    /// A replica whose agent ran from `at(start)` to `at(end)` and exited.
+    fn exited(mut p: PodView, attempt: u32, start: i64, end: i64) -> PodView {
+        p.state = PodState::Exited;
+        p.attempt = attempt;
+        p.started_at = Some(at(start));
+        p.exited_at = Some(at(end));
+        p
+    }
+
+    fn attempts(plan: &Plan) -> Vec<(String, u32)> {
+        plan.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::CreatePod { pod, attempt, .. } => Some((pod.clone(), *attempt)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn noted_backoffs(plan: &Plan) -> Vec<Backoff> {
+        plan.notes
+            .iter()
+            .filter_map(|n| match n {
+                Note::BackOff(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_to_five_minutes() {
+        let secs: Vec<i64> = (0..=10).map(|f| backoff_delay(f).as_secs()).collect();
+        assert_eq!(secs, [0, 0, 5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(backoff_delay(u32::MAX), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_backup_that_keeps_crashing_is_replaced_at_once_then_with_growing_delays() {
+        let primary = pod("vm-0", Role::Primary);
+        // First exit after a short run: replaced at once, and the replacement carries the count.
+        let mut o = observed(
+            Some(("vm-0", 1)),
+            vec![
+                primary.clone(),
+                exited(backup_of("vm-1", "vm-0", 1), 0, -30, -1),
+            ],
+        );
+        let plan = decide(&o);
+        assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
+        assert_eq!(attempts(&plan), [("vm-2".to_string(), 1)]);
+        assert!(noted_backoffs(&plan).is_empty());
+        assert_eq!(plan.wake_at, None);
+
+        // The replacement exits quickly too: 5 s wait. The exited pod is kept and marked, and the
+        // status, an event and the requeue say when the next attempt is.
+        let crashed = exited(backup_of("vm-2", "vm-0", 1), 1, -3, -1);
+        o.pods = vec![primary.clone(), crashed.clone()];
+        let plan = decide(&o);
+        let until = at(4);
+        assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
+        assert!(plan.actions.contains(&Action::MarkReplaceAt {
+            pod: "vm-2".into(),
+            at: until
+        }));
+        let want = Backoff {
+            role: Role::Backup,
+            pod: "vm-2".into(),
+            failures: 2,
+            until,
+        };
+        assert_eq!(noted_backoffs(&plan), std::slice::from_ref(&want));
+        assert!(
+            plan.notes
+                .iter()
+                .any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-2"))
+        );
+        assert_eq!(plan.status.backoff, Some(want));
+        assert_eq!(plan.status.phase, Phase::Degraded);
+        assert!(
+            plan.status
+                .message
+                .contains("the next backup is created at 1970-01-12T13:46:44Z"),
+            "{}",
+            plan.status.message
+        );
+        assert_eq!(plan.wake_at, Some(until));
+
+        // Marked and still waiting: nothing is done or announced again.
+        let mut marked = crashed.clone();
+        marked.replace_at = Some(until);
+        o.pods = vec![primary.clone(), marked.clone()];
+        o.now = at(3);
+        let plan = decide(&o);
+        assert_eq!(
+            plan.actions,
+            vec![Action::ApplyService, Action::ApplyAgentAccess]
+        );
+        assert!(plan.notes.is_empty());
+        assert_eq!(plan.status.backoff.as_ref().map(|b| b.until), Some(until));
+
+        // Due: the kept pod goes (reported already) and the next backup counts two failures.
+        o.now = until;
+        let plan = decide(&o);
+        assert_eq!(deletes(&plan), [("vm-2".to_string(), false)]);
+        assert_eq!(attempts(&plan), [("vm-3".to_string(), 2)]);
+        assert!(
+            !plan
+                .notes
+                .iter()
+                .any(|n| matches!(n, Note::ReplicaLost { .. }))
+        );
+        assert_eq!(plan.status.backoff, None);
+        assert_eq!(plan.wake_at, None);
+
+        // Had it failed a third time, the wait would be 10 s.
+        o.pods = vec![primary, exited(backup_of("vm-3", "vm-0", 1), 2, -3, -1)];
+        o.now = at(0);
+        assert_eq!(decide(&o).wake_at, Some(at(9)));
+    }
+
+    #[test]
+    fn a_healthy_run_resets_the_count() {
+        let o = observed(
+            Some(("vm-0", 1)),
+            vec![
+                pod("vm-0", Role::Primary),
+                exited(backup_of("vm-7", "vm-0", 1), 6, -700, -10),
+            ],
+        );
+        let plan = decide(&o);
+        assert_eq!(attempts(&plan), [("vm-8".to_string(), 1)]);
+        assert_eq!(plan.status.backoff, None);
+    }
+
+    #[test]
+    fn a_primary_that_keeps_crashing_before_going_live_backs_off() {
+        let mut o = observed(
+            None,
+            vec![
+                exited(pod("vm-3", Role::Primary), 2, -2, -1),
+                backup_of("vm-4", "vm-3", 0),
+            ],
+        );
+        let plan = decide(&o);
+        assert!(creates(&plan).is_empty(), "no new primary for 10 s");
+        assert_eq!(
+            deletes(&plan),
+            [("vm-4".to_string(), false)],
+            "its backup follows a dead primary"
+        );
+        assert_eq!(plan.wake_at, Some(at(9)));
+        assert_eq!(plan.status.phase, Phase::Pending);
+        assert!(
+            plan.status
+                .message
+                .starts_with("primary vm-3's agent exited, 3 times in a row; the next primary"),
+            "{}",
+            plan.status.message
+        );
+        // When the exit time is unknown the wait counts from the first sight of the exit.
+        o.pods[0].exited_at = None;
+        o.now = at(0) + SignedDuration::from_millis(300);
+        assert_eq!(decide(&o).wake_at, Some(at(11)));
+        // Due: a new primary with the count.
+        o.pods[0].replace_at = Some(at(9));
+        o.now = at(9);
+        assert_eq!(attempts(&decide(&o)), [("vm-5".to_string(), 3)]);
+    }
+
+    #[test]
+    fn node_loss_is_never_delayed() {
+        let mut b = backup_of("vm-5", "vm-0", 1);
+        b.attempt = 4;
+        b.node_health = NodeHealth::NotReady;
+        let plan = decide(&observed(
+            Some(("vm-0", 1)),
+            vec![pod("vm-0", Role::Primary), b],
+        ));
+        assert_eq!(deletes(&plan), [("vm-5".to_string(), true)]);
+        assert_eq!(attempts(&plan), [("vm-6".to_string(), 0)]);
+    }
+
+    #[test]
+    fn an_exited_pod_outside_the_lineage_is_removed_at_once() {
+        // The backup of a primary that is gone (vm-2 took over at epoch 2) is not backed off.
+        let mut old = exited(backup_of("vm-1", "vm-0", 1), 3, -2, -1);
+        old.replace_at = Some(at(100));
+        let plan = decide(&observed(
+            Some(("vm-2", 2)),
+            vec![backup_of("vm-2", "vm-0", 1), old],
+        ));
+        assert!(deletes(&plan).contains(&("vm-1".to_string(), false)));
+        assert!(
+            !plan
+                .notes
+                .iter()
+                .any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-1")),
+            "reported when it was marked"
+        );
+        assert_eq!(plan.status.backoff, None);
     }
 
     #[test]

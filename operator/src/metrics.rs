@@ -31,6 +31,8 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Failed scrapes of primary agents' `/metrics`, by reason (the scrape error's label).
     pub agent_scrape_errors: IntCounterVec,
+    /// Replacements of a crashing replica that were held back, by role.
+    pub replica_backoffs: IntCounterVec,
     phases: Arc<Mutex<HashMap<String, Phase>>>,
 }
 
@@ -87,12 +89,23 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        let replica_backoffs = IntCounterVec::new(
+            Opts::new(
+                "lockstep_operator_replica_backoffs_total",
+                "Replacements of a crashing replica held back by crash-loop backoff, by role",
+            ),
+            &["role"],
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ftvms.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(agent_scrape_errors.clone()))?;
+        registry.register(Box::new(replica_backoffs.clone()))?;
+        for role in ["primary", "backup"] {
+            replica_backoffs.with_label_values(&[role]);
+        }
         for p in Phase::ALL {
             ftvms.with_label_values(&[p.as_str()]).set(0);
         }
@@ -104,6 +117,7 @@ impl Metrics {
             failovers,
             leader,
             agent_scrape_errors,
+            replica_backoffs,
             phases: Arc::default(),
         })
     }

@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::crd::FTVirtualMachine;
-use crate::decide::Role;
+use crate::decide::{ANN_ATTEMPT, Role};
 
 /// Label: which FTVM a pod belongs to.
 pub const LABEL_FTVM: &str = "lockstep.dev/ftvm";
@@ -50,6 +50,9 @@ pub const NODE_TOLERATION_SECONDS: i64 = 2;
 pub const AGENT_UID: i64 = 65532;
 /// Where the replica's disk lives inside the pod.
 pub const DISK_DIR: &str = "/var/lib/lockstep";
+
+/// Name of the agent container in a replica pod.
+pub const AGENT_CONTAINER: &str = "agent";
 
 /// ServiceAccount (and RoleBinding) of the agents in each namespace with FTVMs.
 pub const AGENT_SERVICE_ACCOUNT: &str = "lockstep-agent";
@@ -193,6 +196,8 @@ pub struct PodPlan<'a> {
     pub primary: Option<(&'a str, &'a str)>,
     /// Arbiter epoch now.
     pub epoch: u64,
+    /// Quick failures of this role in a row before this pod (crash-loop backoff).
+    pub attempt: u32,
     /// The agent image to use when the spec has none.
     pub default_image: &'a str,
 }
@@ -346,6 +351,9 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     if let Some((primary, _)) = plan.primary {
         ann.insert(ANN_PAIRS_WITH.into(), primary.into());
     }
+    if plan.attempt > 0 {
+        ann.insert(ANN_ATTEMPT.into(), plan.attempt.to_string());
+    }
     meta.annotations = Some(ann);
 
     let mut volumes = vec![Volume {
@@ -395,7 +403,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
         env_vars.push(env("RUST_LOG", level.clone()));
     }
     let container = Container {
-        name: "agent".into(),
+        name: AGENT_CONTAINER.into(),
         image: Some(
             s.agent
                 .image
@@ -486,6 +494,7 @@ pub(crate) mod tests {
             mode,
             primary,
             epoch: 2,
+            attempt: 0,
             default_image: "agent:dev",
         }
     }
@@ -545,6 +554,18 @@ pub(crate) mod tests {
         assert_eq!(v["metadata"]["labels"][LABEL_ROLE], "backup");
         assert_eq!(v["metadata"]["annotations"][ANN_PAIRS_WITH], "vm-0");
         assert_eq!(v["metadata"]["annotations"][ANN_EPOCH], "2");
+        assert!(
+            v["metadata"]["annotations"].get(ANN_ATTEMPT).is_none(),
+            "a first attempt carries no count"
+        );
+        let again = pod(
+            &f,
+            &PodPlan {
+                attempt: 3,
+                ..plan(Role::Backup, Some(("vm-0", "10.0.0.7")))
+            },
+        );
+        assert_eq!(again.annotations()[ANN_ATTEMPT], "3");
         let owner = &v["metadata"]["ownerReferences"][0];
         assert_eq!(
             (owner["kind"].as_str(), owner["controller"].as_bool()),

@@ -116,6 +116,7 @@ fn failover_plan() -> Plan {
                 mode: Role::Backup,
                 primary: Some(("vm-1".into(), "10.0.0.2".into())),
                 epoch: 2,
+                attempt: 0,
             },
         ],
         notes: vec![Note::Failover {
@@ -132,8 +133,10 @@ fn failover_plan() -> Plan {
             failover_count: 1,
             last_failover: None,
             spec_valid: true,
+            backoff: None,
         },
         failover: true,
+        wake_at: None,
     }
 }
 
@@ -245,6 +248,7 @@ async fn already_existing_objects_are_fine_and_forbidden_is_an_error() {
             mode: Role::Primary,
             primary: None,
             epoch: 0,
+            attempt: 0,
         },
     ];
     let err = controller::execute(&ftvm(), &plan, &ctx).await.unwrap_err();
@@ -347,4 +351,131 @@ async fn a_failover_seen_twice_from_a_stale_cache_is_counted_and_announced_once(
     let events = seen.iter().filter(|s| s.uri.contains("/events")).count();
     assert_eq!(events, 1, "the Failover event is published once");
     assert_eq!(metrics.failovers.get(), 1);
+}
+
+#[tokio::test]
+async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
+    use k8s_openapi::jiff::Timestamp;
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let owner = json!([{"apiVersion": "lockstep.dev/v1alpha1", "kind": "FTVirtualMachine", "name": "vm", "uid": "uid-1", "controller": true}]);
+    let primary = json!({
+        "metadata": {
+            "name": "vm-0", "namespace": "ns", "ownerReferences": owner,
+            "labels": {"lockstep.dev/ftvm": "vm", "lockstep.dev/mode": "primary", "lockstep.dev/role": "primary", "lockstep.dev/member": "0"},
+            "annotations": {"lockstep.dev/created-at-epoch": "0"}
+        },
+        "spec": {"nodeName": "node-a", "containers": [{"name": "agent"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.1"}
+    });
+    // The second backup in a row whose agent exited two seconds after it started.
+    let crashed = json!({
+        "metadata": {
+            "name": "vm-2", "namespace": "ns", "ownerReferences": owner,
+            "labels": {"lockstep.dev/ftvm": "vm", "lockstep.dev/mode": "backup", "lockstep.dev/role": "backup", "lockstep.dev/member": "2"},
+            "annotations": {"lockstep.dev/created-at-epoch": "1", "lockstep.dev/pairs-with": "vm-0", "lockstep.dev/attempt": "1"}
+        },
+        "spec": {"nodeName": "node-b", "containers": [{"name": "agent"}]},
+        "status": {"phase": "Failed", "podIP": "10.0.0.2", "containerStatuses": [{
+            "name": "agent", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 1, "startedAt": "2026-11-26T01:39:58Z", "finishedAt": "2026-11-26T01:40:00Z"}}
+        }]}
+    });
+    let node = |n: &str| json!({"metadata": {"name": n}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+    let server = serve(
+        handle,
+        vec![
+            (
+                200,
+                Some(
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [primary, crashed]}),
+                ),
+            ),
+            (200, Some(node("node-a"))),
+            (200, Some(node("node-b"))),
+            (
+                200,
+                Some(
+                    json!({"metadata": {"name": "vm-arbiter"}, "spec": {"holderIdentity": "vm-0", "leaseTransitions": 1}}),
+                ),
+            ),
+            (200, None),              // service
+            (200, None),              // agent service account
+            (200, None),              // agent role binding
+            (200, None),              // annotate vm-2
+            (201, None),              // ReplicaLost
+            (201, None),              // BackOff
+            (200, Some(ftvm_json())), // status
+        ],
+    );
+    let (ctx, metrics) = ctx(svc);
+    let now: Timestamp = "2026-11-26T01:40:01Z".parse().unwrap();
+    let observed = controller::observe(&ftvm(), &ctx.client, now)
+        .await
+        .unwrap();
+    let plan = lockstep_operator::decide::decide(&observed);
+    controller::execute(&ftvm(), &plan, &ctx).await.unwrap();
+    let seen = server.await.unwrap();
+    let calls: Vec<String> = seen
+        .iter()
+        .skip(4)
+        .map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            "PATCH /api/v1/namespaces/ns/services/vm",
+            "PATCH /api/v1/namespaces/ns/serviceaccounts/lockstep-agent",
+            "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/ns/rolebindings/lockstep-agent",
+            "PATCH /api/v1/namespaces/ns/pods/vm-2",
+            "POST /apis/events.k8s.io/v1/namespaces/ns/events",
+            "POST /apis/events.k8s.io/v1/namespaces/ns/events",
+            "PATCH /apis/lockstep.dev/v1alpha1/namespaces/ns/ftvirtualmachines/vm/status",
+        ],
+        "no DELETE of the crashed pod and no new backup yet"
+    );
+    // Two failures in a row: 5 s after the exit.
+    assert_eq!(seen[7].content_type, "application/merge-patch+json");
+    assert_eq!(
+        seen[7].body,
+        json!({"metadata": {"annotations": {"lockstep.dev/replace-at": "2026-11-26T01:40:05Z"}}})
+    );
+    assert_eq!(seen[8].body["reason"], "ReplicaLost");
+    assert_eq!(seen[9].body["reason"], "BackOff");
+    assert_eq!(seen[9].body["type"], "Warning");
+    let note = seen[9].body["note"].as_str().unwrap();
+    assert!(
+        note.contains("backup vm-2's agent exited, 2 times in a row"),
+        "{note}"
+    );
+    let st = &seen[10].body["status"];
+    assert_eq!(st["phase"], "Degraded");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("the next backup is created at 2026-11-26T01:40:05Z"),
+        "{st}"
+    );
+    let cond = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "ReplicaBackoff")
+        .expect("ReplicaBackoff condition");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("True"), Some("BackupCrashLoop"))
+    );
+    assert_eq!(
+        metrics
+            .replica_backoffs
+            .with_label_values(&["backup"])
+            .get(),
+        1
+    );
+    // The controller looks again when the wait is over, not a periodic 5 s later.
+    assert_eq!(
+        controller::requeue_after(&plan, controller::DEFAULT_SCRAPE_INTERVAL, now),
+        std::time::Duration::from_millis(4100)
+    );
 }
