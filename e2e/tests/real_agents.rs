@@ -8,7 +8,13 @@
 //! execution lag that the operator scraped from the primary agent's own metrics, for the first
 //! primary and again for the promoted one.
 //!
-//! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away).
+//! A second test makes real backup agents fail to join their primary, mirrors each exit into the
+//! pod's status as a kubelet would, and checks the operator's crash-loop backoff: the first exit is
+//! replaced at once, the second waits 5 s with the exited pod kept and marked, status and event
+//! saying when, and then a backup that joins makes the VM Protected again.
+//!
+//! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away); the
+//! tests in it take [`ONE_AT_A_TIME`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -18,8 +24,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use lockstep_e2e::{
     Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
     repo_root, run_tool, wait_for, wait_for_status,
@@ -28,6 +35,9 @@ use lockstep_operator::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use lockstep_operator::telemetry;
 
 const T: Duration = Duration::from_secs(120);
+
+/// Held by each test: one of them fails a node, which the other must not see.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn agent_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
@@ -54,6 +64,15 @@ struct AgentProc {
 impl AgentProc {
     /// Start the agent with the pod's container arguments, bound to the pod's IP.
     fn start(pod: &Pod, scratch: &std::path::Path) -> AgentProc {
+        Self::start_with(pod, scratch, |_| {})
+    }
+
+    /// Like [`AgentProc::start`], with the arguments changed by `tweak` first.
+    fn start_with(
+        pod: &Pod,
+        scratch: &std::path::Path,
+        tweak: impl FnOnce(&mut Vec<String>),
+    ) -> AgentProc {
         let name = pod.name_any();
         let ip = pod
             .status
@@ -76,6 +95,8 @@ impl AgentProc {
                     )
             })
             .collect();
+        let mut args = args;
+        tweak(&mut args);
         let client_addr = args
             .windows(2)
             .find(|w| w[0] == "--client-listen")
@@ -240,6 +261,7 @@ fn has_ip(p: &Pod) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agents_survive_the_loss_of_the_primarys_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let client = client().await;
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "agents").await;
@@ -394,6 +416,224 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     wait_for_scraped_figures(&api, &backup, protected_again).await;
     drop(new_backup);
     drop(backup);
+    delete_ftvms(&client, &ns.name).await;
+    op.stop().await;
+    ns.delete().await;
+}
+
+/// Waits for the agent process to exit and records that in the pod's status, as the kubelet
+/// would (kwok runs no containers, so nobody else does). Returns when it exited.
+async fn mirror_exit(pods: &Api<Pod>, agent: &mut AgentProc, started: Timestamp) -> Timestamp {
+    let deadline = Instant::now() + T;
+    let code = loop {
+        if let Some(st) = agent.child.try_wait().unwrap() {
+            break st.code().unwrap_or(-1);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent of {} did not exit",
+            agent.pod
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(code, 0, "agent of {} should have failed", agent.pod);
+    let finished = Timestamp::now();
+    let second = |t: Timestamp| Timestamp::from_second(t.as_second()).unwrap().to_string();
+    let status = serde_json::json!({"status": {
+        "phase": "Failed",
+        "containerStatuses": [{
+            "name": "agent", "image": "lockstep-agent:e2e", "imageID": "", "ready": false,
+            "restartCount": 0,
+            "state": {"terminated": {
+                "exitCode": code, "reason": "Error",
+                "startedAt": second(started), "finishedAt": second(finished),
+            }}
+        }]
+    }});
+    pods.patch_status(&agent.pod, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    eprintln!(
+        "  agent of {} exited with {code}; pod marked Failed",
+        agent.pod
+    );
+    finished
+}
+
+/// The one live backup-mode pod with an IP other than `not`.
+async fn next_backup(client: &kube::Client, ns: &str, not: &[String]) -> Pod {
+    wait_for("a new backup pod with an IP", T, || {
+        let (client, ns) = (client.clone(), ns.to_owned());
+        async move {
+            live_pods(&client, &ns).await.into_iter().find(|p| {
+                p.labels()["lockstep.dev/mode"] == "backup"
+                    && !not.contains(&p.name_any())
+                    && has_ip(p)
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            })
+        }
+    })
+    .await
+}
+
+/// An agent that the primary refuses (it names another VM), so it exits, as a backup whose
+/// clone keeps failing would.
+fn refused_backup(pod: &Pod, scratch: &std::path::Path) -> AgentProc {
+    AgentProc::start_with(pod, scratch, |args| {
+        let i = args.iter().position(|a| a == "--vm-id").unwrap();
+        args[i + 1] = "someone.else".into();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let client = client().await;
+    install_crd(&client).await;
+    let ns = TestNamespace::create(&client, "backoff").await;
+    let op = Operator::start(&client, &ns.name);
+    let scratch = tempfile::tempdir().unwrap();
+    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
+    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
+    vm.metadata.namespace = Some(ns.name.clone());
+    api.create(&PostParams::default(), &vm).await.unwrap();
+
+    let primary_pod = wait_for("the primary pod with an IP", T, || {
+        let (client, ns) = (client.clone(), ns.name.clone());
+        async move {
+            live_pods(&client, &ns)
+                .await
+                .into_iter()
+                .find(|p| p.labels()["lockstep.dev/mode"] == "primary" && has_ip(p))
+        }
+    })
+    .await;
+    let primary = AgentProc::start(&primary_pod, scratch.path());
+    primary.wait_line("clients on", T);
+    let mut seen = vec![primary.pod.clone()];
+
+    // First failure: replaced at once, and the replacement carries the count.
+    let b1 = next_backup(&client, &ns.name, &seen).await;
+    seen.push(b1.name_any());
+    let mut a1 = refused_backup(&b1, scratch.path());
+    mirror_exit(&pods, &mut a1, Timestamp::now()).await;
+    let t1 = Instant::now();
+    let b2 = next_backup(&client, &ns.name, &seen).await;
+    eprintln!(
+        "step: first failure replaced by {} after {:?}",
+        b2.name_any(),
+        t1.elapsed()
+    );
+    assert_eq!(
+        b2.annotations()
+            .get("lockstep.dev/attempt")
+            .map(String::as_str),
+        Some("1")
+    );
+    seen.push(b2.name_any());
+
+    // Second failure in a row: the pod is kept and marked, status and an event say when.
+    let started = Timestamp::now();
+    let mut a2 = refused_backup(&b2, scratch.path());
+    let exited = mirror_exit(&pods, &mut a2, started).await;
+    let t2 = Instant::now();
+    let replace_at: Timestamp = wait_for("the exited backup marked with replace-at", T, || {
+        let (pods, name) = (pods.clone(), b2.name_any());
+        async move {
+            pods.get(&name)
+                .await
+                .ok()?
+                .annotations()
+                .get("lockstep.dev/replace-at")?
+                .parse()
+                .ok()
+        }
+    })
+    .await;
+    let wait = replace_at.duration_since(Timestamp::from_second(exited.as_second()).unwrap());
+    assert_eq!(wait.as_secs(), 5, "5 s after the exit, got {wait}");
+    let st = wait_for_status(&api, "kvstore", "ReplicaBackoff in status", T, |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "ReplicaBackoff" && c.status == "True")
+    })
+    .await;
+    assert_eq!(st.phase, Some(Phase::Degraded));
+    let msg = st.message.unwrap_or_default();
+    assert!(
+        msg.contains(&format!("the next backup is created at {replace_at}")),
+        "{msg}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns.name);
+    let backoffs = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("BackOff"))
+        .count();
+    assert_eq!(backoffs, 1, "one BackOff event");
+    assert_eq!(
+        op.metrics
+            .replica_backoffs
+            .with_label_values(&["backup"])
+            .get(),
+        1
+    );
+    eprintln!(
+        "step: second failure held until {replace_at} ({:?} after the exit was recorded): {msg}",
+        t2.elapsed()
+    );
+
+    // Not before its time; then a backup that joins restores protection and the condition goes.
+    let b3 = next_backup(&client, &ns.name, &seen).await;
+    let created = b3.metadata.creation_timestamp.clone().unwrap().0;
+    eprintln!(
+        "step: next backup {} created at {created}, {:?} after the second exit was recorded",
+        b3.name_any(),
+        t2.elapsed()
+    );
+    assert!(
+        created >= replace_at,
+        "created {created} before {replace_at}"
+    );
+    assert_eq!(
+        b3.annotations()
+            .get("lockstep.dev/attempt")
+            .map(String::as_str),
+        Some("2")
+    );
+    assert!(
+        pods.get_opt(&b2.name_any()).await.unwrap().is_none()
+            || pods
+                .get(&b2.name_any())
+                .await
+                .unwrap()
+                .metadata
+                .deletion_timestamp
+                .is_some(),
+        "the kept pod goes when its replacement comes"
+    );
+    let a3 = AgentProc::start(&b3, scratch.path());
+    a3.wait_line("backup in sync", T);
+    let st = wait_for_status(
+        &api,
+        "kvstore",
+        "Protected without ReplicaBackoff",
+        T,
+        |s| {
+            s.phase == Some(Phase::Protected)
+                && s.conditions.iter().all(|c| c.type_ != "ReplicaBackoff")
+        },
+    )
+    .await;
+    assert_eq!(st.backup_pod, Some(b3.name_any()));
+    drop(a3);
+    drop(primary);
     delete_ftvms(&client, &ns.name).await;
     op.stop().await;
     ns.delete().await;
