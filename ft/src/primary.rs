@@ -137,6 +137,8 @@ pub struct Primary {
     sent_through: u64,
     /// Sent entries not yet acknowledged: (exit, bytes), in exit order.
     unacked: VecDeque<(u64, usize)>,
+    /// `through_exit` of each log frame sent and not yet acknowledged, oldest first.
+    frames_in_flight: VecDeque<u64>,
     unacked_bytes: usize,
     acked_through: u64,
     replayed_exit: u64,
@@ -179,6 +181,7 @@ impl Primary {
             next_seq: 0,
             sent_through: completed_exit,
             unacked: VecDeque::new(),
+            frames_in_flight: VecDeque::new(),
             unacked_bytes: 0,
             acked_through: completed_exit,
             replayed_exit: completed_exit,
@@ -728,6 +731,9 @@ impl Primary {
                 self.unacked_bytes -= bytes;
             }
             self.metrics.unacked_bytes = (self.unacked_bytes + self.pending_bytes) as u64;
+            while self.frames_in_flight.front().is_some_and(|&t| t <= through) {
+                self.frames_in_flight.pop_front();
+            }
             while let Some(&(exit, id, since)) = self.held.front() {
                 if exit > through {
                     break;
@@ -736,6 +742,8 @@ impl Primary {
                 self.release(exit, id, since, now);
             }
             self.metrics.outputs_held = self.held.len() as u64;
+            // Outputs that waited behind the acknowledged frame ship now.
+            self.maybe_flush(now, false);
         }
         if replayed > self.replayed_exit {
             self.replayed_exit = replayed;
@@ -783,8 +791,13 @@ impl Primary {
             .take_while(|e| e.exit <= self.completed_exit)
             .map(LogEntry::wire_len)
             .sum();
+        // Like Nagle's algorithm: an output ships its exit at once unless enough frames are
+        // still unacknowledged; then it rides with the frame sent when the next ack arrives.
+        // Under load this batches several exits per frame and per ack (each a system call and a
+        // cross-CPU wake-up on both sides); with few requests in flight it adds nothing.
+        let in_flight = self.frames_in_flight.len() >= self.cfg.output_frames_in_flight;
         let due = force
-            || output_waits
+            || (output_waits && !in_flight)
             || ready_bytes >= self.cfg.batch_bytes
             || now.saturating_sub(self.last_flush) >= self.cfg.flush_interval;
         if due {
@@ -832,6 +845,7 @@ impl Primary {
             });
             self.next_seq += n;
             self.sent_through = frame_through;
+            self.frames_in_flight.push_back(frame_through);
             if !more {
                 break;
             }
@@ -926,6 +940,7 @@ impl Primary {
         self.pending.clear();
         self.pending_bytes = 0;
         self.unacked.clear();
+        self.frames_in_flight.clear();
         self.unacked_bytes = 0;
         self.lag_samples.clear();
         self.metrics.unacked_bytes = 0;

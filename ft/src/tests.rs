@@ -8,6 +8,7 @@ const MS: Nanos = MILLIS;
 fn cfg() -> FtConfig {
     FtConfig {
         flush_interval: 0,
+        output_frames_in_flight: usize::MAX,
         ..FtConfig::default()
     }
 }
@@ -276,6 +277,48 @@ fn backup_halts_on_refusal_and_refuses_a_stale_primary() {
 }
 
 // ----- output rule -----
+
+#[test]
+fn outputs_behind_unacknowledged_frames_ride_with_the_next_ack() {
+    let c = FtConfig {
+        flush_interval: 1_000 * MS,
+        batch_bytes: usize::MAX,
+        output_frames_in_flight: 2,
+        ..cfg()
+    };
+    let (mut p, mut b) = synced_pair(c, 0);
+    let mut frames = Vec::new();
+    // Two outputs, two frames in flight: each ships at once.
+    for exit in 1..=2 {
+        p.hold_output(exit, OutputId(exit), exit);
+        p.exit_complete(exit, exit);
+        let r = p.take_ready();
+        assert_eq!(r.messages.len(), 1, "exit {exit} should ship at once");
+        frames.push(r);
+    }
+    // A third output waits: two frames are unacknowledged.
+    for exit in 3..=4 {
+        p.hold_output(exit, OutputId(exit), exit);
+        p.exit_complete(exit, exit);
+        assert!(p.take_ready().messages.is_empty(), "exit {exit} should wait for an ack");
+    }
+    // The backup acks the first frame: output 1 leaves, and exits 3 and 4 go out in one frame.
+    deliver_to_backup(frames.remove(0), &mut b, 10);
+    deliver_to_primary(b.take_ready(), &mut p, 11);
+    let r = p.take_ready();
+    assert_eq!(r.released.iter().map(|x| x.id).collect::<Vec<_>>(), vec![OutputId(1)]);
+    assert!(
+        matches!(r.messages[..], [Message::Log { through_exit: 4, .. }]),
+        "the waiting exits ship together when the ack arrives: {:?}",
+        r.messages
+    );
+    // Everything is released once the backup has it all.
+    deliver_to_backup(frames.remove(0), &mut b, 12);
+    deliver_to_backup(r, &mut b, 12);
+    deliver_to_primary(b.take_ready(), &mut p, 13);
+    assert_eq!(p.take_ready().released.len(), 3);
+    assert_eq!(p.metrics().outputs_released, 4);
+}
 
 #[test]
 fn output_waits_for_the_ack_of_its_exit() {

@@ -29,6 +29,11 @@ pub struct FtConfig {
     pub batch_bytes: usize,
     /// Primary: flush at least this often while exits complete (0 = after every exit).
     pub flush_interval: Nanos,
+    /// Primary: an output ships its exit's log at once while fewer log frames than this are
+    /// unacknowledged; otherwise it rides with the frame sent when the next ack arrives (like
+    /// Nagle's algorithm). Under load this puts several exits in one frame and one ack; with few
+    /// requests in flight it adds no wait. `usize::MAX` ships every output's exit at once.
+    pub output_frames_in_flight: usize,
     /// Execution lag (how far in time the backup's replay trails the primary) tolerated before
     /// the primary is slowed down.
     pub lag_target: Nanos,
@@ -59,6 +64,9 @@ impl Default for FtConfig {
             log_budget_bytes: 8 << 20,
             batch_bytes: 64 << 10,
             flush_interval: MILLIS,
+            // Measured side by side on the kvstore (docs/benchmarks.md): 2 beat both 1 and
+            // unlimited at pipelining depths 1 and 16.
+            output_frames_in_flight: 2,
             lag_target: 50 * MILLIS,
             max_throttle_sleep: MILLIS,
             throttle_divisor: 100,

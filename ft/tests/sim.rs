@@ -36,6 +36,7 @@ fn sim_cfg() -> FtConfig {
         log_budget_bytes: 4096,
         batch_bytes: 512,
         flush_interval: 300_000,
+        output_frames_in_flight: 2,
         lag_target: 5 * MILLIS,
         max_throttle_sleep: 200_000,
         throttle_divisor: 10,
