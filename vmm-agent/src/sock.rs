@@ -81,6 +81,11 @@ impl OrderedWriter {
         self.inner.cv.notify_all();
     }
 
+    /// Bytes waiting for the flusher (the socket did not take them yet).
+    pub fn backlog_bytes(&self) -> usize {
+        self.inner.lock().backlog.iter().map(Vec::len).sum()
+    }
+
     /// True once the stream is closed or broken.
     pub fn is_done(&self) -> bool {
         self.inner.lock().done

@@ -357,8 +357,11 @@ pub struct Cloner {
     started: Option<std::time::Instant>,
 }
 
-/// Pages per ClonePages message.
-const PAGES_PER_MESSAGE: u64 = 64;
+/// Bytes of guest memory per piece handed to the core (one `ClonePages` message): big enough
+/// that per-message costs vanish, small enough that a round streams instead of being read whole.
+const PIECE_BYTES: u64 = 256 << 10;
+/// Most clone bytes queued behind a slow channel before the copy waits.
+const CLONE_BACKLOG: usize = 8 << 20;
 
 impl Cloner {
     pub fn new() -> Self {
@@ -379,21 +382,26 @@ impl Cloner {
         std::thread::Builder::new()
             .name(format!("clone-round-{round}"))
             .spawn(move || {
-                let ranges: Vec<_> = pages.ranges().collect();
-                for r in ranges {
-                    let Ok(chunk) = crate::vmm::dirty::read_pages(&mem, [r], PAGES_PER_MESSAGE) else { break };
-                    for piece in chunk.chunks(PAGES_PER_MESSAGE as usize) {
-                        let mut core = shared.lock();
-                        if core.ft.clone_pages(piece.to_vec()).is_err() {
-                            done.store(true, Ordering::Release);
-                            return; // the backup went away; an Abort follows
-                        }
-                        shared.act(&mut core);
-                        drop(core);
-                        // Let the channel reader and the ticker at the core between chunks, or
-                        // heartbeats starve behind a long copy.
-                        std::thread::yield_now();
+                // One piece in memory at a time: read, hand to the core (which frames it for the
+                // channel writer), then the next.
+                for piece in crate::vmm::dirty::pieces(&mem, pages.ranges().collect::<Vec<_>>(), PIECE_BYTES) {
+                    let Ok(piece) = piece else { break };
+                    let mut core = shared.lock();
+                    if core.ft.clone_pages(vec![piece]).is_err() {
+                        done.store(true, Ordering::Release);
+                        return; // the backup went away; an Abort follows
                     }
+                    shared.act(&mut core);
+                    let writer = core.writer.clone();
+                    drop(core);
+                    // Back-pressure: a slow backup must not make the primary buffer the whole
+                    // guest memory in the channel's backlog.
+                    while writer.as_ref().is_some_and(|w| w.backlog_bytes() > CLONE_BACKLOG && !w.is_done()) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    // Let the channel reader and the ticker at the core between pieces, or
+                    // heartbeats starve behind a long copy.
+                    std::thread::yield_now();
                 }
                 if let Some(d) = disk {
                     let _ = read_disk_chunks(&d, 1 << 20, |off, bytes| {
@@ -465,13 +473,13 @@ impl Cloner {
                     dirty.union_with(&p);
                 }
                 let ranges: Vec<_> = dirty.ranges().collect();
-                let pages = crate::vmm::dirty::read_pages(&vm.mem, ranges, PAGES_PER_MESSAGE)?;
+                let pages = crate::vmm::dirty::read_pages(&vm.mem, ranges, PIECE_BYTES)?;
                 let disk_blocks = vm.devices.take_disk_writes();
                 let state = vm.save_state()?;
                 vm.stop_dirty_tracking()?;
                 let mut core = shared.lock();
-                for piece in pages.chunks(PAGES_PER_MESSAGE as usize) {
-                    let _ = core.ft.clone_pages(piece.to_vec());
+                for piece in pages {
+                    let _ = core.ft.clone_pages(vec![piece]);
                 }
                 if let Some(d) = disk {
                     for (off, len) in disk_blocks {
