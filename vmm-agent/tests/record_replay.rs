@@ -121,6 +121,30 @@ fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
 }
 
 #[test]
+fn kvstore_converts_a_format_1_disk_and_keeps_its_data() {
+    use std::os::unix::fs::FileExt;
+    let dir = Scratch::new("format1");
+    let disk = dir.path("old.img");
+    zero_disk(&disk, 1);
+    // What the first kvstore wrote: its header in sector 0, then the commands from byte 512.
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(b"LSKVAOF1", 0).unwrap();
+    f.write_all_at(b"*3\r\n$3\r\nSET\r\n$5\r\nhello\r\n$5\r\nworld\r\n*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n", 512).unwrap();
+    drop(f);
+    let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
+    run.wait_console("converted the AOF from format 1");
+    run.wait_console("listening");
+    assert_eq!(redis_cli(&run.port(), &["GET", "hello"]), "world");
+    assert_eq!(redis_cli(&run.port(), &["INCR", "n"]), "2");
+    run.stop();
+    assert_eq!(&std::fs::read(&disk).unwrap()[..8], b"LSKVAOF2");
+    let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
+    again.wait_console("listening");
+    assert_eq!(redis_cli(&again.port(), &["GET", "n"]), "2");
+    again.stop();
+}
+
+#[test]
 fn two_recordings_of_one_workload_differ_yet_each_replays() {
     let dir = Scratch::new("twice");
     let mut logs = Vec::new();

@@ -40,6 +40,8 @@ pub struct Aof {
     pending: Vec<u8>,
     /// Rewrites done since boot (reported on the console).
     pub rewrites: u64,
+    /// The disk still has a format-1 header (until `replay` converts it).
+    format1: bool,
 }
 
 impl Aof {
@@ -49,18 +51,23 @@ impl Aof {
         assert!(half >= CHUNK as u64, "kvstore: the disk is too small (needs at least 129 KiB)");
         let mut header = [0u8; SECTOR_SIZE];
         blk.read_blocks(0, &mut header).expect("read AOF header");
+        let mut format1 = false;
         let active = if &header[..8] == MAGIC {
             assert!(header[8] <= 1, "kvstore: AOF header names half {}", header[8]);
             header[8]
+        } else if &header[..8] == OLD_MAGIC {
+            // Format 1: one log over the whole disk from sector 1, which is where half 0 starts.
+            // `replay` converts it once it knows where the log ends.
+            format1 = true;
+            0
         } else {
-            assert!(&header[..8] != OLD_MAGIC, "kvstore: the disk holds an AOF of an older format (1); start with a fresh disk");
             assert!(header.iter().all(|&b| b == 0), "kvstore: the disk holds something that is not a kvstore AOF");
             header[..8].copy_from_slice(MAGIC);
             header[8] = 0;
             blk.write_blocks(0, &header).expect("write AOF header");
             0
         };
-        let mut aof = Aof { blk, half, active, end: 0, tail: Vec::new(), pending: Vec::new(), rewrites: 0 };
+        let mut aof = Aof { blk, half, active, end: 0, tail: Vec::new(), pending: Vec::new(), rewrites: 0, format1 };
         aof.end = aof.base(active);
         aof
     }
@@ -76,7 +83,7 @@ impl Aof {
     /// Apply every logged command in order; returns how many there were.
     pub fn replay(&mut self, mut apply: impl FnMut(&[Vec<u8>])) -> u64 {
         let start = self.base(self.active);
-        let limit = self.limit();
+        let limit = if self.format1 { self.base(1) + self.half } else { self.limit() };
         let mut data: Vec<u8> = Vec::new();
         let mut offset = start;
         let mut parsed = 0usize;
@@ -103,6 +110,20 @@ impl Aof {
         self.end = start + parsed as u64;
         let tail_len = (self.end % SECTOR) as usize;
         self.tail = data[parsed - tail_len..parsed].to_vec();
+        if self.format1 {
+            // A format-1 log that ends inside half 0 is a valid format-2 log there (format 1 only
+            // ever appended to a zeroed disk, so everything after it is zero): switch the header.
+            assert!(
+                self.end + SECTOR <= self.base(1),
+                "kvstore: this format-1 AOF is longer than half the disk and cannot be converted in place; \
+                 start with a fresh or bigger disk"
+            );
+            let mut header = [0u8; SECTOR_SIZE];
+            header[..8].copy_from_slice(MAGIC);
+            self.blk.write_blocks(0, &header).expect("write AOF header");
+            self.format1 = false;
+            lockstep_guest::println!("kvstore: converted the AOF from format 1 to format 2");
+        }
         count
     }
 
