@@ -20,6 +20,7 @@ use lockstep_agent::replayer::Replayer;
 use lockstep_agent::vmm::clone::copy_memory;
 use lockstep_agent::vmm::dirty::{apply_pages, pieces, read_pages, DirtyPages};
 use lockstep_agent::vmm::{memory, Environment, Event, EventPoint, Machine, MachineConfig, RunError, StopReason};
+use lockstep_testkit::resp::encode;
 
 const MEM: u64 = 64 << 20;
 /// Largest piece of memory per `ClonePages` entry.
@@ -155,16 +156,6 @@ fn open_disk(p: &std::path::Path) -> std::fs::File {
     std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap()
 }
 
-fn resp(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 fn bytes_for(all: &[(u64, ClientOutput)], conn: u32) -> Vec<u8> {
     all.iter()
         .filter_map(|(_, o)| match o {
@@ -235,8 +226,8 @@ fn kvstore_cloned_with_buffered_client_bytes_and_disk_continues_identically() {
     // Connection 1: small pipelined writes. Connection 2: more than the guest's receive credit
     // (64 KiB), so the device still holds client bytes for it when the machine is cloned.
     let big = vec![b'x'; 1000];
-    let small: Vec<u8> = (0..50).flat_map(|i| resp(&[b"SET", format!("k{i}").as_bytes(), format!("v{i}").as_bytes()])).collect();
-    let bulk: Vec<u8> = (0..300).flat_map(|i| resp(&[b"SET", format!("big{i}").as_bytes(), &big])).collect();
+    let small: Vec<u8> = (0..50).flat_map(|i| encode(&[b"SET", format!("k{i}").as_bytes(), format!("v{i}").as_bytes()])).collect();
+    let bulk: Vec<u8> = (0..300).flat_map(|i| encode(&[b"SET", format!("big{i}").as_bytes(), &big])).collect();
     tx1.send(Event::ClientConnect { conn: 1 }).unwrap();
     tx1.send(Event::ClientConnect { conn: 2 }).unwrap();
     tx1.send(Event::ClientData { conn: 1, bytes: small }).unwrap();
@@ -267,10 +258,10 @@ fn kvstore_cloned_with_buffered_client_bytes_and_disk_continues_identically() {
     let done: Done =
         Box::new(|all| bytes_for(all, 2).len() == 300 * 5 && bytes_for(all, 3).len() == 20 && bytes_for(all, 1).len() >= 50 * 5 + 4);
     let mut r2 = recorder(Some(rx2), out.clone(), done);
-    tx2.send(Event::ClientData { conn: 1, bytes: resp(&[b"GET", b"k7"]) }).unwrap();
+    tx2.send(Event::ClientData { conn: 1, bytes: encode(&[b"GET", b"k7"]) }).unwrap();
     tx2.send(Event::ClientConnect { conn: 3 }).unwrap();
     for _ in 0..5 {
-        tx2.send(Event::ClientData { conn: 3, bytes: resp(&[b"INCR", b"n"]) }).unwrap();
+        tx2.send(Event::ClientData { conn: 3, bytes: encode(&[b"INCR", b"n"]) }).unwrap();
     }
     keep_alive(&tx2);
     let original = a.run(&mut r2).unwrap();
@@ -301,7 +292,7 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
     let mut r1 = recorder(Some(rx), out.clone(), never());
     run_until_console(&mut a, &mut r1, "listening");
     tx.send(Event::ClientConnect { conn: 1 }).unwrap();
-    tx.send(Event::ClientData { conn: 1, bytes: resp(&[b"PING"]) }).unwrap();
+    tx.send(Event::ClientData { conn: 1, bytes: encode(&[b"PING"]) }).unwrap();
     let o = out.clone();
     step_until(&mut a, &mut r1, "PONG", move |_| bytes_for(&o.lock().unwrap(), 1) == b"+PONG\r\n");
 
@@ -330,7 +321,7 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
     // rings, which only its own bitmap sees.
     let mut vmm_only_total = 0;
     for round in 1..=3u32 {
-        let cmds: Vec<u8> = (0..40).flat_map(|i| resp(&[b"SET", format!("r{round}k{i}").as_bytes(), &[b'a' + round as u8; 300]])).collect();
+        let cmds: Vec<u8> = (0..40).flat_map(|i| encode(&[b"SET", format!("r{round}k{i}").as_bytes(), &[b'a' + round as u8; 300]])).collect();
         tx.send(Event::ClientData { conn: 1, bytes: cmds }).unwrap();
         let want = 7 + round as usize * 40 * 5;
         let o = out.clone();
@@ -357,7 +348,7 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
 
     // The guest runs on a little (one more client request), then the vCPU pauses between exits
     // for the final delta.
-    tx.send(Event::ClientData { conn: 1, bytes: resp(&[b"SET", b"last", b"1"]) }).unwrap();
+    tx.send(Event::ClientData { conn: 1, bytes: encode(&[b"SET", b"last", b"1"]) }).unwrap();
     let want = 7 + 3 * 40 * 5 + 5;
     let o = out.clone();
     step_until(&mut a, &mut r1, "the last reply", move |_| bytes_for(&o.lock().unwrap(), 1).len() >= want);
@@ -391,7 +382,7 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
     let want = 7 + 3 * 40 * 5 + 5 + 4 + 300 + 2;
     let done: Done = Box::new(move |all| bytes_for(all, 1).len() >= want);
     let mut r2 = recorder(Some(rx2), out.clone(), done);
-    tx2.send(Event::ClientData { conn: 1, bytes: resp(&[b"GET", b"r3k39"]) }).unwrap();
+    tx2.send(Event::ClientData { conn: 1, bytes: encode(&[b"GET", b"r3k39"]) }).unwrap();
     keep_alive(&tx2);
     let original = a.run(&mut r2).unwrap();
     assert_eq!(original.reason, StopReason::Requested);

@@ -3,14 +3,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{agent, redis_tool, Scratch};
+use lockstep_testkit::{AgentProcess, Resp};
 
 /// Tests run the debug build of the agent on a shared two-core machine, so failure detection
 /// gets more slack than the release default; the bench measures failover time with defaults.
@@ -20,11 +21,13 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A child agent whose stderr is echoed and searchable.
+fn local(port: u16) -> (&'static str, u16) {
+    ("127.0.0.1", port)
+}
+
+/// A child agent (stderr echoed and searchable) and the ports it listens on.
 struct Agent {
-    name: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    process: AgentProcess,
     client: u16,
     channel: u16,
     metrics: u16,
@@ -33,24 +36,8 @@ struct Agent {
 impl Agent {
     fn spawn(name: &str, args: &[String], client: u16, channel: u16) -> Agent {
         let metrics = free_port();
-        let mut child = agent()
-            .args(args)
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
-            .env("LOCKSTEP_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let tag = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  [{tag}] {line}");
-                let _ = tx.send(line);
-            }
-        });
-        Agent { name: name.into(), child, lines: rx, client, channel, metrics }
+        let process = AgentProcess::spawn(name, agent().args(args).args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]));
+        Agent { process, client, channel, metrics }
     }
 
     fn primary(dir: &Scratch, name: &str, arbiter: &str) -> Agent {
@@ -65,7 +52,7 @@ impl Agent {
         .chain(["--client-listen".into(), format!("127.0.0.1:{client}"), "--channel-listen".into(), format!("127.0.0.1:{channel}")])
         .collect();
         let a = Agent::spawn(name, &args, client, channel);
-        a.wait_for("channel on", 30);
+        a.process.wait_line("channel on", Duration::from_secs(30));
         a
     }
 
@@ -79,14 +66,13 @@ impl Agent {
             .chain(["--client-listen".into(), format!("127.0.0.1:{client}"), "--channel-listen".into(), format!("127.0.0.1:{channel}")])
             .collect();
         let a = Agent::spawn(name, &args, client, channel);
-        a.wait_for("backup in sync", 60);
+        a.process.wait_line("backup in sync", Duration::from_secs(60));
         a
     }
 
     /// The agent's /metrics as series (with labels) → value.
     fn metrics(&self) -> std::collections::HashMap<String, f64> {
-        use std::io::{Read, Write};
-        let mut s = TcpStream::connect(("127.0.0.1", self.metrics)).expect("connect to /metrics");
+        let mut s = TcpStream::connect(local(self.metrics)).expect("connect to /metrics");
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
@@ -100,94 +86,7 @@ impl Agent {
     }
 
     fn metric(&self, name: &str) -> f64 {
-        *self.metrics().get(name).unwrap_or_else(|| panic!("{} has no metric {name}", self.name))
-    }
-
-    fn wait_for(&self, needle: &str, secs: u64) -> String {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("{} never said {needle:?}", self.name),
-            }
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn exit_code(&mut self, secs: u64) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s.code();
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A minimal RESP client on one connection.
-struct Resp {
-    s: BufReader<TcpStream>,
-}
-
-impl Resp {
-    fn connect(port: u16) -> std::io::Result<Resp> {
-        let s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Resp { s: BufReader::new(s) })
-    }
-
-    fn connect_retry(port: u16, secs: u64) -> Resp {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            match Resp::connect(port).and_then(|mut r| r.cmd(&["PING"]).map(|_| r)) {
-                Ok(r) => return r,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("nothing serves clients on {port}: {e}"),
-            }
-        }
-    }
-
-    fn cmd(&mut self, args: &[&str]) -> std::io::Result<String> {
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        self.s.get_mut().write_all(req.as_bytes())?;
-        let mut line = String::new();
-        if self.s.read_line(&mut line)? == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-        }
-        let line = line.trim_end().to_string();
-        if let Some(len) = line.strip_prefix('$') {
-            let n: i64 = len.parse().unwrap();
-            if n < 0 {
-                return Ok("(nil)".into());
-            }
-            let mut buf = vec![0u8; n as usize + 2];
-            self.s.read_exact(&mut buf)?;
-            return Ok(String::from_utf8_lossy(&buf[..n as usize]).into());
-        }
-        Ok(line[1..].to_string())
+        *self.metrics().get(name).unwrap_or_else(|| panic!("{} has no metric {name}", self.process.tag()))
     }
 }
 
@@ -202,7 +101,7 @@ struct Acked {
 /// INCR a counter and SET fresh keys until `stop`, recording every acknowledged reply.
 fn workload(port: u16, acked: Arc<Acked>, stop: Arc<AtomicBool>, tag: &'static str) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let Ok(mut c) = Resp::connect(port) else { return };
+        let Ok(mut c) = Resp::connect(local(port)) else { return };
         let mut i = 0u64;
         while !stop.load(Ordering::Relaxed) {
             acked.incr_sent.fetch_add(1, Ordering::SeqCst);
@@ -224,7 +123,7 @@ fn workload(port: u16, acked: Arc<Acked>, stop: Arc<AtomicBool>, tag: &'static s
 }
 
 fn check_nothing_lost(port: u16, acked: &Acked) {
-    let mut c = Resp::connect_retry(port, 20);
+    let mut c = Resp::connect_retry(local(port), Duration::from_secs(20));
     let v: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap_or(0);
     let (lo, hi) = (acked.incr_acked.load(Ordering::SeqCst), acked.incr_sent.load(Ordering::SeqCst));
     assert!(lo <= v && v <= hi, "counter {v} outside [last acknowledged {lo}, sent {hi}]");
@@ -272,11 +171,11 @@ fn killing_the_primary_at_random_moments_loses_no_acknowledged_write() {
         let stop = Arc::new(AtomicBool::new(false));
         let w = workload(p.client, acked.clone(), stop.clone(), "k");
         std::thread::sleep(Duration::from_millis(200 + rng.below(1500)));
-        p.kill9();
+        p.process.kill9();
         w.join().unwrap();
         let _ = bench.kill();
         let _ = bench.wait();
-        b.wait_for("going live", 20);
+        b.process.wait_line("going live", Duration::from_secs(20));
         eprintln!("round {round}: {} INCRs acknowledged", acked.incr_acked.load(Ordering::SeqCst));
         check_nothing_lost(b.client, &acked);
         stop.store(true, Ordering::Relaxed);
@@ -293,7 +192,7 @@ fn a_lost_backup_is_replaced_by_clone_and_a_second_failover_loses_nothing() {
     let stop = Arc::new(AtomicBool::new(false));
     let w = workload(p.client, acked.clone(), stop.clone(), "k");
     std::thread::sleep(Duration::from_millis(700));
-    b.kill9();
+    b.process.kill9();
     // The primary asks the arbiter, wins, and keeps serving alone.
     std::thread::sleep(Duration::from_millis(1500));
     let before = acked.incr_acked.load(Ordering::SeqCst);
@@ -316,9 +215,9 @@ fn a_lost_backup_is_replaced_by_clone_and_a_second_failover_loses_nothing() {
     let mb = b2.metrics();
     assert!(mb["lockstep_log_bytes_received_total"] > 0.0, "{mb:?}");
     assert_eq!(mb["lockstep_protected"], 0.0, "only a primary is ever protected: {mb:?}");
-    p.kill9();
+    p.process.kill9();
     w.join().unwrap();
-    b2.wait_for("going live", 20);
+    b2.process.wait_line("going live", Duration::from_secs(20));
     check_nothing_lost(b2.client, &acked);
     stop.store(true, Ordering::Relaxed);
 }
@@ -330,7 +229,7 @@ fn partition_proxy(target: u16, frozen: Arc<AtomicBool>) -> u16 {
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
         for s in l.incoming().flatten() {
-            let up = TcpStream::connect(("127.0.0.1", target)).unwrap();
+            let up = TcpStream::connect(local(target)).unwrap();
             for (mut from, mut to) in [(s.try_clone().unwrap(), up.try_clone().unwrap()), (up, s)] {
                 let frozen = frozen.clone();
                 std::thread::spawn(move || {
@@ -365,7 +264,7 @@ fn a_partition_leaves_exactly_one_side_serving() {
     let frozen = Arc::new(AtomicBool::new(false));
     let via = partition_proxy(p.channel, frozen.clone());
     let mut b = Agent::backup(&dir, "b", &arbiter, via);
-    let mut c = Resp::connect(p.client).unwrap();
+    let mut c = Resp::connect(local(p.client)).unwrap();
     assert_eq!(c.cmd(&["SET", "before", "1"]).unwrap(), "OK");
     frozen.store(true, Ordering::Relaxed);
     let cut = Instant::now();
@@ -373,7 +272,7 @@ fn a_partition_leaves_exactly_one_side_serving() {
     // holds it; whichever side loses the arbiter halts without ever sending it.
     let late = std::thread::spawn(move || c.cmd(&["INCR", "during"]));
     let (pc, bc) = loop {
-        let (pc, bc) = (p.exit_code(0), b.exit_code(0));
+        let (pc, bc) = (p.process.exit_code(Duration::ZERO), b.process.exit_code(Duration::ZERO));
         if pc.is_some() || bc.is_some() || cut.elapsed() > Duration::from_secs(20) {
             break (pc, bc);
         }
@@ -384,16 +283,16 @@ fn a_partition_leaves_exactly_one_side_serving() {
         (Some(3), None) => {
             // The backup won: it serves, and the halted primary never answered.
             assert!(late.join().unwrap().is_err(), "the halted primary sent a reply after the partition");
-            b.wait_for("going live", 20);
-            let mut c2 = Resp::connect_retry(b.client, 20);
+            b.process.wait_line("going live", Duration::from_secs(20));
+            let mut c2 = Resp::connect_retry(local(b.client), Duration::from_secs(20));
             assert_eq!(c2.cmd(&["GET", "before"]).unwrap(), "1");
         }
         (None, Some(3)) => {
             // The primary won and continues degraded; the held reply is released.
             assert_eq!(late.join().unwrap().unwrap(), "1");
-            let mut c2 = Resp::connect(p.client).unwrap();
+            let mut c2 = Resp::connect(local(p.client)).unwrap();
             assert_eq!(c2.cmd(&["GET", "before"]).unwrap(), "1");
-            assert!(TcpStream::connect(("127.0.0.1", b.client)).is_err(), "the halted backup accepts clients");
+            assert!(TcpStream::connect(local(b.client)).is_err(), "the halted backup accepts clients");
         }
         other => panic!("expected exactly one side to halt (exit 3), got {other:?}"),
     }
@@ -406,7 +305,7 @@ fn the_channel_refuses_a_wrong_vm_and_survives_garbage() {
     let p = Agent::primary(&dir, "p", &arbiter);
     // Garbage, then a truncated frame, on the channel port.
     for junk in [&b"GET / HTTP/1.1\r\n\r\n"[..], &b"LSF\x04\x00\x00\x10\x00"[..]] {
-        let mut s = TcpStream::connect(("127.0.0.1", p.channel)).unwrap();
+        let mut s = TcpStream::connect(local(p.channel)).unwrap();
         s.write_all(junk).unwrap();
         drop(s);
     }
@@ -422,7 +321,7 @@ fn the_channel_refuses_a_wrong_vm_and_survives_garbage() {
     assert!(err.contains("refused"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     // The primary is unharmed: it serves, and a proper backup still joins.
-    let mut c = Resp::connect_retry(p.client, 10);
+    let mut c = Resp::connect_retry(local(p.client), Duration::from_secs(10));
     assert_eq!(c.cmd(&["PING"]).unwrap(), "PONG");
     let _b = Agent::backup(&dir, "b", &arbiter, p.channel);
     assert_eq!(c.cmd(&["SET", "k", "v"]).unwrap(), "OK");

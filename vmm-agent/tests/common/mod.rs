@@ -1,11 +1,12 @@
 //! Helpers for tests that run the real agent binary under KVM.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+
+use lockstep_testkit::AgentProcess;
 
 pub fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lockstep-agent"))
@@ -39,35 +40,20 @@ pub fn zero_disk(path: &Path, mib: u64) {
 
 /// A running `lockstep-agent run` with its client address.
 pub struct Running {
-    pub child: Child,
+    pub process: AgentProcess,
     pub client: String,
-    stderr_rx: mpsc::Receiver<String>,
 }
 
 impl Running {
     pub fn start(args: &[&str]) -> Running {
-        let mut child = agent()
-            .arg("run")
-            .args(args)
-            .args(["--client-listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start lockstep-agent");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("  agent: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let mut client = None;
-        while client.is_none() {
-            let line = rx.recv_timeout(Duration::from_secs(30)).expect("agent printed its client address");
-            client = line.strip_prefix("lockstep-agent: clients on ").map(str::to_string);
-        }
-        Running { child, client: client.unwrap(), stderr_rx: rx }
+        // Stdout carries the JSON summary that `stop` reads; the log level stays the agent's own.
+        let process = AgentProcess::spawn_as_is(
+            "agent",
+            agent().arg("run").args(args).args(["--client-listen", "127.0.0.1:0"]).stdout(Stdio::piped()),
+        );
+        let line = process.wait_line("lockstep-agent: clients on ", Duration::from_secs(30));
+        let client = line.strip_prefix("lockstep-agent: clients on ").unwrap_or_else(|| panic!("odd client address line {line:?}"));
+        Running { client: client.to_string(), process }
     }
 
     pub fn port(&self) -> String {
@@ -76,21 +62,17 @@ impl Running {
 
     /// Wait until the guest printed a console line containing `needle`.
     pub fn wait_console(&self, needle: &str) {
-        loop {
-            let line = self.stderr_rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("guest never printed {needle:?}"));
-            if line.contains(needle) {
-                return;
-            }
-        }
+        self.process.wait_line(needle, Duration::from_secs(30));
     }
 
     /// SIGTERM, then the JSON summary line.
     pub fn stop(mut self) -> serde_json::Value {
+        let child = self.process.child();
         // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let mut out = String::new();
-        self.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-        let status = self.child.wait().unwrap();
+        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        let status = child.wait().unwrap();
         assert!(status.success(), "agent failed: {status}");
         serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad summary {out:?}: {e}"))
     }
