@@ -328,8 +328,16 @@ pub fn pod_view(
         .and_then(|m| m.parse().ok())
         .or_else(|| name.rsplit('-').next()?.parse().ok())?;
     let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+    // Running counts only once the agent says it is ready (its readiness probe: a primary
+    // serving, a backup replaying in sync), so "both running" really means protected.
+    let ready = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let state = match p.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Running") => PodState::Running,
+        Some("Running") if ready => PodState::Running,
+        Some("Running") => PodState::Pending,
         Some("Succeeded") | Some("Failed") => PodState::Exited,
         _ => PodState::Pending,
     };
@@ -932,9 +940,19 @@ mod tests {
         };
         let mut p = resources::pod(&f, &plan);
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
-        p.status =
-            Some(serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3"})).unwrap());
+        // Running but not (yet) ready, as a backup still cloning: not counted as running.
+        p.status = Some(
+            serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3",
+                "conditions": [{"type": "Ready", "status": "False"}]}))
+            .unwrap(),
+        );
         let health = std::collections::BTreeMap::from([("n1".to_string(), NodeHealth::Ready)]);
+        assert_eq!(pod_view(&p, &health).unwrap().state, PodState::Pending);
+        p.status = Some(
+            serde_json::from_value(json!({"phase": "Running", "podIP": "10.0.0.3",
+                "conditions": [{"type": "Ready", "status": "True"}]}))
+            .unwrap(),
+        );
         let v = pod_view(&p, &health).unwrap();
         assert_eq!(
             v,

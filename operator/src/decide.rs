@@ -97,7 +97,7 @@ pub enum NodeHealth {
 /// Lifecycle of a pod, reduced to what the decisions need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodState {
-    /// Waiting to be scheduled or started.
+    /// Waiting to be scheduled, started, or ready (a backup still cloning is not ready).
     Pending,
     /// Running.
     Running,

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HostPathVolumeSource, ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity,
+    HTTPGetAction, HostPathVolumeSource, Probe, ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity,
     PodSecurityContext, PodSpec, ResourceRequirements, SecurityContext, Service, ServiceAccount,
     ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
 };
@@ -418,6 +418,20 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             port("channel", s.channel_port),
             port("metrics", s.metrics_port),
         ]),
+        // Ready = a primary serving clients or a backup replaying in sync (the agent's
+        // /readyz): the Service reaches only a serving primary, and the operator calls a VM
+        // Protected only when both pods are ready.
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/readyz".into()),
+                port: IntOrString::String("metrics".into()),
+                ..HTTPGetAction::default()
+            }),
+            period_seconds: Some(2),
+            timeout_seconds: Some(1),
+            failure_threshold: Some(2),
+            ..Probe::default()
+        }),
         resources: Some(resources(ftvm)),
         volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
@@ -551,6 +565,8 @@ pub(crate) mod tests {
         assert_eq!(v["spec"]["volumes"][0]["hostPath"]["path"], "/dev/kvm");
         assert_eq!(v["spec"]["securityContext"]["supplementalGroups"][0], 993);
         assert_eq!(v["spec"]["restartPolicy"], "Never");
+        let probe = &v["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+        assert_eq!((probe["path"].as_str(), probe["port"].as_str()), (Some("/readyz"), Some("metrics")));
         assert_eq!(v["metadata"]["labels"][LABEL_ROLE], "backup");
         assert_eq!(v["metadata"]["annotations"][ANN_PAIRS_WITH], "vm-0");
         assert_eq!(v["metadata"]["annotations"][ANN_EPOCH], "2");

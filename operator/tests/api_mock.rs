@@ -272,7 +272,7 @@ async fn observe_reads_pods_nodes_and_lease() {
             "ownerReferences": [{"apiVersion": "lockstep.dev/v1alpha1", "kind": "FTVirtualMachine", "name": "vm", "uid": "uid-1", "controller": true}]
         },
         "spec": {"nodeName": "node-a", "containers": [{"name": "agent"}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
     });
     let foreign = json!({
         "metadata": {"name": "vm-9", "labels": {"lockstep.dev/mode": "primary"},
@@ -365,7 +365,7 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
             "annotations": {"lockstep.dev/created-at-epoch": "0"}
         },
         "spec": {"nodeName": "node-a", "containers": [{"name": "agent"}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.1"}
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}
     });
     // The second backup in a row whose agent exited two seconds after it started.
     let crashed = json!({

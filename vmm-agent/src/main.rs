@@ -326,6 +326,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         .map_err(io_err(format!("listening for clients on {} (is the port taken? use --client-listen)", args.client_listen)))?;
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
+    metrics.ready.set(1);
     let mut vm = Machine::new(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg })?;
     vm.exit_limit = args.stop_after_exits;
     let stop = stop_flag();

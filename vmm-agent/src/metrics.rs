@@ -28,6 +28,7 @@ pub struct Metrics {
     pub role: IntGauge,
     pub epoch: IntGauge,
     pub protected: IntGauge,
+    pub ready: IntGauge,
     pub client_bytes_in: IntCounter,
     pub client_bytes_out: IntCounter,
 }
@@ -86,6 +87,7 @@ impl Metrics {
             role: gauge("lockstep_role", "0 standalone, 1 primary, 2 backup, 3 halted."),
             epoch: gauge("lockstep_epoch", "Arbiter epoch this agent holds or follows."),
             protected: gauge("lockstep_protected", "1 on a primary while a backup is attached and replaying in sync, else 0."),
+            ready: gauge("lockstep_ready", "1 while this agent does its job (a primary or standalone VM serving clients, a backup replaying in sync), else 0; /readyz answers 200 then."),
             client_bytes_in: counter("lockstep_client_bytes_received_total", "Bytes received from clients."),
             client_bytes_out: counter("lockstep_client_bytes_sent_total", "Bytes released to clients."),
             registry,
@@ -124,6 +126,10 @@ impl Metrics {
                 let (status, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", me.render()),
                     "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    // The pod's readiness: a backup is ready once in sync, so "both pods Ready"
+                    // means protected, and a Service only reaches a primary that serves.
+                    "/readyz" if me.ready.get() == 1 => ("200 OK", "text/plain", "ready\n".to_string()),
+                    "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
                     _ => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
                 };
                 let mut s = &stream;
@@ -131,5 +137,31 @@ impl Metrics {
             }
         })?;
         Ok(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn readyz_follows_the_ready_gauge_and_metrics_show_it() {
+        let m = Metrics::new("t");
+        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503"));
+        assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
+        m.ready.set(1);
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/metrics").contains("lockstep_ready{vm_id=\"t\"} 1"));
+        assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
     }
 }

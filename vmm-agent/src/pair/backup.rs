@@ -99,8 +99,12 @@ impl Shared {
             tracing::info!(event = ?e, "backup");
             match e {
                 RoleEvent::Promoted { .. } => core.promoted = true,
-                RoleEvent::Halted(reason) => core.halted = Some(describe_halt(&reason)),
+                RoleEvent::Halted(reason) => {
+                    core.metrics.ready.set(0);
+                    core.halted = Some(describe_halt(&reason));
+                }
                 RoleEvent::Synced { from_exit } => {
+                    core.metrics.ready.set(1);
                     eprintln!("lockstep-agent: backup in sync from exit {from_exit}");
                 }
                 _ => {}

@@ -132,6 +132,7 @@ impl Shared {
                 RoleEvent::Halted(_) => {
                     core.halted = true;
                     core.metrics.role.set(3);
+                    core.metrics.ready.set(0);
                     core.stop.store(true, Ordering::Relaxed);
                     core.front.close_all();
                 }
@@ -582,6 +583,7 @@ pub fn drive(
     })?;
     let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
+    opts.metrics.ready.set(1);
     let listener = TcpListener::bind(opts.channel_listen).map_err(|source| PairError::Io {
         context: format!("listening for a backup on {}", opts.channel_listen),
         source,
