@@ -22,6 +22,8 @@ use crate::vmm::Event;
 const READ_CHUNK: usize = 64 * 1024;
 /// Events queued between the sockets and the vCPU; a full queue stops the readers.
 const QUEUE: usize = 1024;
+/// Unsent reply bytes of one client above which its requests are no longer read.
+const REPLY_BACKLOG: usize = 4 << 20;
 
 #[derive(Debug, Default)]
 pub struct FrontStats {
@@ -102,6 +104,7 @@ impl FrontEnd {
             }
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        let replies = writer.clone();
         self.writers.lock().expect("writers lock").insert(conn, writer);
         if events.send(Event::ClientConnect { conn }).is_err() {
             return;
@@ -111,6 +114,11 @@ impl FrontEnd {
             let mut stream = stream;
             let mut buf = vec![0u8; READ_CHUNK];
             loop {
+                // A client that sends requests but does not read the replies would make us
+                // buffer replies without end: stop reading its requests until it catches up.
+                while replies.backlog_bytes() > REPLY_BACKLOG && !replies.is_done() {
+                    thread::sleep(std::time::Duration::from_millis(2));
+                }
                 match stream.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
@@ -160,5 +168,58 @@ impl FrontEnd {
         }
         // Unblock the accept loop so it sees the flag.
         let _ = TcpStream::connect(self.local_addr);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    const REPLY: usize = 64 << 10;
+
+    #[test]
+    fn a_client_that_does_not_read_is_not_buffered_without_end_and_loses_nothing() {
+        let (fe, events) = FrontEnd::start("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let mut client = TcpStream::connect(fe.local_addr()).unwrap();
+        // A "guest" answering every request chunk with a big reply.
+        let guest = fe.clone();
+        let replies = Arc::new(AtomicU64::new(0));
+        let sent = replies.clone();
+        thread::spawn(move || {
+            for ev in events {
+                if let Event::ClientData { conn, .. } = ev {
+                    guest.deliver(ClientOutput::Data { conn, bytes: vec![7u8; REPLY] });
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        // The client pipelines requests and reads nothing.
+        client.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if client.write_all(&[b'x'; 4096]).is_err() {
+                break; // our socket buffer is full: the agent stopped reading us
+            }
+        }
+        let n = replies.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(replies.load(Ordering::SeqCst), n, "the agent kept reading a client that does not read");
+        let queued = n as usize * REPLY;
+        // What the kernel's socket buffers hold plus the backlog limit, with room for one reply.
+        assert!(queued < REPLY_BACKLOG + (16 << 20), "{queued} bytes of replies were produced for a client that reads nothing");
+        // Now it reads: every reply arrives, nothing was dropped.
+        client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 20];
+        while got < queued {
+            match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => got += k,
+            }
+        }
+        assert!(got >= queued, "only {got} of {queued} reply bytes arrived");
+        fe.close_all();
     }
 }
