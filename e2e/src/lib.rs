@@ -369,3 +369,113 @@ pub async fn wait_for_status(
     })
     .await
 }
+
+/// The committed example FTVM (`examples/ftvm.yaml`, named `kvstore`), placed in namespace `ns`.
+pub fn example_ftvm(ns: &str) -> lockstep_operator::crd::FTVirtualMachine {
+    let path = repo_root().join("examples/ftvm.yaml");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut vm: lockstep_operator::crd::FTVirtualMachine =
+        serde_saphyr::from_str(&text).expect("the example FTVM parses");
+    vm.metadata.namespace = Some(ns.to_owned());
+    vm
+}
+
+/// Whether the pod has been given an IP.
+pub fn has_ip(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_ref())
+        .is_some_and(|ip| !ip.is_empty())
+}
+
+/// The pod among `pods` whose `lockstep.dev/mode` label is `mode` (`primary` or `backup`).
+pub fn pod_in_mode(
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    mode: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    pods.iter()
+        .find(|p| p.labels()["lockstep.dev/mode"] == mode)
+        .unwrap_or_else(|| {
+            panic!(
+                "no {mode} pod among {:?}",
+                pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+            )
+        })
+        .clone()
+}
+
+impl RecoverNode {
+    /// Fails `node` (`e2e/cluster/node-fail --no-wait`: its kubelet stops heartbeating) and
+    /// returns the guard that brings it back.
+    pub fn fail(node: &str) -> RecoverNode {
+        // The guard first: a node-fail that fails halfway is undone too.
+        let recover = RecoverNode(node.to_owned());
+        let (ok, out) = run_tool(
+            std::process::Command::new(repo_root().join("e2e/cluster/node-fail"))
+                .args(["--no-wait", node]),
+            None,
+        );
+        assert!(ok, "node-fail {node}: {out}");
+        recover
+    }
+}
+
+/// Waits until the operator has followed a failover: `promoted` (the former backup) is labelled
+/// primary and a new backup pod paired with it is scheduled on a node other than `dead`, and
+/// `ready` holds for that pod. Returns the new backup; panics after `timeout`.
+pub async fn wait_for_new_backup(
+    client: &Client,
+    ns: &str,
+    promoted: &str,
+    dead: &str,
+    timeout: Duration,
+    ready: impl Fn(&k8s_openapi::api::core::v1::Pod) -> bool,
+) -> k8s_openapi::api::core::v1::Pod {
+    let ready = &ready;
+    let what =
+        format!("{promoted} relabelled primary and a new backup paired with it off node {dead}");
+    wait_for(&what, timeout, || async move {
+        let pods = live_pods(client, ns).await;
+        let promoted_ok = pods
+            .iter()
+            .any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
+        let fresh = pods.iter().find(|p| {
+            p.annotations()
+                .get("lockstep.dev/pairs-with")
+                .map(String::as_str)
+                == Some(promoted)
+                && !node_of(p).is_empty()
+                && ready(p)
+        })?;
+        (promoted_ok && node_of(fresh) != dead).then(|| fresh.clone())
+    })
+    .await
+}
+
+/// Creates [`example_ftvm`] in `ns`; returns the API for FTVMs there.
+pub async fn create_example_ftvm(
+    client: &Client,
+    ns: &str,
+) -> Api<lockstep_operator::crd::FTVirtualMachine> {
+    let api = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &example_ftvm(ns))
+        .await
+        .unwrap_or_else(|e| panic!("create the example FTVM in {ns}: {e}"));
+    api
+}
+
+/// Waits until the example FTVM is Protected again after its first failover; returns that status.
+pub async fn wait_for_protected_after_failover(
+    api: &Api<lockstep_operator::crd::FTVirtualMachine>,
+    timeout: Duration,
+) -> lockstep_operator::crd::FTVirtualMachineStatus {
+    wait_for_status(
+        api,
+        "kvstore",
+        "Protected again with one failover",
+        timeout,
+        |s| s.phase == Some(lockstep_operator::crd::Phase::Protected) && s.failover_count == 1,
+    )
+    .await
+}

@@ -12,19 +12,12 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostP
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
-    Operator, TestNamespace, client, delete_ftvms, install_crd, repo_root, wait_for,
-    wait_for_status,
+    Operator, TestNamespace, client, create_example_ftvm, delete_ftvms, example_ftvm, install_crd,
+    wait_for, wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, Phase};
 
 const T: Duration = Duration::from_secs(60);
-
-fn example_in(ns: &str) -> FTVirtualMachine {
-    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
-    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
-    vm.metadata.namespace = Some(ns.to_owned());
-    vm
-}
 
 async fn pods_of(client: &Client, ns: &str, vm: &str) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), ns);
@@ -125,7 +118,7 @@ async fn invalid_specs_are_rejected_with_a_clear_message() {
     }
     // A clash the schema cannot see: accepted by the apiserver, reported by the operator.
     let op = Operator::start(&client, &ns.name);
-    let mut vm = example_in(&ns.name);
+    let mut vm = example_ftvm(&ns.name);
     vm.metadata.name = Some("clash".into());
     vm.spec.channel_port = vm.spec.client_port;
     api.create(&PostParams::default(), &vm).await.unwrap();
@@ -164,10 +157,7 @@ async fn ftvm_lifecycle_lease_pods_service_status_failover_and_cleanup() {
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "life").await;
     let op = Operator::start(&client, &ns.name);
-    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    api.create(&PostParams::default(), &example_in(&ns.name))
-        .await
-        .unwrap();
+    let api = create_example_ftvm(&client, &ns.name).await;
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     let lease = wait_for("the arbiter Lease", T, || {

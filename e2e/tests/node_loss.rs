@@ -6,18 +6,18 @@
 //! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away).
 //! Needs three schedulable nodes (the bed's node-a/b/c).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
-    Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
-    repo_root, run_tool, wait_for, wait_for_status,
+    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, install_crd,
+    live_pods, node_of, pod_in_mode, wait_for, wait_for_new_backup,
+    wait_for_protected_after_failover, wait_for_status,
 };
-use lockstep_operator::crd::{FTVirtualMachine, Phase};
+use lockstep_operator::crd::Phase;
 
 const T: Duration = Duration::from_secs(90);
 
@@ -27,11 +27,7 @@ async fn primary_node_loss_is_handled_in_seconds() {
     install_crd(&client).await;
     let ns = TestNamespace::create(&client, "nodeloss").await;
     let op = Operator::start(&client, &ns.name);
-    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
-    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
-    vm.metadata.namespace = Some(ns.name.clone());
-    api.create(&PostParams::default(), &vm).await.unwrap();
+    let api = create_example_ftvm(&client, &ns.name).await;
 
     let pods = wait_for("two scheduled replicas", T, || {
         let (client, ns) = (client.clone(), ns.name.clone());
@@ -41,16 +37,8 @@ async fn primary_node_loss_is_handled_in_seconds() {
         }
     })
     .await;
-    let primary = pods
-        .iter()
-        .find(|p| p.labels()["lockstep.dev/mode"] == "primary")
-        .unwrap()
-        .clone();
-    let backup = pods
-        .iter()
-        .find(|p| p.labels()["lockstep.dev/mode"] == "backup")
-        .unwrap()
-        .clone();
+    let primary = pod_in_mode(&pods, "primary");
+    let backup = pod_in_mode(&pods, "backup");
     let arbiter = LeaseArbiter::new(client.clone(), &ns.name, "kvstore-arbiter");
     assert_eq!(
         arbiter.try_take(0, &primary.name_any()).await.unwrap(),
@@ -63,43 +51,17 @@ async fn primary_node_loss_is_handled_in_seconds() {
 
     // The primary's node dies. The backup agent notices within its heartbeat timeout and takes over.
     let dead = node_of(&primary);
-    let _recover = RecoverNode(dead.clone());
     let t0 = Instant::now();
-    let (ok, out) = run_tool(
-        Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),
-        None,
-    );
-    assert!(ok, "node-fail {dead}: {out}");
+    let _recover = RecoverNode::fail(&dead);
     assert_eq!(
         arbiter.try_take(1, &backup.name_any()).await.unwrap(),
         Outcome::Won { epoch: 2 }
     );
 
     // The operator follows the Lease at once: new primary labelled, a new backup on the third node.
-    let (new_backup, took) = wait_for(
-        "a new backup on a surviving node and the old backup relabelled primary",
-        T,
-        || {
-            let (client, ns, dead, promoted) = (
-                client.clone(),
-                ns.name.clone(),
-                dead.clone(),
-                backup.name_any(),
-            );
-            async move {
-                let pods = live_pods(&client, &ns).await;
-                let promoted_ok = pods.iter().any(|p| {
-                    p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary"
-                });
-                let fresh = pods.iter().find(|p| {
-                    p.annotations().get("lockstep.dev/pairs-with") == Some(&promoted)
-                        && !node_of(p).is_empty()
-                })?;
-                (promoted_ok && node_of(fresh) != dead).then(|| (fresh.clone(), t0.elapsed()))
-            }
-        },
-    )
-    .await;
+    let new_backup =
+        wait_for_new_backup(&client, &ns.name, &backup.name_any(), &dead, T, |_| true).await;
+    let took = t0.elapsed();
     eprintln!(
         "new backup {} on {} {:?} after the node failed",
         new_backup.name_any(),
@@ -115,14 +77,7 @@ async fn primary_node_loss_is_handled_in_seconds() {
         took < Duration::from_secs(30),
         "protection restored only after {took:?}"
     );
-    let st = wait_for_status(
-        &api,
-        "kvstore",
-        "Protected again with one failover",
-        T,
-        |s| s.phase == Some(Phase::Protected) && s.failover_count == 1,
-    )
-    .await;
+    let st = wait_for_protected_after_failover(&api, T).await;
     assert_eq!(st.epoch, 2);
 
     // Once the node is NotReady, the old primary (left Terminating: no kubelet confirms) is removed.
