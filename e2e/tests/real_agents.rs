@@ -16,23 +16,22 @@
 //! Its own test binary, so it never runs alongside the other e2e tests (it takes a node away); the
 //! tests in it take [`ONE_AT_A_TIME`].
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams};
 use lockstep_e2e::{
-    Operator, RecoverNode, TestNamespace, client, delete_ftvms, install_crd, live_pods, node_of,
-    repo_root, run_tool, wait_for, wait_for_status,
+    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, has_ip,
+    install_crd, live_pods, node_of, pod_in_mode, repo_root, wait_for, wait_for_new_backup,
+    wait_for_protected_after_failover, wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use lockstep_operator::telemetry;
+use lockstep_testkit::{AgentProcess, Resp};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -52,11 +51,10 @@ fn agent_binary() -> PathBuf {
     bin
 }
 
-/// A pod's agent running as a local process.
+/// A pod's agent running as a local process (its stderr lines tagged with the pod's name).
 struct AgentProc {
     pod: String,
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    process: AgentProcess,
     client_addr: String,
     metrics_addr: String,
 }
@@ -111,95 +109,13 @@ impl AgentProc {
             "starting agent for pod {name}: lockstep-agent {}",
             args.join(" ")
         );
-        let mut child = Command::new(agent_binary())
-            .args(&args)
-            .env("LOCKSTEP_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let tag = name.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("  [{tag}] {line}");
-                let _ = tx.send(line);
-            }
-        });
+        let process = AgentProcess::spawn(&name, Command::new(agent_binary()).args(&args));
         AgentProc {
             pod: name,
-            child,
-            lines: rx,
+            process,
             client_addr,
             metrics_addr,
         }
-    }
-
-    fn wait_line(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(l) if l.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!("agent of {} never said {needle:?}", self.pod),
-            }
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One RESP request on a fresh or kept connection.
-fn resp(conn: &mut BufReader<TcpStream>, args: &[&str]) -> std::io::Result<String> {
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    conn.get_mut().write_all(req.as_bytes())?;
-    let mut line = String::new();
-    if conn.read_line(&mut line)? == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let line = line.trim_end().to_string();
-    if let Some(n) = line.strip_prefix('$') {
-        let n: i64 = n.parse().unwrap();
-        if n < 0 {
-            return Ok(String::new());
-        }
-        let mut buf = vec![0u8; n as usize + 2];
-        conn.read_exact(&mut buf)?;
-        return Ok(String::from_utf8_lossy(&buf[..n as usize]).into());
-    }
-    Ok(line[1..].to_string())
-}
-
-fn connect(addr: &str, timeout: Duration) -> BufReader<TcpStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(s) = TcpStream::connect(addr) {
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut c = BufReader::new(s);
-            if resp(&mut c, &["PING"])
-                .map(|r| r == "PONG")
-                .unwrap_or(false)
-            {
-                return c;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing serves clients at {addr}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -252,13 +168,6 @@ async fn wait_for_scraped_figures(
     st
 }
 
-fn has_ip(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_ref())
-        .is_some_and(|ip| !ip.is_empty())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -267,12 +176,8 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let ns = TestNamespace::create(&client, "agents").await;
     let op = Operator::start(&client, &ns.name);
     let scratch = tempfile::tempdir().unwrap();
-    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
-    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
-    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
-    vm.metadata.namespace = Some(ns.name.clone());
     let t0 = Instant::now();
-    api.create(&PostParams::default(), &vm).await.unwrap();
+    let api = create_example_ftvm(&client, &ns.name).await;
 
     let pods = wait_for("two scheduled replicas with pod IPs", T, || {
         let (client, ns) = (client.clone(), ns.name.clone());
@@ -283,16 +188,8 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         }
     })
     .await;
-    let primary_pod = pods
-        .iter()
-        .find(|p| p.labels()["lockstep.dev/mode"] == "primary")
-        .unwrap()
-        .clone();
-    let backup_pod = pods
-        .iter()
-        .find(|p| p.labels()["lockstep.dev/mode"] == "backup")
-        .unwrap()
-        .clone();
+    let primary_pod = pod_in_mode(&pods, "primary");
+    let backup_pod = pod_in_mode(&pods, "backup");
     assert_ne!(node_of(&primary_pod), node_of(&backup_pod), "anti-affinity");
     eprintln!(
         "step: pods scheduled on {} and {} after {:?}",
@@ -302,9 +199,9 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     );
 
     let mut primary = AgentProc::start(&primary_pod, scratch.path());
-    primary.wait_line("clients on", T);
+    primary.process.wait_line("clients on", T);
     let backup = AgentProc::start(&backup_pod, scratch.path());
-    backup.wait_line("backup in sync", T);
+    backup.process.wait_line("backup in sync", T);
     eprintln!("step: backup in sync after {:?}", t0.elapsed());
     wait_for_status(&api, "kvstore", "Protected", T, |s| {
         s.phase == Some(Phase::Protected)
@@ -314,35 +211,29 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let protected_at = Instant::now();
 
     // A client writes; every acknowledged INCR is recorded.
-    let mut c = connect(&primary.client_addr, T);
+    let mut c = Resp::connect_retry(primary.client_addr.as_str(), T);
     let mut acked = 0u64;
     let mut sent = 0u64;
     for _ in 0..300 {
         sent += 1;
-        acked = resp(&mut c, &["INCR", "counter"]).unwrap().parse().unwrap();
+        acked = c.cmd(&["INCR", "counter"]).unwrap().parse().unwrap();
     }
     assert_eq!(acked, 300);
     wait_for_scraped_figures(&api, &primary, protected_at).await;
 
     // The primary's node dies and its agent with it.
     let dead = node_of(&primary_pod);
-    let _recover = RecoverNode(dead.clone());
     let t1 = Instant::now();
-    let (ok, out) = run_tool(
-        Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", &dead]),
-        None,
-    );
-    assert!(ok, "node-fail {dead}: {out}");
-    let _ = primary.child.kill();
-    let _ = primary.child.wait();
+    let _recover = RecoverNode::fail(&dead);
+    primary.process.kill9();
     sent += 1;
-    if let Ok(v) = resp(&mut c, &["INCR", "counter"]) {
+    if let Ok(v) = c.cmd(&["INCR", "counter"]) {
         acked = v.parse().unwrap_or(acked);
     }
-    backup.wait_line("going live", T);
+    backup.process.wait_line("going live", T);
     let live_after = t1.elapsed();
-    let mut c2 = connect(&backup.client_addr, T);
-    let v: u64 = resp(&mut c2, &["GET", "counter"]).unwrap().parse().unwrap();
+    let mut c2 = Resp::connect_retry(backup.client_addr.as_str(), T);
+    let v: u64 = c2.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
     let first_reply = t1.elapsed();
     assert!(
         acked <= v && v <= sent,
@@ -354,28 +245,8 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
 
     // The operator follows the Lease: the promoted pod is labelled primary and a new backup is
     // placed on the third node.
-    let promoted = backup_pod.name_any();
-    let new_pod = wait_for("a new backup pod with an IP on a surviving node", T, || {
-        let (client, ns, dead, promoted) = (
-            client.clone(),
-            ns.name.clone(),
-            dead.clone(),
-            promoted.clone(),
-        );
-        async move {
-            let pods = live_pods(&client, &ns).await;
-            let promoted_ok = pods
-                .iter()
-                .any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
-            let fresh = pods.iter().find(|p| {
-                p.annotations().get("lockstep.dev/pairs-with") == Some(&promoted)
-                    && !node_of(p).is_empty()
-                    && has_ip(p)
-            })?;
-            (promoted_ok && node_of(fresh) != dead).then(|| fresh.clone())
-        }
-    })
-    .await;
+    let new_pod =
+        wait_for_new_backup(&client, &ns.name, &backup_pod.name_any(), &dead, T, has_ip).await;
     eprintln!(
         "step: new backup {} on {} {:?} after the node failed",
         new_pod.name_any(),
@@ -383,19 +254,12 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         t1.elapsed()
     );
     let new_backup = AgentProc::start(&new_pod, scratch.path());
-    new_backup.wait_line("backup in sync", T);
+    new_backup.process.wait_line("backup in sync", T);
     eprintln!(
         "step: new backup cloned and in sync {:?} after the node failed",
         t1.elapsed()
     );
-    let st = wait_for_status(
-        &api,
-        "kvstore",
-        "Protected again with one failover",
-        T,
-        |s| s.phase == Some(Phase::Protected) && s.failover_count == 1,
-    )
-    .await;
+    let st = wait_for_protected_after_failover(&api, T).await;
     eprintln!(
         "step: status Protected again {:?} after the node failed, epoch {}",
         t1.elapsed(),
@@ -406,10 +270,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
 
     // Writes keep being protected and nothing was lost.
     for _ in 0..50 {
-        let r: u64 = resp(&mut c2, &["INCR", "counter"])
-            .unwrap()
-            .parse()
-            .unwrap();
+        let r: u64 = c2.cmd(&["INCR", "counter"]).unwrap().parse().unwrap();
         assert!(r > v);
     }
     // After the failover the figures are scraped from the promoted primary's own agent.
@@ -426,7 +287,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
 async fn mirror_exit(pods: &Api<Pod>, agent: &mut AgentProc, started: Timestamp) -> Timestamp {
     let deadline = Instant::now() + T;
     let code = loop {
-        if let Some(st) = agent.child.try_wait().unwrap() {
+        if let Some(st) = agent.process.try_status() {
             break st.code().unwrap_or(-1);
         }
         assert!(
@@ -493,12 +354,8 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
     let ns = TestNamespace::create(&client, "backoff").await;
     let op = Operator::start(&client, &ns.name);
     let scratch = tempfile::tempdir().unwrap();
-    let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
-    let text = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
-    let mut vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap();
-    vm.metadata.namespace = Some(ns.name.clone());
-    api.create(&PostParams::default(), &vm).await.unwrap();
+    let api = create_example_ftvm(&client, &ns.name).await;
 
     let primary_pod = wait_for("the primary pod with an IP", T, || {
         let (client, ns) = (client.clone(), ns.name.clone());
@@ -511,7 +368,7 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
     })
     .await;
     let primary = AgentProc::start(&primary_pod, scratch.path());
-    primary.wait_line("clients on", T);
+    primary.process.wait_line("clients on", T);
     let mut seen = vec![primary.pod.clone()];
 
     // First failure: replaced at once, and the replacement carries the count.
@@ -619,7 +476,7 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
         "the kept pod goes when its replacement comes"
     );
     let a3 = AgentProc::start(&b3, scratch.path());
-    a3.wait_line("backup in sync", T);
+    a3.process.wait_line("backup in sync", T);
     let st = wait_for_status(
         &api,
         "kvstore",
