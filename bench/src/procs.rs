@@ -263,6 +263,38 @@ pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
+/// Restrict every thread of `pid` to `cpus`; threads it starts later inherit the mask from the
+/// thread that starts them. Used to give the bench's processes the placement of separate hosts.
+pub fn pin(pid: i32, cpus: &[usize]) -> anyhow::Result<()> {
+    let set = cpu_set(cpus);
+    // Two passes: a thread started by a not-yet-pinned thread during the first pass is caught
+    // by the second.
+    for _ in 0..2 {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else { continue };
+            // SAFETY: a valid cpu_set_t of the size passed.
+            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    anyhow::bail!("pinning thread {tid} of process {pid} to CPUs {cpus:?}: {e}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET only writes bit `c` of the set (bounds-checked by the libc crate).
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,35 +342,4 @@ mod tests {
         let e = q.wait_line("never", Duration::from_secs(5)).unwrap_err().to_string();
         assert!(e.contains("exited") || e.contains("closed"), "{e}");
     }
-}
-
-/// Restrict every thread of `pid` to `cpus`; threads it starts later inherit the mask from the
-/// thread that starts them. Used to give the bench's processes the placement of separate hosts.
-pub fn pin(pid: i32, cpus: &[usize]) -> anyhow::Result<()> {
-    let set = cpu_set(cpus);
-    // Two passes: a thread started by a not-yet-pinned thread during the first pass is caught
-    // by the second.
-    for _ in 0..2 {
-        for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-            let Ok(tid) = entry?.file_name().to_string_lossy().parse::<i32>() else { continue };
-            // SAFETY: a valid cpu_set_t of the size passed.
-            if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::ESRCH) {
-                    anyhow::bail!("pinning thread {tid} of process {pid} to CPUs {cpus:?}: {e}");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
-    // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus {
-        // SAFETY: CPU_SET only writes bit `c` of the set (bounds-checked by the libc crate).
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
-    set
 }

@@ -439,7 +439,7 @@ impl Prometheus {
         let version = std::process::Command::new(&b.cfg.prometheus)
             .arg("--version")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string() + &String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string() + String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
             .with_context(|| format!("running {} (apt-get install prometheus)", b.cfg.prometheus.display()))?;
         let addr = crate::agents::free_addr()?;
         let mut cmd = std::process::Command::new(&b.cfg.prometheus);

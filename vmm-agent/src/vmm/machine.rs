@@ -409,10 +409,11 @@ impl<V: Vcpu> Machine<V> {
                     match slot {
                         SLOT_PLATFORM => data = d.platform.read(offset, &mut ctx)?.to_le_bytes(),
                         SLOT_SERIAL => data[0] = d.console.read(offset),
-                        SLOT_BLK => match &mut d.blk {
-                            Some(b) => b.read(offset, &mut data[..len]),
-                            None => {}
-                        },
+                        SLOT_BLK => {
+                            if let Some(b) = &mut d.blk {
+                                b.read(offset, &mut data[..len]);
+                            }
+                        }
                         SLOT_VSOCK => d.vsock.read(offset, &mut data[..len]),
                         SLOT_RNG => d.rng.read(offset, &mut data[..len]),
                         _ => {}
