@@ -69,6 +69,7 @@ fn main() {
     std::fs::create_dir_all(&images).expect("create OUT_DIR/guests");
     for g in GUESTS {
         let built = target_dir.join(TARGET).join("release").join(g);
-        std::fs::copy(&built, images.join(g)).unwrap_or_else(|e| panic!("guest image {} missing: {e}", built.display()));
+        std::fs::copy(&built, images.join(g))
+            .unwrap_or_else(|e| panic!("guest image {} missing: {e}", built.display()));
     }
 }

@@ -81,18 +81,11 @@ impl LeaseArbiter {
     }
 
     async fn get(&self) -> Result<Option<Lease>, ArbiterError> {
-        self.api
-            .get_opt(&self.name)
-            .await
-            .map_err(self.kube_err("get"))
+        self.api.get_opt(&self.name).await.map_err(self.kube_err("get"))
     }
 
     fn epoch_of(&self, lease: &Lease) -> Result<u64, ArbiterError> {
-        let t = lease
-            .spec
-            .as_ref()
-            .and_then(|s| s.lease_transitions)
-            .unwrap_or(0);
+        let t = lease.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0);
         u64::try_from(t).map_err(|_| ArbiterError::BadLease {
             namespace: self.namespace.clone(),
             name: self.name.clone(),
@@ -103,22 +96,15 @@ impl LeaseArbiter {
     fn record_of(&self, lease: &Lease) -> Result<Record, ArbiterError> {
         let spec = lease.spec.as_ref();
         Ok(Record {
-            holder: spec
-                .and_then(|s| s.holder_identity.clone())
-                .filter(|h| !h.is_empty()),
+            holder: spec.and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty()),
             epoch: self.epoch_of(lease)?,
-            renewed_at: spec
-                .and_then(|s| s.renew_time.as_ref())
-                .and_then(micro_to_system),
+            renewed_at: spec.and_then(|s| s.renew_time.as_ref()).and_then(micro_to_system),
         })
     }
 
     fn lost(&self, lease: &Lease) -> Result<Outcome, ArbiterError> {
         let r = self.record_of(lease)?;
-        Ok(Outcome::Lost {
-            holder: r.holder,
-            epoch: r.epoch,
-        })
+        Ok(Outcome::Lost { holder: r.holder, epoch: r.epoch })
     }
 
     fn to_i32(&self, epoch: u64) -> Result<i32, ArbiterError> {
@@ -137,10 +123,7 @@ impl LeaseArbiter {
                 if r.epoch == next_epoch && r.holder.as_deref() == Some(me) {
                     Ok(Outcome::Won { epoch: next_epoch })
                 } else {
-                    Ok(Outcome::Lost {
-                        holder: r.holder,
-                        epoch: r.epoch,
-                    })
+                    Ok(Outcome::Lost { holder: r.holder, epoch: r.epoch })
                 }
             }
             None => Err(ArbiterError::LeaseGone {
@@ -172,12 +155,7 @@ impl LeaseArbiter {
         self.settle(next_epoch, me).await
     }
 
-    async fn take_once(
-        &self,
-        seen: u64,
-        next_epoch: u64,
-        me: &str,
-    ) -> Result<Attempt, ArbiterError> {
+    async fn take_once(&self, seen: u64, next_epoch: u64, me: &str) -> Result<Attempt, ArbiterError> {
         let next_i32 = self.to_i32(next_epoch)?;
         let now = now_micro();
         let pp = PostParams::default();
@@ -207,9 +185,7 @@ impl LeaseArbiter {
             };
             return match self.api.create(&pp, &lease).await {
                 Ok(_) => Ok(Attempt::Done(Outcome::Won { epoch: next_epoch })),
-                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => {
-                    Ok(Attempt::Conflict)
-                }
+                Err(kube::Error::Api(s)) if s.is_already_exists() || s.is_conflict() => Ok(Attempt::Conflict),
                 Err(e) => Err(self.kube_err("create")(e)),
             };
         };
@@ -233,11 +209,9 @@ impl LeaseArbiter {
         match self.api.replace(&self.name, &pp, &lease).await {
             Ok(_) => Ok(Attempt::Done(Outcome::Won { epoch: next_epoch })),
             Err(kube::Error::Api(s)) if s.is_conflict() => Ok(Attempt::Conflict),
-            Err(kube::Error::Api(s)) if s.is_not_found() => Err(ArbiterError::LeaseGone {
-                namespace: self.namespace.clone(),
-                name: self.name.clone(),
-                seen,
-            }),
+            Err(kube::Error::Api(s)) if s.is_not_found() => {
+                Err(ArbiterError::LeaseGone { namespace: self.namespace.clone(), name: self.name.clone(), seen })
+            }
             Err(e) => Err(self.kube_err("update")(e)),
         }
     }
@@ -253,18 +227,11 @@ impl LeaseArbiter {
         };
         let r = self.record_of(&lease)?;
         if r.epoch != epoch || r.holder.as_deref() != Some(me) {
-            return Ok(Outcome::Lost {
-                holder: r.holder,
-                epoch: r.epoch,
-            });
+            return Ok(Outcome::Lost { holder: r.holder, epoch: r.epoch });
         }
         self.require_resource_version(&lease)?;
         lease.spec.get_or_insert_with(LeaseSpec::default).renew_time = Some(now_micro());
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(Outcome::Won { epoch }),
             // Somebody wrote in between; whether we still hold `epoch` is decided by what is there.
             Err(kube::Error::Api(s)) if s.is_conflict() => {
@@ -277,10 +244,7 @@ impl LeaseArbiter {
                 if r.epoch == epoch && r.holder.as_deref() == Some(me) {
                     Ok(Outcome::Won { epoch })
                 } else {
-                    Ok(Outcome::Lost {
-                        holder: r.holder,
-                        epoch: r.epoch,
-                    })
+                    Ok(Outcome::Lost { holder: r.holder, epoch: r.epoch })
                 }
             }
             Err(e) => Err(self.kube_err("update")(e)),
@@ -289,17 +253,13 @@ impl LeaseArbiter {
 
     /// Without a resourceVersion a PUT is unconditional; refuse rather than silently lose the CAS.
     fn require_resource_version(&self, lease: &Lease) -> Result<(), ArbiterError> {
-        if lease
-            .metadata
-            .resource_version
-            .as_deref()
-            .unwrap_or("")
-            .is_empty()
-        {
+        if lease.metadata.resource_version.as_deref().unwrap_or("").is_empty() {
             return Err(ArbiterError::BadLease {
                 namespace: self.namespace.clone(),
                 name: self.name.clone(),
-                reason: "the apiserver returned it without metadata.resourceVersion, so no compare-and-swap is possible".into(),
+                reason:
+                    "the apiserver returned it without metadata.resourceVersion, so no compare-and-swap is possible"
+                        .into(),
             });
         }
         Ok(())
@@ -315,11 +275,7 @@ impl Arbiter for LeaseArbiter {
         Box::pin(async move {
             match self.get().await? {
                 Some(lease) => self.record_of(&lease),
-                None => Ok(Record {
-                    holder: None,
-                    epoch: 0,
-                    renewed_at: None,
-                }),
+                None => Ok(Record { holder: None, epoch: 0, renewed_at: None }),
             }
         })
     }
@@ -338,17 +294,12 @@ impl Arbiter for LeaseArbiter {
 }
 
 fn now_micro() -> MicroTime {
-    let micros = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
+    let micros = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0);
     // Any time this side of year 9999 converts; fall back to the epoch rather than fail a take.
     MicroTime(Timestamp::from_microsecond(micros).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 fn micro_to_system(t: &MicroTime) -> Option<SystemTime> {
     let micros = t.0.as_microsecond();
-    u64::try_from(micros)
-        .ok()
-        .map(|m| UNIX_EPOCH + Duration::from_micros(m))
+    u64::try_from(micros).ok().map(|m| UNIX_EPOCH + Duration::from_micros(m))
 }

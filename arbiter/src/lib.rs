@@ -103,9 +103,7 @@ impl Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum ArbiterError {
     /// The `--arbiter` argument could not be parsed.
-    #[error(
-        "invalid arbiter spec {spec:?}: {reason}; expected `local:PATH` or `lease:NAMESPACE/NAME`"
-    )]
+    #[error("invalid arbiter spec {spec:?}: {reason}; expected `local:PATH` or `lease:NAMESPACE/NAME`")]
     BadSpec {
         /// What was given.
         spec: String,
@@ -113,9 +111,7 @@ pub enum ArbiterError {
         reason: String,
     },
     /// The caller passed an identity that cannot be stored.
-    #[error(
-        "invalid holder identity {0:?}: it must be non-empty and at most 253 bytes without control characters"
-    )]
+    #[error("invalid holder identity {0:?}: it must be non-empty and at most 253 bytes without control characters")]
     BadIdentity(String),
     /// File system error of the local arbiter.
     #[error(
@@ -229,10 +225,7 @@ pub enum ArbiterSpec {
 impl ArbiterSpec {
     /// Parses `local:PATH` or `lease:NAMESPACE/NAME`.
     pub fn parse(spec: &str) -> Result<Self, ArbiterError> {
-        let bad = |reason: &str| ArbiterError::BadSpec {
-            spec: spec.to_owned(),
-            reason: reason.to_owned(),
-        };
+        let bad = |reason: &str| ArbiterError::BadSpec { spec: spec.to_owned(), reason: reason.to_owned() };
         let Some((kind, rest)) = spec.split_once(':') else {
             return Err(bad("missing the `local:` or `lease:` prefix"));
         };
@@ -245,24 +238,17 @@ impl ArbiterSpec {
             }
             "lease" => {
                 let Some((namespace, name)) = rest.split_once('/') else {
-                    return Err(bad(
-                        "a lease needs both a namespace and a name, separated by `/`",
-                    ));
+                    return Err(bad("a lease needs both a namespace and a name, separated by `/`"));
                 };
                 if !is_dns_label(namespace) {
-                    return Err(bad(
-                        "the namespace must be a DNS label (lowercase letters, digits, `-`, at most 63)",
-                    ));
+                    return Err(bad("the namespace must be a DNS label (lowercase letters, digits, `-`, at most 63)"));
                 }
                 if !is_dns_subdomain(name) {
                     return Err(bad(
                         "the lease name must be a DNS subdomain (lowercase letters, digits, `-`, `.`, at most 253)",
                     ));
                 }
-                Ok(ArbiterSpec::Lease {
-                    namespace: namespace.to_owned(),
-                    name: name.to_owned(),
-                })
+                Ok(ArbiterSpec::Lease { namespace: namespace.to_owned(), name: name.to_owned() })
             }
             _ => Err(bad("unknown kind before `:`")),
         }
@@ -284,9 +270,7 @@ pub async fn from_spec(spec: &str) -> Result<Box<dyn Arbiter>, ArbiterError> {
     match ArbiterSpec::parse(spec)? {
         ArbiterSpec::Local(path) => Ok(Box::new(LocalArbiter::new(path))),
         ArbiterSpec::Lease { namespace, name } => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(ArbiterError::Config)?;
+            let client = kube::Client::try_default().await.map_err(ArbiterError::Config)?;
             Ok(Box::new(LeaseArbiter::new(client, &namespace, &name)))
         }
     }
@@ -302,8 +286,7 @@ pub(crate) fn check_identity(me: &str) -> Result<(), ArbiterError> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -318,21 +301,12 @@ mod tests {
 
     #[test]
     fn parses_local_and_lease_specs() {
-        assert_eq!(
-            ArbiterSpec::parse("local:/tmp/x").unwrap(),
-            ArbiterSpec::Local("/tmp/x".into())
-        );
+        assert_eq!(ArbiterSpec::parse("local:/tmp/x").unwrap(), ArbiterSpec::Local("/tmp/x".into()));
         assert_eq!(
             ArbiterSpec::parse("lease:lockstep/vm-1-arbiter").unwrap(),
-            ArbiterSpec::Lease {
-                namespace: "lockstep".into(),
-                name: "vm-1-arbiter".into()
-            }
+            ArbiterSpec::Lease { namespace: "lockstep".into(), name: "vm-1-arbiter".into() }
         );
-        assert_eq!(
-            ArbiterSpec::parse("lease:a/b.c").unwrap().to_string(),
-            "lease:a/b.c"
-        );
+        assert_eq!(ArbiterSpec::parse("lease:a/b.c").unwrap().to_string(), "lease:a/b.c");
     }
 
     #[test]
@@ -351,10 +325,7 @@ mod tests {
         ] {
             let err = ArbiterSpec::parse(spec).unwrap_err().to_string();
             assert!(err.contains(needle), "{spec:?}: {err}");
-            assert!(
-                err.contains("local:PATH"),
-                "error should say what is expected: {err}"
-            );
+            assert!(err.contains("local:PATH"), "error should say what is expected: {err}");
         }
     }
 

@@ -46,19 +46,11 @@ impl LocalArbiter {
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> ArbiterError + '_ {
-        move |source| ArbiterError::Io {
-            path: self.path.clone(),
-            op,
-            source,
-        }
+        move |source| ArbiterError::Io { path: self.path.clone(), op, source }
     }
 
     fn side_path(&self, suffix: &str) -> PathBuf {
-        let mut name = self
-            .path
-            .file_name()
-            .map(|n| n.to_os_string())
-            .unwrap_or_default();
+        let mut name = self.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
         name.push(suffix);
         self.path.with_file_name(name)
     }
@@ -88,32 +80,19 @@ impl LocalArbiter {
         let file = match File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(OnDisk {
-                    version: FORMAT_VERSION,
-                    epoch: 0,
-                    holder: None,
-                    renewed_unix_ms: None,
-                });
+                return Ok(OnDisk { version: FORMAT_VERSION, epoch: 0, holder: None, renewed_unix_ms: None });
             }
             Err(e) => return Err(self.io("open")(e)),
         };
         let mut bytes = Vec::new();
-        file.take(MAX_RECORD_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(self.io("read"))?;
-        let corrupt = |reason: String| ArbiterError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        };
+        file.take(MAX_RECORD_BYTES + 1).read_to_end(&mut bytes).map_err(self.io("read"))?;
+        let corrupt = |reason: String| ArbiterError::Corrupt { path: self.path.clone(), reason };
         if bytes.len() as u64 > MAX_RECORD_BYTES {
             return Err(corrupt(format!("larger than {MAX_RECORD_BYTES} bytes")));
         }
         let record: OnDisk = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
         if record.version != FORMAT_VERSION {
-            return Err(corrupt(format!(
-                "format version {} (this build reads {FORMAT_VERSION})",
-                record.version
-            )));
+            return Err(corrupt(format!("format version {} (this build reads {FORMAT_VERSION})", record.version)));
         }
         Ok(record)
     }
@@ -134,9 +113,7 @@ impl LocalArbiter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(self.io("fsync directory"))?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(self.io("fsync directory"))?;
         Ok(())
     }
 
@@ -146,10 +123,9 @@ impl LocalArbiter {
 
     fn take_blocking(&self, seen: u64, me: &str) -> Result<Outcome, ArbiterError> {
         check_identity(me)?;
-        let next_epoch = seen.checked_add(1).ok_or_else(|| ArbiterError::Corrupt {
-            path: self.path.clone(),
-            reason: "epoch would overflow".into(),
-        })?;
+        let next_epoch = seen
+            .checked_add(1)
+            .ok_or_else(|| ArbiterError::Corrupt { path: self.path.clone(), reason: "epoch would overflow".into() })?;
         self.locked(|r| {
             if r.epoch == seen {
                 let next = OnDisk {
@@ -163,13 +139,7 @@ impl LocalArbiter {
                 // Our own earlier take of this very epoch: report it again (idempotent retry).
                 (None, Outcome::Won { epoch: next_epoch })
             } else {
-                (
-                    None,
-                    Outcome::Lost {
-                        holder: r.holder.clone(),
-                        epoch: r.epoch,
-                    },
-                )
+                (None, Outcome::Lost { holder: r.holder.clone(), epoch: r.epoch })
             }
         })
     }
@@ -178,20 +148,10 @@ impl LocalArbiter {
         check_identity(me)?;
         self.locked(|r| {
             if r.epoch == epoch && r.holder.as_deref() == Some(me) {
-                let next = OnDisk {
-                    renewed_unix_ms: Some(now_ms()),
-                    holder: r.holder.clone(),
-                    ..*r
-                };
+                let next = OnDisk { renewed_unix_ms: Some(now_ms()), holder: r.holder.clone(), ..*r };
                 (Some(next), Outcome::Won { epoch })
             } else {
-                (
-                    None,
-                    Outcome::Lost {
-                        holder: r.holder.clone(),
-                        epoch: r.epoch,
-                    },
-                )
+                (None, Outcome::Lost { holder: r.holder.clone(), epoch: r.epoch })
             }
         })
     }
@@ -253,19 +213,14 @@ fn flock_exclusive(file: &File) -> std::io::Result<()> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn to_record(r: &OnDisk) -> Record {
     Record {
         holder: r.holder.clone(),
         epoch: r.epoch,
-        renewed_at: r
-            .renewed_unix_ms
-            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
+        renewed_at: r.renewed_unix_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
     }
 }
 
@@ -278,51 +233,20 @@ mod tests {
     async fn take_read_renew_cycle() {
         let dir = tempfile::tempdir().unwrap();
         let a = LocalArbiter::new(dir.path().join("vm"));
-        assert_eq!(
-            a.read().await.unwrap(),
-            Record {
-                holder: None,
-                epoch: 0,
-                renewed_at: None
-            }
-        );
+        assert_eq!(a.read().await.unwrap(), Record { holder: None, epoch: 0, renewed_at: None });
         assert_eq!(a.try_take(0, "p").await.unwrap(), Outcome::Won { epoch: 1 });
         // retry of our own take is idempotent
         assert_eq!(a.try_take(0, "p").await.unwrap(), Outcome::Won { epoch: 1 });
-        assert_eq!(
-            a.try_take(0, "b").await.unwrap(),
-            Outcome::Lost {
-                holder: Some("p".into()),
-                epoch: 1
-            }
-        );
+        assert_eq!(a.try_take(0, "b").await.unwrap(), Outcome::Lost { holder: Some("p".into()), epoch: 1 });
         let r = a.read().await.unwrap();
         assert_eq!((r.holder.as_deref(), r.epoch), (Some("p"), 1));
         assert!(r.renewed_at.is_some());
         assert_eq!(a.renew(1, "p").await.unwrap(), Outcome::Won { epoch: 1 });
-        assert_eq!(
-            a.renew(1, "b").await.unwrap(),
-            Outcome::Lost {
-                holder: Some("p".into()),
-                epoch: 1
-            }
-        );
+        assert_eq!(a.renew(1, "b").await.unwrap(), Outcome::Lost { holder: Some("p".into()), epoch: 1 });
         // the backup takes over at epoch 2; the old primary is fenced off
         assert_eq!(a.try_take(1, "b").await.unwrap(), Outcome::Won { epoch: 2 });
-        assert_eq!(
-            a.renew(1, "p").await.unwrap(),
-            Outcome::Lost {
-                holder: Some("b".into()),
-                epoch: 2
-            }
-        );
-        assert_eq!(
-            a.try_take(1, "p").await.unwrap(),
-            Outcome::Lost {
-                holder: Some("b".into()),
-                epoch: 2
-            }
-        );
+        assert_eq!(a.renew(1, "p").await.unwrap(), Outcome::Lost { holder: Some("b".into()), epoch: 2 });
+        assert_eq!(a.try_take(1, "p").await.unwrap(), Outcome::Lost { holder: Some("b".into()), epoch: 2 });
         // no temp file is left behind
         assert!(!dir.path().join("vm.tmp").exists());
     }
@@ -337,22 +261,9 @@ mod tests {
         assert!(matches!(err, ArbiterError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("remove the file"));
         std::fs::write(&path, vec![b' '; 10_000]).unwrap();
-        assert!(matches!(
-            a.read().await.unwrap_err(),
-            ArbiterError::Corrupt { .. }
-        ));
-        std::fs::write(
-            &path,
-            br#"{"version":9,"epoch":1,"holder":null,"renewed_unix_ms":null}"#,
-        )
-        .unwrap();
-        assert!(
-            a.read()
-                .await
-                .unwrap_err()
-                .to_string()
-                .contains("format version 9")
-        );
+        assert!(matches!(a.read().await.unwrap_err(), ArbiterError::Corrupt { .. }));
+        std::fs::write(&path, br#"{"version":9,"epoch":1,"holder":null,"renewed_unix_ms":null}"#).unwrap();
+        assert!(a.read().await.unwrap_err().to_string().contains("format version 9"));
     }
 
     #[tokio::test]

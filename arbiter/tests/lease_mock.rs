@@ -37,11 +37,7 @@ fn respond(code: u16, body: &Value) -> Response<Body> {
 
 async fn body_json(req: Request<Body>) -> Value {
     let bytes = req.into_body().collect_bytes().await.unwrap();
-    if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    }
+    if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() }
 }
 
 /// One expected request: method, path prefix, and the answer to give. Returns the request body.
@@ -54,11 +50,7 @@ async fn expect(
 ) -> Value {
     let (req, send) = handle.next_request().await.expect("client made no request");
     assert_eq!(req.method(), method, "unexpected method for {}", req.uri());
-    assert!(
-        req.uri().path().starts_with(path),
-        "unexpected path {}",
-        req.uri()
-    );
+    assert!(req.uri().path().starts_with(path), "unexpected path {}", req.uri());
     let body = body_json(req).await;
     send.send_response(respond(code, &answer));
     body
@@ -78,15 +70,9 @@ async fn take_puts_with_the_resource_version_it_read() {
         expect(&mut h, Method::GET, PATH, 200, lease("41", Some("a"), 3)).await;
         expect(&mut h, Method::PUT, PATH, 200, lease("42", Some("b"), 4)).await
     });
-    assert_eq!(
-        arb.try_take(3, "b").await.unwrap(),
-        Outcome::Won { epoch: 4 }
-    );
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Won { epoch: 4 });
     let put = server.await.unwrap();
-    assert_eq!(
-        put["metadata"]["resourceVersion"], "41",
-        "the CAS precondition must be sent"
-    );
+    assert_eq!(put["metadata"]["resourceVersion"], "41", "the CAS precondition must be sent");
     assert_eq!(put["spec"]["holderIdentity"], "b");
     assert_eq!(put["spec"]["leaseTransitions"], 4);
     assert!(put["spec"]["renewTime"].is_string());
@@ -101,13 +87,7 @@ async fn conflict_means_lost_and_reports_the_winner() {
         expect(&mut h, Method::PUT, PATH, 409, status(409, "Conflict")).await;
         expect(&mut h, Method::GET, PATH, 200, lease("43", Some("c"), 4)).await;
     });
-    assert_eq!(
-        arb.try_take(3, "b").await.unwrap(),
-        Outcome::Lost {
-            holder: Some("c".into()),
-            epoch: 4
-        }
-    );
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Lost { holder: Some("c".into()), epoch: 4 });
     server.await.unwrap();
 }
 
@@ -123,15 +103,8 @@ async fn conflict_from_a_renewal_is_retried_on_fresh_data() {
         expect(&mut h, Method::GET, PATH, 200, lease("42", Some("a"), 3)).await; // retry
         expect(&mut h, Method::PUT, PATH, 200, lease("43", Some("b"), 4)).await
     });
-    assert_eq!(
-        arb.try_take(3, "b").await.unwrap(),
-        Outcome::Won { epoch: 4 }
-    );
-    assert_eq!(
-        server.await.unwrap()["metadata"]["resourceVersion"],
-        "42",
-        "the retry uses the fresh version"
-    );
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Won { epoch: 4 });
+    assert_eq!(server.await.unwrap()["metadata"]["resourceVersion"], "42", "the retry uses the fresh version");
 }
 
 #[tokio::test]
@@ -144,10 +117,7 @@ async fn conflict_after_our_own_write_is_a_win() {
         expect(&mut h, Method::PUT, PATH, 409, status(409, "Conflict")).await;
         expect(&mut h, Method::GET, PATH, 200, lease("42", Some("b"), 4)).await;
     });
-    assert_eq!(
-        arb.try_take(3, "b").await.unwrap(),
-        Outcome::Won { epoch: 4 }
-    );
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Won { epoch: 4 });
     server.await.unwrap();
 }
 
@@ -160,13 +130,7 @@ async fn stale_epoch_loses_without_writing() {
         // no PUT may follow: the mock would fail the test if the client sent one (see below)
         h.next_request().await.is_none()
     });
-    assert_eq!(
-        arb.try_take(3, "b").await.unwrap(),
-        Outcome::Lost {
-            holder: Some("c".into()),
-            epoch: 7
-        }
-    );
+    assert_eq!(arb.try_take(3, "b").await.unwrap(), Outcome::Lost { holder: Some("c".into()), epoch: 7 });
     drop(arb);
     assert!(server.await.unwrap(), "a stale take must not write");
 }
@@ -177,19 +141,10 @@ async fn missing_lease_is_created_at_epoch_one() {
     let server = tokio::spawn(async move {
         let mut h = pin!(handle);
         expect(&mut h, Method::GET, PATH, 404, status(404, "NotFound")).await;
-        expect(
-            &mut h,
-            Method::POST,
-            "/apis/coordination.k8s.io/v1/namespaces/ns/leases",
-            201,
-            lease("1", Some("a"), 1),
-        )
-        .await
+        expect(&mut h, Method::POST, "/apis/coordination.k8s.io/v1/namespaces/ns/leases", 201, lease("1", Some("a"), 1))
+            .await
     });
-    assert_eq!(
-        arb.try_take(0, "a").await.unwrap(),
-        Outcome::Won { epoch: 1 }
-    );
+    assert_eq!(arb.try_take(0, "a").await.unwrap(), Outcome::Won { epoch: 1 });
     let created = server.await.unwrap();
     assert_eq!(created["spec"]["leaseTransitions"], 1);
     assert_eq!(created["spec"]["holderIdentity"], "a");
@@ -211,13 +166,7 @@ async fn create_race_lost_with_already_exists() {
         .await;
         expect(&mut h, Method::GET, PATH, 200, lease("1", Some("other"), 1)).await;
     });
-    assert_eq!(
-        arb.try_take(0, "a").await.unwrap(),
-        Outcome::Lost {
-            holder: Some("other".into()),
-            epoch: 1
-        }
-    );
+    assert_eq!(arb.try_take(0, "a").await.unwrap(), Outcome::Lost { holder: Some("other".into()), epoch: 1 });
     server.await.unwrap();
 }
 
@@ -229,10 +178,7 @@ async fn deleted_lease_after_a_later_epoch_is_refused() {
         expect(&mut h, Method::GET, PATH, 404, status(404, "NotFound")).await;
     });
     let err = arb.try_take(5, "a").await.unwrap_err();
-    assert!(
-        matches!(err, ArbiterError::LeaseGone { seen: 5, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, ArbiterError::LeaseGone { seen: 5, .. }), "{err}");
     server.await.unwrap();
 }
 
@@ -261,19 +207,10 @@ async fn renew_only_while_holding_and_with_cas() {
         put
     });
     assert_eq!(arb.renew(3, "a").await.unwrap(), Outcome::Won { epoch: 3 });
-    assert_eq!(
-        arb.renew(3, "a").await.unwrap(),
-        Outcome::Lost {
-            holder: Some("b".into()),
-            epoch: 4
-        }
-    );
+    assert_eq!(arb.renew(3, "a").await.unwrap(), Outcome::Lost { holder: Some("b".into()), epoch: 4 });
     let put = server.await.unwrap();
     assert_eq!(put["metadata"]["resourceVersion"], "41");
-    assert_eq!(
-        put["spec"]["leaseTransitions"], 3,
-        "renew must not change the epoch"
-    );
+    assert_eq!(put["spec"]["leaseTransitions"], 3, "renew must not change the epoch");
 }
 
 /// An in-memory Lease with the apiserver's optimistic concurrency: a PUT whose resourceVersion is
@@ -311,9 +248,7 @@ async fn many_racers_against_a_cas_server_one_winner_per_epoch() {
         let mut tasks = Vec::new();
         for i in 0..8 {
             let arb = LeaseArbiter::new(kube::Client::new(svc.clone(), "ns"), "ns", "vm1");
-            tasks.push(tokio::spawn(async move {
-                (i, arb.try_take(seen, &format!("r{i}")).await.unwrap())
-            }));
+            tasks.push(tokio::spawn(async move { (i, arb.try_take(seen, &format!("r{i}")).await.unwrap()) }));
         }
         let mut winners = vec![];
         for t in tasks {
@@ -324,10 +259,7 @@ async fn many_racers_against_a_cas_server_one_winner_per_epoch() {
             }
         }
         assert_eq!(winners.len(), 1, "epoch {}: {winners:?}", seen + 1);
-        assert_eq!(
-            state.lock().unwrap().1["spec"]["holderIdentity"],
-            json!(winners[0])
-        );
+        assert_eq!(state.lock().unwrap().1["spec"]["holderIdentity"], json!(winners[0]));
     }
     drop(svc);
     server.abort();

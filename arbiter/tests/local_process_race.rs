@@ -18,26 +18,17 @@ fn go_file(dir: &Path, round: u64) -> PathBuf {
 
 #[test]
 fn racer_child_process() {
-    let (Ok(dir), Ok(id)) = (
-        std::env::var("LOCKSTEP_RACE_DIR"),
-        std::env::var("LOCKSTEP_RACE_ID"),
-    ) else {
+    let (Ok(dir), Ok(id)) = (std::env::var("LOCKSTEP_RACE_DIR"), std::env::var("LOCKSTEP_RACE_ID")) else {
         return; // not started by the parent test: nothing to do
     };
     let dir = PathBuf::from(dir);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let arbiter = LocalArbiter::new(dir.join("vm.arbiter"));
     for round in 0..ROUNDS {
         let deadline = Instant::now() + Duration::from_secs(30);
         // Spin on the start signal so that all processes hit the lock at about the same moment.
         while !go_file(&dir, round).exists() {
-            assert!(
-                Instant::now() < deadline,
-                "parent never started round {round}"
-            );
+            assert!(Instant::now() < deadline, "parent never started round {round}");
             std::thread::sleep(Duration::from_micros(200));
         }
         let outcome = rt.block_on(arbiter.try_take(round, &id)).unwrap();
@@ -58,12 +49,7 @@ fn processes_race_exactly_one_winner_per_epoch() {
     let children: Vec<_> = (0..PROCESSES)
         .map(|i| {
             Command::new(&exe)
-                .args([
-                    "--exact",
-                    "racer_child_process",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+                .args(["--exact", "racer_child_process", "--nocapture", "--test-threads=1"])
                 .env("LOCKSTEP_RACE_DIR", dir.path())
                 .env("LOCKSTEP_RACE_ID", format!("proc-{i}"))
                 .stdout(Stdio::piped())
@@ -83,41 +69,19 @@ fn processes_race_exactly_one_winner_per_epoch() {
     for child in children {
         let out = child.wait_with_output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child failed: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "child failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         // libtest prints "test name ... " on the same line as the first result, so search in the line.
-        for line in stdout
-            .lines()
-            .filter_map(|l| l.find("RESULT ").map(|i| &l[i + "RESULT ".len()..]))
-        {
+        for line in stdout.lines().filter_map(|l| l.find("RESULT ").map(|i| &l[i + "RESULT ".len()..])) {
             results += 1;
-            let round: usize = line.split_whitespace().next().unwrap()["round=".len()..]
-                .parse()
-                .unwrap();
+            let round: usize = line.split_whitespace().next().unwrap()["round=".len()..].parse().unwrap();
             if line.contains(" won ") {
                 wins[round] += 1;
             }
         }
     }
-    assert_eq!(
-        results,
-        PROCESSES * ROUNDS as usize,
-        "every child reports every round"
-    );
-    assert_eq!(
-        wins,
-        vec![1; ROUNDS as usize],
-        "exactly one winner per epoch"
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let record = rt
-        .block_on(LocalArbiter::new(dir.path().join("vm.arbiter")).read())
-        .unwrap();
+    assert_eq!(results, PROCESSES * ROUNDS as usize, "every child reports every round");
+    assert_eq!(wins, vec![1; ROUNDS as usize], "exactly one winner per epoch");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let record = rt.block_on(LocalArbiter::new(dir.path().join("vm.arbiter")).read()).unwrap();
     assert_eq!(record.epoch, ROUNDS);
 }

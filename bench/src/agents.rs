@@ -7,7 +7,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
 use crate::procs::Proc;
 use crate::prom;
@@ -94,10 +94,16 @@ impl Standalone {
         let metrics = free_addr()?;
         let log = record.then(|| env.path(&format!("{name}.log")));
         // Not --quiet: the guest's console (a panic message, say) stays in the kept stderr.
-        let mut args: Vec<String> = vec!["run".into(), "--guest".into(), guest.name().into(), "--vm-id".into(), name.into()];
+        let mut args: Vec<String> =
+            vec!["run".into(), "--guest".into(), guest.name().into(), "--vm-id".into(), name.into()];
         args.extend(["--client-listen".into(), client.to_string(), "--metrics-listen".into(), metrics.to_string()]);
         if guest == Guest::Kvstore {
-            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), disk_mib.to_string()]);
+            args.extend([
+                "--disk".into(),
+                env.path(&format!("{name}.img")).display().to_string(),
+                "--disk-size-mib".into(),
+                disk_mib.to_string(),
+            ]);
         }
         if let Some(l) = &log {
             args.extend(["--record".into(), l.display().to_string()]);
@@ -105,7 +111,8 @@ impl Standalone {
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         wait_metrics(metrics, &mut proc, Duration::from_secs(30))?;
         if guest == Guest::Kvstore {
-            Resp::wait_ready(client, Duration::from_secs(30)).with_context(|| format!("{name}: the kvstore guest never answered"))?;
+            Resp::wait_ready(client, Duration::from_secs(30))
+                .with_context(|| format!("{name}: the kvstore guest never answered"))?;
         }
         Ok(Standalone { proc, client, metrics, log })
     }
@@ -148,7 +155,13 @@ pub struct PairSpec {
 
 impl PairSpec {
     pub fn new(env: &Env, vm_id: &str, guest: Guest, memory_mib: u64) -> PairSpec {
-        PairSpec { vm_id: vm_id.into(), guest, memory_mib, disk_mib: 16, arbiter: env.path(&format!("{vm_id}.arbiter")) }
+        PairSpec {
+            vm_id: vm_id.into(),
+            guest,
+            memory_mib,
+            disk_mib: 16,
+            arbiter: env.path(&format!("{vm_id}.arbiter")),
+        }
     }
 
     fn common(&self, name: &str, ports: &Ports) -> Vec<String> {
@@ -175,7 +188,12 @@ impl PairSpec {
         args.extend(self.common(name, &ports));
         args.extend(["--memory-mib".into(), self.memory_mib.to_string()]);
         if self.guest == Guest::Kvstore {
-            args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string(), "--disk-size-mib".into(), self.disk_mib.to_string()]);
+            args.extend([
+                "--disk".into(),
+                env.path(&format!("{name}.img")).display().to_string(),
+                "--disk-size-mib".into(),
+                self.disk_mib.to_string(),
+            ]);
         }
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         proc.wait_line("channel on", Duration::from_secs(30))?;

@@ -31,8 +31,12 @@ pub fn explain(r: &mut report::Report) {
     let hold = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
     let cell = |mode: &str, pl: u32| r.throughput.iter().find(|c| c.mode == mode && c.pipeline == pl);
     let per_level = |mode: &str| -> String {
-        let v: Vec<String> =
-            r.throughput.iter().filter(|c| c.mode == mode).filter_map(|c| c.ratio_to_plain.map(|x| format!("-P {} {x:.3}", c.pipeline))).collect();
+        let v: Vec<String> = r
+            .throughput
+            .iter()
+            .filter(|c| c.mode == mode)
+            .filter_map(|c| c.ratio_to_plain.map(|x| format!("-P {} {x:.3}", c.pipeline)))
+            .collect();
         if v.is_empty() { String::new() } else { format!(" Ratio per pipelining level: {}.", v.join(", ")) }
     };
     let set_p50 = |mode: &str| r.latency_ms.get(mode).and_then(|m| m.get("P1")).and_then(|m| m.get("set_p50")).copied();
@@ -46,12 +50,18 @@ pub fn explain(r: &mut report::Report) {
     // The primary's own CPU per exit against the plain VM's, both on CPU 0 alone, at the
     // deepest pipelining level (where throughput is bound by that core, not by latency).
     let deepest = r.throughput.iter().map(|c| c.pipeline).max().unwrap_or(1);
-    let per_exit = (cell("plain_1cpu", deepest).and_then(|c| c.cpu_us_per_exit), cell("ft_2hosts", deepest).and_then(|c| c.cpu_us_per_exit));
+    let per_exit = (
+        cell("plain_1cpu", deepest).and_then(|c| c.cpu_us_per_exit),
+        cell("ft_2hosts", deepest).and_then(|c| c.cpu_us_per_exit),
+    );
     let phases = |how: &str| -> (Option<f64>, Option<f64>) {
         let runs: Vec<&report::FailoverRun> = r.failovers.iter().filter(|f| f.how == how).collect();
         let live: Vec<f64> = runs.iter().filter_map(|f| f.went_live_seconds).collect();
         // The longest wait between "going live" and the new client port accepting connections.
-        let gap = runs.iter().filter_map(|f| Some(f.first_connect_seconds? - f.went_live_seconds?)).fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
+        let gap = runs
+            .iter()
+            .filter_map(|f| Some(f.first_connect_seconds? - f.went_live_seconds?))
+            .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
         (stats::median(&live), gap)
     };
     let hb = r.heartbeat_timeout_ms;
@@ -72,7 +82,9 @@ pub fn explain(r: &mut report::Report) {
                     _ => String::new(),
                 },
                 match per_exit {
-                    (Some(a), Some(b)) => format!(" (CPU per exit at -P {deepest}: {a:.1} µs plain vs {b:.1} µs FT primary: encoding, the channel's sends and the acks' wake-ups)"),
+                    (Some(a), Some(b)) => format!(
+                        " (CPU per exit at -P {deepest}: {a:.1} µs plain vs {b:.1} µs FT primary: encoding, the channel's sends and the acks' wake-ups)"
+                    ),
                     _ => String::new(),
                 },
                 per_level("ft_2hosts")

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use lockstep_bench::agents::{Env, Guest};
 use lockstep_bench::procs;
@@ -77,7 +77,10 @@ fn run(cli: Cli) -> Result<bool> {
     procs::install_signal_handler()?;
     let agent = cli.agent.clone().unwrap_or_else(default_agent);
     if !agent.exists() {
-        bail!("{} not found: build it first (cargo build --release -p lockstep-agent) or pass --agent", agent.display());
+        bail!(
+            "{} not found: build it first (cargo build --release -p lockstep-agent) or pass --agent",
+            agent.display()
+        );
     }
     for tool in ["redis-benchmark"] {
         if std::process::Command::new(tool).arg("--version").output().is_err() {
@@ -128,7 +131,12 @@ fn run(cli: Cli) -> Result<bool> {
     }
     let only: Option<Vec<String>> = cli.only.as_ref().map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
     let want = |name: &str| only.as_ref().map(|l| l.iter().any(|x| x == name)).unwrap_or(true);
-    bench.progress(&format!("{} run; agent {}; scratch {}", bench.report.mode, bench.env.agent.display(), tmp.path().display()));
+    bench.progress(&format!(
+        "{} run; agent {}; scratch {}",
+        bench.report.mode,
+        bench.env.agent.display(),
+        tmp.path().display()
+    ));
 
     if want("throughput") {
         bench.scenario("1/6 throughput and latency: plain vs record vs FT, interleaved", scenarios::throughput);
@@ -140,7 +148,10 @@ fn run(cli: Cli) -> Result<bool> {
         bench.scenario("3/6 log bandwidth: compute", |b| scenarios::log_bandwidth(b, Guest::Compute));
     }
     if want("rate") {
-        bench.scenario("4/6 kvstore at a fixed rate + Prometheus + failover timeline", scenarios::fixed_rate_and_failover_timeline);
+        bench.scenario(
+            "4/6 kvstore at a fixed rate + Prometheus + failover timeline",
+            scenarios::fixed_rate_and_failover_timeline,
+        );
     }
     if want("failover") {
         bench.scenario("5/6 failover time", scenarios::failovers);

@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
-use anyhow::{anyhow, Result};
+use anyhow::{Result, anyhow};
 use plotters::prelude::*;
 
 const FONT_PATHS: &[&str] = &["/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/TTF/DejaVuSans.ttf"];
@@ -113,8 +113,12 @@ where
         let style = ShapeStyle::from(&m.color).stroke_width(1);
         c.draw_series(std::iter::once(PathElement::new(vec![(m.x, 0.0), (m.x, y1)], style))).map_err(e)?;
         if text {
-            c.draw_series(std::iter::once(Text::new(m.label.clone(), (m.x, y1 * (0.97 - 0.07 * i as f64)), ("sans-serif", 12).into_font().color(&m.color))))
-                .map_err(e)?;
+            c.draw_series(std::iter::once(Text::new(
+                m.label.clone(),
+                (m.x, y1 * (0.97 - 0.07 * i as f64)),
+                ("sans-serif", 12).into_font().color(&m.color),
+            )))
+            .map_err(e)?;
         }
     }
     for l in lines {
@@ -123,7 +127,9 @@ where
         let s = c.draw_series(LineSeries::new(l.points.iter().copied(), style)).map_err(e)?;
         if text {
             let color = l.color;
-            s.label(l.label.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(width)));
+            s.label(l.label.clone()).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], ShapeStyle::from(&color).stroke_width(width))
+            });
         }
     }
     if text && lines.iter().any(|l| !l.label.is_empty()) {
@@ -139,7 +145,14 @@ where
 }
 
 /// A single time-series plot (e.g. log bandwidth across a failover).
-pub fn timeseries(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &[Line], markers: &[Marker]) -> Result<()> {
+pub fn timeseries(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    lines: &[Line],
+    markers: &[Marker],
+) -> Result<()> {
     let root = BitMapBackend::new(path, (860, 380)).into_drawing_area();
     root.fill(&WHITE).map_err(e)?;
     chart(&root, title, x_desc, y_desc, lines, markers, None)?;
@@ -148,7 +161,13 @@ pub fn timeseries(path: &Path, title: &str, x_desc: &str, y_desc: &str, lines: &
 }
 
 /// Side-by-side panels, each a set of lines (e.g. latency CDFs per pipelining level).
-pub fn panels(path: &Path, panels: &[(String, Vec<Line>)], x_desc: &str, y_desc: &str, y_max: Option<f64>) -> Result<()> {
+pub fn panels(
+    path: &Path,
+    panels: &[(String, Vec<Line>)],
+    x_desc: &str,
+    y_desc: &str,
+    y_max: Option<f64>,
+) -> Result<()> {
     if panels.is_empty() {
         return Ok(());
     }
@@ -177,11 +196,24 @@ mod tests {
     fn draws_small_pngs() {
         let dir = tempfile::tempdir().unwrap();
         let lines = vec![
-            Line { label: "primary".into(), color: BLUE_, points: (0..50).map(|i| (i as f64 * 0.1, (i % 7) as f64)).collect(), stroke: 0 },
+            Line {
+                label: "primary".into(),
+                color: BLUE_,
+                points: (0..50).map(|i| (i as f64 * 0.1, (i % 7) as f64)).collect(),
+                stroke: 0,
+            },
             Line { label: "backup".into(), color: RED_, points: vec![(2.0, 1.0), (4.9, 3.0)], stroke: 0 }.width(4),
         ];
         let p = dir.path().join("t.png");
-        timeseries(&p, "log bandwidth", "s", "Mbit/s", &lines, &[Marker { x: 2.5, label: "kill".into(), color: GREY_ }]).unwrap();
+        timeseries(
+            &p,
+            "log bandwidth",
+            "s",
+            "Mbit/s",
+            &lines,
+            &[Marker { x: 2.5, label: "kill".into(), color: GREY_ }],
+        )
+        .unwrap();
         let png = std::fs::read(&p).unwrap();
         assert_eq!(&png[1..4], b"PNG");
         let q = dir.path().join("p.png");

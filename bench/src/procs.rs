@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 
 static LIVE: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 static TEMP_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -35,7 +35,11 @@ pub fn kill_all() {
 
 /// On SIGINT/SIGTERM/SIGHUP: kill all children, remove temp dirs, exit 130.
 pub fn install_signal_handler() -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             eprintln!("lockstep-bench: signal {sig}: stopping every child");
@@ -119,7 +123,11 @@ impl Proc {
                 Ok(_) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if let Some(code) = self.exited()? {
-                        bail!("{} exited ({code}) before saying {needle:?}; its last lines:\n{}", self.name, self.tail(15));
+                        bail!(
+                            "{} exited ({code}) before saying {needle:?}; its last lines:\n{}",
+                            self.name,
+                            self.tail(15)
+                        );
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -294,7 +302,6 @@ pub fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
     set
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +333,10 @@ mod tests {
         assert!(LIVE.lock().unwrap().contains(&pid));
         drop(p);
         assert!(!LIVE.lock().unwrap().contains(&pid));
-        assert!(std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true) || cpu_seconds_of(pid).is_none());
+        assert!(
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
+                || cpu_seconds_of(pid).is_none()
+        );
     }
 
     #[test]

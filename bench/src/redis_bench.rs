@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::procs::Proc;
@@ -99,7 +99,14 @@ pub fn parse_output(text: &str) -> Result<Vec<TestResult>> {
 
 /// Runs `redis-benchmark -t set,get -n N -P P -c C` against `addr` and parses the result.
 /// `cpus` restricts the client to those CPUs (None: anywhere).
-pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, cpus: Option<&[usize]>, timeout: Duration) -> Result<Vec<TestResult>> {
+pub fn run(
+    addr: SocketAddr,
+    requests: u64,
+    pipeline: u32,
+    clients: u32,
+    cpus: Option<&[usize]>,
+    timeout: Duration,
+) -> Result<Vec<TestResult>> {
     let mut cmd = Command::new("redis-benchmark");
     if let Some(cpus) = cpus {
         let set = crate::procs::cpu_set(cpus);
@@ -121,7 +128,8 @@ pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, cpus: O
     if !ok {
         bail!("redis-benchmark failed: {}", p.tail(5));
     }
-    let res = parse_output(&out).with_context(|| format!("redis-benchmark output: {}", out.chars().take(500).collect::<String>()))?;
+    let res = parse_output(&out)
+        .with_context(|| format!("redis-benchmark output: {}", out.chars().take(500).collect::<String>()))?;
     for t in &res {
         if t.requests < requests {
             bail!("redis-benchmark completed {} of {requests} {} requests", t.requests, t.test);
@@ -134,11 +142,7 @@ pub fn run(addr: SocketAddr, requests: u64, pipeline: u32, clients: u32, cpus: O
 pub fn combined_rps(tests: &[TestResult]) -> f64 {
     let time: f64 = tests.iter().map(|t| if t.seconds > 0.0 { t.seconds } else { t.requests as f64 / t.rps }).sum();
     let reqs: f64 = tests.iter().map(|t| t.requests as f64).sum();
-    if time > 0.0 {
-        reqs / time
-    } else {
-        0.0
-    }
+    if time > 0.0 { reqs / time } else { 0.0 }
 }
 
 #[cfg(test)]

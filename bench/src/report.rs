@@ -246,11 +246,17 @@ impl Report {
             met: kv.map(|b| b <= 18e6),
             why: String::new(),
         });
-        if let Some(sat) = self.log_bandwidth.iter().filter(|r| r.load.starts_with("saturated")).max_by(|a, b| a.bits_per_second.total_cmp(&b.bits_per_second)) {
+        if let Some(sat) = self
+            .log_bandwidth
+            .iter()
+            .filter(|r| r.load.starts_with("saturated"))
+            .max_by(|a, b| a.bits_per_second.total_cmp(&b.bits_per_second))
+        {
             t.push(Target {
                 figure: format!("Log bandwidth, kvstore {}", sat.load),
                 measured: mbit(Some(sat.bits_per_second)),
-                target: "context: the original's 1.5–18 Mbit/s were real applications, not a saturating benchmark".into(),
+                target: "context: the original's 1.5–18 Mbit/s were real applications, not a saturating benchmark"
+                    .into(),
                 met: None,
                 why: String::new(),
             });
@@ -265,8 +271,13 @@ impl Report {
         });
         let fo = self.failover_seconds.as_ref();
         t.push(Target {
-            figure: format!("Failover time (kill -9 → first correct reply), {} kills", fo.map(|s| s.samples.len()).unwrap_or(0)),
-            measured: fo.map(|s| format!("min {:.3} / median {:.3} / max {:.3} s", s.min, s.median, s.max)).unwrap_or_else(|| "–".into()),
+            figure: format!(
+                "Failover time (kill -9 → first correct reply), {} kills",
+                fo.map(|s| s.samples.len()).unwrap_or(0)
+            ),
+            measured: fo
+                .map(|s| format!("min {:.3} / median {:.3} / max {:.3} s", s.min, s.median, s.max))
+                .unwrap_or_else(|| "–".into()),
             target: "< 1 s".into(),
             met: fo.map(|s| s.max < 1.0),
             why: String::new(),
@@ -316,8 +327,14 @@ impl Report {
             self.git_commit.as_ref().map(|c| format!(" on commit `{c}`")).unwrap_or_default(),
             self.wall_seconds
         );
-        let _ = writeln!(w, "Run it from the repository root (needs `/dev/kvm`, `redis-tools` and Debian's `prometheus`):\n");
-        let _ = writeln!(w, "```sh\ncargo build --release -p lockstep-agent\ncargo run --release -p lockstep-bench            # ~10 min, writes docs/benchmarks.{{md,json}} and docs/img/*.png\ncargo run --release -p lockstep-bench -- --quick # ~2 min smoke run (fewer rounds and kills)\n```\n");
+        let _ = writeln!(
+            w,
+            "Run it from the repository root (needs `/dev/kvm`, `redis-tools` and Debian's `prometheus`):\n"
+        );
+        let _ = writeln!(
+            w,
+            "```sh\ncargo build --release -p lockstep-agent\ncargo run --release -p lockstep-bench            # ~10 min, writes docs/benchmarks.{{md,json}} and docs/img/*.png\ncargo run --release -p lockstep-bench -- --quick # ~2 min smoke run (fewer rounds and kills)\n```\n"
+        );
 
         let _ = writeln!(w, "## Against the targets\n");
         let _ = writeln!(w, "| figure | measured | target | met |\n|---|---|---|---|");
@@ -346,7 +363,15 @@ impl Report {
         let _ = writeln!(w, "| kernel / hypervisor | {} / {} |", mc.kernel, mc.hypervisor);
         let _ = writeln!(w, "| guest CPL0 (kernel, real mode) | {} |", mc.cpl0);
         let _ = writeln!(w, "| guest CPL3 (user) | {} |", mc.cpl3);
-        let _ = writeln!(w, "| PMU (branch counter) | {} |", if mc.pmu { "present" } else { "none: asynchronous events are delivered at exits, never at an arbitrary instruction" });
+        let _ = writeln!(
+            w,
+            "| PMU (branch counter) | {} |",
+            if mc.pmu {
+                "present"
+            } else {
+                "none: asynchronous events are delivered at exits, never at an arbitrary instruction"
+            }
+        );
         let _ = writeln!(w, "| load average at start / end | {} / {} |", mc.load_average_start, mc.load_average_end);
         let _ = writeln!(
             w,
@@ -398,12 +423,21 @@ impl Report {
         );
         if self.plots.iter().any(|p| p.contains("latency")) {
             let _ = writeln!(w, "\n![SET latency distribution per mode](img/latency-cdf.png)\n");
-            let _ = writeln!(w, "Latency distributions of SET per mode and pipelining level (redis-benchmark's percentile table, last round).");
+            let _ = writeln!(
+                w,
+                "Latency distributions of SET per mode and pipelining level (redis-benchmark's percentile table, last round)."
+            );
         }
 
         let _ = writeln!(w, "\n## Logging bandwidth\n");
-        let _ = writeln!(w, "Measured on the primary of an FT pair from `lockstep_log_bytes_sent_total` (what goes over the logging channel).\n");
-        let _ = writeln!(w, "| guest | load | seconds | log bandwidth | entries/s | exits/s | wall µs/exit | CPU µs/exit |\n|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            w,
+            "Measured on the primary of an FT pair from `lockstep_log_bytes_sent_total` (what goes over the logging channel).\n"
+        );
+        let _ = writeln!(
+            w,
+            "| guest | load | seconds | log bandwidth | entries/s | exits/s | wall µs/exit | CPU µs/exit |\n|---|---|---|---|---|---|---|---|"
+        );
         for r in &self.log_bandwidth {
             let _ = writeln!(
                 w,
@@ -461,7 +495,8 @@ impl Report {
                 self.heartbeat_timeout_ms
             );
             let _ = writeln!(w, "min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.\n", s.min, s.median, s.max);
-            let live: Vec<String> = self.failovers.iter().filter(|r| r.how != "SIGSTOP").map(|r| format!("{:.3}", r.seconds)).collect();
+            let live: Vec<String> =
+                self.failovers.iter().filter(|r| r.how != "SIGSTOP").map(|r| format!("{:.3}", r.seconds)).collect();
             let _ = writeln!(
                 w,
                 "Each kill: {} s. Runs where the counter incremented (and acknowledged) before the failure differed afterwards: {}.",
@@ -474,11 +509,28 @@ impl Report {
                  sends nothing; that path is detected by the heartbeat timeout only, measured by freezing the primary with SIGSTOP instead:"
             );
             if let Some(s) = &self.failover_silent_seconds {
-                let _ = writeln!(w, "\nSIGSTOP, {} runs: min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.", s.samples.len(), s.min, s.median, s.max);
+                let _ = writeln!(
+                    w,
+                    "\nSIGSTOP, {} runs: min **{:.3} s**, median **{:.3} s**, max **{:.3} s**.",
+                    s.samples.len(),
+                    s.min,
+                    s.median,
+                    s.max
+                );
             }
-            let _ = writeln!(w, "\n| failure | backup says \"going live\" | first TCP connect accepted | first correct reply |\n|---|---|---|---|");
+            let _ = writeln!(
+                w,
+                "\n| failure | backup says \"going live\" | first TCP connect accepted | first correct reply |\n|---|---|---|---|"
+            );
             for r in &self.failovers {
-                let _ = writeln!(w, "| {} | {} | {} | {:.3} s |", r.how, ms(r.went_live_seconds), ms(r.first_connect_seconds), r.seconds);
+                let _ = writeln!(
+                    w,
+                    "| {} | {} | {} | {:.3} s |",
+                    r.how,
+                    ms(r.went_live_seconds),
+                    ms(r.first_connect_seconds),
+                    r.seconds
+                );
             }
         }
         if self.plots.iter().any(|p| p.contains("failover")) {
@@ -490,7 +542,10 @@ impl Report {
         }
 
         let _ = writeln!(w, "\n## Live clone (restoring redundancy)\n");
-        let _ = writeln!(w, "| guest memory | pause (median) | clone duration (median) | backup start → in sync | runs |\n|---|---|---|---|---|");
+        let _ = writeln!(
+            w,
+            "| guest memory | pause (median) | clone duration (median) | backup start → in sync | runs |\n|---|---|---|---|---|"
+        );
         for key in ["16MiB", "64MiB", "256MiB"] {
             let runs: Vec<&CloneRun> = self.clones.iter().filter(|c| format!("{}MiB", c.memory_mib) == key).collect();
             let sync: Vec<f64> = runs.iter().map(|c| c.sync_seconds).collect();
@@ -504,7 +559,10 @@ impl Report {
                 runs.len()
             );
         }
-        let _ = writeln!(w, "\nFrom the primary's `lockstep_clone_pause_seconds` and `lockstep_clone_duration_seconds`; the kvstore guest with a 16 MiB disk, under a 200 req/s client during the clone.");
+        let _ = writeln!(
+            w,
+            "\nFrom the primary's `lockstep_clone_pause_seconds` and `lockstep_clone_duration_seconds`; the kvstore guest with a 16 MiB disk, under a 200 req/s client during the clone."
+        );
 
         let _ = writeln!(w, "\n## Prometheus\n");
         match &self.prometheus {
@@ -530,7 +588,11 @@ impl Report {
                     "The Grafana dashboard in `charts/lockstep/dashboards/lockstep.json` plots log bandwidth with\n\n```promql\n{}\n```\n\n\
                      which is the same `rate(lockstep_log_bytes_sent_total[30s]) * 8`, summed per VM ({}). Evaluated by the same server with `$vm_id` set to this VM it gave {} bit/s.",
                     p.dashboard_query,
-                    if p.dashboard_uses_same_rate { "checked by the bench" } else { "**it does not: the bench found a different expression**" },
+                    if p.dashboard_uses_same_rate {
+                        "checked by the bench"
+                    } else {
+                        "**it does not: the bench found a different expression**"
+                    },
                     f(p.dashboard_bits_per_second, 0)
                 );
                 if !p.output_hold_p99_query.is_empty() {
@@ -572,7 +634,13 @@ mod tests {
         r.clone_pause_seconds.insert("16MiB".into(), Some(0.004));
         r.clone_pause_seconds.insert("64MiB".into(), Some(0.012));
         r.clone_pause_seconds.insert("256MiB".into(), None);
-        r.throughput.push(ThroughputCell { mode: "ft".into(), pipeline: 1, requests_per_second: 9000.0, ratio_to_plain: Some(0.91), ..Default::default() });
+        r.throughput.push(ThroughputCell {
+            mode: "ft".into(),
+            pipeline: 1,
+            requests_per_second: 9000.0,
+            ratio_to_plain: Some(0.91),
+            ..Default::default()
+        });
         r.prometheus = Some(PromCheck {
             query: "rate(lockstep_log_bytes_sent_total[30s]) * 8".into(),
             prometheus_bits_per_second: 1000.0,

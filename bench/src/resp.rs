@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{Result, anyhow, bail};
 
 /// A reply, reduced to what the bench needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,10 +193,11 @@ impl RateClient {
                     }
                     Ok(_) => {
                         st.ok.fetch_add(1, Ordering::Relaxed);
-                        st.latencies
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push(((t0 - started).as_secs_f64(), t0.elapsed().as_secs_f64(), req_bytes));
+                        st.latencies.lock().unwrap_or_else(|e| e.into_inner()).push((
+                            (t0 - started).as_secs_f64(),
+                            t0.elapsed().as_secs_f64(),
+                            req_bytes,
+                        ));
                     }
                 }
                 i += 1;

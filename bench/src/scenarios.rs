@@ -6,15 +6,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 
-use crate::agents::{remove_matching, Env, Guest, PairSpec, Standalone};
+use crate::agents::{Env, Guest, PairSpec, Standalone, remove_matching};
 use crate::plot::{self, Line, Marker};
 use crate::prom::{self, Scrape};
 use crate::redis_bench::{self, TestResult};
 use crate::report::{CloneRun, FailoverRun, LogRow, PromCheck, Quantiles, RateRun, Report, ThroughputCell};
 use crate::resp::{RateClient, Reply, Resp};
-use crate::sampler::{unix_now, Sampler};
+use crate::sampler::{Sampler, unix_now};
 use crate::stats::{self, Bucket};
 
 /// What to run, and how much of it.
@@ -147,7 +147,9 @@ struct Cell {
 
 pub fn throughput(b: &mut Bench) -> Result<()> {
     let env = b.env.clone();
-    b.progress("throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB memory, 512 MiB disk)");
+    b.progress(
+        "throughput: starting the plain VM, the recording VM and an FT pair (kvstore, 64 MiB memory, 512 MiB disk)",
+    );
     // The kvstore logs every write to its disk: give the long runs room (the files are sparse).
     let disk_mib = 512;
     let plain = Standalone::start(&env, "plain", Guest::Kvstore, false, disk_mib)?;
@@ -159,12 +161,16 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     sampler.add("ft-primary", ftp.ports.metrics);
     sampler.add("ft-backup", ftb.ports.metrics);
 
-    let targets: [(SocketAddr, SocketAddr, i32); 3] =
-        [(plain.client, plain.metrics, plain.proc.pid), (rec.client, rec.metrics, rec.proc.pid), (ftp.ports.client, ftp.ports.metrics, ftp.proc.pid)];
+    let targets: [(SocketAddr, SocketAddr, i32); 3] = [
+        (plain.client, plain.metrics, plain.proc.pid),
+        (rec.client, rec.metrics, rec.proc.pid),
+        (ftp.ports.client, ftp.ports.metrics, ftp.proc.pid),
+    ];
     let agents = [&plain.proc, &rec.proc, &ftp.proc];
     // The two-host placement needs two cores; on one, only the shared modes run.
     let two_cores = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
-    let modes: Vec<usize> = (0..MODES.len()).filter(|&m| two_cores || MODES[m].placement == Placement::Shared).collect();
+    let modes: Vec<usize> =
+        (0..MODES.len()).filter(|&m| two_cores || MODES[m].placement == Placement::Shared).collect();
     let place = |p: Placement| -> Result<Option<&'static [usize]>> {
         let (vm, backup, client): (&[usize], &[usize], Option<&'static [usize]>) = match p {
             Placement::Shared => (&[0, 1], &[0, 1], None),
@@ -180,7 +186,8 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     b.progress("throughput: warm-up run on each agent");
     place(Placement::Shared)?;
     for (i, (addr, _, _)) in targets.iter().enumerate() {
-        redis_bench::run(*addr, (b.cfg.requests / 5).max(1000), 16, b.cfg.clients, None, timeout).with_context(|| format!("warm-up of {}", MODES[i].name))?;
+        redis_bench::run(*addr, (b.cfg.requests / 5).max(1000), 16, b.cfg.clients, None, timeout)
+            .with_context(|| format!("warm-up of {}", MODES[i].name))?;
     }
 
     let mut cells: BTreeMap<(usize, u32), Cell> = BTreeMap::new();
@@ -202,7 +209,14 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 let bcpu0 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
                 let j0 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
                 let t0 = sampler.now();
-                let res = match redis_bench::run(addr, requests_at(b.cfg.requests, pl), pl, b.cfg.clients, client_cpus, timeout) {
+                let res = match redis_bench::run(
+                    addr,
+                    requests_at(b.cfg.requests, pl),
+                    pl,
+                    b.cfg.clients,
+                    client_cpus,
+                    timeout,
+                ) {
                     Ok(r) => r,
                     Err(e) => {
                         bail!("{} P={pl}: {e:#}; the agent's last lines:\n{}", mode.name, agents[mode.agent].tail(8));
@@ -216,7 +230,8 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 let rps = redis_bench::combined_rps(&res);
                 let c = cells.entry((m, pl)).or_default();
                 c.rps.push(rps);
-                c.exits += after.get("lockstep_exits_total").unwrap_or(0.0) - before.get("lockstep_exits_total").unwrap_or(0.0);
+                c.exits += after.get("lockstep_exits_total").unwrap_or(0.0)
+                    - before.get("lockstep_exits_total").unwrap_or(0.0);
                 c.requests += res.iter().map(|t| t.requests as f64).sum::<f64>();
                 c.seconds += t1 - t0;
                 c.cpu += cpu1 - cpu0;
@@ -225,8 +240,19 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 c.jiffies += j1.1 - j0.1;
                 c.tests.push(res);
                 if mode.name == "ft" {
-                    let row = log_row("kvstore", &format!("saturated: redis-benchmark -P {pl}"), &before, &after, t1 - t0, cpu1 - cpu0);
-                    let agg = saturated.entry(pl).or_insert_with(|| LogRow { load: row.load.clone(), guest: row.guest.clone(), ..Default::default() });
+                    let row = log_row(
+                        "kvstore",
+                        &format!("saturated: redis-benchmark -P {pl}"),
+                        &before,
+                        &after,
+                        t1 - t0,
+                        cpu1 - cpu0,
+                    );
+                    let agg = saturated.entry(pl).or_insert_with(|| LogRow {
+                        load: row.load.clone(),
+                        guest: row.guest.clone(),
+                        ..Default::default()
+                    });
                     agg.seconds += row.seconds;
                     agg.log_bytes += row.log_bytes;
                     agg.log_entries += row.log_entries;
@@ -240,10 +266,20 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                             acc.count += x.count;
                         }
                     }
-                    lag.extend(sampler.points("ft-primary", t0, t1).iter().filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")));
+                    lag.extend(
+                        sampler
+                            .points("ft-primary", t0, t1)
+                            .iter()
+                            .filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")),
+                    );
                 }
                 done += 1;
-                b.progress(&format!("throughput {done}/{total}: round {}/{}, -P {pl}, {}: {rps:.0} req/s", round + 1, b.cfg.rounds, mode.name));
+                b.progress(&format!(
+                    "throughput {done}/{total}: round {}/{}, -P {pl}, {}: {rps:.0} req/s",
+                    round + 1,
+                    b.cfg.rounds,
+                    mode.name
+                ));
             }
         }
     }
@@ -308,7 +344,13 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
     b.report.ft_throughput_ratio_shared_cores = stats::geometric_mean(&ft_shared_ratios);
     b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
-    let plain_all: Vec<f64> = b.cfg.pipelines.iter().filter_map(|pl| cells.get(&(0, *pl))).filter_map(|c| stats::coefficient_of_variation(&c.rps)).collect();
+    let plain_all: Vec<f64> = b
+        .cfg
+        .pipelines
+        .iter()
+        .filter_map(|pl| cells.get(&(0, *pl)))
+        .filter_map(|c| stats::coefficient_of_variation(&c.rps))
+        .collect();
     b.report.machine.plain_throughput_cv = stats::median(&plain_all);
     b.report.output_hold_seconds.insert("redis_benchmark".into(), hold_quantiles(&hold_total));
     b.report.execution_lag_seconds.insert("redis_benchmark".into(), sample_quantiles(&lag));
@@ -330,12 +372,20 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
             if let Some(last) = cells[&(m, pl)].tests.last() {
                 if let Some(t) = last.iter().find(|t| t.test == "SET") {
                     // (latency ms, percentile): a CDF.
-                    lines.push(Line { label: name.to_string(), color: colors[m], points: t.distribution.iter().map(|&(p, ms)| (ms, p)).collect(), stroke: 0 });
+                    lines.push(Line {
+                        label: name.to_string(),
+                        color: colors[m],
+                        points: t.distribution.iter().map(|&(p, ms)| (ms, p)).collect(),
+                        stroke: 0,
+                    });
                 }
             }
         }
         // Cut the x axis at twice the largest p99 so the bulk is visible; the tail is in the table.
-        let p99 = lines.iter().filter_map(|l: &Line| l.points.iter().find(|p| p.1 >= 99.0).map(|p| p.0)).fold(0.0f64, f64::max);
+        let p99 = lines
+            .iter()
+            .filter_map(|l: &Line| l.points.iter().find(|p| p.1 >= 99.0).map(|p| p.0))
+            .fold(0.0f64, f64::max);
         if p99 > 0.0 {
             let cut = p99 * 2.0;
             for l in &mut lines {
@@ -355,7 +405,10 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
 
     for (name, s) in [("plain", plain), ("record", rec)] {
         let j = s.stop()?;
-        b.progress(&format!("throughput: {name} agent summary: {} exits, {} exits/s, log {} bytes", j["exits"], j["exits_per_second"], j["log_bytes"]));
+        b.progress(&format!(
+            "throughput: {name} agent summary: {} exits, {} exits/s, log {} bytes",
+            j["exits"], j["exits_per_second"], j["log_bytes"]
+        ));
     }
     drop((ftp, ftb));
     Ok(())
@@ -409,7 +462,12 @@ pub fn log_bandwidth(b: &mut Bench, guest: Guest) -> Result<()> {
         Guest::Kvstore => "",
     };
     let row = log_row(guest.name(), load, &s0, &s1, secs, cpu);
-    b.progress(&format!("log bandwidth: {}: {:.1} kbit/s, {:.0} exits/s", guest.name(), row.bits_per_second / 1e3, row.exits_per_second));
+    b.progress(&format!(
+        "log bandwidth: {}: {:.1} kbit/s, {:.0} exits/s",
+        guest.name(),
+        row.bits_per_second / 1e3,
+        row.exits_per_second
+    ));
     b.report.log_bits_per_second.insert(guest.name().into(), Some(row.bits_per_second));
     b.report.log_bandwidth.push(row);
     Ok(())
@@ -439,7 +497,10 @@ impl Prometheus {
         let version = std::process::Command::new(&b.cfg.prometheus)
             .arg("--version")
             .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string() + String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or(""))
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()
+                    + String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+            })
             .with_context(|| format!("running {} (apt-get install prometheus)", b.cfg.prometheus.display()))?;
         let addr = crate::agents::free_addr()?;
         let mut cmd = std::process::Command::new(&b.cfg.prometheus);
@@ -502,7 +563,10 @@ pub fn is_log_bandwidth_query(expr: &str) -> bool {
 pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     let env = b.env.clone();
     let vm = "rate";
-    b.progress(&format!("fixed rate: FT pair of the kvstore, a client at {:.0} req/s, Prometheus scraping every 1 s", b.cfg.rate));
+    b.progress(&format!(
+        "fixed rate: FT pair of the kvstore, a client at {:.0} req/s, Prometheus scraping every 1 s",
+        b.cfg.rate
+    ));
     let spec = PairSpec::new(&env, vm, Guest::Kvstore, 64);
     let (mut p, mut bk) = spec.start(&env, vm)?;
     let promsrv = match Prometheus::start(b, &[p.ports.metrics, bk.ports.metrics]) {
@@ -544,7 +608,8 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     let log_bytes = dv(&log).context("no metrics samples of the primary in the steady window")?;
     let bytes_out = dv(&series("primary", "lockstep_client_bytes_sent_total")).unwrap_or(0.0);
     let lats: Vec<(f64, f64, u64)> = client.stats.latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let in_window: Vec<&(f64, f64, u64)> = lats.iter().filter(|(t, _, _)| t + client_offset >= w0 && t + client_offset <= w1).collect();
+    let in_window: Vec<&(f64, f64, u64)> =
+        lats.iter().filter(|(t, _, _)| t + client_offset >= w0 && t + client_offset <= w1).collect();
     let requests = in_window.len() as f64;
     // The agent exports lockstep_client_bytes_received_total but the pair primary never counts
     // it (it stays 0), so client bytes in come from the client's own count of what it sent.
@@ -573,7 +638,14 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     // The same window as a log-bandwidth row (exits and CPU from the sampled counters).
     let pts = sampler.points("primary", w0, w1);
     if let (Some(first), Some(last)) = (pts.first(), pts.last()) {
-        let mut row = log_row("kvstore", &format!("{:.0} req/s, one connection, SET/GET of 32-byte values", b.cfg.rate), &first.scrape, &last.scrape, last.t - first.t, 0.0);
+        let mut row = log_row(
+            "kvstore",
+            &format!("{:.0} req/s, one connection, SET/GET of 32-byte values", b.cfg.rate),
+            &first.scrape,
+            &last.scrape,
+            last.t - first.t,
+            0.0,
+        );
         row.cpu_us_per_exit = None;
         b.report.log_bandwidth.push(row);
     }
@@ -673,7 +745,14 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     Ok(())
 }
 
-fn prometheus_check(b: &Bench, ps: &Prometheus, sampler: &Sampler, at: f64, vm: &str, primary_metrics: SocketAddr) -> Result<PromCheck> {
+fn prometheus_check(
+    b: &Bench,
+    ps: &Prometheus,
+    sampler: &Sampler,
+    at: f64,
+    vm: &str,
+    primary_metrics: SocketAddr,
+) -> Result<PromCheck> {
     let up = ps.query("up", at)?.iter().filter(|s| s.value == 1.0).count();
     let res = ps.query(LOG_BANDWIDTH_QUERY, at)?;
     let instance = primary_metrics.to_string();
@@ -683,16 +762,26 @@ fn prometheus_check(b: &Bench, ps: &Prometheus, sampler: &Sampler, at: f64, vm: 
         .map(|s| s.value)
         .with_context(|| format!("no series for the primary ({instance}) in {res:?}"))?;
     let own = sampler.series_unix("primary", LOG_BYTES);
-    let agent_bps = stats::rate_between(&own, at - 30.0, at).context("the agent's samples do not cover the 30 s window")? * 8.0;
+    let agent_bps =
+        stats::rate_between(&own, at - 30.0, at).context("the agent's samples do not cover the 30 s window")? * 8.0;
     let diff = (prom_bps - agent_bps) / agent_bps;
 
-    let dash_text = std::fs::read_to_string(&b.cfg.dashboard).with_context(|| format!("reading {}", b.cfg.dashboard.display()))?;
+    let dash_text =
+        std::fs::read_to_string(&b.cfg.dashboard).with_context(|| format!("reading {}", b.cfg.dashboard.display()))?;
     let queries = dashboard_queries(&dash_text)?;
     let dash = queries.iter().find(|q| q.contains(LOG_BYTES)).cloned().unwrap_or_default();
     let dash_eval = dash.replace("$vm_id", vm);
-    let dash_bps = if dash.is_empty() { None } else { ps.query(&dash_eval, at)?.iter().find(|s| s.metric.get("vm_id").map(|v| v == vm).unwrap_or(true)).map(|s| s.value) };
+    let dash_bps = if dash.is_empty() {
+        None
+    } else {
+        ps.query(&dash_eval, at)?
+            .iter()
+            .find(|s| s.metric.get("vm_id").map(|v| v == vm).unwrap_or(true))
+            .map(|s| s.value)
+    };
     let hold = queries.iter().find(|q| q.contains("lockstep_output_hold_seconds")).cloned().unwrap_or_default();
-    let hold_p99 = if hold.is_empty() { None } else { ps.query(&hold.replace("$vm_id", vm), at)?.first().map(|s| s.value) };
+    let hold_p99 =
+        if hold.is_empty() { None } else { ps.query(&hold.replace("$vm_id", vm), at)?.first().map(|s| s.value) };
     Ok(PromCheck {
         prometheus_version: ps.version.clone(),
         scrape_interval: "1s".into(),
@@ -721,7 +810,13 @@ pub fn failovers(b: &mut Bench) -> Result<()> {
     let times = failover_runs(b, kills, false)?;
     b.report.failover_seconds = stats::Spread::of(&times);
     b.report.heartbeat_timeout_ms = 500;
-    let silent = if b.cfg.kills == 0 { 0 } else if b.cfg.quick { 1 } else { 3 };
+    let silent = if b.cfg.kills == 0 {
+        0
+    } else if b.cfg.quick {
+        1
+    } else {
+        3
+    };
     let times = failover_runs(b, silent, true)?;
     b.report.failover_silent_seconds = stats::Spread::of(&times);
     Ok(())
@@ -774,7 +869,11 @@ fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
             std::thread::sleep(Duration::from_millis(5));
         };
         let secs = (t1 - t0).as_secs_f64();
-        let live = bk.proc.wait_line_at("going live", Duration::from_secs(1)).ok().map(|(t, _)| t.saturating_duration_since(t0).as_secs_f64());
+        let live = bk
+            .proc
+            .wait_line_at("going live", Duration::from_secs(1))
+            .ok()
+            .map(|(t, _)| t.saturating_duration_since(t0).as_secs_f64());
         let mut r = Resp::connect(addr, Duration::from_secs(5))?;
         let counter: i64 = r.cmd(&["GET", "failover:counter"])?.text().and_then(|t| t.parse().ok()).unwrap_or(-1);
         let ok = counter == acked;
@@ -831,8 +930,18 @@ pub fn clones(b: &mut Bench) -> Result<()> {
                 sleep_s(0.1);
             };
             drop(load);
-            b.progress(&format!("clone {n}/{total}: {mib} MiB: pause {:.1} ms, clone {:.0} ms, backup start → in sync {:.2} s", pause * 1e3, dur * 1e3, sync));
-            b.report.clones.push(CloneRun { memory_mib: mib, pause_seconds: pause, duration_seconds: dur, sync_seconds: sync });
+            b.progress(&format!(
+                "clone {n}/{total}: {mib} MiB: pause {:.1} ms, clone {:.0} ms, backup start → in sync {:.2} s",
+                pause * 1e3,
+                dur * 1e3,
+                sync
+            ));
+            b.report.clones.push(CloneRun {
+                memory_mib: mib,
+                pause_seconds: pause,
+                duration_seconds: dur,
+                sync_seconds: sync,
+            });
             let e = per_size.entry(mib).or_default();
             e.0.push(pause);
             e.1.push(dur);
@@ -854,8 +963,12 @@ mod tests {
     #[test]
     fn recognises_the_log_bandwidth_query() {
         assert!(is_log_bandwidth_query(LOG_BANDWIDTH_QUERY));
-        assert!(is_log_bandwidth_query("sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[30s]) * 8)"));
-        assert!(!is_log_bandwidth_query("sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[5m]) * 8)"));
+        assert!(is_log_bandwidth_query(
+            "sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[30s]) * 8)"
+        ));
+        assert!(!is_log_bandwidth_query(
+            "sum by (vm_id) (rate(lockstep_log_bytes_sent_total{vm_id=~\"$vm_id\"}[5m]) * 8)"
+        ));
         assert!(!is_log_bandwidth_query("rate(lockstep_log_bytes_sent_total[30s])"));
         assert!(!is_log_bandwidth_query("irate(lockstep_log_bytes_received_total[30s]) * 8"));
     }

@@ -79,7 +79,11 @@ pub fn bucket_delta(after: &[Bucket], before: &[Bucket]) -> Vec<Bucket> {
     after
         .iter()
         .map(|a| {
-            let b = before.iter().find(|b| b.le == a.le || (b.le.is_infinite() && a.le.is_infinite())).map(|b| b.count).unwrap_or(0.0);
+            let b = before
+                .iter()
+                .find(|b| b.le == a.le || (b.le.is_infinite() && a.le.is_infinite()))
+                .map(|b| b.count)
+                .unwrap_or(0.0);
             Bucket { le: a.le, count: (a.count - b).max(0.0) }
         })
         .collect()

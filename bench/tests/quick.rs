@@ -17,7 +17,8 @@ fn quick_bench_writes_a_complete_report() {
         .status()
         .expect("run lockstep-bench");
     assert!(status.success(), "lockstep-bench --quick failed: {status}");
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("benchmarks.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("benchmarks.json")).unwrap()).unwrap();
     assert!(json["ft_throughput_ratio"].as_f64().unwrap() > 0.0);
     assert!(json["record_throughput_ratio"].as_f64().unwrap() > 0.0);
     for k in ["idle", "kvstore", "compute"] {

@@ -21,8 +21,7 @@ use lockstep_operator::controller::{self, Context, Settings};
 use lockstep_operator::metrics::Metrics;
 
 /// The message every test fails with when the bed is missing.
-pub const NOT_RUNNING: &str =
-    "test bed not running: run e2e/cluster/up, then eval \"$(e2e/cluster/env)\"";
+pub const NOT_RUNNING: &str = "test bed not running: run e2e/cluster/up, then eval \"$(e2e/cluster/env)\"";
 
 /// Repository root.
 pub fn repo_root() -> PathBuf {
@@ -35,9 +34,7 @@ pub async fn client() -> Client {
     if kubeconfig.is_empty() || !Path::new(&kubeconfig).exists() {
         panic!("{NOT_RUNNING} (KUBECONFIG is {kubeconfig:?})");
     }
-    let client = Client::try_default()
-        .await
-        .unwrap_or_else(|e| panic!("{NOT_RUNNING}: cannot load {kubeconfig}: {e}"));
+    let client = Client::try_default().await.unwrap_or_else(|e| panic!("{NOT_RUNNING}: cannot load {kubeconfig}: {e}"));
     if let Err(e) = client.apiserver_version().await {
         panic!("{NOT_RUNNING}: the apiserver in {kubeconfig} does not answer: {e}");
     }
@@ -65,31 +62,22 @@ where
 /// Installs (server-side applies) the committed CRD and waits until it is Established.
 pub async fn install_crd(client: &Client) -> CustomResourceDefinition {
     let path = repo_root().join("crds/ftvirtualmachine.yaml");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    let crd: CustomResourceDefinition =
-        serde_saphyr::from_str(&text).expect("committed CRD parses");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("committed CRD parses");
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut body = serde_json::to_value(&crd).unwrap();
     body["apiVersion"] = "apiextensions.k8s.io/v1".into();
     body["kind"] = "CustomResourceDefinition".into();
-    api.patch(
-        &crd.name_any(),
-        &PatchParams::apply("lockstep-e2e").force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the apiserver refused the CRD: {e}"));
+    api.patch(&crd.name_any(), &PatchParams::apply("lockstep-e2e").force(), &Patch::Apply(&body))
+        .await
+        .unwrap_or_else(|e| panic!("the apiserver refused the CRD: {e}"));
     wait_for("the CRD to be Established", Duration::from_secs(30), || {
         let api = api.clone();
         let name = crd.name_any();
         async move {
             let c = api.get(&name).await.ok()?;
             let conds = c.status.as_ref()?.conditions.as_ref()?;
-            conds
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True")
-                .then_some(c)
+            conds.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(c)
         }
     })
     .await
@@ -104,33 +92,20 @@ pub struct TestNamespace {
 
 impl std::fmt::Debug for TestNamespace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestNamespace")
-            .field("name", &self.name)
-            .finish()
+        f.debug_struct("TestNamespace").field("name", &self.name).finish()
     }
 }
 
 impl TestNamespace {
     /// Creates `lockstep-e2e-<prefix>-<random>`.
     pub async fn create(client: &Client, prefix: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "lockstep-e2e-{prefix}-{:x}",
-            (nanos as u64) ^ u64::from(std::process::id()) << 40
-        );
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let name = format!("lockstep-e2e-{prefix}-{:x}", (nanos as u64) ^ u64::from(std::process::id()) << 40);
         let api: Api<Namespace> = Api::all(client.clone());
-        let ns: Namespace =
-            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
-        api.create(&PostParams::default(), &ns)
-            .await
-            .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
-        TestNamespace {
-            name,
-            client: client.clone(),
-        }
+        let ns: Namespace = serde_json::from_value(serde_json::json!({ "metadata": { "name": name } })).unwrap();
+        api.create(&PostParams::default(), &ns).await.unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+        TestNamespace { name, client: client.clone() }
     }
 
     /// Deletes the namespace (not waiting for it to go).
@@ -146,24 +121,11 @@ impl TestNamespace {
 pub async fn delete_ftvms(client: &Client, ns: &str) {
     use lockstep_operator::crd::FTVirtualMachine;
     let api: Api<FTVirtualMachine> = Api::namespaced(client.clone(), ns);
-    let _ = api
-        .delete_collection(&DeleteParams::default(), &kube::api::ListParams::default())
-        .await;
-    wait_for(
-        "the FTVirtualMachines to be deleted",
-        Duration::from_secs(60),
-        || {
-            let api = api.clone();
-            async move {
-                api.list(&kube::api::ListParams::default())
-                    .await
-                    .ok()?
-                    .items
-                    .is_empty()
-                    .then_some(())
-            }
-        },
-    )
+    let _ = api.delete_collection(&DeleteParams::default(), &kube::api::ListParams::default()).await;
+    wait_for("the FTVirtualMachines to be deleted", Duration::from_secs(60), || {
+        let api = api.clone();
+        async move { api.list(&kube::api::ListParams::default()).await.ok()?.items.is_empty().then_some(()) }
+    })
     .await;
 }
 
@@ -199,11 +161,7 @@ impl Operator {
         let task = tokio::spawn(controller::run(ctx, async move {
             let _ = rx.await;
         }));
-        Operator {
-            stop: Some(tx),
-            task: Some(task),
-            metrics,
-        }
+        Operator { stop: Some(tx), task: Some(task), metrics }
     }
 
     /// Stops the controller and waits for it.
@@ -267,17 +225,10 @@ fn close_objects(v: &mut serde_json::Value) {
                 if let Some(serde_json::Value::Object(props)) = map.get_mut("properties")
                     && props.contains_key("metadata")
                 {
-                    props
-                        .entry("apiVersion")
-                        .or_insert(serde_json::json!({"type": "string"}));
-                    props
-                        .entry("kind")
-                        .or_insert(serde_json::json!({"type": "string"}));
+                    props.entry("apiVersion").or_insert(serde_json::json!({"type": "string"}));
+                    props.entry("kind").or_insert(serde_json::json!({"type": "string"}));
                 }
-                map.insert(
-                    "additionalProperties".into(),
-                    serde_json::Value::Bool(false),
-                );
+                map.insert("additionalProperties".into(), serde_json::Value::Bool(false));
             }
             for (_, child) in map.iter_mut() {
                 close_objects(child);
@@ -293,30 +244,16 @@ fn close_objects(v: &mut serde_json::Value) {
 pub fn run_tool(cmd: &mut std::process::Command, input: Option<&str>) -> (bool, String) {
     use std::io::Write;
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(if input.is_some() {
-        std::process::Stdio::piped()
-    } else {
-        std::process::Stdio::null()
-    });
-    cmd.stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    cmd.stdin(if input.is_some() { std::process::Stdio::piped() } else { std::process::Stdio::null() });
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| {
         panic!("{program} not found ({e}): build the test bed tools with e2e/cluster/build, then eval \"$(e2e/cluster/env)\"")
     });
     if let Some(text) = input {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
+        child.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write stdin");
     }
     let out = child.wait_with_output().expect("wait");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -334,10 +271,7 @@ pub async fn live_pods(client: &Client, ns: &str) -> Vec<k8s_openapi::api::core:
 
 /// The node a pod is scheduled on ("" before scheduling).
 pub fn node_of(p: &k8s_openapi::api::core::v1::Pod) -> String {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
+    p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default()
 }
 
 /// Brings a failed test-bed node back whatever happens to the test.
@@ -373,8 +307,7 @@ pub async fn wait_for_status(
 /// The committed example FTVM (`examples/ftvm.yaml`, named `kvstore`), placed in namespace `ns`.
 pub fn example_ftvm(ns: &str) -> lockstep_operator::crd::FTVirtualMachine {
     let path = repo_root().join("examples/ftvm.yaml");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let mut vm: lockstep_operator::crd::FTVirtualMachine =
         serde_saphyr::from_str(&text).expect("the example FTVM parses");
     vm.metadata.namespace = Some(ns.to_owned());
@@ -383,25 +316,14 @@ pub fn example_ftvm(ns: &str) -> lockstep_operator::crd::FTVirtualMachine {
 
 /// Whether the pod has been given an IP.
 pub fn has_ip(p: &k8s_openapi::api::core::v1::Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_ref())
-        .is_some_and(|ip| !ip.is_empty())
+    p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some_and(|ip| !ip.is_empty())
 }
 
 /// The pod among `pods` whose `lockstep.dev/mode` label is `mode` (`primary` or `backup`).
-pub fn pod_in_mode(
-    pods: &[k8s_openapi::api::core::v1::Pod],
-    mode: &str,
-) -> k8s_openapi::api::core::v1::Pod {
+pub fn pod_in_mode(pods: &[k8s_openapi::api::core::v1::Pod], mode: &str) -> k8s_openapi::api::core::v1::Pod {
     pods.iter()
         .find(|p| p.labels()["lockstep.dev/mode"] == mode)
-        .unwrap_or_else(|| {
-            panic!(
-                "no {mode} pod among {:?}",
-                pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()
-            )
-        })
+        .unwrap_or_else(|| panic!("no {mode} pod among {:?}", pods.iter().map(|p| p.name_any()).collect::<Vec<_>>()))
         .clone()
 }
 
@@ -412,8 +334,7 @@ impl RecoverNode {
         // The guard first: a node-fail that fails halfway is undone too.
         let recover = RecoverNode(node.to_owned());
         let (ok, out) = run_tool(
-            std::process::Command::new(repo_root().join("e2e/cluster/node-fail"))
-                .args(["--no-wait", node]),
+            std::process::Command::new(repo_root().join("e2e/cluster/node-fail")).args(["--no-wait", node]),
             None,
         );
         assert!(ok, "node-fail {node}: {out}");
@@ -433,18 +354,12 @@ pub async fn wait_for_new_backup(
     ready: impl Fn(&k8s_openapi::api::core::v1::Pod) -> bool,
 ) -> k8s_openapi::api::core::v1::Pod {
     let ready = &ready;
-    let what =
-        format!("{promoted} relabelled primary and a new backup paired with it off node {dead}");
+    let what = format!("{promoted} relabelled primary and a new backup paired with it off node {dead}");
     wait_for(&what, timeout, || async move {
         let pods = live_pods(client, ns).await;
-        let promoted_ok = pods
-            .iter()
-            .any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
+        let promoted_ok = pods.iter().any(|p| p.name_any() == promoted && p.labels()["lockstep.dev/role"] == "primary");
         let fresh = pods.iter().find(|p| {
-            p.annotations()
-                .get("lockstep.dev/pairs-with")
-                .map(String::as_str)
-                == Some(promoted)
+            p.annotations().get("lockstep.dev/pairs-with").map(String::as_str) == Some(promoted)
                 && !node_of(p).is_empty()
                 && ready(p)
         })?;
@@ -454,10 +369,7 @@ pub async fn wait_for_new_backup(
 }
 
 /// Creates [`example_ftvm`] in `ns`; returns the API for FTVMs there.
-pub async fn create_example_ftvm(
-    client: &Client,
-    ns: &str,
-) -> Api<lockstep_operator::crd::FTVirtualMachine> {
+pub async fn create_example_ftvm(client: &Client, ns: &str) -> Api<lockstep_operator::crd::FTVirtualMachine> {
     let api = Api::namespaced(client.clone(), ns);
     api.create(&PostParams::default(), &example_ftvm(ns))
         .await
@@ -470,12 +382,8 @@ pub async fn wait_for_protected_after_failover(
     api: &Api<lockstep_operator::crd::FTVirtualMachine>,
     timeout: Duration,
 ) -> lockstep_operator::crd::FTVirtualMachineStatus {
-    wait_for_status(
-        api,
-        "kvstore",
-        "Protected again with one failover",
-        timeout,
-        |s| s.phase == Some(lockstep_operator::crd::Phase::Protected) && s.failover_count == 1,
-    )
+    wait_for_status(api, "kvstore", "Protected again with one failover", timeout, |s| {
+        s.phase == Some(lockstep_operator::crd::Phase::Protected) && s.failover_count == 1
+    })
     .await
 }

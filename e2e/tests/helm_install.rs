@@ -36,7 +36,11 @@ const T: Duration = Duration::from_secs(90);
 fn operator_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let bin = target.join("debug/lockstep-operator");
-    assert!(bin.exists(), "{} is missing: build it first (cargo build -p lockstep-operator; `make test` does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p lockstep-operator; `make test` does)",
+        bin.display()
+    );
     bin
 }
 
@@ -123,8 +127,16 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
 
     // 1. helm install, watching the VM namespace only (so other tests' FTVMs are not touched).
     let (ok, out) = helm(&[
-        "install", RELEASE, chart.to_str().unwrap(), "-n", RELEASE_NS, "--create-namespace",
-        "--set", &format!("watchNamespace={VM_NS}"), "--set", "replicas=1",
+        "install",
+        RELEASE,
+        chart.to_str().unwrap(),
+        "-n",
+        RELEASE_NS,
+        "--create-namespace",
+        "--set",
+        &format!("watchNamespace={VM_NS}"),
+        "--set",
+        "replicas=1",
     ]);
     assert!(ok, "helm install failed:\n{out}");
     assert!(out.contains("STATUS: deployed"), "{out}");
@@ -190,7 +202,8 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         let admin = admin.clone();
         async move {
             let p = live_pods(&admin, VM_NS).await;
-            (p.len() == 2 && p.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some())).then_some(p)
+            (p.len() == 2 && p.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some()))
+                .then_some(p)
         }
     })
     .await;
@@ -229,7 +242,10 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         Outcome::Won { epoch } => assert_eq!(epoch, seen.epoch + 1),
         lost => panic!("the primary's first take lost: {lost:?}"),
     }
-    let err = Api::<Pod>::namespaced(agent_client, VM_NS).list(&ListParams::default()).await.expect_err("agents must not read pods");
+    let err = Api::<Pod>::namespaced(agent_client, VM_NS)
+        .list(&ListParams::default())
+        .await
+        .expect_err("agents must not read pods");
     assert!(err.to_string().contains("forbidden"), "{err}");
 
     // 7. kubectl get ftvm -A: the promised columns, and the epoch the agent just won.
@@ -259,6 +275,9 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
     .await;
     let (ok, out) = helm(&["uninstall", RELEASE, "-n", RELEASE_NS, "--wait"]);
     assert!(ok, "helm uninstall failed:\n{out}");
-    assert!(deployments.list(&ListParams::default()).await.unwrap().items.is_empty(), "the Deployment survived helm uninstall");
+    assert!(
+        deployments.list(&ListParams::default()).await.unwrap().items.is_empty(),
+        "the Deployment survived helm uninstall"
+    );
     clean_slate(&admin).await;
 }

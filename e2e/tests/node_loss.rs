@@ -13,9 +13,8 @@ use kube::ResourceExt;
 use kube::api::Api;
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
 use lockstep_e2e::{
-    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, install_crd,
-    live_pods, node_of, pod_in_mode, wait_for, wait_for_new_backup,
-    wait_for_protected_after_failover, wait_for_status,
+    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, install_crd, live_pods, node_of,
+    pod_in_mode, wait_for, wait_for_new_backup, wait_for_protected_after_failover, wait_for_status,
 };
 use lockstep_operator::crd::Phase;
 
@@ -40,64 +39,32 @@ async fn primary_node_loss_is_handled_in_seconds() {
     let primary = pod_in_mode(&pods, "primary");
     let backup = pod_in_mode(&pods, "backup");
     let arbiter = LeaseArbiter::new(client.clone(), &ns.name, "kvstore-arbiter");
-    assert_eq!(
-        arbiter.try_take(0, &primary.name_any()).await.unwrap(),
-        Outcome::Won { epoch: 1 }
-    );
-    wait_for_status(&api, "kvstore", "Protected", T, |s| {
-        s.phase == Some(Phase::Protected)
-    })
-    .await;
+    assert_eq!(arbiter.try_take(0, &primary.name_any()).await.unwrap(), Outcome::Won { epoch: 1 });
+    wait_for_status(&api, "kvstore", "Protected", T, |s| s.phase == Some(Phase::Protected)).await;
 
     // The primary's node dies. The backup agent notices within its heartbeat timeout and takes over.
     let dead = node_of(&primary);
     let t0 = Instant::now();
     let _recover = RecoverNode::fail(&dead);
-    assert_eq!(
-        arbiter.try_take(1, &backup.name_any()).await.unwrap(),
-        Outcome::Won { epoch: 2 }
-    );
+    assert_eq!(arbiter.try_take(1, &backup.name_any()).await.unwrap(), Outcome::Won { epoch: 2 });
 
     // The operator follows the Lease at once: new primary labelled, a new backup on the third node.
-    let new_backup =
-        wait_for_new_backup(&client, &ns.name, &backup.name_any(), &dead, T, |_| true).await;
+    let new_backup = wait_for_new_backup(&client, &ns.name, &backup.name_any(), &dead, T, |_| true).await;
     let took = t0.elapsed();
-    eprintln!(
-        "new backup {} on {} {:?} after the node failed",
-        new_backup.name_any(),
-        node_of(&new_backup),
-        took
-    );
-    assert_ne!(
-        node_of(&new_backup),
-        node_of(&backup),
-        "anti-affinity: not beside the new primary"
-    );
-    assert!(
-        took < Duration::from_secs(30),
-        "protection restored only after {took:?}"
-    );
+    eprintln!("new backup {} on {} {:?} after the node failed", new_backup.name_any(), node_of(&new_backup), took);
+    assert_ne!(node_of(&new_backup), node_of(&backup), "anti-affinity: not beside the new primary");
+    assert!(took < Duration::from_secs(30), "protection restored only after {took:?}");
     let st = wait_for_protected_after_failover(&api, T).await;
     assert_eq!(st.epoch, 2);
 
     // Once the node is NotReady, the old primary (left Terminating: no kubelet confirms) is removed.
     let all: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let old = primary.name_any();
-    let gone_after = wait_for(
-        "the old primary's pod to be gone from the dead node",
-        T,
-        || {
-            let all = all.clone();
-            let old = old.clone();
-            async move {
-                all.get_opt(&old)
-                    .await
-                    .ok()?
-                    .is_none()
-                    .then(|| t0.elapsed())
-            }
-        },
-    )
+    let gone_after = wait_for("the old primary's pod to be gone from the dead node", T, || {
+        let all = all.clone();
+        let old = old.clone();
+        async move { all.get_opt(&old).await.ok()?.is_none().then(|| t0.elapsed()) }
+    })
     .await;
     eprintln!("old primary {old} removed {gone_after:?} after the node failed");
     delete_ftvms(&client, &ns.name).await;

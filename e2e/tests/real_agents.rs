@@ -25,9 +25,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use lockstep_e2e::{
-    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, has_ip,
-    install_crd, live_pods, node_of, pod_in_mode, repo_root, wait_for, wait_for_new_backup,
-    wait_for_protected_after_failover, wait_for_status,
+    Operator, RecoverNode, TestNamespace, client, create_example_ftvm, delete_ftvms, has_ip, install_crd, live_pods,
+    node_of, pod_in_mode, repo_root, wait_for, wait_for_new_backup, wait_for_protected_after_failover, wait_for_status,
 };
 use lockstep_operator::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use lockstep_operator::telemetry;
@@ -39,9 +38,7 @@ const T: Duration = Duration::from_secs(120);
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn agent_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let bin = target.join("debug/lockstep-agent");
     assert!(
         bin.exists(),
@@ -66,17 +63,9 @@ impl AgentProc {
     }
 
     /// Like [`AgentProc::start`], with the arguments changed by `tweak` first.
-    fn start_with(
-        pod: &Pod,
-        scratch: &std::path::Path,
-        tweak: impl FnOnce(&mut Vec<String>),
-    ) -> AgentProc {
+    fn start_with(pod: &Pod, scratch: &std::path::Path, tweak: impl FnOnce(&mut Vec<String>)) -> AgentProc {
         let name = pod.name_any();
-        let ip = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .expect("pod has an IP");
+        let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone()).expect("pod has an IP");
         let spec = pod.spec.as_ref().unwrap();
         let c = &spec.containers[0];
         let args: Vec<String> = c
@@ -87,35 +76,18 @@ impl AgentProc {
             .map(|a| {
                 a.replace("$(POD_NAME)", &name)
                     .replace("0.0.0.0", &ip)
-                    .replace(
-                        "/var/lib/lockstep/disk.img",
-                        &scratch.join(format!("{name}.img")).display().to_string(),
-                    )
+                    .replace("/var/lib/lockstep/disk.img", &scratch.join(format!("{name}.img")).display().to_string())
             })
             .collect();
         let mut args = args;
         tweak(&mut args);
-        let client_addr = args
-            .windows(2)
-            .find(|w| w[0] == "--client-listen")
-            .map(|w| w[1].clone())
-            .expect("--client-listen");
-        let metrics_addr = args
-            .windows(2)
-            .find(|w| w[0] == "--metrics-listen")
-            .map(|w| w[1].clone())
-            .expect("--metrics-listen");
-        eprintln!(
-            "starting agent for pod {name}: lockstep-agent {}",
-            args.join(" ")
-        );
+        let client_addr =
+            args.windows(2).find(|w| w[0] == "--client-listen").map(|w| w[1].clone()).expect("--client-listen");
+        let metrics_addr =
+            args.windows(2).find(|w| w[0] == "--metrics-listen").map(|w| w[1].clone()).expect("--metrics-listen");
+        eprintln!("starting agent for pod {name}: lockstep-agent {}", args.join(" "));
         let process = AgentProcess::spawn(&name, Command::new(agent_binary()).args(&args));
-        AgentProc {
-            pod: name,
-            process,
-            client_addr,
-            metrics_addr,
-        }
+        AgentProc { pod: name, process, client_addr, metrics_addr }
     }
 }
 
@@ -124,9 +96,7 @@ async fn log_bytes_sent(addr: &str) -> f64 {
     let body = telemetry::fetch(addr.parse().unwrap(), Duration::from_secs(5))
         .await
         .unwrap_or_else(|e| panic!("scrape {addr}: {e}"));
-    telemetry::parse(&body)
-        .log_bytes_sent
-        .expect("the agent exports lockstep_log_bytes_sent_total")
+    telemetry::parse(&body).log_bytes_sent.expect("the agent exports lockstep_log_bytes_sent_total")
 }
 
 /// Waits until the status reports a log bandwidth above zero and an execution lag for `primary`,
@@ -136,17 +106,11 @@ async fn wait_for_scraped_figures(
     primary: &AgentProc,
     since: Instant,
 ) -> FTVirtualMachineStatus {
-    let st = wait_for_status(
-        api,
-        "kvstore",
-        &format!("log bandwidth and lag of {} in status", primary.pod),
-        T,
-        |s| {
-            s.primary_pod.as_deref() == Some(primary.pod.as_str())
-                && s.log_bandwidth_bits_per_second.is_some_and(|b| b > 0.0)
-                && s.execution_lag_seconds.is_some()
-        },
-    )
+    let st = wait_for_status(api, "kvstore", &format!("log bandwidth and lag of {} in status", primary.pod), T, |s| {
+        s.primary_pod.as_deref() == Some(primary.pod.as_str())
+            && s.log_bandwidth_bits_per_second.is_some_and(|b| b > 0.0)
+            && s.execution_lag_seconds.is_some()
+    })
     .await;
     let bw = st.log_bandwidth_bits_per_second.unwrap();
     let lag = st.execution_lag_seconds.unwrap();
@@ -160,10 +124,7 @@ async fn wait_for_scraped_figures(
     );
     // The rate is taken over at least one second, so it cannot exceed all bytes ever sent per
     // second; a slip such as dividing by milliseconds instead of seconds would break this.
-    assert!(
-        bw <= 8.0 * total,
-        "bandwidth {bw} bit/s exceeds 8 x {total} bytes sent in total"
-    );
+    assert!(bw <= 8.0 * total, "bandwidth {bw} bit/s exceeds 8 x {total} bytes sent in total");
     assert!((0.0..60.0).contains(&lag), "execution lag {lag}s");
     st
 }
@@ -183,8 +144,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
         let (client, ns) = (client.clone(), ns.name.clone());
         async move {
             let pods = live_pods(&client, &ns).await;
-            (pods.len() == 2 && pods.iter().all(|p| !node_of(p).is_empty() && has_ip(p)))
-                .then_some(pods)
+            (pods.len() == 2 && pods.iter().all(|p| !node_of(p).is_empty() && has_ip(p))).then_some(pods)
         }
     })
     .await;
@@ -203,10 +163,7 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let backup = AgentProc::start(&backup_pod, scratch.path());
     backup.process.wait_line("backup in sync", T);
     eprintln!("step: backup in sync after {:?}", t0.elapsed());
-    wait_for_status(&api, "kvstore", "Protected", T, |s| {
-        s.phase == Some(Phase::Protected)
-    })
-    .await;
+    wait_for_status(&api, "kvstore", "Protected", T, |s| s.phase == Some(Phase::Protected)).await;
     eprintln!("step: status Protected after {:?}", t0.elapsed());
     let protected_at = Instant::now();
 
@@ -235,18 +192,12 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     let mut c2 = Resp::connect_retry(backup.client_addr.as_str(), T);
     let v: u64 = c2.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
     let first_reply = t1.elapsed();
-    assert!(
-        acked <= v && v <= sent,
-        "counter {v} outside [acknowledged {acked}, sent {sent}]"
-    );
-    eprintln!(
-        "step: backup live {live_after:?} and answering {first_reply:?} after the node failed (counter {v})"
-    );
+    assert!(acked <= v && v <= sent, "counter {v} outside [acknowledged {acked}, sent {sent}]");
+    eprintln!("step: backup live {live_after:?} and answering {first_reply:?} after the node failed (counter {v})");
 
     // The operator follows the Lease: the promoted pod is labelled primary and a new backup is
     // placed on the third node.
-    let new_pod =
-        wait_for_new_backup(&client, &ns.name, &backup_pod.name_any(), &dead, T, has_ip).await;
+    let new_pod = wait_for_new_backup(&client, &ns.name, &backup_pod.name_any(), &dead, T, has_ip).await;
     eprintln!(
         "step: new backup {} on {} {:?} after the node failed",
         new_pod.name_any(),
@@ -255,16 +206,9 @@ async fn real_agents_survive_the_loss_of_the_primarys_node() {
     );
     let new_backup = AgentProc::start(&new_pod, scratch.path());
     new_backup.process.wait_line("backup in sync", T);
-    eprintln!(
-        "step: new backup cloned and in sync {:?} after the node failed",
-        t1.elapsed()
-    );
+    eprintln!("step: new backup cloned and in sync {:?} after the node failed", t1.elapsed());
     let st = wait_for_protected_after_failover(&api, T).await;
-    eprintln!(
-        "step: status Protected again {:?} after the node failed, epoch {}",
-        t1.elapsed(),
-        st.epoch
-    );
+    eprintln!("step: status Protected again {:?} after the node failed, epoch {}", t1.elapsed(), st.epoch);
     assert_eq!(st.epoch, 2);
     let protected_again = Instant::now();
 
@@ -290,11 +234,7 @@ async fn mirror_exit(pods: &Api<Pod>, agent: &mut AgentProc, started: Timestamp)
         if let Some(st) = agent.process.try_status() {
             break st.code().unwrap_or(-1);
         }
-        assert!(
-            Instant::now() < deadline,
-            "agent of {} did not exit",
-            agent.pod
-        );
+        assert!(Instant::now() < deadline, "agent of {} did not exit", agent.pod);
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_ne!(code, 0, "agent of {} should have failed", agent.pod);
@@ -311,13 +251,8 @@ async fn mirror_exit(pods: &Api<Pod>, agent: &mut AgentProc, started: Timestamp)
             }}
         }]
     }});
-    pods.patch_status(&agent.pod, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
-    eprintln!(
-        "  agent of {} exited with {code}; pod marked Failed",
-        agent.pod
-    );
+    pods.patch_status(&agent.pod, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    eprintln!("  agent of {} exited with {code}; pod marked Failed", agent.pod);
     finished
 }
 
@@ -378,17 +313,8 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
     mirror_exit(&pods, &mut a1, Timestamp::now()).await;
     let t1 = Instant::now();
     let b2 = next_backup(&client, &ns.name, &seen).await;
-    eprintln!(
-        "step: first failure replaced by {} after {:?}",
-        b2.name_any(),
-        t1.elapsed()
-    );
-    assert_eq!(
-        b2.annotations()
-            .get("lockstep.dev/attempt")
-            .map(String::as_str),
-        Some("1")
-    );
+    eprintln!("step: first failure replaced by {} after {:?}", b2.name_any(), t1.elapsed());
+    assert_eq!(b2.annotations().get("lockstep.dev/attempt").map(String::as_str), Some("1"));
     seen.push(b2.name_any());
 
     // Second failure in a row: the pod is kept and marked, status and an event say when.
@@ -398,33 +324,19 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
     let t2 = Instant::now();
     let replace_at: Timestamp = wait_for("the exited backup marked with replace-at", T, || {
         let (pods, name) = (pods.clone(), b2.name_any());
-        async move {
-            pods.get(&name)
-                .await
-                .ok()?
-                .annotations()
-                .get("lockstep.dev/replace-at")?
-                .parse()
-                .ok()
-        }
+        async move { pods.get(&name).await.ok()?.annotations().get("lockstep.dev/replace-at")?.parse().ok() }
     })
     .await;
     let wait = replace_at.duration_since(Timestamp::from_second(exited.as_second()).unwrap());
     assert_eq!(wait.as_secs(), 5, "5 s after the exit, got {wait}");
     let st = wait_for_status(&api, "kvstore", "ReplicaBackoff in status", T, |s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "ReplicaBackoff" && c.status == "True")
+        s.conditions.iter().any(|c| c.type_ == "ReplicaBackoff" && c.status == "True")
     })
     .await;
     assert_eq!(st.phase, Some(Phase::Degraded));
     let msg = st.message.unwrap_or_default();
-    assert!(
-        msg.contains(&format!("the next backup is created at {replace_at}")),
-        "{msg}"
-    );
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), &ns.name);
+    assert!(msg.contains(&format!("the next backup is created at {replace_at}")), "{msg}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns.name);
     let backoffs = events
         .list(&Default::default())
         .await
@@ -434,17 +346,8 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
         .filter(|e| e.reason.as_deref() == Some("BackOff"))
         .count();
     assert_eq!(backoffs, 1, "one BackOff event");
-    assert_eq!(
-        op.metrics
-            .replica_backoffs
-            .with_label_values(&["backup"])
-            .get(),
-        1
-    );
-    eprintln!(
-        "step: second failure held until {replace_at} ({:?} after the exit was recorded): {msg}",
-        t2.elapsed()
-    );
+    assert_eq!(op.metrics.replica_backoffs.with_label_values(&["backup"]).get(), 1);
+    eprintln!("step: second failure held until {replace_at} ({:?} after the exit was recorded): {msg}", t2.elapsed());
 
     // Not before its time; then a backup that joins restores protection and the condition goes.
     let b3 = next_backup(&client, &ns.name, &seen).await;
@@ -454,39 +357,18 @@ async fn a_backup_that_keeps_failing_is_replaced_with_backoff() {
         b3.name_any(),
         t2.elapsed()
     );
-    assert!(
-        created >= replace_at,
-        "created {created} before {replace_at}"
-    );
-    assert_eq!(
-        b3.annotations()
-            .get("lockstep.dev/attempt")
-            .map(String::as_str),
-        Some("2")
-    );
+    assert!(created >= replace_at, "created {created} before {replace_at}");
+    assert_eq!(b3.annotations().get("lockstep.dev/attempt").map(String::as_str), Some("2"));
     assert!(
         pods.get_opt(&b2.name_any()).await.unwrap().is_none()
-            || pods
-                .get(&b2.name_any())
-                .await
-                .unwrap()
-                .metadata
-                .deletion_timestamp
-                .is_some(),
+            || pods.get(&b2.name_any()).await.unwrap().metadata.deletion_timestamp.is_some(),
         "the kept pod goes when its replacement comes"
     );
     let a3 = AgentProc::start(&b3, scratch.path());
     a3.process.wait_line("backup in sync", T);
-    let st = wait_for_status(
-        &api,
-        "kvstore",
-        "Protected without ReplicaBackoff",
-        T,
-        |s| {
-            s.phase == Some(Phase::Protected)
-                && s.conditions.iter().all(|c| c.type_ != "ReplicaBackoff")
-        },
-    )
+    let st = wait_for_status(&api, "kvstore", "Protected without ReplicaBackoff", T, |s| {
+        s.phase == Some(Phase::Protected) && s.conditions.iter().all(|c| c.type_ != "ReplicaBackoff")
+    })
     .await;
     assert_eq!(st.backup_pod, Some(b3.name_any()));
     drop(a3);

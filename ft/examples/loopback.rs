@@ -27,26 +27,15 @@ const PAGE: usize = 4096;
 const PAGES: usize = 64;
 
 fn config() -> FtConfig {
-    FtConfig {
-        heartbeat_interval: 20 * MILLIS,
-        heartbeat_timeout: 150 * MILLIS,
-        ..FtConfig::default()
-    }
+    FtConfig { heartbeat_interval: 20 * MILLIS, heartbeat_timeout: 150 * MILLIS, ..FtConfig::default() }
 }
 
 fn identity() -> VmIdentity {
-    VmIdentity {
-        vm_id: "example/kv".into(),
-        guest_image: [42; 32],
-    }
+    VmIdentity { vm_id: "example/kv".into(), guest_image: [42; 32] }
 }
 
 fn geometry() -> VmGeometry {
-    VmGeometry {
-        memory_bytes: (PAGE * PAGES) as u64,
-        disk_bytes: 0,
-        page_size: PAGE as u32,
-    }
+    VmGeometry { memory_bytes: (PAGE * PAGES) as u64, disk_bytes: 0, page_size: PAGE as u32 }
 }
 
 /// The embedded arbiter: an atomic test-and-set per epoch.
@@ -62,10 +51,7 @@ impl LocalArbiter {
             *s = (seen_epoch + 1, me.to_string());
             ArbiterOutcome::Won { epoch: s.0 }
         } else {
-            ArbiterOutcome::Lost {
-                winner: s.1.clone(),
-                epoch: s.0,
-            }
+            ArbiterOutcome::Lost { winner: s.1.clone(), epoch: s.0 }
         }
     }
 }
@@ -95,9 +81,7 @@ fn writer(mut stream: TcpStream) -> Sender<Vec<u8>> {
 /// Encodes and queues a Ready's frames (call with the machine's lock held).
 fn queue_frames(ready: &Ready, tx: &Sender<Vec<u8>>) {
     let mut bytes = Vec::new();
-    ready
-        .encode_messages(config().max_payload, &mut bytes)
-        .expect("the machine only produces frames within the limit");
+    ready.encode_messages(config().max_payload, &mut bytes).expect("the machine only produces frames within the limit");
     if !bytes.is_empty() {
         let _ = tx.send(bytes);
     }
@@ -107,11 +91,7 @@ fn queue_frames(ready: &Ready, tx: &Sender<Vec<u8>>) {
 }
 
 /// Reads frames until EOF or error and hands each to `on_message`; then `on_close`.
-fn reader(
-    mut stream: TcpStream,
-    mut on_message: impl FnMut(wire::Message) -> bool,
-    on_close: impl FnOnce(),
-) {
+fn reader(mut stream: TcpStream, mut on_message: impl FnMut(wire::Message) -> bool, on_close: impl FnOnce()) {
     let mut frames = FrameReader::new(config().max_payload);
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -178,17 +158,11 @@ fn primary_act(s: &mut PrimarySide, arbiter: &LocalArbiter, now: Nanos, cv: &Con
             more = true;
             match *action {
                 CloneAction::CopyRound { round } => {
-                    let pages: Vec<usize> =
-                        (0..PAGES).filter(|p| round == 0 || s.dirty[*p]).collect();
+                    let pages: Vec<usize> = (0..PAGES).filter(|p| round == 0 || s.dirty[*p]).collect();
                     s.dirty.iter_mut().for_each(|d| *d = false);
                     let data = pages
                         .iter()
-                        .map(|p| {
-                            (
-                                (p * PAGE) as u64,
-                                s.memory[p * PAGE..(p + 1) * PAGE].to_vec(),
-                            )
-                        })
+                        .map(|p| ((p * PAGE) as u64, s.memory[p * PAGE..(p + 1) * PAGE].to_vec()))
                         .collect();
                     let _ = s.m.clone_pages(data);
                     let _ = s.m.clone_round_done(0, now);
@@ -199,16 +173,10 @@ fn primary_act(s: &mut PrimarySide, arbiter: &LocalArbiter, now: Nanos, cv: &Con
                     let pages: Vec<usize> = (0..PAGES).filter(|p| s.dirty[*p]).collect();
                     let data = pages
                         .iter()
-                        .map(|p| {
-                            (
-                                (p * PAGE) as u64,
-                                s.memory[p * PAGE..(p + 1) * PAGE].to_vec(),
-                            )
-                        })
+                        .map(|p| ((p * PAGE) as u64, s.memory[p * PAGE..(p + 1) * PAGE].to_vec()))
                         .collect();
                     let _ = s.m.clone_pages(data);
-                    let _ =
-                        s.m.clone_final(s.exit, s.exit.to_le_bytes().to_vec(), vec![], now);
+                    let _ = s.m.clone_final(s.exit, s.exit.to_le_bytes().to_vec(), vec![], now);
                     println!("primary: clone final round {round} at exit {}", s.exit);
                 }
                 CloneAction::Abort => println!("primary: clone aborted"),
@@ -289,10 +257,7 @@ fn main() {
     let start = Instant::now();
     let arbiter = Arc::new(LocalArbiter::default());
     // The primary holds epoch 1 before it starts.
-    assert_eq!(
-        arbiter.claim("primary", 0),
-        ArbiterOutcome::Won { epoch: 1 }
-    );
+    assert_eq!(arbiter.claim("primary", 0), ArbiterOutcome::Won { epoch: 1 });
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -364,20 +329,12 @@ fn main() {
             while alive.load(Ordering::SeqCst) {
                 let mut s = primary.0.lock().unwrap();
                 while s.paused && alive.load(Ordering::SeqCst) {
-                    s = primary
-                        .1
-                        .wait_timeout(s, Duration::from_millis(10))
-                        .unwrap()
-                        .0;
+                    s = primary.1.wait_timeout(s, Duration::from_millis(10)).unwrap().0;
                 }
                 // One guest-caused exit: an input is logged, a page written, maybe a reply.
                 let exit = s.exit + 1;
                 let byte = (exit % 251) as u8;
-                s.m.append(LogEntry {
-                    exit,
-                    bytes: vec![byte],
-                })
-                .unwrap();
+                s.m.append(LogEntry { exit, bytes: vec![byte] }).unwrap();
                 let page = (exit as usize) % PAGES;
                 s.memory[page * PAGE] = byte;
                 s.dirty[page] = true;
@@ -393,9 +350,7 @@ fn main() {
                 drop(s);
                 match throttle {
                     Throttle::Full => thread::sleep(Duration::from_micros(50)),
-                    Throttle::Slow { sleep_per_exit } => {
-                        thread::sleep(Duration::from_nanos(sleep_per_exit))
-                    }
+                    Throttle::Slow { sleep_per_exit } => thread::sleep(Duration::from_nanos(sleep_per_exit)),
                 }
             }
         });
@@ -413,12 +368,7 @@ fn main() {
     }));
     backup_act(&mut backup.lock().unwrap(), &arbiter, clock(start));
     {
-        let (b1, b2, a1, a2) = (
-            backup.clone(),
-            backup.clone(),
-            arbiter.clone(),
-            arbiter.clone(),
-        );
+        let (b1, b2, a1, a2) = (backup.clone(), backup.clone(), arbiter.clone(), arbiter.clone());
         let stream = stream.try_clone().unwrap();
         thread::spawn(move || {
             reader(
@@ -462,10 +412,7 @@ fn main() {
         let s = primary.0.lock().unwrap();
         (s.released.clone(), s.exit, s.m.metrics().acked_exit)
     };
-    println!(
-        "primary ran {last_exit} exits, backup acknowledged through {acked}, {} outputs released",
-        released.len()
-    );
+    println!("primary ran {last_exit} exits, backup acknowledged through {acked}, {} outputs released", released.len());
     assert_eq!(primary.0.lock().unwrap().m.state(), PrimaryState::Protected);
 
     // The primary process dies: its threads stop and the kernel closes the connection.
@@ -480,29 +427,15 @@ fn main() {
         let s = backup.lock().unwrap();
         if let Some(p) = &s.promoted {
             let resume = s.m.replayed_exit();
-            println!(
-                "backup went live at epoch {} after {:?}, resuming after exit {resume}",
-                p.epoch(),
-                t0.elapsed()
-            );
+            println!("backup went live at epoch {} after {:?}, resuming after exit {resume}", p.epoch(), t0.elapsed());
             let newest = released.iter().map(|r| r.exit).max().unwrap_or(0);
-            assert!(
-                newest <= resume,
-                "every reply a client saw is in the survivor's state"
-            );
+            assert!(newest <= resume, "every reply a client saw is in the survivor's state");
             let worst = released.iter().map(|r| r.held_nanos).max().unwrap_or(0);
-            println!(
-                "outputs released: {}, longest hold {} µs",
-                released.len(),
-                worst / 1000
-            );
+            println!("outputs released: {}, longest hold {} µs", released.len(), worst / 1000);
             assert_eq!(s.memory, primary.0.lock().unwrap().memory_at(resume));
             return;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "backup did not go live"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "backup did not go live");
     }
 }
 

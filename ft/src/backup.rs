@@ -148,10 +148,7 @@ impl Backup {
             last_heard: now,
             last_heartbeat_sent: now,
             ready: Ready::default(),
-            metrics: BackupMetrics {
-                epoch,
-                ..BackupMetrics::default()
-            },
+            metrics: BackupMetrics { epoch, ..BackupMetrics::default() },
         };
         b.send(Message::Hello {
             protocol_version: PROTOCOL_VERSION,
@@ -178,45 +175,21 @@ impl Backup {
             }
         }
         match (&mut self.state, msg) {
-            (
-                State::Handshaking,
-                Message::HelloAck {
-                    protocol_version,
-                    epoch,
-                },
-            ) => {
+            (State::Handshaking, Message::HelloAck { protocol_version, epoch }) => {
                 if protocol_version != PROTOCOL_VERSION {
-                    let reason = RefuseReason::IncompatibleVersion {
-                        supported: PROTOCOL_VERSION,
-                        got: protocol_version,
-                    };
-                    self.send(Message::Refuse {
-                        reason: reason.clone(),
-                    });
+                    let reason =
+                        RefuseReason::IncompatibleVersion { supported: PROTOCOL_VERSION, got: protocol_version };
+                    self.send(Message::Refuse { reason: reason.clone() });
                     self.halt(HaltReason::Refused(reason));
                 } else if epoch < self.epoch {
                     // A primary from an older epoch lost a failover it may not know about yet:
                     // cloning from it could resurrect a replaced VM.
-                    self.send(Message::Refuse {
-                        reason: RefuseReason::StaleEpoch {
-                            current: self.epoch,
-                            got: epoch,
-                        },
-                    });
-                    self.halt(HaltReason::PrimaryStale {
-                        known: self.epoch,
-                        primary: epoch,
-                    });
+                    self.send(Message::Refuse { reason: RefuseReason::StaleEpoch { current: self.epoch, got: epoch } });
+                    self.halt(HaltReason::PrimaryStale { known: self.epoch, primary: epoch });
                 } else if epoch > self.epoch {
-                    return self.violation(format!(
-                        "primary accepted our epoch {} but announced {epoch}",
-                        self.epoch
-                    ));
+                    return self.violation(format!("primary accepted our epoch {} but announced {epoch}", self.epoch));
                 } else {
-                    self.state = State::Cloning {
-                        geometry: None,
-                        final_exit: None,
-                    };
+                    self.state = State::Cloning { geometry: None, final_exit: None };
                     self.last_heartbeat_sent = now;
                 }
                 Ok(())
@@ -226,66 +199,33 @@ impl Backup {
                 Ok(())
             }
             (
-                State::Cloning {
-                    geometry: geometry @ None,
-                    final_exit: None,
-                },
-                Message::CloneBegin {
-                    memory_bytes,
-                    disk_bytes,
-                    page_size,
-                },
+                State::Cloning { geometry: geometry @ None, final_exit: None },
+                Message::CloneBegin { memory_bytes, disk_bytes, page_size },
             ) => {
-                *geometry = Some(VmGeometry {
-                    memory_bytes,
-                    disk_bytes,
-                    page_size,
-                });
-                self.ready.clone_data.push(CloneData::Begin {
-                    memory_bytes,
-                    disk_bytes,
-                    page_size,
-                });
+                *geometry = Some(VmGeometry { memory_bytes, disk_bytes, page_size });
+                self.ready.clone_data.push(CloneData::Begin { memory_bytes, disk_bytes, page_size });
                 Ok(())
             }
-            (
-                State::Cloning {
-                    geometry: Some(g),
-                    final_exit: None,
-                },
-                Message::ClonePages { round, pages },
-            ) => {
+            (State::Cloning { geometry: Some(g), final_exit: None }, Message::ClonePages { round, pages }) => {
                 let memory_bytes = g.memory_bytes;
                 // The driver writes these into guest memory: refuse anything outside it.
-                if let Some((gpa, data)) = pages.iter().find(|(gpa, data)| {
-                    gpa.checked_add(data.len() as u64)
-                        .is_none_or(|end| end > memory_bytes)
-                }) {
+                if let Some((gpa, data)) = pages
+                    .iter()
+                    .find(|(gpa, data)| gpa.checked_add(data.len() as u64).is_none_or(|end| end > memory_bytes))
+                {
                     let what = format!(
                         "clone page at {gpa:#x} (+{} bytes) lies outside guest memory of {memory_bytes} bytes",
                         data.len()
                     );
                     return self.violation(what);
                 }
-                self.metrics.clone_bytes_received +=
-                    pages.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
-                self.ready
-                    .clone_data
-                    .push(CloneData::Pages { round, pages });
+                self.metrics.clone_bytes_received += pages.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
+                self.ready.clone_data.push(CloneData::Pages { round, pages });
                 Ok(())
             }
-            (
-                State::Cloning {
-                    geometry: Some(g),
-                    final_exit: None,
-                },
-                Message::CloneDisk { offset, bytes },
-            ) => {
+            (State::Cloning { geometry: Some(g), final_exit: None }, Message::CloneDisk { offset, bytes }) => {
                 let disk_bytes = g.disk_bytes;
-                if offset
-                    .checked_add(bytes.len() as u64)
-                    .is_none_or(|end| end > disk_bytes)
-                {
+                if offset.checked_add(bytes.len() as u64).is_none_or(|end| end > disk_bytes) {
                     let what = format!(
                         "clone disk data at {offset} (+{} bytes) lies outside the disk of {disk_bytes} bytes",
                         bytes.len()
@@ -293,38 +233,19 @@ impl Backup {
                     return self.violation(what);
                 }
                 self.metrics.clone_bytes_received += bytes.len() as u64;
-                self.ready
-                    .clone_data
-                    .push(CloneData::Disk { offset, bytes });
+                self.ready.clone_data.push(CloneData::Disk { offset, bytes });
                 Ok(())
             }
             (
-                State::Cloning {
-                    geometry: Some(_),
-                    final_exit,
-                },
-                Message::CloneFinal {
-                    exit,
-                    vcpu_state,
-                    device_state,
-                },
+                State::Cloning { geometry: Some(_), final_exit },
+                Message::CloneFinal { exit, vcpu_state, device_state },
             ) if final_exit.is_none() => {
                 *final_exit = Some(exit);
                 self.metrics.clone_bytes_received += (vcpu_state.len() + device_state.len()) as u64;
-                self.ready.clone_data.push(CloneData::Final {
-                    exit,
-                    vcpu_state,
-                    device_state,
-                });
+                self.ready.clone_data.push(CloneData::Final { exit, vcpu_state, device_state });
                 Ok(())
             }
-            (
-                State::Cloning {
-                    final_exit: Some(exit),
-                    ..
-                },
-                Message::CloneDone,
-            ) => {
+            (State::Cloning { final_exit: Some(exit), .. }, Message::CloneDone) => {
                 let exit = *exit;
                 self.state = State::Replaying;
                 self.received_through = exit;
@@ -334,27 +255,17 @@ impl Backup {
                 self.acked = (exit, exit);
                 self.metrics.received_through = exit;
                 self.metrics.replayed_exit = exit;
-                self.ready
-                    .role_events
-                    .push(RoleEvent::Synced { from_exit: exit });
+                self.ready.role_events.push(RoleEvent::Synced { from_exit: exit });
                 Ok(())
             }
-            (
-                State::Replaying,
-                Message::Log {
-                    first_seq,
-                    through_exit,
-                    entries,
-                },
-            ) => self.on_log(first_seq, through_exit, entries, now),
+            (State::Replaying, Message::Log { first_seq, through_exit, entries }) => {
+                self.on_log(first_seq, through_exit, entries, now)
+            }
             (State::Cloning { .. } | State::Replaying, Message::Heartbeat { sent_at_nanos }) => {
                 self.send(Message::HeartbeatReply { sent_at_nanos });
                 Ok(())
             }
-            (
-                State::Cloning { .. } | State::Replaying,
-                Message::HeartbeatReply { sent_at_nanos },
-            ) => {
+            (State::Cloning { .. } | State::Replaying, Message::HeartbeatReply { sent_at_nanos }) => {
                 self.metrics.heartbeat_rtt_nanos = now.saturating_sub(sent_at_nanos);
                 Ok(())
             }
@@ -388,10 +299,7 @@ impl Backup {
 
     /// The channel closed or failed (EOF, reset, decode error).
     pub fn peer_disconnected(&mut self, _now: Nanos) {
-        if matches!(
-            self.state,
-            State::Handshaking | State::Cloning { .. } | State::Replaying
-        ) {
+        if matches!(self.state, State::Handshaking | State::Cloning { .. } | State::Replaying) {
             self.primary_failed(Suspicion::ChannelClosed);
         }
     }
@@ -400,11 +308,7 @@ impl Backup {
     /// (and including) exit [`Backup::replay_limit`], never beyond.
     pub fn take_replayable(&mut self) -> Vec<LogEntry> {
         let mut out = Vec::new();
-        while self
-            .buffer
-            .front()
-            .is_some_and(|e| e.exit <= self.received_through)
-        {
+        while self.buffer.front().is_some_and(|e| e.exit <= self.received_through) {
             out.push(self.buffer.pop_front().expect("front exists"));
         }
         out
@@ -449,18 +353,11 @@ impl Backup {
                 // Entries of an exit the primary never finished are not part of our state.
                 self.buffer.clear();
                 self.forget_unreplayed();
-                self.ready.role_events.push(RoleEvent::Promoted {
-                    epoch,
-                    resume_after_exit: self.replayed_exit,
-                });
+                self.ready.role_events.push(RoleEvent::Promoted { epoch, resume_after_exit: self.replayed_exit });
             }
-            ArbiterOutcome::Lost { winner, epoch } => {
-                self.halt(HaltReason::LostArbiter { winner, epoch })
-            }
+            ArbiterOutcome::Lost { winner, epoch } => self.halt(HaltReason::LostArbiter { winner, epoch }),
             ArbiterOutcome::Unreachable => {
-                self.state = State::Consulting {
-                    retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)),
-                }
+                self.state = State::Consulting { retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)) }
             }
         }
     }
@@ -472,14 +369,7 @@ impl Backup {
         let State::Promoted { epoch } = self.state else {
             return None;
         };
-        Some(crate::Primary::new(
-            self.cfg.clone(),
-            self.id.clone(),
-            geometry,
-            epoch,
-            self.replayed_exit,
-            now,
-        ))
+        Some(crate::Primary::new(self.cfg.clone(), self.id.clone(), geometry, epoch, self.replayed_exit, now))
     }
 
     /// Takes what the driver must do now.
@@ -501,10 +391,7 @@ impl Backup {
             State::Replaying => BackupState::Replaying,
             State::Draining => BackupState::Draining,
             State::Consulting { .. } => BackupState::Consulting,
-            State::Promoted { epoch } => BackupState::Promoted {
-                epoch,
-                resume_after_exit: self.replayed_exit,
-            },
+            State::Promoted { epoch } => BackupState::Promoted { epoch, resume_after_exit: self.replayed_exit },
             State::Halted => BackupState::Halted,
         }
     }
@@ -526,24 +413,13 @@ impl Backup {
 
     // ----- internals -----
 
-    fn on_log(
-        &mut self,
-        first_seq: u64,
-        through: u64,
-        entries: Vec<LogEntry>,
-        now: Nanos,
-    ) -> Result<(), FtError> {
+    fn on_log(&mut self, first_seq: u64, through: u64, entries: Vec<LogEntry>, now: Nanos) -> Result<(), FtError> {
         if first_seq != self.next_seq {
-            return self.violation(format!(
-                "log sequence gap: expected entry {}, frame starts at {first_seq}",
-                self.next_seq
-            ));
+            return self
+                .violation(format!("log sequence gap: expected entry {}, frame starts at {first_seq}", self.next_seq));
         }
         if through < self.received_through {
-            return self.violation(format!(
-                "log through_exit went back from {} to {through}",
-                self.received_through
-            ));
+            return self.violation(format!("log through_exit went back from {} to {through}", self.received_through));
         }
         let mut last = self.last_entry_exit;
         for e in &entries {
@@ -579,11 +455,7 @@ impl Backup {
             return;
         }
         let over_budget = self.unreplayed_bytes > self.cfg.backup_buffer_budget;
-        let through = if over_budget {
-            self.acked.0.max(self.replayed_exit)
-        } else {
-            self.received_through
-        };
+        let through = if over_budget { self.acked.0.max(self.replayed_exit) } else { self.received_through };
         let cur = (through, self.replayed_exit);
         if cur == self.acked {
             return;
@@ -593,10 +465,7 @@ impl Backup {
             self.acked = cur;
             self.last_ack_sent = now;
             self.metrics.acks_sent += 1;
-            self.send(Message::Ack {
-                through_exit: cur.0,
-                replayed_exit: cur.1,
-            });
+            self.send(Message::Ack { through_exit: cur.0, replayed_exit: cur.1 });
         }
     }
 
@@ -619,9 +488,7 @@ impl Backup {
                 self.ready.role_events.push(RoleEvent::Draining(why));
                 self.check_drained();
             }
-            State::Handshaking | State::Cloning { .. } => {
-                self.halt(HaltReason::PrimaryLostBeforeSync)
-            }
+            State::Handshaking | State::Cloning { .. } => self.halt(HaltReason::PrimaryLostBeforeSync),
             _ => {}
         }
     }
@@ -635,9 +502,7 @@ impl Backup {
     fn ask_arbiter(&mut self) {
         self.state = State::Consulting { retry_at: None };
         self.metrics.arbiter_consultations += 1;
-        self.ready.consult_arbiter = Some(ConsultArbiter {
-            seen_epoch: self.epoch,
-        });
+        self.ready.consult_arbiter = Some(ConsultArbiter { seen_epoch: self.epoch });
     }
 
     fn halt(&mut self, reason: HaltReason) {

@@ -192,11 +192,7 @@ impl Primary {
             lag_samples: VecDeque::new(),
             held: VecDeque::new(),
             ready: Ready::default(),
-            metrics: PrimaryMetrics {
-                epoch,
-                completed_exit,
-                ..PrimaryMetrics::default()
-            },
+            metrics: PrimaryMetrics { epoch, completed_exit, ..PrimaryMetrics::default() },
         }
     }
 
@@ -209,17 +205,10 @@ impl Primary {
     pub fn append(&mut self, entry: LogEntry) -> Result<(), FtError> {
         let max_entry = self.cfg.max_payload.saturating_sub(8 + 8 + 4);
         if entry.wire_len() > max_entry {
-            return Err(FtError::TooLarge {
-                what: "log entry",
-                len: entry.wire_len(),
-                max: max_entry,
-            });
+            return Err(FtError::TooLarge { what: "log entry", len: entry.wire_len(), max: max_entry });
         }
         if entry.exit <= self.completed_exit {
-            return Err(FtError::ExitAlreadyComplete {
-                exit: entry.exit,
-                completed: self.completed_exit,
-            });
+            return Err(FtError::ExitAlreadyComplete { exit: entry.exit, completed: self.completed_exit });
         }
         if self.backup_in_sync() {
             self.pending_bytes += entry.wire_len();
@@ -272,28 +261,20 @@ impl Primary {
         if matches!(self.state, State::Halted) {
             return Ok(());
         }
-        let attached = matches!(
-            self.state,
-            State::Cloning(_) | State::Protected | State::Consulting { .. }
-        );
+        let attached = matches!(self.state, State::Cloning(_) | State::Protected | State::Consulting { .. });
         if attached {
             self.last_heard = now;
         }
         match msg {
-            Message::Hello {
-                protocol_version,
-                vm_id,
-                epoch,
-                role,
-                guest_image,
-            } if !matches!(self.state, State::Cloning(_) | State::Protected) => {
+            Message::Hello { protocol_version, vm_id, epoch, role, guest_image }
+                if !matches!(self.state, State::Cloning(_) | State::Protected) =>
+            {
                 self.on_hello(protocol_version, vm_id, epoch, role, guest_image, now);
                 Ok(())
             }
-            Message::Ack {
-                through_exit,
-                replayed_exit,
-            } if self.backup_in_sync() => self.on_ack(through_exit, replayed_exit, now),
+            Message::Ack { through_exit, replayed_exit } if self.backup_in_sync() => {
+                self.on_ack(through_exit, replayed_exit, now)
+            }
             Message::Heartbeat { sent_at_nanos } if attached => {
                 self.send(Message::HeartbeatReply { sent_at_nanos });
                 Ok(())
@@ -302,10 +283,7 @@ impl Primary {
                 self.metrics.heartbeat_rtt_nanos = now.saturating_sub(sent_at_nanos);
                 Ok(())
             }
-            other => self.violation(
-                format!("unexpected {:?} in state {:?}", other.kind(), self.state()),
-                now,
-            ),
+            other => self.violation(format!("unexpected {:?} in state {:?}", other.kind(), self.state()), now),
         }
     }
 
@@ -353,11 +331,7 @@ impl Primary {
 
     /// The arbiter answered the request from `Ready::consult_arbiter`.
     pub fn arbiter_result(&mut self, outcome: ArbiterOutcome, now: Nanos) {
-        let State::Consulting {
-            retry_at: None,
-            in_sync,
-        } = self.state
-        else {
+        let State::Consulting { retry_at: None, in_sync } = self.state else {
             // A late or duplicate answer; the state already moved on.
             return;
         };
@@ -382,10 +356,7 @@ impl Primary {
             }
             ArbiterOutcome::Unreachable => {
                 // Never decide alone: stall and ask again later.
-                self.state = State::Consulting {
-                    retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)),
-                    in_sync,
-                };
+                self.state = State::Consulting { retry_at: Some(now.saturating_add(self.cfg.arbiter_retry)), in_sync };
             }
         }
     }
@@ -414,17 +385,10 @@ impl Primary {
         for (gpa, data) in pages {
             let len = 12 + data.len();
             if 8 + len > max {
-                return Err(FtError::TooLarge {
-                    what: "memory page",
-                    len: data.len(),
-                    max,
-                });
+                return Err(FtError::TooLarge { what: "memory page", len: data.len(), max });
             }
             if batch_len + len > max {
-                frames.push(Message::ClonePages {
-                    round,
-                    pages: std::mem::take(&mut batch),
-                });
+                frames.push(Message::ClonePages { round, pages: std::mem::take(&mut batch) });
                 batch_len = 8;
             }
             progress.pages_sent += 1;
@@ -435,10 +399,7 @@ impl Primary {
             batch.push((gpa, data));
         }
         if !batch.is_empty() {
-            frames.push(Message::ClonePages {
-                round,
-                pages: batch,
-            });
+            frames.push(Message::ClonePages { round, pages: batch });
         }
         for f in frames {
             self.send(f);
@@ -456,10 +417,7 @@ impl Primary {
         let chunk = self.cfg.max_payload.saturating_sub(12).max(1);
         let mut off = offset;
         for piece in bytes.chunks(chunk) {
-            self.send(Message::CloneDisk {
-                offset: off,
-                bytes: piece.to_vec(),
-            });
+            self.send(Message::CloneDisk { offset: off, bytes: piece.to_vec() });
             off += piece.len() as u64;
         }
         Ok(())
@@ -474,9 +432,7 @@ impl Primary {
             return Err(FtError::NotCloning);
         };
         if progress.pause_requested_at.is_some() {
-            return Err(FtError::CloneOutOfOrder(
-                "round reported done after the final pause was requested",
-            ));
+            return Err(FtError::CloneOutOfOrder("round reported done after the final pause was requested"));
         }
         progress.last_dirty_pages = dirty_pages;
         progress.round += 1;
@@ -484,14 +440,10 @@ impl Primary {
         if dirty_pages <= threshold || progress.round + 1 >= max_rounds {
             progress.pause_requested_at = Some(now);
             let round = progress.round;
-            self.ready
-                .clone_actions
-                .push(CloneAction::PauseAndFinalize { round });
+            self.ready.clone_actions.push(CloneAction::PauseAndFinalize { round });
         } else {
             let round = progress.round;
-            self.ready
-                .clone_actions
-                .push(CloneAction::CopyRound { round });
+            self.ready.clone_actions.push(CloneAction::CopyRound { round });
         }
         Ok(())
     }
@@ -510,33 +462,21 @@ impl Primary {
             return Err(FtError::NotCloning);
         };
         let Some(paused_at) = progress.pause_requested_at else {
-            return Err(FtError::CloneOutOfOrder(
-                "clone_final before CloneAction::PauseAndFinalize",
-            ));
+            return Err(FtError::CloneOutOfOrder("clone_final before CloneAction::PauseAndFinalize"));
         };
         let len = 8 + 4 + vcpu_state.len() + 4 + device_state.len();
         if len > self.cfg.max_payload {
-            return Err(FtError::TooLarge {
-                what: "vCPU and device state",
-                len,
-                max: self.cfg.max_payload,
-            });
+            return Err(FtError::TooLarge { what: "vCPU and device state", len, max: self.cfg.max_payload });
         }
         if exit < self.completed_exit {
-            return Err(FtError::CloneOutOfOrder(
-                "clone_final exit is older than a completed exit",
-            ));
+            return Err(FtError::CloneOutOfOrder("clone_final exit is older than a completed exit"));
         }
         let started_at = progress.started_at;
         let state_bytes = (vcpu_state.len() + device_state.len()) as u64;
         self.metrics.clone_bytes_sent += state_bytes;
         self.completed_exit = exit;
         self.metrics.completed_exit = exit;
-        self.send(Message::CloneFinal {
-            exit,
-            vcpu_state,
-            device_state,
-        });
+        self.send(Message::CloneFinal { exit, vcpu_state, device_state });
         self.send(Message::CloneDone);
         self.drop_log();
         self.next_seq = 0;
@@ -552,9 +492,7 @@ impl Primary {
         self.metrics.clones_completed += 1;
         self.metrics.last_clone_nanos = now.saturating_sub(started_at);
         self.metrics.last_clone_pause_nanos = now.saturating_sub(paused_at);
-        self.ready
-            .role_events
-            .push(RoleEvent::Protected { from_exit: exit });
+        self.ready.role_events.push(RoleEvent::Protected { from_exit: exit });
         Ok(())
     }
 
@@ -592,9 +530,7 @@ impl Primary {
         }
         let sleep = ((lag - self.cfg.lag_target) / self.cfg.throttle_divisor.max(1))
             .clamp(1, self.cfg.max_throttle_sleep.max(1));
-        Throttle::Slow {
-            sleep_per_exit: sleep,
-        }
+        Throttle::Slow { sleep_per_exit: sleep }
     }
 
     /// Current state.
@@ -633,25 +569,11 @@ impl Primary {
 
     // ----- internals -----
 
-    fn on_hello(
-        &mut self,
-        version: u16,
-        vm_id: String,
-        epoch: u64,
-        role: Role,
-        image: [u8; 32],
-        now: Nanos,
-    ) {
+    fn on_hello(&mut self, version: u16, vm_id: String, epoch: u64, role: Role, image: [u8; 32], now: Nanos) {
         let refuse = if version != PROTOCOL_VERSION {
-            Some(RefuseReason::IncompatibleVersion {
-                supported: PROTOCOL_VERSION,
-                got: version,
-            })
+            Some(RefuseReason::IncompatibleVersion { supported: PROTOCOL_VERSION, got: version })
         } else if vm_id != self.id.vm_id {
-            Some(RefuseReason::WrongVmId {
-                expected: self.id.vm_id.clone(),
-                got: vm_id,
-            })
+            Some(RefuseReason::WrongVmId { expected: self.id.vm_id.clone(), got: vm_id })
         } else if role != Role::Backup {
             Some(RefuseReason::WrongRole { got: role })
         } else if image != self.id.guest_image {
@@ -660,15 +582,9 @@ impl Primary {
             // Consulting: our epoch is in doubt; a backup cloned now could be of a loser.
             Some(RefuseReason::NotPrimary)
         } else if epoch < self.epoch {
-            Some(RefuseReason::StaleEpoch {
-                current: self.epoch,
-                got: epoch,
-            })
+            Some(RefuseReason::StaleEpoch { current: self.epoch, got: epoch })
         } else if epoch > self.epoch {
-            Some(RefuseReason::PeerEpochNewer {
-                current: self.epoch,
-                got: epoch,
-            })
+            Some(RefuseReason::PeerEpochNewer { current: self.epoch, got: epoch })
         } else {
             None
         };
@@ -683,10 +599,7 @@ impl Primary {
             }
             return;
         }
-        self.send(Message::HelloAck {
-            protocol_version: PROTOCOL_VERSION,
-            epoch: self.epoch,
-        });
+        self.send(Message::HelloAck { protocol_version: PROTOCOL_VERSION, epoch: self.epoch });
         self.send(Message::CloneBegin {
             memory_bytes: self.geometry.memory_bytes,
             disk_bytes: self.geometry.disk_bytes,
@@ -702,18 +615,13 @@ impl Primary {
             started_at: now,
             pause_requested_at: None,
         });
-        self.ready
-            .clone_actions
-            .push(CloneAction::CopyRound { round: 0 });
+        self.ready.clone_actions.push(CloneAction::CopyRound { round: 0 });
     }
 
     fn on_ack(&mut self, through: u64, replayed: u64, now: Nanos) -> Result<(), FtError> {
         if through > self.sent_through || replayed > through {
             return self.violation(
-                format!(
-                    "ack through {through} (replayed {replayed}) but only {} was sent",
-                    self.sent_through
-                ),
+                format!("ack through {through} (replayed {replayed}) but only {} was sent", self.sent_through),
                 now,
             );
         }
@@ -748,11 +656,7 @@ impl Primary {
         if replayed > self.replayed_exit {
             self.replayed_exit = replayed;
             self.metrics.replayed_exit = replayed;
-            while self
-                .lag_samples
-                .front()
-                .is_some_and(|(e, _)| *e <= replayed)
-            {
+            while self.lag_samples.front().is_some_and(|(e, _)| *e <= replayed) {
                 self.lag_samples.pop_front();
             }
         }
@@ -766,9 +670,7 @@ impl Primary {
         self.metrics.lag_nanos = if self.replayed_exit >= self.completed_exit {
             0
         } else {
-            self.lag_samples
-                .front()
-                .map_or(0, |(_, t)| now.saturating_sub(*t))
+            self.lag_samples.front().map_or(0, |(_, t)| now.saturating_sub(*t))
         };
     }
 
@@ -778,19 +680,10 @@ impl Primary {
             return;
         }
         // `held` is sorted by exit: look at the first output not yet covered by a sent frame.
-        let first_unsent = self
-            .held
-            .partition_point(|(e, _, _)| *e <= self.sent_through);
-        let output_waits = self
-            .held
-            .get(first_unsent)
-            .is_some_and(|(e, _, _)| *e <= self.completed_exit);
-        let ready_bytes: usize = self
-            .pending
-            .iter()
-            .take_while(|e| e.exit <= self.completed_exit)
-            .map(LogEntry::wire_len)
-            .sum();
+        let first_unsent = self.held.partition_point(|(e, _, _)| *e <= self.sent_through);
+        let output_waits = self.held.get(first_unsent).is_some_and(|(e, _, _)| *e <= self.completed_exit);
+        let ready_bytes: usize =
+            self.pending.iter().take_while(|e| e.exit <= self.completed_exit).map(LogEntry::wire_len).sum();
         // Like Nagle's algorithm: an output ships its exit at once unless enough frames are
         // still unacknowledged; then it rides with the frame sent when the next ack arrives.
         // Under load this batches several exits per frame and per ack (each a system call and a
@@ -838,11 +731,7 @@ impl Primary {
                 self.metrics.log_bytes_sent += e.bytes.len() as u64;
             }
             self.metrics.log_entries_sent += n;
-            self.send(Message::Log {
-                first_seq: self.next_seq,
-                through_exit: frame_through,
-                entries,
-            });
+            self.send(Message::Log { first_seq: self.next_seq, through_exit: frame_through, entries });
             self.next_seq += n;
             self.sent_through = frame_through;
             self.frames_in_flight.push_back(frame_through);
@@ -876,18 +765,12 @@ impl Primary {
         self.metrics.suspicions += 1;
         self.metrics.protected = false;
         self.ready.role_events.push(RoleEvent::Suspecting(why));
-        self.state = State::Consulting {
-            retry_at: None,
-            in_sync,
-        };
+        self.state = State::Consulting { retry_at: None, in_sync };
         self.ask_arbiter();
     }
 
     fn backup_in_sync(&self) -> bool {
-        matches!(
-            self.state,
-            State::Protected | State::Consulting { in_sync: true, .. }
-        )
+        matches!(self.state, State::Protected | State::Consulting { in_sync: true, .. })
     }
 
     fn ask_arbiter(&mut self) {
@@ -895,9 +778,7 @@ impl Primary {
             *retry_at = None;
         }
         self.metrics.arbiter_consultations += 1;
-        self.ready.consult_arbiter = Some(ConsultArbiter {
-            seen_epoch: self.epoch,
-        });
+        self.ready.consult_arbiter = Some(ConsultArbiter { seen_epoch: self.epoch });
     }
 
     fn abort_clone(&mut self) {
@@ -906,9 +787,7 @@ impl Primary {
         self.ready.clone_actions.clear();
         self.ready.clone_actions.push(CloneAction::Abort);
         self.ready.close_channel = true;
-        self.ready
-            .role_events
-            .push(RoleEvent::Degraded { epoch: self.epoch });
+        self.ready.role_events.push(RoleEvent::Degraded { epoch: self.epoch });
     }
 
     fn halt(&mut self, reason: HaltReason) {
@@ -949,11 +828,7 @@ impl Primary {
 
     fn release(&mut self, exit: u64, id: OutputId, since: Nanos, now: Nanos) {
         self.metrics.outputs_released += 1;
-        self.ready.released.push(Released {
-            id,
-            exit,
-            held_nanos: now.saturating_sub(since),
-        });
+        self.ready.released.push(Released { id, exit, held_nanos: now.saturating_sub(since) });
     }
 
     fn send(&mut self, m: Message) {

@@ -187,8 +187,7 @@ impl HaltReason {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            HaltReason::Refused(RefuseReason::Busy | RefuseReason::NotPrimary)
-                | HaltReason::PrimaryLostBeforeSync
+            HaltReason::Refused(RefuseReason::Busy | RefuseReason::NotPrimary) | HaltReason::PrimaryLostBeforeSync
         )
     }
 }
@@ -341,11 +340,7 @@ impl Ready {
     }
 
     /// Encodes `messages` back to back into `out`, ready for one socket write.
-    pub fn encode_messages(
-        &self,
-        max_payload: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<(), wire::WireError> {
+    pub fn encode_messages(&self, max_payload: usize, out: &mut Vec<u8>) -> Result<(), wire::WireError> {
         for m in &self.messages {
             wire::encode(m, max_payload, out)?;
         }
@@ -358,9 +353,7 @@ impl Ready {
 pub enum FtError {
     /// The peer sent something the protocol forbids here; the channel is being closed
     /// (see `Ready::close_channel`) and the peer is treated as failed.
-    #[error(
-        "peer violated the FT protocol: {0}; the channel was closed and the peer treated as failed"
-    )]
+    #[error("peer violated the FT protocol: {0}; the channel was closed and the peer treated as failed")]
     Protocol(String),
     /// A log entry or clone blob cannot fit in one frame.
     #[error(
@@ -387,9 +380,7 @@ pub enum FtError {
         completed: u64,
     },
     /// A clone call arrived while no clone is in progress (e.g. the backup went away).
-    #[error(
-        "no clone hand-over is in progress (the backup went away or it already finished); stop sending clone data"
-    )]
+    #[error("no clone hand-over is in progress (the backup went away or it already finished); stop sending clone data")]
     NotCloning,
     /// The clone call does not fit the current step (e.g. `clone_final` before the final pause).
     #[error("clone step out of order: {0}; follow the CloneAction sequence the primary asks for")]

@@ -253,9 +253,7 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum RefuseReason {
     /// The peer belongs to another VM.
-    #[error(
-        "wrong VM: this primary serves {expected:?} but the backup asked for {got:?}; check --vm-id"
-    )]
+    #[error("wrong VM: this primary serves {expected:?} but the backup asked for {got:?}; check --vm-id")]
     WrongVmId {
         /// The refusing side's VM id.
         expected: String,
@@ -471,26 +469,16 @@ impl Message {
                     RefuseReason::StaleEpoch { .. } | RefuseReason::PeerEpochNewer { .. } => 16,
                     RefuseReason::IncompatibleVersion { .. } => 4,
                     RefuseReason::WrongRole { .. } => 1,
-                    RefuseReason::GuestImageMismatch
-                    | RefuseReason::Busy
-                    | RefuseReason::NotPrimary => 0,
+                    RefuseReason::GuestImageMismatch | RefuseReason::Busy | RefuseReason::NotPrimary => 0,
                 }
             }
-            Message::Log { entries, .. } => {
-                8 + 8 + 4 + entries.iter().map(LogEntry::wire_len).sum::<usize>()
-            }
+            Message::Log { entries, .. } => 8 + 8 + 4 + entries.iter().map(LogEntry::wire_len).sum::<usize>(),
             Message::Ack { .. } => 16,
             Message::Heartbeat { .. } | Message::HeartbeatReply { .. } => 8,
             Message::CloneBegin { .. } => 8 + 8 + 4,
-            Message::ClonePages { pages, .. } => {
-                4 + 4 + pages.iter().map(|(_, p)| 12 + p.len()).sum::<usize>()
-            }
+            Message::ClonePages { pages, .. } => 4 + 4 + pages.iter().map(|(_, p)| 12 + p.len()).sum::<usize>(),
             Message::CloneDisk { bytes, .. } => 8 + 4 + bytes.len(),
-            Message::CloneFinal {
-                vcpu_state,
-                device_state,
-                ..
-            } => 8 + 4 + vcpu_state.len() + 4 + device_state.len(),
+            Message::CloneFinal { vcpu_state, device_state, .. } => 8 + 4 + vcpu_state.len() + 4 + device_state.len(),
             Message::CloneDone => 0,
         }
     }
@@ -521,9 +509,9 @@ pub fn encode(msg: &Message, max_payload: usize, out: &mut Vec<u8>) -> Result<()
                 reason: "longer than 512 bytes",
             });
         }
-        Message::Refuse {
-            reason: RefuseReason::WrongVmId { expected, got },
-        } if expected.len() > u16::MAX as usize || got.len() > u16::MAX as usize => {
+        Message::Refuse { reason: RefuseReason::WrongVmId { expected, got } }
+            if expected.len() > u16::MAX as usize || got.len() > u16::MAX as usize =>
+        {
             return Err(WireError::InvalidField {
                 kind: MessageKind::Refuse,
                 field: "vm_id",
@@ -538,11 +526,7 @@ pub fn encode(msg: &Message, max_payload: usize, out: &mut Vec<u8>) -> Result<()
     out.push(msg.kind() as u8);
     out.extend_from_slice(&(len as u32).to_be_bytes());
     encode_payload(msg, out);
-    debug_assert_eq!(
-        out.len() - start,
-        HEADER_LEN + len,
-        "payload_len out of sync"
-    );
+    debug_assert_eq!(out.len() - start, HEADER_LEN + len, "payload_len out of sync");
     let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_be_bytes());
     Ok(())
@@ -576,23 +560,14 @@ fn put_str16(out: &mut Vec<u8>, s: &str) {
 
 fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
     match msg {
-        Message::Hello {
-            protocol_version,
-            vm_id,
-            epoch,
-            role,
-            guest_image,
-        } => {
+        Message::Hello { protocol_version, vm_id, epoch, role, guest_image } => {
             put_u16(out, *protocol_version);
             put_str16(out, vm_id);
             put_u64(out, *epoch);
             out.push(role.to_u8());
             out.extend_from_slice(guest_image);
         }
-        Message::HelloAck {
-            protocol_version,
-            epoch,
-        } => {
+        Message::HelloAck { protocol_version, epoch } => {
             put_u16(out, *protocol_version);
             put_u64(out, *epoch);
         }
@@ -603,8 +578,7 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
                     put_str16(out, expected);
                     put_str16(out, got);
                 }
-                RefuseReason::StaleEpoch { current, got }
-                | RefuseReason::PeerEpochNewer { current, got } => {
+                RefuseReason::StaleEpoch { current, got } | RefuseReason::PeerEpochNewer { current, got } => {
                     put_u64(out, *current);
                     put_u64(out, *got);
                 }
@@ -613,16 +587,10 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
                     put_u16(out, *got);
                 }
                 RefuseReason::WrongRole { got } => out.push(got.to_u8()),
-                RefuseReason::GuestImageMismatch
-                | RefuseReason::Busy
-                | RefuseReason::NotPrimary => {}
+                RefuseReason::GuestImageMismatch | RefuseReason::Busy | RefuseReason::NotPrimary => {}
             }
         }
-        Message::Log {
-            first_seq,
-            through_exit,
-            entries,
-        } => {
+        Message::Log { first_seq, through_exit, entries } => {
             put_u64(out, *first_seq);
             put_u64(out, *through_exit);
             put_u32(out, entries.len() as u32);
@@ -631,21 +599,14 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
                 put_bytes32(out, &e.bytes);
             }
         }
-        Message::Ack {
-            through_exit,
-            replayed_exit,
-        } => {
+        Message::Ack { through_exit, replayed_exit } => {
             put_u64(out, *through_exit);
             put_u64(out, *replayed_exit);
         }
         Message::Heartbeat { sent_at_nanos } | Message::HeartbeatReply { sent_at_nanos } => {
             put_u64(out, *sent_at_nanos)
         }
-        Message::CloneBegin {
-            memory_bytes,
-            disk_bytes,
-            page_size,
-        } => {
+        Message::CloneBegin { memory_bytes, disk_bytes, page_size } => {
             put_u64(out, *memory_bytes);
             put_u64(out, *disk_bytes);
             put_u32(out, *page_size);
@@ -662,11 +623,7 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
             put_u64(out, *offset);
             put_bytes32(out, bytes);
         }
-        Message::CloneFinal {
-            exit,
-            vcpu_state,
-            device_state,
-        } => {
+        Message::CloneFinal { exit, vcpu_state, device_state } => {
             put_u64(out, *exit);
             put_bytes32(out, vcpu_state);
             put_bytes32(out, device_state);
@@ -697,17 +654,10 @@ pub fn check_frame(buf: &[u8], max_payload: usize) -> Result<Option<usize>, Wire
     }
     let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
     if len > max_payload {
-        return Err(WireError::FrameTooLarge {
-            len,
-            max: max_payload,
-        });
+        return Err(WireError::FrameTooLarge { len, max: max_payload });
     }
     let total = HEADER_LEN + len + TRAILER_LEN;
-    if buf.len() < total {
-        Ok(None)
-    } else {
-        Ok(Some(total))
-    }
+    if buf.len() < total { Ok(None) } else { Ok(Some(total)) }
 }
 
 /// Parses exactly one frame (as delimited by [`check_frame`]): checks the CRC, then decodes the
@@ -723,9 +673,7 @@ pub fn parse_frame(frame: &[u8], max_payload: usize) -> Result<Message, WireErro
             });
         }
         None => {
-            return Err(WireError::UnexpectedEof {
-                buffered: frame.len(),
-            });
+            return Err(WireError::UnexpectedEof { buffered: frame.len() });
         }
     }
     let body_end = frame.len() - TRAILER_LEN;
@@ -737,16 +685,10 @@ pub fn parse_frame(frame: &[u8], max_payload: usize) -> Result<Message, WireErro
         return Err(WireError::ChecksumMismatch { expected, computed });
     }
     let kind = MessageKind::from_u8(frame[3]).ok_or(WireError::UnknownKind(frame[3]))?;
-    let mut r = Reader {
-        kind,
-        buf: &frame[HEADER_LEN..body_end],
-    };
+    let mut r = Reader { kind, buf: &frame[HEADER_LEN..body_end] };
     let msg = decode_payload(&mut r)?;
     if !r.buf.is_empty() {
-        return Err(WireError::TrailingBytes {
-            kind,
-            extra: r.buf.len(),
-        });
+        return Err(WireError::TrailingBytes { kind, extra: r.buf.len() });
     }
     Ok(msg)
 }
@@ -760,11 +702,7 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
         if self.buf.len() < n {
-            return Err(WireError::Truncated {
-                kind: self.kind,
-                needed: n,
-                remaining: self.buf.len(),
-            });
+            return Err(WireError::Truncated { kind: self.kind, needed: n, remaining: self.buf.len() });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -810,11 +748,7 @@ impl<'a> Reader<'a> {
         Role::from_u8(b).ok_or_else(|| self.invalid(field, "unknown role"))
     }
     fn invalid(&self, field: &'static str, reason: &'static str) -> WireError {
-        WireError::InvalidField {
-            kind: self.kind,
-            field,
-            reason,
-        }
+        WireError::InvalidField { kind: self.kind, field, reason }
     }
 }
 
@@ -826,40 +760,17 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
             if vm_id.len() > MAX_VM_ID_LEN {
                 return Err(r.invalid("vm_id", "longer than 512 bytes"));
             }
-            Message::Hello {
-                protocol_version,
-                vm_id,
-                epoch: r.u64()?,
-                role: r.role("role")?,
-                guest_image: r.array()?,
-            }
+            Message::Hello { protocol_version, vm_id, epoch: r.u64()?, role: r.role("role")?, guest_image: r.array()? }
         }
-        MessageKind::HelloAck => Message::HelloAck {
-            protocol_version: r.u16()?,
-            epoch: r.u64()?,
-        },
+        MessageKind::HelloAck => Message::HelloAck { protocol_version: r.u16()?, epoch: r.u64()? },
         MessageKind::Refuse => {
             let reason = match r.u8()? {
-                1 => RefuseReason::WrongVmId {
-                    expected: r.str16("expected")?,
-                    got: r.str16("got")?,
-                },
-                2 => RefuseReason::StaleEpoch {
-                    current: r.u64()?,
-                    got: r.u64()?,
-                },
-                3 => RefuseReason::PeerEpochNewer {
-                    current: r.u64()?,
-                    got: r.u64()?,
-                },
-                4 => RefuseReason::IncompatibleVersion {
-                    supported: r.u16()?,
-                    got: r.u16()?,
-                },
+                1 => RefuseReason::WrongVmId { expected: r.str16("expected")?, got: r.str16("got")? },
+                2 => RefuseReason::StaleEpoch { current: r.u64()?, got: r.u64()? },
+                3 => RefuseReason::PeerEpochNewer { current: r.u64()?, got: r.u64()? },
+                4 => RefuseReason::IncompatibleVersion { supported: r.u16()?, got: r.u16()? },
                 5 => RefuseReason::GuestImageMismatch,
-                6 => RefuseReason::WrongRole {
-                    got: r.role("got")?,
-                },
+                6 => RefuseReason::WrongRole { got: r.role("got")? },
                 7 => RefuseReason::Busy,
                 8 => RefuseReason::NotPrimary,
                 _ => return Err(r.invalid("reason", "unknown refusal code")),
@@ -876,27 +787,14 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
                 let bytes = r.bytes32()?;
                 entries.push(LogEntry { exit, bytes });
             }
-            Message::Log {
-                first_seq,
-                through_exit,
-                entries,
-            }
+            Message::Log { first_seq, through_exit, entries }
         }
-        MessageKind::Ack => Message::Ack {
-            through_exit: r.u64()?,
-            replayed_exit: r.u64()?,
-        },
-        MessageKind::Heartbeat => Message::Heartbeat {
-            sent_at_nanos: r.u64()?,
-        },
-        MessageKind::HeartbeatReply => Message::HeartbeatReply {
-            sent_at_nanos: r.u64()?,
-        },
-        MessageKind::CloneBegin => Message::CloneBegin {
-            memory_bytes: r.u64()?,
-            disk_bytes: r.u64()?,
-            page_size: r.u32()?,
-        },
+        MessageKind::Ack => Message::Ack { through_exit: r.u64()?, replayed_exit: r.u64()? },
+        MessageKind::Heartbeat => Message::Heartbeat { sent_at_nanos: r.u64()? },
+        MessageKind::HeartbeatReply => Message::HeartbeatReply { sent_at_nanos: r.u64()? },
+        MessageKind::CloneBegin => {
+            Message::CloneBegin { memory_bytes: r.u64()?, disk_bytes: r.u64()?, page_size: r.u32()? }
+        }
         MessageKind::ClonePages => {
             let round = r.u32()?;
             let n = r.count(12, "pages")?;
@@ -907,15 +805,10 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
             }
             Message::ClonePages { round, pages }
         }
-        MessageKind::CloneDisk => Message::CloneDisk {
-            offset: r.u64()?,
-            bytes: r.bytes32()?,
-        },
-        MessageKind::CloneFinal => Message::CloneFinal {
-            exit: r.u64()?,
-            vcpu_state: r.bytes32()?,
-            device_state: r.bytes32()?,
-        },
+        MessageKind::CloneDisk => Message::CloneDisk { offset: r.u64()?, bytes: r.bytes32()? },
+        MessageKind::CloneFinal => {
+            Message::CloneFinal { exit: r.u64()?, vcpu_state: r.bytes32()?, device_state: r.bytes32()? }
+        }
         MessageKind::CloneDone => Message::CloneDone,
     })
 }
@@ -936,12 +829,7 @@ pub struct FrameReader {
 impl FrameReader {
     /// A reader bounding frames to `max_payload` payload bytes.
     pub fn new(max_payload: usize) -> Self {
-        FrameReader {
-            buf: Vec::new(),
-            start: 0,
-            max_payload,
-            poisoned: None,
-        }
+        FrameReader { buf: Vec::new(), start: 0, max_payload, poisoned: None }
     }
 
     /// Appends bytes received from the stream.
@@ -1010,78 +898,27 @@ mod tests {
                 role: Role::Backup,
                 guest_image: [9; 32],
             },
-            Message::HelloAck {
-                protocol_version: 1,
-                epoch: 7,
-            },
-            Message::Refuse {
-                reason: RefuseReason::WrongVmId {
-                    expected: "a".into(),
-                    got: "b".into(),
-                },
-            },
-            Message::Refuse {
-                reason: RefuseReason::StaleEpoch { current: 5, got: 3 },
-            },
-            Message::Refuse {
-                reason: RefuseReason::PeerEpochNewer { current: 5, got: 6 },
-            },
-            Message::Refuse {
-                reason: RefuseReason::IncompatibleVersion {
-                    supported: 1,
-                    got: 2,
-                },
-            },
-            Message::Refuse {
-                reason: RefuseReason::WrongRole { got: Role::Primary },
-            },
-            Message::Refuse {
-                reason: RefuseReason::GuestImageMismatch,
-            },
-            Message::Refuse {
-                reason: RefuseReason::Busy,
-            },
-            Message::Refuse {
-                reason: RefuseReason::NotPrimary,
-            },
+            Message::HelloAck { protocol_version: 1, epoch: 7 },
+            Message::Refuse { reason: RefuseReason::WrongVmId { expected: "a".into(), got: "b".into() } },
+            Message::Refuse { reason: RefuseReason::StaleEpoch { current: 5, got: 3 } },
+            Message::Refuse { reason: RefuseReason::PeerEpochNewer { current: 5, got: 6 } },
+            Message::Refuse { reason: RefuseReason::IncompatibleVersion { supported: 1, got: 2 } },
+            Message::Refuse { reason: RefuseReason::WrongRole { got: Role::Primary } },
+            Message::Refuse { reason: RefuseReason::GuestImageMismatch },
+            Message::Refuse { reason: RefuseReason::Busy },
+            Message::Refuse { reason: RefuseReason::NotPrimary },
             Message::Log {
                 first_seq: 3,
                 through_exit: 100,
-                entries: vec![
-                    LogEntry {
-                        exit: 99,
-                        bytes: vec![1, 2, 3],
-                    },
-                    LogEntry {
-                        exit: 100,
-                        bytes: vec![],
-                    },
-                ],
+                entries: vec![LogEntry { exit: 99, bytes: vec![1, 2, 3] }, LogEntry { exit: 100, bytes: vec![] }],
             },
-            Message::Ack {
-                through_exit: 100,
-                replayed_exit: 90,
-            },
+            Message::Ack { through_exit: 100, replayed_exit: 90 },
             Message::Heartbeat { sent_at_nanos: 42 },
             Message::HeartbeatReply { sent_at_nanos: 42 },
-            Message::CloneBegin {
-                memory_bytes: 1 << 26,
-                disk_bytes: 1 << 20,
-                page_size: 4096,
-            },
-            Message::ClonePages {
-                round: 2,
-                pages: vec![(0x1000, vec![7; 16]), (0x2000, vec![])],
-            },
-            Message::CloneDisk {
-                offset: 512,
-                bytes: vec![1; 10],
-            },
-            Message::CloneFinal {
-                exit: 1234,
-                vcpu_state: vec![1, 2],
-                device_state: vec![3],
-            },
+            Message::CloneBegin { memory_bytes: 1 << 26, disk_bytes: 1 << 20, page_size: 4096 },
+            Message::ClonePages { round: 2, pages: vec![(0x1000, vec![7; 16]), (0x2000, vec![])] },
+            Message::CloneDisk { offset: 512, bytes: vec![1; 10] },
+            Message::CloneFinal { exit: 1234, vcpu_state: vec![1, 2], device_state: vec![3] },
             Message::CloneDone,
         ]
     }
@@ -1101,11 +938,7 @@ mod tests {
         for m in samples() {
             let f = encode_to_vec(&m, MAX).unwrap();
             for cut in 0..f.len() {
-                assert_eq!(
-                    check_frame(&f[..cut], MAX).unwrap(),
-                    None,
-                    "{m:?} cut {cut}"
-                );
+                assert_eq!(check_frame(&f[..cut], MAX).unwrap(), None, "{m:?} cut {cut}");
             }
         }
     }
@@ -1131,26 +964,14 @@ mod tests {
         let mut hdr = Vec::from(MAGIC);
         hdr.push(MessageKind::Log as u8);
         hdr.extend_from_slice(&(1024u32).to_be_bytes());
-        assert_eq!(
-            check_frame(&hdr, 1000),
-            Err(WireError::FrameTooLarge {
-                len: 1024,
-                max: 1000
-            })
-        );
+        assert_eq!(check_frame(&hdr, 1000), Err(WireError::FrameTooLarge { len: 1024, max: 1000 }));
     }
 
     #[test]
     fn encoding_over_the_limit_fails_cleanly() {
-        let m = Message::CloneDisk {
-            offset: 0,
-            bytes: vec![0; 100],
-        };
+        let m = Message::CloneDisk { offset: 0, bytes: vec![0; 100] };
         let mut out = vec![1];
-        assert!(matches!(
-            encode(&m, 50, &mut out),
-            Err(WireError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(encode(&m, 50, &mut out), Err(WireError::FrameTooLarge { .. })));
         assert_eq!(out, vec![1]);
     }
 
@@ -1177,22 +998,13 @@ mod tests {
         payload.push(2);
         payload.extend_from_slice(&[0; 32]);
         let f = raw_frame(MessageKind::Hello as u8, &payload);
-        assert!(matches!(
-            parse_frame(&f, MAX),
-            Err(WireError::InvalidField { field: "vm_id", .. })
-        ));
+        assert!(matches!(parse_frame(&f, MAX), Err(WireError::InvalidField { field: "vm_id", .. })));
     }
 
     #[test]
     fn bad_magic_and_unknown_kind() {
-        assert!(matches!(
-            check_frame(b"GET /", MAX),
-            Err(WireError::BadMagic { .. })
-        ));
-        assert!(matches!(
-            check_frame(b"X", MAX),
-            Err(WireError::BadMagic { .. })
-        ));
+        assert!(matches!(check_frame(b"GET /", MAX), Err(WireError::BadMagic { .. })));
+        assert!(matches!(check_frame(b"X", MAX), Err(WireError::BadMagic { .. })));
         let mut f = encode_to_vec(&Message::CloneDone, MAX).unwrap();
         f[3] = 200;
         assert_eq!(check_frame(&f, MAX), Err(WireError::UnknownKind(200)));
@@ -1206,13 +1018,7 @@ mod tests {
         put_u64(&mut payload, 0);
         put_u32(&mut payload, u32::MAX);
         let f = raw_frame(MessageKind::Log as u8, &payload);
-        assert!(matches!(
-            parse_frame(&f, MAX),
-            Err(WireError::InvalidField {
-                field: "entries",
-                ..
-            })
-        ));
+        assert!(matches!(parse_frame(&f, MAX), Err(WireError::InvalidField { field: "entries", .. })));
     }
 
     #[test]
@@ -1221,10 +1027,7 @@ mod tests {
         put_u64(&mut payload, 5);
         payload.push(0);
         let f = raw_frame(MessageKind::Heartbeat as u8, &payload);
-        assert!(matches!(
-            parse_frame(&f, MAX),
-            Err(WireError::TrailingBytes { extra: 1, .. })
-        ));
+        assert!(matches!(parse_frame(&f, MAX), Err(WireError::TrailingBytes { extra: 1, .. })));
     }
 
     #[test]
@@ -1289,12 +1092,9 @@ mod tests {
 
     fn any_reason() -> impl Strategy<Value = RefuseReason> {
         prop_oneof![
-            (".{0,40}", ".{0,40}")
-                .prop_map(|(expected, got)| RefuseReason::WrongVmId { expected, got }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(current, got)| RefuseReason::StaleEpoch { current, got }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(current, got)| RefuseReason::PeerEpochNewer { current, got }),
+            (".{0,40}", ".{0,40}").prop_map(|(expected, got)| RefuseReason::WrongVmId { expected, got }),
+            (any::<u64>(), any::<u64>()).prop_map(|(current, got)| RefuseReason::StaleEpoch { current, got }),
+            (any::<u64>(), any::<u64>()).prop_map(|(current, got)| RefuseReason::PeerEpochNewer { current, got }),
             (any::<u16>(), any::<u16>())
                 .prop_map(|(supported, got)| RefuseReason::IncompatibleVersion { supported, got }),
             Just(RefuseReason::GuestImageMismatch),
@@ -1310,68 +1110,33 @@ mod tests {
 
     fn any_message() -> impl Strategy<Value = Message> {
         prop_oneof![
-            (
-                any::<u16>(),
-                ".{0,60}",
-                any::<u64>(),
-                any_role(),
-                any::<[u8; 32]>()
-            )
-                .prop_map(|(protocol_version, vm_id, epoch, role, guest_image)| {
-                    Message::Hello {
-                        protocol_version,
-                        vm_id,
-                        epoch,
-                        role,
-                        guest_image,
-                    }
-                }),
-            (any::<u16>(), any::<u64>()).prop_map(|(protocol_version, epoch)| Message::HelloAck {
-                protocol_version,
-                epoch
-            }),
-            any_reason().prop_map(|reason| Message::Refuse { reason }),
-            (
-                any::<u64>(),
-                any::<u64>(),
-                proptest::collection::vec((any::<u64>(), bytes()), 0..8)
-            )
-                .prop_map(|(first_seq, through_exit, es)| Message::Log {
-                    first_seq,
-                    through_exit,
-                    entries: es
-                        .into_iter()
-                        .map(|(exit, bytes)| LogEntry { exit, bytes })
-                        .collect()
-                }),
-            (any::<u64>(), any::<u64>()).prop_map(|(through_exit, replayed_exit)| Message::Ack {
-                through_exit,
-                replayed_exit
-            }),
-            any::<u64>().prop_map(|sent_at_nanos| Message::Heartbeat { sent_at_nanos }),
-            any::<u64>().prop_map(|sent_at_nanos| Message::HeartbeatReply { sent_at_nanos }),
-            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
-                |(memory_bytes, disk_bytes, page_size)| {
-                    Message::CloneBegin {
-                        memory_bytes,
-                        disk_bytes,
-                        page_size,
-                    }
+            (any::<u16>(), ".{0,60}", any::<u64>(), any_role(), any::<[u8; 32]>()).prop_map(
+                |(protocol_version, vm_id, epoch, role, guest_image)| {
+                    Message::Hello { protocol_version, vm_id, epoch, role, guest_image }
                 }
             ),
-            (
-                any::<u32>(),
-                proptest::collection::vec((any::<u64>(), bytes()), 0..8)
-            )
-                .prop_map(|(round, pages)| Message::ClonePages { round, pages }),
-            (any::<u64>(), bytes())
-                .prop_map(|(offset, bytes)| Message::CloneDisk { offset, bytes }),
-            (any::<u64>(), bytes(), bytes()).prop_map(|(exit, vcpu_state, device_state)| {
-                Message::CloneFinal {
-                    exit,
-                    vcpu_state,
-                    device_state,
+            (any::<u16>(), any::<u64>())
+                .prop_map(|(protocol_version, epoch)| Message::HelloAck { protocol_version, epoch }),
+            any_reason().prop_map(|reason| Message::Refuse { reason }),
+            (any::<u64>(), any::<u64>(), proptest::collection::vec((any::<u64>(), bytes()), 0..8)).prop_map(
+                |(first_seq, through_exit, es)| Message::Log {
+                    first_seq,
+                    through_exit,
+                    entries: es.into_iter().map(|(exit, bytes)| LogEntry { exit, bytes }).collect()
                 }
+            ),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(through_exit, replayed_exit)| Message::Ack { through_exit, replayed_exit }),
+            any::<u64>().prop_map(|sent_at_nanos| Message::Heartbeat { sent_at_nanos }),
+            any::<u64>().prop_map(|sent_at_nanos| Message::HeartbeatReply { sent_at_nanos }),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(memory_bytes, disk_bytes, page_size)| {
+                Message::CloneBegin { memory_bytes, disk_bytes, page_size }
+            }),
+            (any::<u32>(), proptest::collection::vec((any::<u64>(), bytes()), 0..8))
+                .prop_map(|(round, pages)| Message::ClonePages { round, pages }),
+            (any::<u64>(), bytes()).prop_map(|(offset, bytes)| Message::CloneDisk { offset, bytes }),
+            (any::<u64>(), bytes(), bytes()).prop_map(|(exit, vcpu_state, device_state)| {
+                Message::CloneFinal { exit, vcpu_state, device_state }
             }),
             Just(Message::CloneDone),
         ]

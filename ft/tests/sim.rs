@@ -49,18 +49,11 @@ fn sim_cfg() -> FtConfig {
 }
 
 fn ident() -> VmIdentity {
-    VmIdentity {
-        vm_id: "sim/kv".into(),
-        guest_image: [1; 32],
-    }
+    VmIdentity { vm_id: "sim/kv".into(), guest_image: [1; 32] }
 }
 
 fn geometry() -> VmGeometry {
-    VmGeometry {
-        memory_bytes: (PAGES * PAGE) as u64,
-        disk_bytes: 0,
-        page_size: PAGE as u32,
-    }
+    VmGeometry { memory_bytes: (PAGES * PAGE) as u64, disk_bytes: 0, page_size: PAGE as u32 }
 }
 
 /// xorshift64*: deterministic randomness for the exit producer.
@@ -87,11 +80,7 @@ struct Guest {
 
 impl Guest {
     fn new() -> Self {
-        Guest {
-            exit: 0,
-            state: 0x1234_5678,
-            mem: [[0; PAGE]; PAGES],
-        }
+        Guest { exit: 0, state: 0x1234_5678, mem: [[0; PAGE]; PAGES] }
     }
     /// Runs exit `exit` with its log entries; returns the page written.
     fn run_exit(&mut self, exit: u64, entries: &[&LogEntry]) -> usize {
@@ -202,11 +191,7 @@ struct Link {
 
 impl Link {
     fn new() -> Self {
-        Link {
-            q: VecDeque::new(),
-            reader: FrameReader::new(sim_cfg().max_payload),
-            kinds: Vec::new(),
-        }
+        Link { q: VecDeque::new(), reader: FrameReader::new(sim_cfg().max_payload), kinds: Vec::new() }
     }
 }
 
@@ -260,11 +245,7 @@ impl Sim {
             cfg: cfg.clone(),
             nodes: Vec::new(),
             conns: Vec::new(),
-            arbiter: Arbiter {
-                epoch: 1,
-                holder: 0,
-                wins: Vec::new(),
-            },
+            arbiter: Arbiter { epoch: 1, holder: 0, wins: Vec::new() },
             delay: 200_000,
             cut: false,
             operator: true,
@@ -314,10 +295,7 @@ impl Sim {
     }
 
     fn conn_of(&mut self, node: usize) -> Option<&mut Conn> {
-        self.conns
-            .iter_mut()
-            .rev()
-            .find(|c| (c.p == node && !c.p_closed) || (c.b == node && !c.b_closed))
+        self.conns.iter_mut().rev().find(|c| (c.p == node && !c.p_closed) || (c.b == node && !c.b_closed))
     }
 
     fn step(&mut self) {
@@ -375,18 +353,11 @@ impl Sim {
             }
             // Closing notices (FIN/RST reaching the other side).
             let c = &mut self.conns[ci];
-            let due: Vec<usize> = c
-                .notices
-                .iter()
-                .filter(|(_, t)| *t <= now)
-                .map(|(n, _)| *n)
-                .collect();
+            let due: Vec<usize> = c.notices.iter().filter(|(_, t)| *t <= now).map(|(n, _)| *n).collect();
             c.notices.retain(|(_, t)| *t > now);
             // A side that closed this connection itself no longer hears about it.
-            let due: Vec<usize> = due
-                .into_iter()
-                .filter(|n| !((*n == c.p && c.p_closed) || (*n == c.b && c.b_closed)))
-                .collect();
+            let due: Vec<usize> =
+                due.into_iter().filter(|n| !((*n == c.p && c.p_closed) || (*n == c.b && c.b_closed))).collect();
             for n in due {
                 match &mut self.nodes[n].m {
                     Machine::P(p) => p.peer_disconnected(now),
@@ -410,14 +381,9 @@ impl Sim {
                 self.arbiter.epoch += 1;
                 self.arbiter.holder = i;
                 self.arbiter.wins.push((self.arbiter.epoch, i));
-                ArbiterOutcome::Won {
-                    epoch: self.arbiter.epoch,
-                }
+                ArbiterOutcome::Won { epoch: self.arbiter.epoch }
             } else {
-                ArbiterOutcome::Lost {
-                    winner: format!("node{}", self.arbiter.holder),
-                    epoch: self.arbiter.epoch,
-                }
+                ArbiterOutcome::Lost { winner: format!("node{}", self.arbiter.holder), epoch: self.arbiter.epoch }
             };
             match &mut self.nodes[i].m {
                 Machine::P(p) => p.arbiter_result(outcome, now),
@@ -499,10 +465,7 @@ impl Sim {
         // Divergence check against the primary this backup follows, at every replayed exit.
         let node = &self.nodes[i];
         if let (Machine::B(b), Some(src)) = (&node.m, node.source) {
-            let synced = matches!(
-                b.state(),
-                BackupState::Replaying | BackupState::Draining | BackupState::Consulting
-            );
+            let synced = matches!(b.state(), BackupState::Replaying | BackupState::Draining | BackupState::Consulting);
             if synced {
                 let reference = self.nodes[src].history.get(&node.guest.exit);
                 assert_eq!(
@@ -543,18 +506,9 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.paused = ready.pause_vcpu;
         for r in &ready.released {
-            assert!(
-                !node.halted,
-                "node {i} released output {:?} after halting",
-                r.id
-            );
+            assert!(!node.halted, "node {i} released output {:?} after halting", r.id);
             // Each output leaves exactly once, with the exit it was produced at.
-            assert_eq!(
-                node.outputs.remove(&r.id.0),
-                Some(r.exit),
-                "{:?} released twice or unknown",
-                r.id
-            );
+            assert_eq!(node.outputs.remove(&r.id.0), Some(r.exit), "{:?} released twice or unknown", r.id);
             node.released.push(r.exit);
         }
         if let Some(ask) = ready.consult_arbiter {
@@ -570,28 +524,16 @@ impl Sim {
                         self.refusals.push(r.clone());
                     }
                 }
-                RoleEvent::Promoted {
-                    epoch,
-                    resume_after_exit,
-                } => {
+                RoleEvent::Promoted { epoch, resume_after_exit } => {
                     let src = node.source.expect("a backup follows a primary");
                     self.promotions.push((i, src, *resume_after_exit));
                     // Go live: the replica becomes a primary at the exit it reached.
-                    assert_eq!(
-                        node.guest.exit, *resume_after_exit,
-                        "go-live replays everything received"
-                    );
+                    assert_eq!(node.guest.exit, *resume_after_exit, "go-live replays everything received");
                     let reference = self.nodes[src].history.get(resume_after_exit).cloned();
                     let node = &mut self.nodes[i];
-                    assert_eq!(
-                        Some(&node.guest),
-                        reference.as_ref(),
-                        "promoted state equals the primary's"
-                    );
+                    assert_eq!(Some(&node.guest), reference.as_ref(), "promoted state equals the primary's");
                     node.history.insert(*resume_after_exit, node.guest.clone());
-                    let Machine::B(b) = &node.m else {
-                        unreachable!()
-                    };
+                    let Machine::B(b) = &node.m else { unreachable!() };
                     let promoted = b.promote(geometry(), now).expect("promoted backup");
                     assert_eq!(promoted.epoch(), *epoch);
                     node.m = Machine::P(Box::new(promoted));
@@ -639,33 +581,19 @@ impl Sim {
         let Machine::P(p) = &mut node.m else { return };
         match a {
             CloneAction::CopyRound { round } => {
-                let pages: Vec<usize> = if round == 0 {
-                    (0..PAGES).collect()
-                } else {
-                    node.dirty.iter().copied().collect()
-                };
+                let pages: Vec<usize> =
+                    if round == 0 { (0..PAGES).collect() } else { node.dirty.iter().copied().collect() };
                 node.dirty.clear();
-                p.clone_pages(
-                    pages
-                        .into_iter()
-                        .map(|pg| ((pg * PAGE) as u64, node.guest.mem[pg].to_vec()))
-                        .collect(),
-                )
-                .unwrap();
+                p.clone_pages(pages.into_iter().map(|pg| ((pg * PAGE) as u64, node.guest.mem[pg].to_vec())).collect())
+                    .unwrap();
                 node.round_pending = true;
             }
             CloneAction::PauseAndFinalize { .. } => {
                 let pages: Vec<usize> = node.dirty.iter().copied().collect();
                 node.dirty.clear();
-                p.clone_pages(
-                    pages
-                        .into_iter()
-                        .map(|pg| ((pg * PAGE) as u64, node.guest.mem[pg].to_vec()))
-                        .collect(),
-                )
-                .unwrap();
-                p.clone_final(node.guest.exit, node.guest.encode(), vec![], now)
+                p.clone_pages(pages.into_iter().map(|pg| ((pg * PAGE) as u64, node.guest.mem[pg].to_vec())).collect())
                     .unwrap();
+                p.clone_final(node.guest.exit, node.guest.encode(), vec![], now).unwrap();
             }
             CloneAction::Abort => {
                 node.dirty.clear();
@@ -683,8 +611,7 @@ impl Sim {
         let link = if to_backup { &mut c.to_b } else { &mut c.to_p };
         for m in &msgs {
             let at = (now + delay).max(link.q.back().map_or(0, |x| x.0));
-            link.q
-                .push_back((at, lockstep_ft::wire::encode_to_vec(m, max).unwrap()));
+            link.q.push_back((at, lockstep_ft::wire::encode_to_vec(m, max).unwrap()));
         }
         if close {
             let other = if to_backup { c.b } else { c.p };
@@ -709,21 +636,16 @@ impl Sim {
         let unchecked: Vec<usize> = self
             .nodes
             .iter()
-            .filter(|n| {
-                matches!(&n.m, Machine::P(p) if matches!(p.state(), PrimaryState::Solo | PrimaryState::Cloning))
-            })
+            .filter(
+                |n| matches!(&n.m, Machine::P(p) if matches!(p.state(), PrimaryState::Solo | PrimaryState::Cloning)),
+            )
             .map(|n| n.id)
             .collect();
-        assert!(
-            unchecked.len() <= 1,
-            "two sides release freely: {unchecked:?}"
-        );
+        assert!(unchecked.len() <= 1, "two sides release freely: {unchecked:?}");
         // Output rule across failovers.
         for (promoted, old, resume) in &self.promotions {
             if let Some(bad) = self.nodes[*old].released.iter().find(|e| **e > *resume) {
-                panic!(
-                    "node {old} released an output of exit {bad}, but node {promoted} went live at exit {resume}"
-                );
+                panic!("node {old} released an output of exit {bad}, but node {promoted} went live at exit {resume}");
             }
         }
     }
@@ -756,11 +678,7 @@ impl Sim {
         let now = self.now;
         let delay = self.delay;
         self.nodes[node].m = Machine::Dead;
-        for c in self
-            .conns
-            .iter_mut()
-            .filter(|c| (c.p == node && !c.p_closed) || (c.b == node && !c.b_closed))
-        {
+        for c in self.conns.iter_mut().filter(|c| (c.p == node && !c.p_closed) || (c.b == node && !c.b_closed)) {
             if c.p == node {
                 c.p_closed = true;
             } else {
@@ -799,11 +717,7 @@ impl Sim {
     }
 
     fn live_nodes(&self) -> Vec<usize> {
-        self.nodes
-            .iter()
-            .filter(|n| !n.halted && matches!(n.m, Machine::P(_)))
-            .map(|n| n.id)
-            .collect()
+        self.nodes.iter().filter(|n| !n.halted && matches!(n.m, Machine::P(_))).map(|n| n.id).collect()
     }
 }
 
@@ -838,18 +752,11 @@ fn clone_then_log_in_protocol_order() {
     assert_eq!(kinds[0], MessageKind::HelloAck);
     assert_eq!(kinds[1], MessageKind::CloneBegin);
     assert!(pos(MessageKind::ClonePages) < pos(MessageKind::CloneFinal));
-    assert_eq!(
-        pos(MessageKind::CloneDone),
-        pos(MessageKind::CloneFinal) + 1
-    );
+    assert_eq!(pos(MessageKind::CloneDone), pos(MessageKind::CloneFinal) + 1);
     let first_log = pos(MessageKind::Log);
     assert!(first_log > pos(MessageKind::CloneDone));
     assert!(
-        kinds[..first_log]
-            .iter()
-            .filter(|k| **k == MessageKind::ClonePages)
-            .count()
-            >= 2,
+        kinds[..first_log].iter().filter(|k| **k == MessageKind::ClonePages).count() >= 2,
         "pre-copy ran more than one round while the guest kept dirtying pages"
     );
     // The backup follows (the divergence check ran every step) and acknowledges.
@@ -858,10 +765,7 @@ fn clone_then_log_in_protocol_order() {
         _ => unreachable!(),
     };
     assert!(p.metrics().acked_exit > 0);
-    assert!(
-        p.metrics().outputs_released > 0,
-        "outputs flow under the output rule"
-    );
+    assert!(p.metrics().outputs_released > 0, "outputs flow under the output rule");
     assert!(p.metrics().clone_pages_sent >= PAGES as u64);
     assert!(sim.nodes[1].guest.exit > 0);
 }
@@ -872,10 +776,7 @@ fn primary_process_dies_backup_goes_live_then_second_failover() {
     assert!(run_until(&mut sim, 100 * MILLIS, |s| protected(s, 0)));
     sim.run_for(30 * MILLIS);
     sim.kill(0, true);
-    assert!(run_until(&mut sim, 100 * MILLIS, |s| matches!(
-        s.nodes[1].m,
-        Machine::P(_)
-    )));
+    assert!(run_until(&mut sim, 100 * MILLIS, |s| matches!(s.nodes[1].m, Machine::P(_))));
     assert_eq!(sim.promotions.len(), 1);
     assert_eq!(sim.arbiter.wins, vec![(2, 1)]);
     // The operator gives the new primary a backup; the guest keeps going from the resume exit.
@@ -889,10 +790,7 @@ fn primary_process_dies_backup_goes_live_then_second_failover() {
     assert!(resume <= before && resume > sim.promotions[0].2);
     sim.run_for(20 * MILLIS);
     assert!(sim.primary_exit(promoted) > resume, "the new primary runs");
-    assert!(
-        !sim.nodes[promoted].released.is_empty(),
-        "and answers clients"
-    );
+    assert!(!sim.nodes[promoted].released.is_empty(), "and answers clients");
 }
 
 #[test]
@@ -906,12 +804,8 @@ fn backup_dies_primary_degrades_new_backup_clones_and_a_later_failover_loses_not
     )));
     assert_eq!(sim.arbiter.wins, vec![(2, 0)]);
     let released_before = sim.nodes[0].released.len();
-    assert!(run_until(&mut sim, 200 * MILLIS, |s| s.nodes.len() == 3
-        && protected(s, 0)));
-    assert!(
-        sim.nodes[0].released.len() > released_before,
-        "degraded primary kept answering"
-    );
+    assert!(run_until(&mut sim, 200 * MILLIS, |s| s.nodes.len() == 3 && protected(s, 0)));
+    assert!(sim.nodes[0].released.len() > released_before, "degraded primary kept answering");
     sim.run_for(20 * MILLIS);
     sim.kill(0, true);
     assert!(run_until(&mut sim, 200 * MILLIS, |s| s.promotions.len() == 1));
@@ -935,34 +829,18 @@ fn partition_leaves_exactly_one_side_running() {
         sim.run_for(100 * MILLIS);
         sim.nodes[0].arbiter_reachable = true;
         sim.run_for(100 * MILLIS);
-        let halted: Vec<usize> = sim
-            .nodes
-            .iter()
-            .filter(|n| n.halted)
-            .map(|n| n.id)
-            .collect();
+        let halted: Vec<usize> = sim.nodes.iter().filter(|n| n.halted).map(|n| n.id).collect();
         let live = sim.live_nodes();
-        assert_eq!(
-            halted.len(),
-            1,
-            "exactly one side halts (halted {halted:?})"
-        );
+        assert_eq!(halted.len(), 1, "exactly one side halts (halted {halted:?})");
         assert_eq!(live.len(), 1, "exactly one side runs (live {live:?})");
         assert_eq!(sim.arbiter.wins.len(), 1);
         assert_eq!(live[0], sim.arbiter.wins[0].1);
         if backup_asks_first {
-            assert_eq!(
-                live,
-                vec![1],
-                "the backup won while the primary could not reach the arbiter"
-            );
+            assert_eq!(live, vec![1], "the backup won while the primary could not reach the arbiter");
         }
         let exit = sim.primary_exit(live[0]);
         sim.run_for(10 * MILLIS);
-        assert!(
-            sim.primary_exit(live[0]) > exit,
-            "the survivor makes progress"
-        );
+        assert!(sim.primary_exit(live[0]) > exit, "the survivor makes progress");
     }
 }
 
@@ -979,15 +857,8 @@ fn unreachable_arbiter_stalls_both_sides_and_nothing_unsafe_leaves() {
     let released = sim.nodes[0].released.len();
     let exit = sim.primary_exit(0);
     sim.run_for(100 * MILLIS);
-    assert_eq!(
-        sim.nodes[0].released.len(),
-        released,
-        "no release without acks or the arbiter"
-    );
-    assert!(
-        sim.primary_exit(0) - exit < 200,
-        "the log budget pauses the stalled primary"
-    );
+    assert_eq!(sim.nodes[0].released.len(), released, "no release without acks or the arbiter");
+    assert!(sim.primary_exit(0) - exit < 200, "the log budget pauses the stalled primary");
     assert!(matches!(&sim.nodes[1].m, Machine::B(b) if b.state() == BackupState::Consulting));
     assert!(sim.arbiter.wins.is_empty());
     sim.nodes[1].arbiter_reachable = true;
@@ -1009,40 +880,23 @@ fn slow_replay_pauses_and_throttles_the_primary() {
     let exits_before = sim.nodes[0].exits_run;
     sim.run(2000);
     let ran = sim.nodes[0].exits_run - exits_before;
-    assert!(
-        ran < 2000 * 2 / 5,
-        "the primary was held near the backup's pace (ran {ran} exits)"
-    );
+    assert!(ran < 2000 * 2 / 5, "the primary was held near the backup's pace (ran {ran} exits)");
     assert!(sim.nodes[0].paused_steps > 0 || sim.nodes[0].max_lag_seen > sim.cfg.lag_target);
     let budget = sim.cfg.log_budget_bytes as u64;
     // One exit adds at most 2 entries of at most 51 wire bytes past the budget before the pause.
-    assert!(
-        sim.nodes[0].max_unacked_seen <= budget + 2 * 51,
-        "the budget bounds the log"
-    );
-    assert!(
-        sim.nodes[0].max_lag_seen > sim.cfg.lag_target,
-        "lag control saw the lag"
-    );
-    assert!(
-        protected(&sim, 0),
-        "slow is not dead: replay progress keeps the pair together"
-    );
+    assert!(sim.nodes[0].max_unacked_seen <= budget + 2 * 51, "the budget bounds the log");
+    assert!(sim.nodes[0].max_lag_seen > sim.cfg.lag_target, "lag control saw the lag");
+    assert!(protected(&sim, 0), "slow is not dead: replay progress keeps the pair together");
     // Full speed again: the throttle lets go.
     sim.nodes[1].replay_per_step = 50;
     sim.nodes[1].replay_every = 1;
     sim.run_for(100 * MILLIS);
-    let Machine::P(p) = &sim.nodes[0].m else {
-        unreachable!()
-    };
+    let Machine::P(p) = &sim.nodes[0].m else { unreachable!() };
     assert_eq!(p.throttle(), Throttle::Full);
     assert!(!sim.nodes[0].paused);
     let exits_before = sim.nodes[0].exits_run;
     sim.run(100);
-    assert!(
-        sim.nodes[0].exits_run - exits_before > 80,
-        "runs at full speed again"
-    );
+    assert!(sim.nodes[0].exits_run - exits_before > 80, "runs at full speed again");
 }
 
 #[test]
@@ -1054,10 +908,7 @@ fn wrong_vm_and_stale_epoch_backups_are_refused_without_harm() {
     assert!(run_until(&mut sim, 100 * MILLIS, |s| matches!(
         &s.nodes[0].m, Machine::P(p) if p.state() == PrimaryState::Solo
     )));
-    let wrong = VmIdentity {
-        vm_id: "sim/other".into(),
-        guest_image: [1; 32],
-    };
+    let wrong = VmIdentity { vm_id: "sim/other".into(), guest_image: [1; 32] };
     let b = sim.spawn_backup(wrong, 2);
     sim.run_for(5 * MILLIS);
     assert!(sim.nodes[b].halted);
@@ -1084,10 +935,7 @@ fn wrong_vm_and_stale_epoch_backups_are_refused_without_harm() {
 #[test]
 fn primary_lost_during_clone_leaves_a_backup_that_cannot_go_live() {
     // Never converge, so the pre-copy takes several rounds (steps) to observe.
-    let mut sim = Sim::new(FtConfig {
-        clone_dirty_threshold_pages: 0,
-        ..sim_cfg()
-    });
+    let mut sim = Sim::new(FtConfig { clone_dirty_threshold_pages: 0, ..sim_cfg() });
     sim.operator = false;
     assert!(run_until(&mut sim, 50 * MILLIS, |s| matches!(
         &s.nodes[0].m, Machine::P(p) if p.state() == PrimaryState::Cloning
@@ -1095,14 +943,8 @@ fn primary_lost_during_clone_leaves_a_backup_that_cannot_go_live() {
     sim.kill(0, false);
     sim.run_for(50 * MILLIS);
     assert!(sim.nodes[1].halted);
-    assert_eq!(
-        sim.nodes[1].events.last(),
-        Some(&RoleEvent::Halted(HaltReason::PrimaryLostBeforeSync))
-    );
-    assert!(
-        sim.arbiter.wins.is_empty(),
-        "an unsynced backup never asks the arbiter"
-    );
+    assert_eq!(sim.nodes[1].events.last(), Some(&RoleEvent::Halted(HaltReason::PrimaryLostBeforeSync)));
+    assert!(sim.arbiter.wins.is_empty(), "an unsynced backup never asks the arbiter");
     assert!(sim.promotions.is_empty());
 }
 
@@ -1148,27 +990,16 @@ fn fault() -> impl Strategy<Value = Fault> {
     prop_oneof![
         any::<bool>().prop_map(|process| Fault::KillPrimary { process }),
         any::<bool>().prop_map(|process| Fault::KillBackup { process }),
-        (1u64..80).prop_map(|ms| Fault::Partition {
-            heal_after: ms * MILLIS
-        }),
-        (any::<bool>(), 1u64..60).prop_map(|(primary, ms)| Fault::ArbiterDown {
-            primary,
-            for_: ms * MILLIS
-        }),
+        (1u64..80).prop_map(|ms| Fault::Partition { heal_after: ms * MILLIS }),
+        (any::<bool>(), 1u64..60).prop_map(|(primary, ms)| Fault::ArbiterDown { primary, for_: ms * MILLIS }),
         (1u64..60).prop_map(|ms| Fault::SlowReplay { for_: ms * MILLIS }),
-        (1u64..5, 1u64..40).prop_map(|(d, ms)| Fault::Delay {
-            extra: d * MILLIS,
-            for_: ms * MILLIS
-        }),
+        (1u64..5, 1u64..40).prop_map(|(d, ms)| Fault::Delay { extra: d * MILLIS, for_: ms * MILLIS }),
     ]
 }
 
 fn run_schedule(schedule: &[(u64, Fault)]) {
     let mut sim = Sim::new(sim_cfg());
-    let mut pending: Vec<(Nanos, Fault)> = schedule
-        .iter()
-        .map(|(ms, f)| (ms * MILLIS, f.clone()))
-        .collect();
+    let mut pending: Vec<(Nanos, Fault)> = schedule.iter().map(|(ms, f)| (ms * MILLIS, f.clone())).collect();
     pending.sort_by_key(|x| x.0);
     type Undo = Box<dyn Fn(&mut Sim)>;
     let mut undo: Vec<(Nanos, Undo)> = Vec::new();
@@ -1181,9 +1012,9 @@ fn run_schedule(schedule: &[(u64, Fault)]) {
                 Fault::KillPrimary { process } => {
                     // Only kill a protected primary: losing an unprotected VM is not a fault FT
                     // claims to survive.
-                    let synced = sim.current_backup().is_some_and(|b| {
-                        matches!(&sim.nodes[b].m, Machine::B(x) if x.state() == BackupState::Replaying)
-                    });
+                    let synced = sim.current_backup().is_some_and(
+                        |b| matches!(&sim.nodes[b].m, Machine::B(x) if x.state() == BackupState::Replaying),
+                    );
                     if let Some(p) = sim.live_primary().filter(|p| synced && protected(&sim, *p)) {
                         sim.kill(p, process);
                     }
@@ -1198,26 +1029,16 @@ fn run_schedule(schedule: &[(u64, Fault)]) {
                     undo.push((now + heal_after, Box::new(|s| s.cut = false)));
                 }
                 Fault::ArbiterDown { primary, for_ } => {
-                    let target = if primary {
-                        sim.live_primary()
-                    } else {
-                        sim.current_backup()
-                    };
+                    let target = if primary { sim.live_primary() } else { sim.current_backup() };
                     if let Some(n) = target {
                         sim.nodes[n].arbiter_reachable = false;
-                        undo.push((
-                            now + for_,
-                            Box::new(move |s| s.nodes[n].arbiter_reachable = true),
-                        ));
+                        undo.push((now + for_, Box::new(move |s| s.nodes[n].arbiter_reachable = true)));
                     }
                 }
                 Fault::SlowReplay { for_ } => {
                     if let Some(b) = sim.current_backup() {
                         sim.nodes[b].replay_per_step = 0;
-                        undo.push((
-                            now + for_,
-                            Box::new(move |s| s.nodes[b].replay_per_step = 8),
-                        ));
+                        undo.push((now + for_, Box::new(move |s| s.nodes[b].replay_per_step = 8)));
                     }
                 }
                 Fault::Delay { extra, for_ } => {
@@ -1247,30 +1068,15 @@ fn run_schedule(schedule: &[(u64, Fault)]) {
                 if matches!(p.state(), PrimaryState::Solo | PrimaryState::Protected | PrimaryState::Cloning))
         })
         .collect();
-    assert_eq!(
-        live.len(),
-        1,
-        "exactly one running primary after healing: {live:?}"
-    );
+    assert_eq!(live.len(), 1, "exactly one running primary after healing: {live:?}");
     let p = live[0];
-    assert_eq!(
-        p, sim.arbiter.holder,
-        "the running primary holds the arbiter"
-    );
+    assert_eq!(p, sim.arbiter.holder, "the running primary holds the arbiter");
     let exit = sim.primary_exit(p);
     sim.run_for(20 * MILLIS);
     assert!(sim.primary_exit(p) > exit, "and makes progress");
     // Output flows again: nothing produced before that window is still held.
-    let stuck: Vec<u64> = sim.nodes[p]
-        .outputs
-        .values()
-        .copied()
-        .filter(|e| *e <= exit)
-        .collect();
-    assert!(
-        stuck.is_empty(),
-        "outputs of exits {stuck:?} never left node {p}"
-    );
+    let stuck: Vec<u64> = sim.nodes[p].outputs.values().copied().filter(|e| *e <= exit).collect();
+    assert!(stuck.is_empty(), "outputs of exits {stuck:?} never left node {p}");
 }
 
 proptest! {

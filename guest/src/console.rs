@@ -2,7 +2,7 @@
 //! (~24 µs), so programs print only at start-up and on errors.
 
 use core::fmt::{self, Write};
-use lockstep_guest_abi::{slot_base, SLOT_SERIAL};
+use lockstep_guest_abi::{SLOT_SERIAL, slot_base};
 
 struct Uart;
 

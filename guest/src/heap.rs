@@ -3,7 +3,7 @@
 //! deterministic, as replay requires.
 
 use linked_list_allocator::LockedHeap;
-use lockstep_guest_abi::{BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC};
+use lockstep_guest_abi::{BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();

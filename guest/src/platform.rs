@@ -1,7 +1,7 @@
 //! The platform device: clock, timer, yield and power. Every access is an MMIO exit, so these
 //! are also the points where the VMM can deliver interrupts.
 
-use lockstep_guest_abi::{platform as reg, slot_base, SLOT_PLATFORM};
+use lockstep_guest_abi::{SLOT_PLATFORM, platform as reg, slot_base};
 
 fn addr(offset: u64) -> *mut u64 {
     (slot_base(SLOT_PLATFORM) + offset) as *mut u64

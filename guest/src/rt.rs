@@ -9,7 +9,7 @@
 use core::arch::global_asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use lockstep_guest_abi::{irq, platform, slot_base, SLOT_PLATFORM};
+use lockstep_guest_abi::{SLOT_PLATFORM, irq, platform, slot_base};
 
 const KERNEL_STACK_SIZE: usize = 16 * 1024;
 const USER_STACK_SIZE: usize = 512 * 1024;
@@ -151,7 +151,6 @@ IDT:
     idt_entries = const irq::IDT_ENTRIES as usize,
     user_entry = sym user_entry,
 );
-
 
 // The stubs are in AT&T syntax: in Intel syntax a bare `.set` symbol would be read as a memory
 // operand, and the stubs must push immediates.

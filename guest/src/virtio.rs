@@ -1,11 +1,11 @@
 //! virtio-drivers glue: identity-mapped DMA from the heap, and the MMIO transports of our slots.
 
-use alloc::alloc::{alloc_zeroed, dealloc, Layout};
+use alloc::alloc::{Layout, alloc_zeroed, dealloc};
 use core::ptr::NonNull;
 
-use lockstep_guest_abi::{slot_base, MMIO_SLOT_SIZE};
+use lockstep_guest_abi::{MMIO_SLOT_SIZE, slot_base};
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
-use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+use virtio_drivers::{BufferDirection, Hal, PAGE_SIZE, PhysAddr};
 
 /// Guest physical == virtual (identity map), and DMA memory is zeroed heap pages.
 #[derive(Debug)]

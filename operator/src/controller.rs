@@ -27,13 +27,12 @@ use serde_json::json;
 
 use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use crate::decide::{
-    ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState,
-    PodView, Previous, Role, decide,
+    ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous,
+    Role, decide,
 };
 use crate::metrics::Metrics;
 use crate::resources::{
-    self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY,
-    PodPlan,
+    self, ANN_EPOCH, ANN_PAIRS_WITH, LABEL_FTVM, LABEL_MEMBER, LABEL_MODE, LABEL_ROLE, MANAGED_BY, PodPlan,
 };
 use crate::telemetry::{self, Telemetry};
 
@@ -49,9 +48,7 @@ pub const DEFAULT_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An API call failed.
-    #[error(
-        "{op} failed: {source}; the operator retries, check RBAC (see charts/lockstep) and the apiserver"
-    )]
+    #[error("{op} failed: {source}; the operator retries, check RBAC (see charts/lockstep) and the apiserver")]
     Kube {
         /// What was being done.
         op: String,
@@ -73,8 +70,9 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube_api",
             Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
+                    e.metric_label()
+                }
                 _ => "finalizer",
             },
             Error::NoNamespace(_) => "no_namespace",
@@ -84,10 +82,7 @@ impl Error {
 
 fn kube_err(op: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let op = op.into();
-    move |e| Error::Kube {
-        op,
-        source: Box::new(e),
-    }
+    move |e| Error::Kube { op, source: Box::new(e) }
 }
 
 /// Operator settings.
@@ -126,19 +121,14 @@ pub struct Context {
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Context")
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
+        f.debug_struct("Context").field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
 impl Context {
     /// A context for `client`.
     pub fn new(client: Client, metrics: Metrics, settings: Settings) -> Self {
-        let reporter = Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(settings.identity.clone()),
-        };
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(settings.identity.clone()) };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -161,26 +151,17 @@ impl Context {
         // Spaced by half the period: the reconcile that our own status write triggers a moment
         // later must not scrape again (that would write again, and so on).
         let gap = (self.settings.scrape_interval / 2).max(telemetry::MIN_SCRAPE_GAP);
-        if !self
-            .telemetry(key)
-            .unwrap_or_default()
-            .due(pod, Instant::now(), gap)
-        {
+        if !self.telemetry(key).unwrap_or_default().due(pod, Instant::now(), gap) {
             return;
         }
         match telemetry::fetch(addr, telemetry::SCRAPE_TIMEOUT).await {
             Ok(body) => {
                 let sample = telemetry::parse(&body);
                 let mut all = self.telemetry.lock().unwrap_or_else(|p| p.into_inner());
-                all.entry(key.to_owned())
-                    .or_default()
-                    .record(pod, sample, Instant::now());
+                all.entry(key.to_owned()).or_default().record(pod, sample, Instant::now());
             }
             Err(e) => {
-                self.metrics
-                    .agent_scrape_errors
-                    .with_label_values(&[e.metric_label()])
-                    .inc();
+                self.metrics.agent_scrape_errors.with_label_values(&[e.metric_label()]).inc();
                 tracing::warn!(ftvm = %key, pod, error = %e, "could not scrape the primary agent's metrics");
             }
         }
@@ -194,84 +175,43 @@ impl Context {
 
 /// `namespace/name`, the key of per-FTVM state in the context and in metrics.
 fn key_of(ftvm: &FTVirtualMachine) -> String {
-    format!(
-        "{}/{}",
-        ftvm.namespace().unwrap_or_default(),
-        ftvm.name_any()
-    )
+    format!("{}/{}", ftvm.namespace().unwrap_or_default(), ftvm.name_any())
 }
 
 /// The address of a pod's agent metrics.
 pub fn metrics_addr(pod_ip: &str, metrics_port: i32) -> Option<SocketAddr> {
-    Some(SocketAddr::new(
-        pod_ip.parse().ok()?,
-        u16::try_from(metrics_port).ok()?,
-    ))
+    Some(SocketAddr::new(pod_ip.parse().ok()?, u16::try_from(metrics_port).ok()?))
 }
 
 /// Reads everything the decision needs.
-pub async fn observe(
-    ftvm: &FTVirtualMachine,
-    client: &Client,
-    now: Timestamp,
-) -> Result<Observed, Error> {
+pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -> Result<Observed, Error> {
     let name = ftvm.name_any();
-    let ns = ftvm
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
-    let list = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("list pods"))?;
+    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
     let uid = ftvm.uid();
     // Only pods this very object owns: a re-created FTVM of the same name must not adopt old pods.
-    let owned: Vec<Pod> = list
-        .items
-        .into_iter()
-        .filter(|p| {
-            p.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
+    let owned: Vec<Pod> =
+        list.items.into_iter().filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref())).collect();
 
     let nodes: Api<Node> = Api::all(client.clone());
-    let node_names: BTreeSet<String> = owned
-        .iter()
-        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
-        .collect();
+    let node_names: BTreeSet<String> = owned.iter().filter_map(|p| p.spec.as_ref()?.node_name.clone()).collect();
     let mut health = std::collections::BTreeMap::new();
     for n in node_names {
-        let node = nodes
-            .get_opt(&n)
-            .await
-            .map_err(kube_err(format!("get node {n}")))?;
-        health.insert(
-            n,
-            node.as_ref()
-                .map(node_health)
-                .unwrap_or(NodeHealth::Missing),
-        );
+        let node = nodes.get_opt(&n).await.map_err(kube_err(format!("get node {n}")))?;
+        health.insert(n, node.as_ref().map(node_health).unwrap_or(NodeHealth::Missing));
     }
     let pods = owned.iter().filter_map(|p| pod_view(p, &health)).collect();
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let lease = leases
-        .get_opt(&resources::lease_name(&name))
-        .await
-        .map_err(kube_err("get lease"))?
-        .map(|l| {
-            let spec = l.spec.unwrap_or_default();
-            LeaseView {
-                holder: spec.holder_identity.filter(|h| !h.is_empty()),
-                epoch: spec
-                    .lease_transitions
-                    .and_then(|t| u64::try_from(t).ok())
-                    .unwrap_or(0),
-            }
-        });
+    let lease = leases.get_opt(&resources::lease_name(&name)).await.map_err(kube_err("get lease"))?.map(|l| {
+        let spec = l.spec.unwrap_or_default();
+        LeaseView {
+            holder: spec.holder_identity.filter(|h| !h.is_empty()),
+            epoch: spec.lease_transitions.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+        }
+    });
 
     let st = ftvm.status.clone().unwrap_or_default();
     Ok(Observed {
@@ -293,40 +233,25 @@ pub async fn observe(
 
 /// Reduces a Node to what the decision needs.
 pub fn node_health(node: &Node) -> NodeHealth {
-    let tainted = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| {
-            t.iter().any(|t| {
-                t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready"
-            })
-        });
+    let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| {
+        t.iter().any(|t| t.key == "node.kubernetes.io/unreachable" || t.key == "node.kubernetes.io/not-ready")
+    });
     let ready = node
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True");
-    if ready && !tainted {
-        NodeHealth::Ready
-    } else {
-        NodeHealth::NotReady
-    }
+    if ready && !tainted { NodeHealth::Ready } else { NodeHealth::NotReady }
 }
 
 /// Reduces a Pod to what the decision needs; `None` for pods not made by this operator.
-pub fn pod_view(
-    p: &Pod,
-    health: &std::collections::BTreeMap<String, NodeHealth>,
-) -> Option<PodView> {
+pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>) -> Option<PodView> {
     let labels = p.labels();
     let mode = Role::parse(labels.get(LABEL_MODE)?)?;
     let name = p.name_any();
-    let member = labels
-        .get(LABEL_MEMBER)
-        .and_then(|m| m.parse().ok())
-        .or_else(|| name.rsplit('-').next()?.parse().ok())?;
+    let member =
+        labels.get(LABEL_MEMBER).and_then(|m| m.parse().ok()).or_else(|| name.rsplit('-').next()?.parse().ok())?;
     let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
     // Running counts only once the agent says it is ready (its readiness probe: a primary
     // serving, a backup replaying in sync), so "both running" really means protected.
@@ -347,39 +272,22 @@ pub fn pod_view(
         .and_then(|s| s.container_statuses.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.name == resources::AGENT_CONTAINER))
         .and_then(|c| c.state.as_ref()?.terminated.as_ref());
-    let started_at = terminated
-        .and_then(|t| t.started_at.clone())
-        .or_else(|| p.status.as_ref()?.start_time.clone())
-        .map(|t| t.0);
+    let started_at =
+        terminated.and_then(|t| t.started_at.clone()).or_else(|| p.status.as_ref()?.start_time.clone()).map(|t| t.0);
     let exited_at = terminated.and_then(|t| t.finished_at.clone()).map(|t| t.0);
     Some(PodView {
         member,
         mode,
         role_label: labels.get(LABEL_ROLE).and_then(|r| Role::parse(r)),
         pairs_with: p.annotations().get(ANN_PAIRS_WITH).cloned(),
-        created_epoch: p
-            .annotations()
-            .get(ANN_EPOCH)
-            .and_then(|e| e.parse().ok())
-            .unwrap_or(0),
-        ip: p
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.clone())
-            .filter(|ip| !ip.is_empty()),
+        created_epoch: p.annotations().get(ANN_EPOCH).and_then(|e| e.parse().ok()).unwrap_or(0),
+        ip: p.status.as_ref().and_then(|s| s.pod_ip.clone()).filter(|ip| !ip.is_empty()),
         state,
         deleting: p.metadata.deletion_timestamp.is_some(),
-        attempt: p
-            .annotations()
-            .get(ANN_ATTEMPT)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(0),
+        attempt: p.annotations().get(ANN_ATTEMPT).and_then(|a| a.parse().ok()).unwrap_or(0),
         started_at,
         exited_at,
-        replace_at: p
-            .annotations()
-            .get(ANN_REPLACE_AT)
-            .and_then(|t| t.parse().ok()),
+        replace_at: p.annotations().get(ANN_REPLACE_AT).and_then(|t| t.parse().ok()),
         node_health: match &node {
             None => NodeHealth::Unscheduled,
             Some(n) => health.get(n).copied().unwrap_or(NodeHealth::Missing),
@@ -391,20 +299,15 @@ pub fn pod_view(
 
 /// Performs a plan: actions in order, then events, then status.
 pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let ns = ftvm
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for action in &plan.actions {
         tracing::debug!(ftvm = %ftvm.name_any(), ?action, "executing");
         match action {
             Action::CreateLease => {
                 let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-                ignore_exists(
-                    api.create(&PostParams::default(), &resources::lease(ftvm))
-                        .await,
-                )
-                .map_err(kube_err("create lease"))?;
+                ignore_exists(api.create(&PostParams::default(), &resources::lease(ftvm)).await)
+                    .map_err(kube_err("create lease"))?;
             }
             Action::ApplyService => {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
@@ -412,19 +315,14 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 let mut body = serde_json::to_value(&svc).unwrap_or_default();
                 body["apiVersion"] = json!("v1");
                 body["kind"] = json!("Service");
-                api.patch(
-                    &ftvm.name_any(),
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&body),
-                )
-                .await
-                .map_err(kube_err("apply service"))?;
+                api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+                    .await
+                    .map_err(kube_err("apply service"))?;
             }
             Action::ApplyAgentAccess => {
                 let pp = PatchParams::apply(FIELD_MANAGER).force();
                 let sa_api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), &ns);
-                let mut sa =
-                    serde_json::to_value(resources::agent_service_account(&ns)).unwrap_or_default();
+                let mut sa = serde_json::to_value(resources::agent_service_account(&ns)).unwrap_or_default();
                 sa["apiVersion"] = json!("v1");
                 sa["kind"] = json!("ServiceAccount");
                 sa_api
@@ -432,11 +330,8 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     .await
                     .map_err(kube_err("apply agent service account"))?;
                 let rb_api: Api<RoleBinding> = Api::namespaced(ctx.client.clone(), &ns);
-                let mut rb = serde_json::to_value(resources::agent_role_binding(
-                    &ns,
-                    &ctx.settings.agent_cluster_role,
-                ))
-                .unwrap_or_default();
+                let mut rb = serde_json::to_value(resources::agent_role_binding(&ns, &ctx.settings.agent_cluster_role))
+                    .unwrap_or_default();
                 rb["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
                 rb["kind"] = json!("RoleBinding");
                 rb_api
@@ -446,10 +341,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
             }
             Action::SetRole { pod, role } => {
                 let patch = json!({ "metadata": { "labels": { LABEL_ROLE: role.as_str() } } });
-                match pods
-                    .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
+                match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
                     Ok(_) => {
                         tracing::info!(ftvm = %ftvm.name_any(), pod, role = role.as_str(), "relabelled")
                     }
@@ -458,10 +350,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 }
             }
             Action::DeletePod { pod, force, reason } => {
-                let dp = DeleteParams {
-                    grace_period_seconds: force.then_some(0),
-                    ..DeleteParams::default()
-                };
+                let dp = DeleteParams { grace_period_seconds: force.then_some(0), ..DeleteParams::default() };
                 match pods.delete(pod, &dp).await {
                     Ok(_) => {
                         tracing::info!(ftvm = %ftvm.name_any(), pod, force, reason, "deleted replica")
@@ -471,12 +360,8 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 }
             }
             Action::MarkReplaceAt { pod, at } => {
-                let patch =
-                    json!({ "metadata": { "annotations": { ANN_REPLACE_AT: at.to_string() } } });
-                match pods
-                    .patch(pod, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
+                let patch = json!({ "metadata": { "annotations": { ANN_REPLACE_AT: at.to_string() } } });
+                match pods.patch(pod, &PatchParams::default(), &Patch::Merge(&patch)).await {
                     Ok(_) => {
                         tracing::info!(ftvm = %ftvm.name_any(), pod, %at, "crashed replica kept; its replacement waits")
                     }
@@ -484,14 +369,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     Err(e) => return Err(kube_err(format!("annotate pod {pod}"))(e)),
                 }
             }
-            Action::CreatePod {
-                pod,
-                member,
-                mode,
-                primary,
-                epoch,
-                attempt,
-            } => {
+            Action::CreatePod { pod, member, mode, primary, epoch, attempt } => {
                 let plan = PodPlan {
                     name: pod,
                     member: *member,
@@ -522,10 +400,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
             continue;
         }
         if let Note::BackOff(b) = note {
-            ctx.metrics
-                .replica_backoffs
-                .with_label_values(&[b.role.as_str()])
-                .inc();
+            ctx.metrics.replica_backoffs.with_label_values(&[b.role.as_str()]).inc();
         }
         let event = event_for(note);
         if let Err(e) = ctx.recorder.publish(&event, &oref).await {
@@ -556,34 +431,17 @@ pub fn event_for(note: &Note) -> Event {
             "Relabel",
             format!("primary {from} was replaced by {to} at arbiter epoch {epoch}"),
         ),
-        Note::BackupCreated { pod, primary } => (
-            EventType::Normal,
-            "BackupCreated",
-            "CreatePod",
-            format!("creating backup {pod} for primary {primary}"),
-        ),
-        Note::ReplicaLost { pod, reason } => (
-            EventType::Warning,
-            "ReplicaLost",
-            "DeletePod",
-            format!("replica {pod} is lost: {reason}"),
-        ),
+        Note::BackupCreated { pod, primary } => {
+            (EventType::Normal, "BackupCreated", "CreatePod", format!("creating backup {pod} for primary {primary}"))
+        }
+        Note::ReplicaLost { pod, reason } => {
+            (EventType::Warning, "ReplicaLost", "DeletePod", format!("replica {pod} is lost: {reason}"))
+        }
         Note::InvalidSpec(msg) => (EventType::Warning, "InvalidSpec", "Validate", msg.clone()),
         Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
-        Note::BackOff(b) => (
-            EventType::Warning,
-            "BackOff",
-            "DelayReplacement",
-            b.describe(),
-        ),
+        Note::BackOff(b) => (EventType::Warning, "BackOff", "DelayReplacement", b.describe()),
     };
-    Event {
-        type_,
-        reason: reason.into(),
-        note: Some(text),
-        action: action.into(),
-        secondary: None,
-    }
+    Event { type_, reason: reason.into(), note: Some(text), action: action.into(), secondary: None }
 }
 
 fn condition(
@@ -629,10 +487,9 @@ pub fn status_for(
         }
         // Figures about another pod describe nothing now; none scraped by this process yet (a
         // new leader) keeps what the status said about the same primary.
-        _ if prev.primary_pod.is_some() && prev.primary_pod.as_deref() == primary => (
-            prev.log_bandwidth_bits_per_second,
-            prev.execution_lag_seconds,
-        ),
+        _ if prev.primary_pod.is_some() && prev.primary_pod.as_deref() == primary => {
+            (prev.log_bandwidth_bits_per_second, prev.execution_lag_seconds)
+        }
         _ => (None, None),
     };
     FTVirtualMachineStatus {
@@ -663,11 +520,7 @@ pub fn status_for(
                 "SpecValid",
                 s.spec_valid,
                 if s.spec_valid { "Valid" } else { "Invalid" },
-                if s.spec_valid {
-                    "spec accepted"
-                } else {
-                    &s.message
-                },
+                if s.spec_valid { "spec accepted" } else { &s.message },
                 generation,
                 now,
             ),
@@ -693,9 +546,7 @@ pub fn status_for(
 }
 
 async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
-    let ns = ftvm
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     let telemetry = ctx.telemetry(&key_of(ftvm));
     let status = status_for(ftvm, plan, telemetry.as_ref(), Timestamp::now());
@@ -704,17 +555,10 @@ async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Re
         "kind": FTVirtualMachine::kind(&()),
         "status": status,
     });
-    api.patch_status(
-        &ftvm.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kube_err("apply status"))?;
-    ctx.metrics.set_phase(
-        &format!("{ns}/{}", ftvm.name_any()),
-        Some(plan.status.phase),
-    );
+    api.patch_status(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+        .await
+        .map_err(kube_err("apply status"))?;
+    ctx.metrics.set_phase(&format!("{ns}/{}", ftvm.name_any()), Some(plan.status.phase));
     Ok(())
 }
 
@@ -726,11 +570,7 @@ async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Er
         ctx.refresh_telemetry(&key_of(&ftvm), &pod, addr).await;
     }
     execute(&ftvm, &plan, ctx).await?;
-    Ok(Requeue::requeue(requeue_after(
-        &plan,
-        ctx.settings.scrape_interval,
-        Timestamp::now(),
-    )))
+    Ok(Requeue::requeue(requeue_after(&plan, ctx.settings.scrape_interval, Timestamp::now())))
 }
 
 /// When to look at an FTVM again. Watches bring most changes at once; the periodic look is a
@@ -743,43 +583,29 @@ pub fn requeue_after(plan: &Plan, scrape_interval: Duration, now: Timestamp) -> 
         Phase::Degraded => scrape_interval.min(Duration::from_secs(5)),
         Phase::Pending | Phase::FailingOver => Duration::from_secs(5),
     };
-    let due = plan
-        .wake_at
-        .map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO));
+    let due = plan.wake_at.map(|t| Duration::try_from(t.duration_since(now)).unwrap_or(Duration::ZERO));
     // A little past the due time, so that the look does not land a hair before it.
     due.map_or(periodic, |d| periodic.min(d + Duration::from_millis(100)))
 }
 
 /// The primary pod and its metrics address, while there is a primary that holds the arbiter.
-fn scrape_target(
-    ftvm: &FTVirtualMachine,
-    observed: &Observed,
-    plan: &Plan,
-) -> Option<(String, SocketAddr)> {
+fn scrape_target(ftvm: &FTVirtualMachine, observed: &Observed, plan: &Plan) -> Option<(String, SocketAddr)> {
     if !matches!(plan.status.phase, Phase::Protected | Phase::Degraded) {
         return None;
     }
     let (name, _) = plan.status.primary.as_ref()?;
     let pod = observed.pods.iter().find(|p| &p.name == name)?;
-    Some((
-        name.clone(),
-        metrics_addr(pod.ip.as_deref()?, ftvm.spec.metrics_port)?,
-    ))
+    Some((name.clone(), metrics_addr(pod.ip.as_deref()?, ftvm.spec.metrics_port)?))
 }
 
 /// Deletes everything the FTVM owns. Owner references would let the garbage collector do it too,
 /// but deleting explicitly makes `kubectl delete ftvm` finish with the replicas really gone.
 async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Error> {
     let name = ftvm.name_any();
-    let ns = ftvm
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(name.clone()))?;
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let selector = format!("{LABEL_FTVM}={name},app.kubernetes.io/managed-by={MANAGED_BY}");
-    let list = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("list pods"))?;
+    let list = pods.list(&ListParams::default().labels(&selector)).await.map_err(kube_err("list pods"))?;
     for p in list.items {
         let pname = p.name_any();
         if let Err(e) = pods.delete(&pname, &DeleteParams::default()).await
@@ -795,9 +621,7 @@ async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, 
         return Err(kube_err("delete service")(e));
     }
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Err(e) = leases
-        .delete(&resources::lease_name(&name), &DeleteParams::default())
-        .await
+    if let Err(e) = leases.delete(&resources::lease_name(&name), &DeleteParams::default()).await
         && !matches!(&e, kube::Error::Api(s) if s.is_not_found())
     {
         return Err(kube_err("delete lease")(e));
@@ -811,9 +635,7 @@ async fn cleanup(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, 
 /// One reconcile of one FTVM.
 pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     ctx.metrics.reconciles.inc();
-    let ns = ftvm
-        .namespace()
-        .ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let api: Api<FTVirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, ftvm, |event| async {
         match event {
@@ -827,44 +649,29 @@ pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result
 
 /// Counts the error and retries soon.
 pub fn error_policy(ftvm: Arc<FTVirtualMachine>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    ctx.metrics
-        .errors
-        .with_label_values(&[error.metric_label()])
-        .inc();
+    ctx.metrics.errors.with_label_values(&[error.metric_label()]).inc();
     tracing::warn!(ftvm = %ftvm.name_any(), error = %error, "reconcile failed");
     Requeue::requeue(Duration::from_secs(2))
 }
 
 /// Runs the controller until `shutdown` completes.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (ftvms, pods, leases, services): (
-        Api<FTVirtualMachine>,
-        Api<Pod>,
-        Api<Lease>,
-        Api<Service>,
-    ) = match &ctx.settings.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let ours =
-        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let (ftvms, pods, leases, services): (Api<FTVirtualMachine>, Api<Pod>, Api<Lease>, Api<Service>) =
+        match &ctx.settings.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => {
+                (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()))
+            }
+        };
+    let ours = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // Leases are also taken and renewed by the agents: every holder change wakes us up at once.
-    let arbiter_leases =
-        watcher::Config::default().labels(&format!("{}=true", lockstep_arbiter::ARBITER_LABEL));
+    let arbiter_leases = watcher::Config::default().labels(&format!("{}=true", lockstep_arbiter::ARBITER_LABEL));
     let controller = Controller::new(ftvms, watcher::Config::default());
     let store = controller.store();
     controller
@@ -872,24 +679,19 @@ pub async fn run(
         .owns(leases, arbiter_leases)
         .owns(services, ours)
         // A node change (NotReady, unreachable taint, deletion) wakes the FTVMs whose replicas run there.
-        .watches(
-            Api::<Node>::all(client),
-            watcher::Config::default(),
-            move |node: Node| {
-                let n = node.name_any();
-                store
-                    .state()
-                    .iter()
-                    .filter(|f| {
-                        f.status.as_ref().is_some_and(|s| {
-                            s.primary_node.as_deref() == Some(n.as_str())
-                                || s.backup_node.as_deref() == Some(n.as_str())
-                        })
+        .watches(Api::<Node>::all(client), watcher::Config::default(), move |node: Node| {
+            let n = node.name_any();
+            store
+                .state()
+                .iter()
+                .filter(|f| {
+                    f.status.as_ref().is_some_and(|s| {
+                        s.primary_node.as_deref() == Some(n.as_str()) || s.backup_node.as_deref() == Some(n.as_str())
                     })
-                    .map(|f| ObjectRef::from_obj(f.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+                })
+                .map(|f| ObjectRef::from_obj(f.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -920,10 +722,7 @@ mod tests {
         assert_eq!(node_health(&node("True", None)), NodeHealth::Ready);
         assert_eq!(node_health(&node("Unknown", None)), NodeHealth::NotReady);
         assert_eq!(node_health(&node("False", None)), NodeHealth::NotReady);
-        assert_eq!(
-            node_health(&node("True", Some("node.kubernetes.io/unreachable"))),
-            NodeHealth::NotReady
-        );
+        assert_eq!(node_health(&node("True", Some("node.kubernetes.io/unreachable"))), NodeHealth::NotReady);
     }
 
     #[test]
@@ -975,10 +774,7 @@ mod tests {
             }
         );
         // a pod on a node we did not find is on a missing node
-        assert_eq!(
-            pod_view(&p, &Default::default()).unwrap().node_health,
-            NodeHealth::Missing
-        );
+        assert_eq!(pod_view(&p, &Default::default()).unwrap().node_health, NodeHealth::Missing);
     }
 
     #[test]
@@ -994,8 +790,7 @@ mod tests {
             default_image: "i",
         };
         let mut p = resources::pod(&f, &plan);
-        p.annotations_mut()
-            .insert(ANN_REPLACE_AT.into(), "2026-11-26T01:40:05Z".into());
+        p.annotations_mut().insert(ANN_REPLACE_AT.into(), "2026-11-26T01:40:05Z".into());
         p.status = Some(
             serde_json::from_value(json!({
                 "phase": "Failed",
@@ -1017,10 +812,7 @@ mod tests {
         // Without the container's record, the pod's start time stands in; the exit is unknown.
         p.status.as_mut().unwrap().container_statuses = None;
         let v = pod_view(&p, &Default::default()).unwrap();
-        assert_eq!(
-            (v.started_at, v.exited_at),
-            (t("2026-11-26T01:39:50Z"), None)
-        );
+        assert_eq!((v.started_at, v.exited_at), (t("2026-11-26T01:39:50Z"), None));
     }
 
     #[test]
@@ -1039,42 +831,16 @@ mod tests {
         plan.status.backoff = Some(b.clone());
         plan.wake_at = Some(b.until);
         let s = status_for(&f, &plan, None, now);
-        let c = s
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "ReplicaBackoff")
-            .expect("a ReplicaBackoff condition");
-        assert_eq!(
-            (c.status.as_str(), c.reason.as_str()),
-            ("True", "BackupCrashLoop")
-        );
-        assert!(
-            c.message
-                .contains("next backup is created at 1970-01-01T00:16:43Z"),
-            "{}",
-            c.message
-        );
-        assert_eq!(
-            requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now),
-            Duration::from_millis(3100)
-        );
+        let c = s.conditions.iter().find(|c| c.type_ == "ReplicaBackoff").expect("a ReplicaBackoff condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "BackupCrashLoop"));
+        assert!(c.message.contains("next backup is created at 1970-01-01T00:16:43Z"), "{}", c.message);
+        assert_eq!(requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now), Duration::from_millis(3100));
         let e = event_for(&Note::BackOff(b));
-        assert_eq!(
-            (e.reason.as_str(), e.type_),
-            ("BackOff", EventType::Warning)
-        );
+        assert_eq!((e.reason.as_str(), e.type_), ("BackOff", EventType::Warning));
         // Once the backup runs, the condition is gone and the look is periodic again.
         let plan = protected_plan();
-        assert!(
-            status_for(&f, &plan, None, now)
-                .conditions
-                .iter()
-                .all(|c| c.type_ != "ReplicaBackoff")
-        );
-        assert_eq!(
-            requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now),
-            DEFAULT_SCRAPE_INTERVAL
-        );
+        assert!(status_for(&f, &plan, None, now).conditions.iter().all(|c| c.type_ != "ReplicaBackoff"));
+        assert_eq!(requeue_after(&plan, DEFAULT_SCRAPE_INTERVAL, now), DEFAULT_SCRAPE_INTERVAL);
     }
 
     fn protected_plan() -> Plan {
@@ -1116,18 +882,12 @@ mod tests {
         let mut plan = protected_plan();
         let now = Timestamp::from_second(1000).unwrap();
         let t = Instant::now();
-        let sample = |bytes: f64| telemetry::Sample {
-            log_bytes_sent: Some(bytes),
-            execution_lag_seconds: Some(0.003),
-        };
+        let sample = |bytes: f64| telemetry::Sample { log_bytes_sent: Some(bytes), execution_lag_seconds: Some(0.003) };
         let mut tel = Telemetry::default();
         tel.record("vm-0", sample(0.0), t);
         tel.record("vm-0", sample(2500.0), t + Duration::from_secs(2));
         let s = status_for(&f, &plan, Some(&tel), now);
-        assert_eq!(
-            (s.log_bandwidth_bits_per_second, s.execution_lag_seconds),
-            (Some(10000.0), Some(0.003))
-        );
+        assert_eq!((s.log_bandwidth_bits_per_second, s.execution_lag_seconds), (Some(10000.0), Some(0.003)));
         // A new leader has scraped nothing yet: the status keeps its figures for the same primary.
         f.status = Some(s);
         let s = status_for(&f, &plan, None, now);
@@ -1136,51 +896,29 @@ mod tests {
         plan.status.primary = Some(("vm-1".into(), None));
         f.status = Some(s);
         let s = status_for(&f, &plan, Some(&tel), now);
-        assert_eq!(
-            (s.log_bandwidth_bits_per_second, s.execution_lag_seconds),
-            (None, None)
-        );
+        assert_eq!((s.log_bandwidth_bits_per_second, s.execution_lag_seconds), (None, None));
     }
 
     #[test]
     fn metrics_address_of_a_pod() {
-        assert_eq!(
-            metrics_addr("10.0.0.7", 9100),
-            Some("10.0.0.7:9100".parse().unwrap())
-        );
-        assert_eq!(
-            metrics_addr("fd00::7", 9100),
-            Some("[fd00::7]:9100".parse().unwrap())
-        );
+        assert_eq!(metrics_addr("10.0.0.7", 9100), Some("10.0.0.7:9100".parse().unwrap()));
+        assert_eq!(metrics_addr("fd00::7", 9100), Some("[fd00::7]:9100".parse().unwrap()));
         assert_eq!(metrics_addr("", 9100), None);
         assert_eq!(metrics_addr("10.0.0.7", 70000), None);
     }
 
     #[test]
     fn events_have_reasons_and_notes() {
-        let e = event_for(&Note::Failover {
-            from: "a".into(),
-            to: "b".into(),
-            epoch: 3,
-        });
+        let e = event_for(&Note::Failover { from: "a".into(), to: "b".into(), epoch: 3 });
         assert_eq!(e.reason, "Failover");
         assert!(e.note.unwrap().contains("epoch 3"));
-        assert_eq!(
-            event_for(&Note::InvalidSpec("x".into())).reason,
-            "InvalidSpec"
-        );
+        assert_eq!(event_for(&Note::InvalidSpec("x".into())).reason, "InvalidSpec");
     }
 
     #[test]
     fn error_labels_are_stable() {
-        let e = Error::Kube {
-            op: "x".into(),
-            source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded),
-        };
+        let e = Error::Kube { op: "x".into(), source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded) };
         assert_eq!(e.metric_label(), "kube_api");
-        assert_eq!(
-            Error::NoNamespace("a".into()).metric_label(),
-            "no_namespace"
-        );
+        assert_eq!(Error::NoNamespace("a".into()).metric_label(), "no_namespace");
     }
 }

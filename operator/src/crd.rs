@@ -36,30 +36,15 @@ pub const MAX_MEMORY_MIB: u32 = 16384;
     status = "FTVirtualMachineStatus",
     doc = "A fault-tolerant single-vCPU VM: a recording primary and a replaying backup on different nodes",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(
-        name = "Primary Node",
-        type_ = "string",
-        json_path = ".status.primaryNode"
-    ),
-    printcolumn(
-        name = "Backup Node",
-        type_ = "string",
-        json_path = ".status.backupNode"
-    ),
+    printcolumn(name = "Primary Node", type_ = "string", json_path = ".status.primaryNode"),
+    printcolumn(name = "Backup Node", type_ = "string", json_path = ".status.backupNode"),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FTVirtualMachineSpec {
     /// The guest program to run, one of those shipped in the agent image (for example `kvstore`).
-    #[schemars(
-        length(min = 1, max = 63),
-        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-    )]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
     pub guest: String,
 
     /// Guest memory in MiB (16 to 16384).
@@ -213,13 +198,7 @@ pub enum Phase {
 
 impl Phase {
     /// All phases, for metrics.
-    pub const ALL: [Phase; 5] = [
-        Phase::Pending,
-        Phase::Protected,
-        Phase::Degraded,
-        Phase::FailingOver,
-        Phase::Failed,
-    ];
+    pub const ALL: [Phase; 5] = [Phase::Pending, Phase::Protected, Phase::Degraded, Phase::FailingOver, Phase::Failed];
 
     /// The name used in status and metric labels.
     pub fn as_str(self) -> &'static str {
@@ -285,9 +264,7 @@ pub struct FTVirtualMachineStatus {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// Two of the ports are equal.
-    #[error(
-        "spec.{a} and spec.{b} are both {port}; give the client, channel and metrics ports distinct values"
-    )]
+    #[error("spec.{a} and spec.{b} are both {port}; give the client, channel and metrics ports distinct values")]
     PortClash {
         /// First field.
         a: &'static str,
@@ -309,9 +286,7 @@ pub enum SpecError {
         max: i64,
     },
     /// No agent image in the spec and none configured in the operator.
-    #[error(
-        "spec.agent.image is empty and the operator has no --agent-image default; set one of them"
-    )]
+    #[error("spec.agent.image is empty and the operator has no --agent-image default; set one of them")]
     NoImage,
 }
 
@@ -320,40 +295,19 @@ impl FTVirtualMachineSpec {
     /// its schema).
     pub fn validate(&self) -> Result<(), SpecError> {
         let range = |field, value: i64, min: i64, max: i64| {
-            if value < min || value > max {
-                Err(SpecError::OutOfRange {
-                    field,
-                    value,
-                    min,
-                    max,
-                })
-            } else {
-                Ok(())
-            }
+            if value < min || value > max { Err(SpecError::OutOfRange { field, value, min, max }) } else { Ok(()) }
         };
         range("vcpus", self.vcpus.into(), 1, 1)?;
-        range(
-            "memoryMiB",
-            self.memory_mib.into(),
-            MIN_MEMORY_MIB.into(),
-            MAX_MEMORY_MIB.into(),
-        )?;
-        let ports = [
-            ("clientPort", self.client_port),
-            ("channelPort", self.channel_port),
-            ("metricsPort", self.metrics_port),
-        ];
+        range("memoryMiB", self.memory_mib.into(), MIN_MEMORY_MIB.into(), MAX_MEMORY_MIB.into())?;
+        let ports =
+            [("clientPort", self.client_port), ("channelPort", self.channel_port), ("metricsPort", self.metrics_port)];
         for (name, port) in ports {
             range(name, port.into(), 1, 65535)?;
         }
         for i in 0..ports.len() {
             for j in i + 1..ports.len() {
                 if ports[i].1 == ports[j].1 {
-                    return Err(SpecError::PortClash {
-                        a: ports[i].0,
-                        b: ports[j].0,
-                        port: ports[i].1,
-                    });
+                    return Err(SpecError::PortClash { a: ports[i].0, b: ports[j].0, port: ports[i].1 });
                 }
             }
         }
@@ -387,17 +341,12 @@ fn default_log_buffer_mib() -> u32 {
 }
 
 /// Where the generated CRD is committed, relative to the repository root.
-pub const CRD_PATHS: [&str; 2] = [
-    "crds/ftvirtualmachine.yaml",
-    "charts/lockstep/crds/ftvirtualmachine.yaml",
-];
+pub const CRD_PATHS: [&str; 2] = ["crds/ftvirtualmachine.yaml", "charts/lockstep/crds/ftvirtualmachine.yaml"];
 
 /// The CRD as YAML, exactly as committed in `crds/ftvirtualmachine.yaml`.
 pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
     let body = serde_saphyr::to_string(&FTVirtualMachine::crd())?;
-    Ok(format!(
-        "# Generated by `cargo run -p lockstep-operator --bin crdgen`; do not edit.\n---\n{body}"
-    ))
+    Ok(format!("# Generated by `cargo run -p lockstep-operator --bin crdgen`; do not edit.\n---\n{body}"))
 }
 
 #[cfg(test)]
@@ -411,10 +360,7 @@ mod tests {
     #[test]
     fn defaults_fill_a_minimal_spec() {
         let s = spec();
-        assert_eq!(
-            (s.memory_mib, s.vcpus, s.client_port, s.channel_port),
-            (64, 1, 6380, 7000)
-        );
+        assert_eq!((s.memory_mib, s.vcpus, s.client_port, s.channel_port), (64, 1, 6380, 7000));
         assert_eq!(s.ft, FtTuning::default());
         assert!(s.validate().is_ok());
     }
@@ -426,21 +372,10 @@ mod tests {
         assert!(s.validate().unwrap_err().to_string().contains("distinct"));
         let mut s = spec();
         s.vcpus = 2;
-        assert!(
-            s.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("spec.vcpus is 2")
-        );
+        assert!(s.validate().unwrap_err().to_string().contains("spec.vcpus is 2"));
         let mut s = spec();
         s.memory_mib = 8;
-        assert!(matches!(
-            s.validate(),
-            Err(SpecError::OutOfRange {
-                field: "memoryMiB",
-                ..
-            })
-        ));
+        assert!(matches!(s.validate(), Err(SpecError::OutOfRange { field: "memoryMiB", .. })));
     }
 
     #[test]
@@ -457,10 +392,7 @@ mod tests {
         // and it parses back into a CRD
         let back: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition =
             serde_saphyr::from_str(&want).unwrap();
-        assert_eq!(
-            back.metadata.name.as_deref(),
-            Some("ftvirtualmachines.lockstep.dev")
-        );
+        assert_eq!(back.metadata.name.as_deref(), Some("ftvirtualmachines.lockstep.dev"));
     }
 
     #[test]
@@ -470,16 +402,9 @@ mod tests {
         assert_eq!(crd["spec"]["names"]["shortNames"][0], "ftvm");
         let v = &crd["spec"]["versions"][0];
         assert_eq!(v["name"], "v1alpha1");
-        let cols: Vec<_> = v["additionalPrinterColumns"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].clone())
-            .collect();
-        assert_eq!(
-            cols,
-            ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]
-        );
+        let cols: Vec<_> =
+            v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
+        assert_eq!(cols, ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
         assert_eq!(spec["vcpus"]["minimum"].as_f64(), Some(1.0));
         assert_eq!(spec["vcpus"]["maximum"].as_f64(), Some(1.0));
@@ -509,10 +434,7 @@ mod example_tests {
         let raw: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
         let back = serde_json::to_value(&vm.spec).unwrap();
         for key in raw["spec"].as_object().unwrap().keys() {
-            assert!(
-                back.get(key).is_some(),
-                "example field spec.{key} is not in FTVirtualMachineSpec"
-            );
+            assert!(back.get(key).is_some(), "example field spec.{key} is not in FTVirtualMachineSpec");
         }
     }
 }

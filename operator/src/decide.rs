@@ -147,11 +147,7 @@ impl PodView {
             (Some(start), Some(end)) => end.duration_since(start) >= HEALTHY_RUN,
             _ => false,
         };
-        if healthy {
-            1
-        } else {
-            self.attempt.saturating_add(1)
-        }
+        if healthy { 1 } else { self.attempt.saturating_add(1) }
     }
 
     fn lost_reason(&self) -> Option<String> {
@@ -395,13 +391,7 @@ pub fn decide(o: &Observed) -> Plan {
             notes.push(Note::InvalidSpec(err.clone()));
         }
         // Leave whatever runs alone: an edit that broke the spec must not kill a live VM.
-        return Plan {
-            actions,
-            notes,
-            status,
-            failover: false,
-            wake_at: None,
-        };
+        return Plan { actions, notes, status, failover: false, wake_at: None };
     }
 
     if o.lease.is_none() {
@@ -415,15 +405,9 @@ pub fn decide(o: &Observed) -> Plan {
     // Who is (or is to be) primary: the Lease holder, else at epoch 0 the primary-mode pod.
     let primary_name: Option<String> = match &lease.holder {
         Some(h) => Some(h.clone()),
-        None => live
-            .iter()
-            .filter(|p| p.mode == Role::Primary)
-            .min_by_key(|p| p.member)
-            .map(|p| p.name.clone()),
+        None => live.iter().filter(|p| p.mode == Role::Primary).min_by_key(|p| p.member).map(|p| p.name.clone()),
     };
-    let primary: Option<&PodView> = primary_name
-        .as_deref()
-        .and_then(|n| live.iter().copied().find(|p| p.name == n));
+    let primary: Option<&PodView> = primary_name.as_deref().and_then(|n| live.iter().copied().find(|p| p.name == n));
 
     // A backup is valid if it follows the primary-to-be and has not been fenced by a later epoch.
     let valid_backup = |p: &PodView| {
@@ -440,41 +424,25 @@ pub fn decide(o: &Observed) -> Plan {
 
     // A crashed replica that is to be replaced by one of its role: the primary-to-be while nobody
     // went live, or the current primary's backup. Its replacement may have to wait.
-    let exited = |mode: Role| {
-        o.pods
-            .iter()
-            .filter(move |p| !p.deleting && p.state == PodState::Exited && p.mode == mode)
+    let exited =
+        |mode: Role| o.pods.iter().filter(move |p| !p.deleting && p.state == PodState::Exited && p.mode == mode);
+    let crashed: Option<&PodView> = if primary.is_none() && lease.epoch == 0 && lease.holder.is_none() {
+        exited(Role::Primary).max_by_key(|p| p.member)
+    } else if primary.is_some() && backup.is_none() {
+        exited(Role::Backup)
+            .filter(|p| p.pairs_with == primary_name && lease.epoch <= p.created_epoch.max(1))
+            .max_by_key(|p| p.member)
+    } else {
+        None
     };
-    let crashed: Option<&PodView> =
-        if primary.is_none() && lease.epoch == 0 && lease.holder.is_none() {
-            exited(Role::Primary).max_by_key(|p| p.member)
-        } else if primary.is_some() && backup.is_none() {
-            exited(Role::Backup)
-                .filter(|p| p.pairs_with == primary_name && lease.epoch <= p.created_epoch.max(1))
-                .max_by_key(|p| p.member)
-        } else {
-            None
-        };
     let crash = crashed.map(|p| {
         let failures = p.failures();
-        let until = p
-            .replace_at
-            .unwrap_or_else(|| ceil_second(p.exited_at.unwrap_or(o.now)) + backoff_delay(failures));
-        Backoff {
-            role: p.mode,
-            pod: p.name.clone(),
-            failures,
-            until,
-        }
+        let until = p.replace_at.unwrap_or_else(|| ceil_second(p.exited_at.unwrap_or(o.now)) + backoff_delay(failures));
+        Backoff { role: p.mode, pod: p.name.clone(), failures, until }
     });
     let held = crash.clone().filter(|c| o.now < c.until);
     // The attempt number a replacement of `role` carries.
-    let attempt = |role: Role| {
-        crash
-            .as_ref()
-            .filter(|c| c.role == role)
-            .map_or(0, |c| c.failures)
-    };
+    let attempt = |role: Role| crash.as_ref().filter(|c| c.role == role).map_or(0, |c| c.failures);
 
     // Lost replicas: deleted whatever else happens, unless one is kept while its replacement waits.
     let mut deletes = Vec::new();
@@ -495,27 +463,17 @@ pub fn decide(o: &Observed) -> Plan {
         // A pod marked for replacement was reported when it was marked.
         let first_seen = p.replace_at.is_none();
         if first_seen {
-            notes.push(Note::ReplicaLost {
-                pod: p.name.clone(),
-                reason: reason.clone(),
-            });
+            notes.push(Note::ReplicaLost { pod: p.name.clone(), reason: reason.clone() });
         }
         if let Some(h) = held.as_ref().filter(|h| h.pod == p.name) {
             if first_seen {
                 notes.push(Note::BackOff(h.clone()));
-                deletes.push(Action::MarkReplaceAt {
-                    pod: p.name.clone(),
-                    at: h.until,
-                });
+                deletes.push(Action::MarkReplaceAt { pod: p.name.clone(), at: h.until });
             }
             continue;
         }
         let force = matches!(p.node_health, NodeHealth::NotReady | NodeHealth::Missing);
-        deletes.push(Action::DeletePod {
-            pod: p.name.clone(),
-            force,
-            reason,
-        });
+        deletes.push(Action::DeletePod { pod: p.name.clone(), force, reason });
     }
 
     // Failover: the holder changed from the primary we last reported.
@@ -527,44 +485,30 @@ pub fn decide(o: &Observed) -> Plan {
         failover = true;
         status.failover_count = prev.failover_count.saturating_add(1);
         status.last_failover = Some(o.now);
-        notes.push(Note::Failover {
-            from: old.clone(),
-            to: new.clone(),
-            epoch: lease.epoch,
-        });
+        notes.push(Note::Failover { from: old.clone(), to: new.clone(), epoch: lease.epoch });
     }
 
     // Labels: demote first, then promote, so the Service never selects two pods.
     for p in &live {
         let is_primary = primary.is_some_and(|pr| pr.name == p.name);
         if !is_primary && p.role_label == Some(Role::Primary) {
-            actions.push(Action::SetRole {
-                pod: p.name.clone(),
-                role: Role::Backup,
-            });
+            actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Backup });
         }
     }
     if let Some(p) = primary
         && p.role_label != Some(Role::Primary)
     {
-        actions.push(Action::SetRole {
-            pod: p.name.clone(),
-            role: Role::Primary,
-        });
+        actions.push(Action::SetRole { pod: p.name.clone(), role: Role::Primary });
     }
     if let Some(b) = backup
         && b.role_label.is_none()
     {
-        actions.push(Action::SetRole {
-            pod: b.name.clone(),
-            role: Role::Backup,
-        });
+        actions.push(Action::SetRole { pod: b.name.clone(), role: Role::Backup });
     }
 
     // Stale replicas: alive but neither the primary nor its one valid backup.
     for p in &live {
-        let keep =
-            primary.is_some_and(|pr| pr.name == p.name) || backup.is_some_and(|b| b.name == p.name);
+        let keep = primary.is_some_and(|pr| pr.name == p.name) || backup.is_some_and(|b| b.name == p.name);
         if !keep {
             let reason = if extra_backups.iter().any(|e| e.name == p.name) {
                 "a second backup for the same primary".to_owned()
@@ -575,11 +519,7 @@ pub fn decide(o: &Observed) -> Plan {
                     lease.epoch
                 )
             };
-            deletes.push(Action::DeletePod {
-                pod: p.name.clone(),
-                force: false,
-                reason,
-            });
+            deletes.push(Action::DeletePod { pod: p.name.clone(), force: false, reason });
         }
     }
     actions.extend(deletes);
@@ -592,19 +532,12 @@ pub fn decide(o: &Observed) -> Plan {
                 status.backup = Some((b.name.clone(), b.node.clone()));
             }
             if let Some(h) = held.as_ref().filter(|h| h.role == Role::Backup) {
-                status.message = format!(
-                    "primary {} runs without a backup: {}",
-                    pr.name,
-                    h.describe()
-                );
+                status.message = format!("primary {} runs without a backup: {}", pr.name, h.describe());
             } else if backup.is_none() {
                 match &pr.ip {
                     Some(ip) => {
                         let pod = pod_name(&o.name, next_member);
-                        notes.push(Note::BackupCreated {
-                            pod: pod.clone(),
-                            primary: pr.name.clone(),
-                        });
+                        notes.push(Note::BackupCreated { pod: pod.clone(), primary: pr.name.clone() });
                         actions.push(Action::CreatePod {
                             pod,
                             member: next_member,
@@ -615,22 +548,16 @@ pub fn decide(o: &Observed) -> Plan {
                         });
                     }
                     None => {
-                        status.message = format!(
-                            "waiting for primary {} to get a pod IP before creating its backup",
-                            pr.name
-                        )
+                        status.message =
+                            format!("waiting for primary {} to get a pod IP before creating its backup", pr.name)
                     }
                 }
             }
-            let both_running = pr.state == PodState::Running
-                && backup.is_some_and(|b| b.state == PodState::Running);
+            let both_running = pr.state == PodState::Running && backup.is_some_and(|b| b.state == PodState::Running);
             (status.phase, status.message) = if lease.holder.is_none() {
                 (
                     Phase::Pending,
-                    or(
-                        status.message,
-                        format!("waiting for primary {} to take the arbiter lease", pr.name),
-                    ),
+                    or(status.message, format!("waiting for primary {} to take the arbiter lease", pr.name)),
                 )
             } else if both_running {
                 (
@@ -642,13 +569,7 @@ pub fn decide(o: &Observed) -> Plan {
                     ),
                 )
             } else {
-                (
-                    Phase::Degraded,
-                    or(
-                        status.message,
-                        format!("primary {} runs without a running backup", pr.name),
-                    ),
-                )
+                (Phase::Degraded, or(status.message, format!("primary {} runs without a running backup", pr.name)))
             };
         }
         None if lease.epoch == 0 && lease.holder.is_none() => {
@@ -673,10 +594,7 @@ pub fn decide(o: &Observed) -> Plan {
             if let Some(b) = backup {
                 status.phase = Phase::FailingOver;
                 status.backup = Some((b.name.clone(), b.node.clone()));
-                status.message = format!(
-                    "primary {holder} is lost; waiting for backup {} to take the arbiter",
-                    b.name
-                );
+                status.message = format!("primary {holder} is lost; waiting for backup {} to take the arbiter", b.name);
             } else {
                 status.phase = Phase::Failed;
                 status.message = format!(
@@ -690,13 +608,7 @@ pub fn decide(o: &Observed) -> Plan {
         }
     }
     status.backoff = held.clone();
-    Plan {
-        actions,
-        notes,
-        status,
-        failover,
-        wake_at: held.map(|h| h.until),
-    }
+    Plan { actions, notes, status, failover, wake_at: held.map(|h| h.until) }
 }
 
 /// `t` rounded up to a whole second, so that an annotated time reads back exactly.
@@ -706,11 +618,7 @@ fn ceil_second(t: Timestamp) -> Timestamp {
 }
 
 fn or(current: String, fallback: String) -> String {
-    if current.is_empty() {
-        fallback
-    } else {
-        current
-    }
+    if current.is_empty() { fallback } else { current }
 }
 
 #[cfg(test)]
@@ -738,25 +646,14 @@ mod tests {
     }
 
     fn backup_of(name: &str, primary: &str, epoch: u64) -> PodView {
-        PodView {
-            pairs_with: Some(primary.into()),
-            created_epoch: epoch,
-            ..pod(name, Role::Backup)
-        }
+        PodView { pairs_with: Some(primary.into()), created_epoch: epoch, ..pod(name, Role::Backup) }
     }
 
     fn observed(lease: Option<(&str, u64)>, pods: Vec<PodView>) -> Observed {
         Observed {
             name: "vm".into(),
             spec_error: None,
-            lease: Some(
-                lease
-                    .map(|(h, e)| LeaseView {
-                        holder: Some(h.into()),
-                        epoch: e,
-                    })
-                    .unwrap_or_default(),
-            ),
+            lease: Some(lease.map(|(h, e)| LeaseView { holder: Some(h.into()), epoch: e }).unwrap_or_default()),
             pods,
             previous: Previous::default(),
             now: Timestamp::from_second(1_000_000).unwrap(),
@@ -806,11 +703,7 @@ mod tests {
 
         p.ip = Some("10.1.2.3".into());
         let plan = decide(&observed(None, vec![p]));
-        let create = plan
-            .actions
-            .iter()
-            .find(|a| matches!(a, Action::CreatePod { .. }))
-            .unwrap();
+        let create = plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. })).unwrap();
         assert_eq!(
             create,
             &Action::CreatePod {
@@ -822,27 +715,15 @@ mod tests {
                 attempt: 0,
             }
         );
-        assert!(plan.notes.contains(&Note::BackupCreated {
-            pod: "vm-1".into(),
-            primary: "vm-0".into()
-        }));
+        assert!(plan.notes.contains(&Note::BackupCreated { pod: "vm-1".into(), primary: "vm-0".into() }));
     }
 
     #[test]
     fn protected_when_holder_and_backup_run() {
-        let plan = decide(&observed(
-            Some(("vm-0", 1)),
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
-        ));
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
         assert_eq!(plan.status.phase, Phase::Protected);
-        assert_eq!(
-            plan.status.primary,
-            Some(("vm-0".into(), Some("node-vm-0".into())))
-        );
-        assert_eq!(
-            plan.status.backup,
-            Some(("vm-1".into(), Some("node-vm-1".into())))
-        );
+        assert_eq!(plan.status.primary, Some(("vm-0".into(), Some("node-vm-0".into()))));
+        assert_eq!(plan.status.backup, Some(("vm-1".into(), Some("node-vm-1".into()))));
         assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
         assert_eq!(
             plan.actions,
@@ -853,10 +734,7 @@ mod tests {
 
     #[test]
     fn pending_until_the_primary_takes_the_lease() {
-        let plan = decide(&observed(
-            None,
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
-        ));
+        let plan = decide(&observed(None, vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
         assert_eq!(plan.status.phase, Phase::Pending);
         assert!(plan.status.message.contains("take the arbiter"));
     }
@@ -868,69 +746,36 @@ mod tests {
         old.node_health = NodeHealth::NotReady;
         let new = backup_of("vm-1", "vm-0", 1);
         let mut o = observed(Some(("vm-1", 2)), vec![old, new]);
-        o.previous = Previous {
-            primary_pod: Some("vm-0".into()),
-            epoch: 1,
-            failover_count: 3,
-            ..Previous::default()
-        };
+        o.previous = Previous { primary_pod: Some("vm-0".into()), epoch: 1, failover_count: 3, ..Previous::default() };
         let plan = decide(&o);
         assert!(plan.failover);
         assert_eq!(plan.status.failover_count, 4);
         assert_eq!(plan.status.last_failover, Some(o.now));
-        assert!(plan.actions.contains(&Action::SetRole {
-            pod: "vm-1".into(),
-            role: Role::Primary
-        }));
-        assert_eq!(
-            deletes(&plan),
-            [("vm-0".to_string(), true)],
-            "pod on a dead node is force-deleted"
-        );
+        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Primary }));
+        assert_eq!(deletes(&plan), [("vm-0".to_string(), true)], "pod on a dead node is force-deleted");
         assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
-        let Some(Action::CreatePod { primary, epoch, .. }) = plan
-            .actions
-            .iter()
-            .find(|a| matches!(a, Action::CreatePod { .. }))
+        let Some(Action::CreatePod { primary, epoch, .. }) =
+            plan.actions.iter().find(|a| matches!(a, Action::CreatePod { .. }))
         else {
             unreachable!()
         };
         assert_eq!(primary.as_ref().unwrap().0, "vm-1");
         assert_eq!(*epoch, 2);
         assert_eq!(plan.status.phase, Phase::Degraded);
-        assert!(
-            plan.notes
-                .iter()
-                .any(|n| matches!(n, Note::Failover { to, epoch: 2, .. } if to == "vm-1"))
-        );
+        assert!(plan.notes.iter().any(|n| matches!(n, Note::Failover { to, epoch: 2, .. } if to == "vm-1")));
     }
 
     #[test]
     fn loser_on_a_healthy_node_is_demoted_before_promotion_and_removed() {
         // Partition: vm-1 won; vm-0 still runs on a ready node and still carries the primary label.
-        let mut o = observed(
-            Some(("vm-1", 2)),
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)],
-        );
+        let mut o = observed(Some(("vm-1", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]);
         o.previous.primary_pod = Some("vm-0".into());
         o.previous.epoch = 1;
         let plan = decide(&o);
-        let demote = plan.actions.iter().position(|a| {
-            *a == Action::SetRole {
-                pod: "vm-0".into(),
-                role: Role::Backup,
-            }
-        });
-        let promote = plan.actions.iter().position(|a| {
-            *a == Action::SetRole {
-                pod: "vm-1".into(),
-                role: Role::Primary,
-            }
-        });
-        assert!(
-            demote.unwrap() < promote.unwrap(),
-            "never two pods labelled primary"
-        );
+        let demote = plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-0".into(), role: Role::Backup });
+        let promote =
+            plan.actions.iter().position(|a| *a == Action::SetRole { pod: "vm-1".into(), role: Role::Primary });
+        assert!(demote.unwrap() < promote.unwrap(), "never two pods labelled primary");
         assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
     }
 
@@ -947,37 +792,23 @@ mod tests {
         assert!(plan.notes.iter().any(|n| matches!(n, Note::StateLost(_))));
         // and the event is not repeated once Failed is recorded
         o.previous.phase = Some(Phase::Failed);
-        assert!(
-            !decide(&o)
-                .notes
-                .iter()
-                .any(|n| matches!(n, Note::StateLost(_)))
-        );
+        assert!(!decide(&o).notes.iter().any(|n| matches!(n, Note::StateLost(_))));
     }
 
     #[test]
     fn primary_lost_with_live_backup_is_failing_over_and_keeps_the_backup() {
         let mut p = pod("vm-0", Role::Primary);
         p.state = PodState::Exited;
-        let plan = decide(&observed(
-            Some(("vm-0", 1)),
-            vec![p, backup_of("vm-1", "vm-0", 1)],
-        ));
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![p, backup_of("vm-1", "vm-0", 1)]));
         assert_eq!(plan.status.phase, Phase::FailingOver);
         assert_eq!(deletes(&plan), [("vm-0".to_string(), false)]);
-        assert!(
-            creates(&plan).is_empty(),
-            "the backup takes over by itself; nothing new is started"
-        );
+        assert!(creates(&plan).is_empty(), "the backup takes over by itself; nothing new is started");
     }
 
     #[test]
     fn backup_fenced_by_a_later_epoch_is_replaced() {
         // The primary lost contact and continued alone at epoch 2; the old backup (epoch 1) is stale.
-        let plan = decide(&observed(
-            Some(("vm-0", 2)),
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)],
-        ));
+        let plan = decide(&observed(Some(("vm-0", 2)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]));
         assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
         assert_eq!(creates(&plan), [("vm-2".to_string(), Role::Backup)]);
         assert_eq!(plan.status.phase, Phase::Degraded);
@@ -985,10 +816,7 @@ mod tests {
 
     #[test]
     fn backup_created_at_epoch_zero_stays_valid_at_epoch_one() {
-        let plan = decide(&observed(
-            Some(("vm-0", 1)),
-            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)],
-        ));
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 0)]));
         assert!(deletes(&plan).is_empty());
     }
 
@@ -1015,16 +843,10 @@ mod tests {
         let mut old = pod("vm-0", Role::Primary);
         old.deleting = true;
         old.node_health = NodeHealth::NotReady;
-        let plan = decide(&observed(
-            Some(("vm-1", 2)),
-            vec![old, backup_of("vm-1", "vm-0", 1)],
-        ));
+        let plan = decide(&observed(Some(("vm-1", 2)), vec![old, backup_of("vm-1", "vm-0", 1)]));
         assert_eq!(deletes(&plan), [("vm-0".to_string(), true)]);
         assert!(
-            !plan
-                .notes
-                .iter()
-                .any(|n| matches!(n, Note::ReplicaLost { .. })),
+            !plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { .. })),
             "already reported when first deleted"
         );
     }
@@ -1033,11 +855,7 @@ mod tests {
     fn duplicate_backups_are_trimmed_to_one() {
         let plan = decide(&observed(
             Some(("vm-0", 1)),
-            vec![
-                pod("vm-0", Role::Primary),
-                backup_of("vm-1", "vm-0", 1),
-                backup_of("vm-2", "vm-0", 1),
-            ],
+            vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1), backup_of("vm-2", "vm-0", 1)],
         ));
         assert_eq!(deletes(&plan), [("vm-2".to_string(), false)]);
         assert_eq!(plan.status.backup.unwrap().0, "vm-1");
@@ -1100,13 +918,8 @@ mod tests {
     fn a_backup_that_keeps_crashing_is_replaced_at_once_then_with_growing_delays() {
         let primary = pod("vm-0", Role::Primary);
         // First exit after a short run: replaced at once, and the replacement carries the count.
-        let mut o = observed(
-            Some(("vm-0", 1)),
-            vec![
-                primary.clone(),
-                exited(backup_of("vm-1", "vm-0", 1), 0, -30, -1),
-            ],
-        );
+        let mut o =
+            observed(Some(("vm-0", 1)), vec![primary.clone(), exited(backup_of("vm-1", "vm-0", 1), 0, -30, -1)]);
         let plan = decide(&o);
         assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
         assert_eq!(attempts(&plan), [("vm-2".to_string(), 1)]);
@@ -1120,28 +933,14 @@ mod tests {
         let plan = decide(&o);
         let until = at(4);
         assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
-        assert!(plan.actions.contains(&Action::MarkReplaceAt {
-            pod: "vm-2".into(),
-            at: until
-        }));
-        let want = Backoff {
-            role: Role::Backup,
-            pod: "vm-2".into(),
-            failures: 2,
-            until,
-        };
+        assert!(plan.actions.contains(&Action::MarkReplaceAt { pod: "vm-2".into(), at: until }));
+        let want = Backoff { role: Role::Backup, pod: "vm-2".into(), failures: 2, until };
         assert_eq!(noted_backoffs(&plan), std::slice::from_ref(&want));
-        assert!(
-            plan.notes
-                .iter()
-                .any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-2"))
-        );
+        assert!(plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-2")));
         assert_eq!(plan.status.backoff, Some(want));
         assert_eq!(plan.status.phase, Phase::Degraded);
         assert!(
-            plan.status
-                .message
-                .contains("the next backup is created at 1970-01-12T13:46:44Z"),
+            plan.status.message.contains("the next backup is created at 1970-01-12T13:46:44Z"),
             "{}",
             plan.status.message
         );
@@ -1153,10 +952,7 @@ mod tests {
         o.pods = vec![primary.clone(), marked.clone()];
         o.now = at(3);
         let plan = decide(&o);
-        assert_eq!(
-            plan.actions,
-            vec![Action::ApplyService, Action::ApplyAgentAccess]
-        );
+        assert_eq!(plan.actions, vec![Action::ApplyService, Action::ApplyAgentAccess]);
         assert!(plan.notes.is_empty());
         assert_eq!(plan.status.backoff.as_ref().map(|b| b.until), Some(until));
 
@@ -1165,12 +961,7 @@ mod tests {
         let plan = decide(&o);
         assert_eq!(deletes(&plan), [("vm-2".to_string(), false)]);
         assert_eq!(attempts(&plan), [("vm-3".to_string(), 2)]);
-        assert!(
-            !plan
-                .notes
-                .iter()
-                .any(|n| matches!(n, Note::ReplicaLost { .. }))
-        );
+        assert!(!plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { .. })));
         assert_eq!(plan.status.backoff, None);
         assert_eq!(plan.wake_at, None);
 
@@ -1184,10 +975,7 @@ mod tests {
     fn a_healthy_run_resets_the_count() {
         let o = observed(
             Some(("vm-0", 1)),
-            vec![
-                pod("vm-0", Role::Primary),
-                exited(backup_of("vm-7", "vm-0", 1), 6, -700, -10),
-            ],
+            vec![pod("vm-0", Role::Primary), exited(backup_of("vm-7", "vm-0", 1), 6, -700, -10)],
         );
         let plan = decide(&o);
         assert_eq!(attempts(&plan), [("vm-8".to_string(), 1)]);
@@ -1196,26 +984,14 @@ mod tests {
 
     #[test]
     fn a_primary_that_keeps_crashing_before_going_live_backs_off() {
-        let mut o = observed(
-            None,
-            vec![
-                exited(pod("vm-3", Role::Primary), 2, -2, -1),
-                backup_of("vm-4", "vm-3", 0),
-            ],
-        );
+        let mut o = observed(None, vec![exited(pod("vm-3", Role::Primary), 2, -2, -1), backup_of("vm-4", "vm-3", 0)]);
         let plan = decide(&o);
         assert!(creates(&plan).is_empty(), "no new primary for 10 s");
-        assert_eq!(
-            deletes(&plan),
-            [("vm-4".to_string(), false)],
-            "its backup follows a dead primary"
-        );
+        assert_eq!(deletes(&plan), [("vm-4".to_string(), false)], "its backup follows a dead primary");
         assert_eq!(plan.wake_at, Some(at(9)));
         assert_eq!(plan.status.phase, Phase::Pending);
         assert!(
-            plan.status
-                .message
-                .starts_with("primary vm-3's agent exited, 3 times in a row; the next primary"),
+            plan.status.message.starts_with("primary vm-3's agent exited, 3 times in a row; the next primary"),
             "{}",
             plan.status.message
         );
@@ -1234,10 +1010,7 @@ mod tests {
         let mut b = backup_of("vm-5", "vm-0", 1);
         b.attempt = 4;
         b.node_health = NodeHealth::NotReady;
-        let plan = decide(&observed(
-            Some(("vm-0", 1)),
-            vec![pod("vm-0", Role::Primary), b],
-        ));
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), b]));
         assert_eq!(deletes(&plan), [("vm-5".to_string(), true)]);
         assert_eq!(attempts(&plan), [("vm-6".to_string(), 0)]);
     }
@@ -1247,16 +1020,10 @@ mod tests {
         // The backup of a primary that is gone (vm-2 took over at epoch 2) is not backed off.
         let mut old = exited(backup_of("vm-1", "vm-0", 1), 3, -2, -1);
         old.replace_at = Some(at(100));
-        let plan = decide(&observed(
-            Some(("vm-2", 2)),
-            vec![backup_of("vm-2", "vm-0", 1), old],
-        ));
+        let plan = decide(&observed(Some(("vm-2", 2)), vec![backup_of("vm-2", "vm-0", 1), old]));
         assert!(deletes(&plan).contains(&("vm-1".to_string(), false)));
         assert!(
-            !plan
-                .notes
-                .iter()
-                .any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-1")),
+            !plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-1")),
             "reported when it was marked"
         );
         assert_eq!(plan.status.backoff, None);
@@ -1266,13 +1033,7 @@ mod tests {
     fn missing_role_label_on_backup_is_set() {
         let mut b = backup_of("vm-1", "vm-0", 1);
         b.role_label = None;
-        let plan = decide(&observed(
-            Some(("vm-0", 1)),
-            vec![pod("vm-0", Role::Primary), b],
-        ));
-        assert!(plan.actions.contains(&Action::SetRole {
-            pod: "vm-1".into(),
-            role: Role::Backup
-        }));
+        let plan = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), b]));
+        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Backup }));
     }
 }

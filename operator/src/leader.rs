@@ -49,9 +49,7 @@ pub enum SteppedDown {
         epoch: u64,
     },
     /// Renewing failed for longer than the renew deadline.
-    #[error(
-        "could not renew the leader lease for {0:?}; stepping down before another replica may take over"
-    )]
+    #[error("could not renew the leader lease for {0:?}; stepping down before another replica may take over")]
     Deadline(Duration),
 }
 
@@ -149,11 +147,7 @@ mod tests {
         assert!(!o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(9), d));
         assert!(!o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(18), d));
         assert!(o.should_take(&rec("a", 1, 103), t0 + Duration::from_secs(19), d));
-        let free = Record {
-            holder: None,
-            epoch: 4,
-            renewed_at: None,
-        };
+        let free = Record { holder: None, epoch: 4, renewed_at: None };
         assert!(Observer::default().should_take(&free, t0, d));
     }
 
@@ -186,10 +180,7 @@ mod tests {
         assert_eq!(arb.read().await.unwrap().holder.as_deref(), Some("op-a"));
         // a dies (stops renewing): b takes over after a lease duration of silence.
         a_holds.abort();
-        let epoch = tokio::time::timeout(Duration::from_secs(3), b)
-            .await
-            .expect("b never took over")
-            .unwrap();
+        let epoch = tokio::time::timeout(Duration::from_secs(3), b).await.expect("b never took over").unwrap();
         assert_eq!(epoch, 2);
         // a's lease is fenced: renewing its old epoch reports the new holder.
         let down = hold(arb.as_ref(), "op-a", first, fast()).await;

@@ -18,26 +18,14 @@ use lockstep_operator::metrics::{self, Metrics};
 struct Args {
     /// Address for /metrics and /healthz. Loopback by default; the Helm chart sets 0.0.0.0:8080 so
     /// that the kubelet's probes and Prometheus can reach it on the pod IP.
-    #[arg(
-        long,
-        env = "LOCKSTEP_METRICS_LISTEN",
-        default_value = "127.0.0.1:8080"
-    )]
+    #[arg(long, env = "LOCKSTEP_METRICS_LISTEN", default_value = "127.0.0.1:8080")]
     metrics_listen: SocketAddr,
     /// Agent image used by FTVirtualMachines that do not name one.
-    #[arg(
-        long,
-        env = "LOCKSTEP_AGENT_IMAGE",
-        default_value = "ghcr.io/lockstep/lockstep-agent:0.1.0"
-    )]
+    #[arg(long, env = "LOCKSTEP_AGENT_IMAGE", default_value = "ghcr.io/lockstep/lockstep-agent:0.1.0")]
     agent_image: String,
     /// ClusterRole (installed by the chart) that lets agents get/create/update Leases; the operator
     /// binds it to the `lockstep-agent` ServiceAccount in each namespace with FTVMs.
-    #[arg(
-        long,
-        env = "LOCKSTEP_AGENT_CLUSTER_ROLE",
-        default_value = "lockstep-agent"
-    )]
+    #[arg(long, env = "LOCKSTEP_AGENT_CLUSTER_ROLE", default_value = "lockstep-agent")]
     agent_cluster_role: String,
     /// Seconds between looks at a running FTVM, which refresh the log bandwidth and execution lag
     /// scraped from its primary agent's /metrics into status.
@@ -47,11 +35,7 @@ struct Args {
     #[arg(long, env = "LOCKSTEP_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
     /// Leader election Lease as NAMESPACE/NAME.
-    #[arg(
-        long,
-        env = "LOCKSTEP_LEADER_LEASE",
-        default_value = "lockstep-system/lockstep-operator"
-    )]
+    #[arg(long, env = "LOCKSTEP_LEADER_LEASE", default_value = "lockstep-system/lockstep-operator")]
     leader_lease: String,
     /// This replica's identity in the leader Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
@@ -70,9 +54,7 @@ enum MainError {
     Metrics(#[from] metrics::MetricsError),
     #[error("{0}")]
     Arbiter(#[from] lockstep_arbiter::ArbiterError),
-    #[error(
-        "cannot connect to Kubernetes: {0}; set KUBECONFIG or run in a pod with a service account"
-    )]
+    #[error("cannot connect to Kubernetes: {0}; set KUBECONFIG or run in a pod with a service account")]
     Client(#[source] kube::Error),
     #[error("--leader-lease must be NAMESPACE/NAME, got {0:?}")]
     LeaderLease(String),
@@ -84,10 +66,7 @@ enum MainError {
 async fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_level)
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,14 +83,10 @@ async fn run(args: Args) -> Result<(), MainError> {
     tracing::info!(addr = %args.metrics_listen, "serving /metrics and /healthz");
     tokio::spawn(metrics::serve(listener, metrics.clone()));
 
-    let client = kube::Client::try_default()
-        .await
-        .map_err(MainError::Client)?;
+    let client = kube::Client::try_default().await.map_err(MainError::Client)?;
     let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let (ns, name) = args
-        .leader_lease
-        .split_once('/')
-        .ok_or_else(|| MainError::LeaderLease(args.leader_lease.clone()))?;
+    let (ns, name) =
+        args.leader_lease.split_once('/').ok_or_else(|| MainError::LeaderLease(args.leader_lease.clone()))?;
     lockstep_arbiter::ArbiterSpec::parse(&format!("lease:{ns}/{name}"))?;
     let duration = Duration::from_secs(args.lease_duration_secs.max(3));
     let timing = Timing {
@@ -120,8 +95,7 @@ async fn run(args: Args) -> Result<(), MainError> {
         renew_deadline: duration * 2 / 3,
         retry_period: duration / 7,
     };
-    let arbiter: Arc<dyn Arbiter> =
-        Arc::new(LeaseArbiter::new(client.clone(), ns, name).with_lease_duration(duration));
+    let arbiter: Arc<dyn Arbiter> = Arc::new(LeaseArbiter::new(client.clone(), ns, name).with_lease_duration(duration));
     tracing::info!(%identity, lease = %arbiter.describe(), "waiting to be elected leader");
     let epoch = leader::acquire(arbiter.as_ref(), &identity, timing).await;
     metrics.leader.set(1);

@@ -9,9 +9,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 use crate::crd::Phase;
 
@@ -43,9 +41,7 @@ pub enum MetricsError {
     #[error("cannot register metric: {0}")]
     Register(#[from] prometheus::Error),
     /// The listen address could not be bound.
-    #[error(
-        "cannot listen on {addr} for /metrics: {source}; pick a free address with --metrics-listen"
-    )]
+    #[error("cannot listen on {addr} for /metrics: {source}; pick a free address with --metrics-listen")]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -59,29 +55,16 @@ impl Metrics {
     /// Registers all metrics in a fresh registry.
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let reconciles = IntCounter::new(
-            "lockstep_operator_reconciles_total",
-            "Reconciles of FTVirtualMachines started",
-        )?;
+        let reconciles =
+            IntCounter::new("lockstep_operator_reconciles_total", "Reconciles of FTVirtualMachines started")?;
         let errors = IntCounterVec::new(
-            Opts::new(
-                "lockstep_operator_reconcile_errors_total",
-                "Failed reconciles by reason",
-            ),
+            Opts::new("lockstep_operator_reconcile_errors_total", "Failed reconciles by reason"),
             &["reason"],
         )?;
-        let ftvms = IntGaugeVec::new(
-            Opts::new("lockstep_operator_ftvms", "FTVirtualMachines by phase"),
-            &["phase"],
-        )?;
-        let failovers = IntCounter::new(
-            "lockstep_operator_failovers_total",
-            "Failovers (arbiter holder changes) seen",
-        )?;
-        let leader = IntGauge::new(
-            "lockstep_operator_leader",
-            "1 while this operator replica is the elected leader",
-        )?;
+        let ftvms = IntGaugeVec::new(Opts::new("lockstep_operator_ftvms", "FTVirtualMachines by phase"), &["phase"])?;
+        let failovers =
+            IntCounter::new("lockstep_operator_failovers_total", "Failovers (arbiter holder changes) seen")?;
+        let leader = IntGauge::new("lockstep_operator_leader", "1 while this operator replica is the elected leader")?;
         let agent_scrape_errors = IntCounterVec::new(
             Opts::new(
                 "lockstep_operator_agent_scrape_errors_total",
@@ -146,9 +129,7 @@ impl Metrics {
 
 /// Binds the metrics listener (so the caller learns about a busy port at start-up).
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })
 }
 
 /// Serves `/metrics` and `/healthz` until the task is dropped.
@@ -168,9 +149,8 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(route(&req, &metrics)) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
+            if let Err(e) =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
             {
                 tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
             }
@@ -180,17 +160,9 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
 
 fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         "/healthz" | "/readyz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics or /healthz\n".to_owned(),
-        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /healthz\n".to_owned()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
@@ -219,11 +191,7 @@ mod tests {
 
     async fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out

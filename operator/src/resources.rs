@@ -12,10 +12,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, Probe, ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, ResourceRequirements, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
+    Probe, ResourceRequirements, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -65,18 +65,10 @@ pub fn lease_name(ftvm: &str) -> String {
 /// The `--vm-id` passed to both agents: namespace and name, so two FTVMs never accept each other's
 /// log channel.
 pub fn vm_id(ftvm: &FTVirtualMachine) -> String {
-    format!(
-        "{}.{}",
-        ftvm.namespace().unwrap_or_default(),
-        ftvm.name_any()
-    )
+    format!("{}.{}", ftvm.namespace().unwrap_or_default(), ftvm.name_any())
 }
 
-fn owner_meta(
-    ftvm: &FTVirtualMachine,
-    name: String,
-    labels: BTreeMap<String, String>,
-) -> ObjectMeta {
+fn owner_meta(ftvm: &FTVirtualMachine, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: ftvm.namespace(),
@@ -88,14 +80,8 @@ fn owner_meta(
 
 fn base_labels(ftvm: &FTVirtualMachine) -> BTreeMap<String, String> {
     BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_owned(),
-            "lockstep-agent".to_owned(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            MANAGED_BY.to_owned(),
-        ),
+        ("app.kubernetes.io/name".to_owned(), "lockstep-agent".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
         (LABEL_FTVM.to_owned(), ftvm.name_any()),
     ])
 }
@@ -103,16 +89,10 @@ fn base_labels(ftvm: &FTVirtualMachine) -> BTreeMap<String, String> {
 /// The empty arbiter Lease (epoch 0, no holder); the agents take it.
 pub fn lease(ftvm: &FTVirtualMachine) -> Lease {
     let mut labels = base_labels(ftvm);
-    labels.insert(
-        lockstep_arbiter::ARBITER_LABEL.to_owned(),
-        "true".to_owned(),
-    );
+    labels.insert(lockstep_arbiter::ARBITER_LABEL.to_owned(), "true".to_owned());
     Lease {
         metadata: owner_meta(ftvm, lease_name(&ftvm.name_any()), labels),
-        spec: Some(LeaseSpec {
-            lease_transitions: Some(0),
-            ..LeaseSpec::default()
-        }),
+        spec: Some(LeaseSpec { lease_transitions: Some(0), ..LeaseSpec::default() }),
     }
 }
 
@@ -146,10 +126,7 @@ pub fn agent_service_account(ns: &str) -> ServiceAccount {
         metadata: ObjectMeta {
             name: Some(AGENT_SERVICE_ACCOUNT.into()),
             namespace: Some(ns.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                MANAGED_BY.to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned())])),
             ..ObjectMeta::default()
         },
         ..ServiceAccount::default()
@@ -163,10 +140,7 @@ pub fn agent_role_binding(ns: &str, cluster_role: &str) -> RoleBinding {
         metadata: ObjectMeta {
             name: Some(AGENT_SERVICE_ACCOUNT.into()),
             namespace: Some(ns.into()),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                MANAGED_BY.to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned())])),
             ..ObjectMeta::default()
         },
         role_ref: RoleRef {
@@ -205,11 +179,7 @@ pub struct PodPlan<'a> {
 /// The agent's command-line arguments for a replica.
 pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
     let s = &ftvm.spec;
-    let arbiter = format!(
-        "lease:{}/{}",
-        ftvm.namespace().unwrap_or_default(),
-        lease_name(&ftvm.name_any())
-    );
+    let arbiter = format!("lease:{}/{}", ftvm.namespace().unwrap_or_default(), lease_name(&ftvm.name_any()));
     // Inside a pod the agent must listen on the pod's address, not loopback, so that the Service,
     // the peer replica and Prometheus can reach it.
     let listen = |port: i32| format!("0.0.0.0:{port}");
@@ -270,29 +240,18 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
 }
 
 fn join_host_port(ip: &str, port: i32) -> String {
-    if ip.contains(':') {
-        format!("[{ip}]:{port}")
-    } else {
-        format!("{ip}:{port}")
-    }
+    if ip.contains(':') { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") }
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
 }
 
 fn env_field(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..ObjectFieldSelector::default()
-            }),
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..ObjectFieldSelector::default() }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -301,10 +260,7 @@ fn env_field(name: &str, path: &str) -> EnvVar {
 
 fn tolerations(ftvm: &FTVirtualMachine) -> Vec<Toleration> {
     let mut t = ftvm.spec.placement.tolerations.clone();
-    for key in [
-        "node.kubernetes.io/not-ready",
-        "node.kubernetes.io/unreachable",
-    ] {
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
         t.retain(|x| x.key.as_deref() != Some(key));
         t.push(Toleration {
             key: Some(key.into()),
@@ -321,21 +277,14 @@ fn resources(ftvm: &FTVirtualMachine) -> ResourceRequirements {
     let s = &ftvm.spec;
     let mut r = s.agent.resources.clone().unwrap_or_default();
     // Guest memory, the log buffer and the agent itself (about 64 MiB) must fit in the limit.
-    let mem = format!(
-        "{}Mi",
-        u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64
-    );
+    let mem = format!("{}Mi", u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64);
     let requests = r.requests.get_or_insert_with(BTreeMap::new);
     requests.insert(KVM_RESOURCE.into(), Quantity("1".into()));
-    requests
-        .entry("memory".into())
-        .or_insert_with(|| Quantity(mem.clone()));
+    requests.entry("memory".into()).or_insert_with(|| Quantity(mem.clone()));
     let limits = r.limits.get_or_insert_with(BTreeMap::new);
     // Extended resources must have limit == request.
     limits.insert(KVM_RESOURCE.into(), Quantity("1".into()));
-    limits
-        .entry("memory".into())
-        .or_insert_with(|| Quantity(mem));
+    limits.entry("memory".into()).or_insert_with(|| Quantity(mem));
     r
 }
 
@@ -358,17 +307,10 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
 
     let mut volumes = vec![Volume {
         name: "kvm".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: "/dev/kvm".into(),
-            type_: Some("CharDevice".into()),
-        }),
+        host_path: Some(HostPathVolumeSource { path: "/dev/kvm".into(), type_: Some("CharDevice".into()) }),
         ..Volume::default()
     }];
-    let mut mounts = vec![VolumeMount {
-        name: "kvm".into(),
-        mount_path: "/dev/kvm".into(),
-        ..VolumeMount::default()
-    }];
+    let mut mounts = vec![VolumeMount { name: "kvm".into(), mount_path: "/dev/kvm".into(), ..VolumeMount::default() }];
     if s.disk_size_mib > 0 {
         volumes.push(Volume {
             name: "disk".into(),
@@ -378,11 +320,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             }),
             ..Volume::default()
         });
-        mounts.push(VolumeMount {
-            name: "disk".into(),
-            mount_path: DISK_DIR.into(),
-            ..VolumeMount::default()
-        });
+        mounts.push(VolumeMount { name: "disk".into(), mount_path: DISK_DIR.into(), ..VolumeMount::default() });
     }
     let port = |name: &str, p: i32| ContainerPort {
         name: Some(name.into()),
@@ -404,12 +342,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     }
     let container = Container {
         name: AGENT_CONTAINER.into(),
-        image: Some(
-            s.agent
-                .image
-                .clone()
-                .unwrap_or_else(|| plan.default_image.to_owned()),
-        ),
+        image: Some(s.agent.image.clone().unwrap_or_else(|| plan.default_image.to_owned())),
         image_pull_policy: Some(s.agent.image_pull_policy.as_str().into()),
         args: Some(agent_args(ftvm, plan)),
         env: Some(env_vars),
@@ -440,10 +373,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             run_as_group: Some(AGENT_UID),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
             ..SecurityContext::default()
         }),
         ..Container::default()
@@ -465,13 +395,9 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             containers: vec![container],
             // A restarted agent would have lost the VM's memory; the operator replaces the pod.
             restart_policy: Some("Never".into()),
-            affinity: Some(Affinity {
-                pod_anti_affinity: Some(anti_affinity),
-                ..Affinity::default()
-            }),
+            affinity: Some(Affinity { pod_anti_affinity: Some(anti_affinity), ..Affinity::default() }),
             tolerations: Some(tolerations(ftvm)),
-            node_selector: (!s.placement.node_selector.is_empty())
-                .then(|| s.placement.node_selector.clone()),
+            node_selector: (!s.placement.node_selector.is_empty()).then(|| s.placement.node_selector.clone()),
             volumes: Some(volumes),
             security_context: Some(PodSecurityContext {
                 supplemental_groups: s.agent.kvm_group_id.map(|g| vec![g]),
@@ -502,15 +428,7 @@ pub(crate) mod tests {
     }
 
     fn plan<'a>(mode: Role, primary: Option<(&'a str, &'a str)>) -> PodPlan<'a> {
-        PodPlan {
-            name: "vm-1",
-            member: 1,
-            mode,
-            primary,
-            epoch: 2,
-            attempt: 0,
-            default_image: "agent:dev",
-        }
+        PodPlan { name: "vm-1", member: 1, mode, primary, epoch: 2, attempt: 0, default_image: "agent:dev" }
     }
 
     #[test]
@@ -536,10 +454,7 @@ pub(crate) mod tests {
              --name $(POD_NAME) --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16 \
              --disk /var/lib/lockstep/disk.img"
         );
-        assert!(
-            agent_args(&f, &plan(Role::Backup, Some(("vm-0", "fd00::7"))))
-                .contains(&"[fd00::7]:7000".to_string())
-        );
+        assert!(agent_args(&f, &plan(Role::Backup, Some(("vm-0", "fd00::7")))).contains(&"[fd00::7]:7000".to_string()));
     }
 
     #[test]
@@ -547,16 +462,12 @@ pub(crate) mod tests {
         let f = ftvm(serde_json::json!({"guest": "kvstore", "agent": {"kvmGroupId": 993}}));
         let p = pod(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7"))));
         let v = serde_json::to_value(&p).unwrap();
-        let term = &v["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
-            [0];
+        let term = &v["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
         assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
         assert_eq!(term["labelSelector"]["matchLabels"][LABEL_FTVM], "vm");
         let tol = v["spec"]["tolerations"].as_array().unwrap();
         assert_eq!(tol.len(), 2);
-        assert!(
-            tol.iter()
-                .all(|t| t["tolerationSeconds"] == 2 && t["effect"] == "NoExecute")
-        );
+        assert!(tol.iter().all(|t| t["tolerationSeconds"] == 2 && t["effect"] == "NoExecute"));
         let c = &v["spec"]["containers"][0];
         assert_eq!(c["resources"]["limits"][KVM_RESOURCE], "1");
         assert_eq!(c["resources"]["requests"][KVM_RESOURCE], "1");
@@ -570,40 +481,23 @@ pub(crate) mod tests {
         assert_eq!(v["metadata"]["labels"][LABEL_ROLE], "backup");
         assert_eq!(v["metadata"]["annotations"][ANN_PAIRS_WITH], "vm-0");
         assert_eq!(v["metadata"]["annotations"][ANN_EPOCH], "2");
-        assert!(
-            v["metadata"]["annotations"].get(ANN_ATTEMPT).is_none(),
-            "a first attempt carries no count"
-        );
-        let again = pod(
-            &f,
-            &PodPlan {
-                attempt: 3,
-                ..plan(Role::Backup, Some(("vm-0", "10.0.0.7")))
-            },
-        );
+        assert!(v["metadata"]["annotations"].get(ANN_ATTEMPT).is_none(), "a first attempt carries no count");
+        let again = pod(&f, &PodPlan { attempt: 3, ..plan(Role::Backup, Some(("vm-0", "10.0.0.7"))) });
         assert_eq!(again.annotations()[ANN_ATTEMPT], "3");
         let owner = &v["metadata"]["ownerReferences"][0];
-        assert_eq!(
-            (owner["kind"].as_str(), owner["controller"].as_bool()),
-            (Some("FTVirtualMachine"), Some(true))
-        );
+        assert_eq!((owner["kind"].as_str(), owner["controller"].as_bool()), (Some("FTVirtualMachine"), Some(true)));
     }
 
     #[test]
     fn user_tolerations_are_kept_but_node_failure_ones_are_ours() {
-        let f = ftvm(
-            serde_json::json!({"guest": "g", "placement": {"tolerations": [
-                {"key": "dedicated", "operator": "Equal", "value": "kvm", "effect": "NoSchedule"},
-                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
-            ]}}),
-        );
+        let f = ftvm(serde_json::json!({"guest": "g", "placement": {"tolerations": [
+            {"key": "dedicated", "operator": "Equal", "value": "kvm", "effect": "NoSchedule"},
+            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+        ]}}));
         let t = tolerations(&f);
         assert_eq!(t.len(), 3);
         assert_eq!(
-            t.iter()
-                .find(|x| x.key.as_deref() == Some("node.kubernetes.io/unreachable"))
-                .unwrap()
-                .toleration_seconds,
+            t.iter().find(|x| x.key.as_deref() == Some("node.kubernetes.io/unreachable")).unwrap().toleration_seconds,
             Some(2)
         );
     }
@@ -618,9 +512,6 @@ pub(crate) mod tests {
         let l = lease(&f);
         assert_eq!(l.metadata.name.as_deref(), Some("vm-arbiter"));
         assert_eq!(l.spec.unwrap().holder_identity, None);
-        assert_eq!(
-            l.metadata.labels.unwrap()[lockstep_arbiter::ARBITER_LABEL],
-            "true"
-        );
+        assert_eq!(l.metadata.labels.unwrap()[lockstep_arbiter::ARBITER_LABEL], "true");
     }
 }

@@ -67,9 +67,7 @@ fn sample_line(line: &str) -> Option<(&str, f64)> {
     if line.is_empty() || line.starts_with('#') {
         return None;
     }
-    let name_end = line
-        .find(|c: char| c == '{' || c.is_whitespace())
-        .unwrap_or(line.len());
+    let name_end = line.find(|c: char| c == '{' || c.is_whitespace()).unwrap_or(line.len());
     let (name, mut rest) = line.split_at(name_end);
     if rest.starts_with('{') {
         // Skip the label set; a label value may contain `}` inside quotes, with `\"` escapes.
@@ -126,10 +124,7 @@ impl Telemetry {
     pub fn record(&mut self, pod: &str, sample: Sample, now: Instant) {
         if self.pod.as_deref() != Some(pod) {
             // A new primary: nothing from the old one describes it.
-            *self = Telemetry {
-                pod: Some(pod.to_owned()),
-                ..Telemetry::default()
-            };
+            *self = Telemetry { pod: Some(pod.to_owned()), ..Telemetry::default() };
         }
         self.execution_lag_seconds = sample.execution_lag_seconds;
         let Some(bytes) = sample.log_bytes_sent else {
@@ -143,11 +138,7 @@ impl Telemetry {
             // First scrape of this pod, or the counter went down (the agent restarted).
             _ => None,
         };
-        self.baseline = Some(Baseline {
-            pod: pod.to_owned(),
-            log_bytes: bytes,
-            at: now,
-        });
+        self.baseline = Some(Baseline { pod: pod.to_owned(), log_bytes: bytes, at: now });
     }
 }
 
@@ -192,9 +183,7 @@ pub enum ScrapeError {
         status: u16,
     },
     /// The body was too large or could not be read.
-    #[error(
-        "the body from the agent's metrics at {addr} is unreadable or over {MAX_BODY_BYTES} bytes"
-    )]
+    #[error("the body from the agent's metrics at {addr} is unreadable or over {MAX_BODY_BYTES} bytes")]
     Body {
         /// Address.
         addr: SocketAddr,
@@ -216,19 +205,13 @@ impl ScrapeError {
 
 /// `GET http://addr/metrics`, all of it within `timeout`.
 pub async fn fetch(addr: SocketAddr, timeout: Duration) -> Result<String, ScrapeError> {
-    tokio::time::timeout(timeout, get_metrics(addr))
-        .await
-        .unwrap_or(Err(ScrapeError::Timeout { addr, timeout }))
+    tokio::time::timeout(timeout, get_metrics(addr)).await.unwrap_or(Err(ScrapeError::Timeout { addr, timeout }))
 }
 
 async fn get_metrics(addr: SocketAddr) -> Result<String, ScrapeError> {
     let http = |source| ScrapeError::Http { addr, source };
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|source| ScrapeError::Connect { addr, source })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| ScrapeError::Connect { addr, source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
     let request = hyper::Request::get("/metrics")
         .header(hyper::header::HOST, addr.to_string())
         .header(hyper::header::CONNECTION, "close")
@@ -238,10 +221,7 @@ async fn get_metrics(addr: SocketAddr) -> Result<String, ScrapeError> {
         let response = sender.send_request(request).await.map_err(http)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(ScrapeError::Status {
-                addr,
-                status: status.as_u16(),
-            });
+            return Err(ScrapeError::Status { addr, status: status.as_u16() });
         }
         let body = Limited::new(response.into_body(), MAX_BODY_BYTES)
             .collect()
@@ -278,13 +258,7 @@ lockstep_log_bytes_sent_total{vm_id="ns.kv"} 1048576
 
     #[test]
     fn parses_the_agents_exposition() {
-        assert_eq!(
-            parse(AGENT),
-            Sample {
-                log_bytes_sent: Some(1_048_576.0),
-                execution_lag_seconds: Some(0.000731),
-            }
-        );
+        assert_eq!(parse(AGENT), Sample { log_bytes_sent: Some(1_048_576.0), execution_lag_seconds: Some(0.000731) });
     }
 
     #[test]
@@ -297,18 +271,10 @@ lockstep_execution_lag_seconds NaN
 ";
         // A `}` and an escaped quote inside a label value; a timestamp after the value; a longer
         // name that merely starts with ours; the first sample wins; NaN is no value.
-        assert_eq!(
-            parse(text),
-            Sample {
-                log_bytes_sent: Some(2500.0),
-                execution_lag_seconds: None,
-            }
-        );
+        assert_eq!(parse(text), Sample { log_bytes_sent: Some(2500.0), execution_lag_seconds: None });
         assert_eq!(parse(""), Sample::default());
         assert_eq!(
-            parse(
-                "lockstep_log_bytes_sent_total{vm_id=\"unterminated 5\nlockstep_execution_lag_seconds -1\n"
-            ),
+            parse("lockstep_log_bytes_sent_total{vm_id=\"unterminated 5\nlockstep_execution_lag_seconds -1\n"),
             Sample::default(),
             "malformed lines and negative values are ignored"
         );
@@ -319,10 +285,7 @@ lockstep_execution_lag_seconds NaN
     }
 
     fn sample(bytes: f64, lag: f64) -> Sample {
-        Sample {
-            log_bytes_sent: Some(bytes),
-            execution_lag_seconds: Some(lag),
-        }
+        Sample { log_bytes_sent: Some(bytes), execution_lag_seconds: Some(lag) }
     }
 
     #[test]
@@ -332,19 +295,12 @@ lockstep_execution_lag_seconds NaN
         tel.record("vm-0", sample(1000.0, 0.002), t);
         assert_eq!(tel.pod.as_deref(), Some("vm-0"));
         assert_eq!(tel.execution_lag_seconds, Some(0.002));
-        assert_eq!(
-            tel.log_bandwidth_bits_per_second, None,
-            "one scrape is no rate"
-        );
+        assert_eq!(tel.log_bandwidth_bits_per_second, None, "one scrape is no rate");
         tel.record("vm-0", sample(6000.0, 0.001), at(t, 10.0));
         assert_eq!(tel.log_bandwidth_bits_per_second, Some(4000.0));
         assert_eq!(tel.execution_lag_seconds, Some(0.001));
         tel.record("vm-0", sample(6000.0, 0.0), at(t, 12.0));
-        assert_eq!(
-            tel.log_bandwidth_bits_per_second,
-            Some(0.0),
-            "an idle log is 0, not unknown"
-        );
+        assert_eq!(tel.log_bandwidth_bits_per_second, Some(0.0), "an idle log is 0, not unknown");
     }
 
     #[test]
@@ -368,10 +324,7 @@ lockstep_execution_lag_seconds NaN
         assert_eq!(tel.log_bandwidth_bits_per_second, Some(80.0));
         // A scrape without the counter has no rate, and no lag if that is missing too.
         tel.record("vm-1", Sample::default(), at(t, 8.0));
-        assert_eq!(
-            (tel.log_bandwidth_bits_per_second, tel.execution_lag_seconds),
-            (None, None)
-        );
+        assert_eq!((tel.log_bandwidth_bits_per_second, tel.execution_lag_seconds), (None, None));
     }
 
     #[test]
@@ -417,10 +370,7 @@ lockstep_execution_lag_seconds NaN
         let body = fetch(addr, SCRAPE_TIMEOUT).await.unwrap();
         assert_eq!(parse(&body).log_bytes_sent, Some(1_048_576.0));
         let request = server.await.unwrap();
-        assert!(
-            request.starts_with("GET /metrics HTTP/1.1\r\n"),
-            "{request:?}"
-        );
+        assert!(request.starts_with("GET /metrics HTTP/1.1\r\n"), "{request:?}");
     }
 
     #[tokio::test]
@@ -435,10 +385,7 @@ lockstep_execution_lag_seconds NaN
 
     #[tokio::test]
     async fn failures_are_errors_with_stable_labels() {
-        let (addr, _server) = server(Some(
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into(),
-        ))
-        .await;
+        let (addr, _server) = server(Some("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".into())).await;
         let e = fetch(addr, SCRAPE_TIMEOUT).await.unwrap_err();
         assert_eq!(e.metric_label(), "status", "{e}");
 
@@ -446,10 +393,7 @@ lockstep_execution_lag_seconds NaN
         let started = Instant::now();
         let e = fetch(addr, Duration::from_millis(200)).await.unwrap_err();
         assert_eq!(e.metric_label(), "timeout", "{e}");
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "a silent agent must not hold the reconcile"
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "a silent agent must not hold the reconcile");
 
         let big = format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",

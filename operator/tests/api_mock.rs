@@ -30,23 +30,13 @@ fn serve(
         let mut h = pin!(handle);
         let mut seen = Vec::new();
         for (code, answer) in script {
-            let (req, send) = h
-                .next_request()
-                .await
-                .expect("fewer requests than scripted");
+            let (req, send) = h.next_request().await.expect("fewer requests than scripted");
             let method = req.method().to_string();
             let uri = req.uri().to_string();
-            let content_type = req
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_owned())
-                .unwrap_or_default();
+            let content_type =
+                req.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
             let bytes = req.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
+            let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
             let reply = answer.unwrap_or_else(|| body.clone());
             send.send_response(
                 Response::builder()
@@ -55,12 +45,7 @@ fn serve(
                     .body(Body::from(serde_json::to_vec(&reply).unwrap()))
                     .unwrap(),
             );
-            seen.push(Seen {
-                method,
-                uri,
-                content_type,
-                body,
-            });
+            seen.push(Seen { method, uri, content_type, body });
         }
         seen
     })
@@ -101,15 +86,8 @@ fn failover_plan() -> Plan {
         actions: vec![
             Action::CreateLease,
             Action::ApplyService,
-            Action::SetRole {
-                pod: "vm-1".into(),
-                role: Role::Primary,
-            },
-            Action::DeletePod {
-                pod: "vm-0".into(),
-                force: true,
-                reason: "node gone".into(),
-            },
+            Action::SetRole { pod: "vm-1".into(), role: Role::Primary },
+            Action::DeletePod { pod: "vm-0".into(), force: true, reason: "node gone".into() },
             Action::CreatePod {
                 pod: "vm-2".into(),
                 member: 2,
@@ -119,11 +97,7 @@ fn failover_plan() -> Plan {
                 attempt: 0,
             },
         ],
-        notes: vec![Note::Failover {
-            from: "vm-0".into(),
-            to: "vm-1".into(),
-            epoch: 2,
-        }],
+        notes: vec![Note::Failover { from: "vm-0".into(), to: "vm-1".into(), epoch: 2 }],
         status: StatusView {
             phase: Phase::Degraded,
             message: "primary vm-1 runs without a running backup".into(),
@@ -146,27 +120,20 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
     let server = serve(
         handle,
         vec![
-            (201, None), // lease
-            (200, None), // service apply
-            (200, None), // relabel
-            (
-                200,
-                Some(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"})),
-            ), // delete
-            (201, None), // pod
-            (201, None), // event
-            (200, Some(ftvm_json())), // status
+            (201, None),                                                                     // lease
+            (200, None),                                                                     // service apply
+            (200, None),                                                                     // relabel
+            (200, Some(json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}))), // delete
+            (201, None),                                                                     // pod
+            (201, None),                                                                     // event
+            (200, Some(ftvm_json())),                                                        // status
         ],
     );
     let (ctx, metrics) = ctx(svc);
-    controller::execute(&ftvm(), &failover_plan(), &ctx)
-        .await
-        .unwrap();
+    controller::execute(&ftvm(), &failover_plan(), &ctx).await.unwrap();
     let seen = server.await.unwrap();
-    let calls: Vec<String> = seen
-        .iter()
-        .map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap()))
-        .collect();
+    let calls: Vec<String> =
+        seen.iter().map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap())).collect();
     assert_eq!(
         calls,
         [
@@ -181,34 +148,18 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
     );
     // The Lease starts empty and owned by the FTVM.
     assert_eq!(seen[0].body["spec"]["leaseTransitions"], 0);
-    assert_eq!(
-        seen[0].body["metadata"]["ownerReferences"][0]["uid"],
-        "uid-1"
-    );
+    assert_eq!(seen[0].body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
     // Service and status go through server-side apply with our field manager.
     for i in [1, 6] {
         assert_eq!(seen[i].content_type, "application/apply-patch+yaml");
-        assert!(
-            seen[i].uri.contains("fieldManager=lockstep-operator"),
-            "{}",
-            seen[i].uri
-        );
+        assert!(seen[i].uri.contains("fieldManager=lockstep-operator"), "{}", seen[i].uri);
     }
-    assert_eq!(
-        seen[1].body["spec"]["selector"]["lockstep.dev/role"],
-        "primary"
-    );
+    assert_eq!(seen[1].body["spec"]["selector"]["lockstep.dev/role"], "primary");
     assert_eq!(seen[2].content_type, "application/merge-patch+json");
-    assert_eq!(
-        seen[2].body,
-        json!({"metadata": {"labels": {"lockstep.dev/role": "primary"}}})
-    );
+    assert_eq!(seen[2].body, json!({"metadata": {"labels": {"lockstep.dev/role": "primary"}}}));
     // A pod on a lost node is deleted without grace: its kubelet cannot confirm.
     assert_eq!(seen[3].body["gracePeriodSeconds"], 0);
-    let args = seen[4].body["spec"]["containers"][0]["args"]
-        .as_array()
-        .unwrap()
-        .clone();
+    let args = seen[4].body["spec"]["containers"][0]["args"].as_array().unwrap().clone();
     assert_eq!(args[0], "backup");
     assert!(args.contains(&json!("10.0.0.2:7000")));
     assert_eq!(seen[4].body["spec"]["containers"][0]["image"], "agent:test");
@@ -216,11 +167,7 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
     let st = &seen[6].body["status"];
     assert_eq!(seen[6].body["kind"], "FTVirtualMachine");
     assert_eq!(
-        (
-            st["phase"].as_str(),
-            st["epoch"].as_u64(),
-            st["primaryNode"].as_str()
-        ),
+        (st["phase"].as_str(), st["epoch"].as_u64(), st["primaryNode"].as_str()),
         (Some("Degraded"), Some(2), Some("node-b"))
     );
     assert_eq!(st["failoverCount"], 1);
@@ -231,33 +178,17 @@ async fn a_failover_plan_becomes_these_calls_in_this_order() {
 #[tokio::test]
 async fn already_existing_objects_are_fine_and_forbidden_is_an_error() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let server = serve(
-        handle,
-        vec![
-            (409, Some(status(409, "AlreadyExists"))),
-            (403, Some(status(403, "Forbidden"))),
-        ],
-    );
+    let server = serve(handle, vec![(409, Some(status(409, "AlreadyExists"))), (403, Some(status(403, "Forbidden")))]);
     let (ctx, _) = ctx(svc);
     let mut plan = failover_plan();
     plan.actions = vec![
         Action::CreateLease,
-        Action::CreatePod {
-            pod: "vm-0".into(),
-            member: 0,
-            mode: Role::Primary,
-            primary: None,
-            epoch: 0,
-            attempt: 0,
-        },
+        Action::CreatePod { pod: "vm-0".into(), member: 0, mode: Role::Primary, primary: None, epoch: 0, attempt: 0 },
     ];
     let err = controller::execute(&ftvm(), &plan, &ctx).await.unwrap_err();
     assert_eq!(err.metric_label(), "kube_api");
     assert!(err.to_string().contains("create pod vm-0 failed"), "{err}");
-    assert!(
-        err.to_string().contains("RBAC"),
-        "the message says what to check: {err}"
-    );
+    assert!(err.to_string().contains("RBAC"), "the message says what to check: {err}");
     assert_eq!(server.await.unwrap().len(), 2);
 }
 
@@ -282,12 +213,7 @@ async fn observe_reads_pods_nodes_and_lease() {
     let server = serve(
         handle,
         vec![
-            (
-                200,
-                Some(
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod, foreign]}),
-                ),
-            ),
+            (200, Some(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod, foreign]}))),
             (
                 200,
                 Some(
@@ -303,26 +229,10 @@ async fn observe_reads_pods_nodes_and_lease() {
         ],
     );
     let (ctx, _) = ctx(svc);
-    let o = controller::observe(
-        &ftvm(),
-        &ctx.client,
-        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-    )
-    .await
-    .unwrap();
+    let o = controller::observe(&ftvm(), &ctx.client, k8s_openapi::jiff::Timestamp::UNIX_EPOCH).await.unwrap();
     let seen = server.await.unwrap();
-    assert!(
-        seen[0]
-            .uri
-            .contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"),
-        "{}",
-        seen[0].uri
-    );
-    assert_eq!(
-        o.pods.len(),
-        1,
-        "a pod owned by an older object of the same name is not ours"
-    );
+    assert!(seen[0].uri.contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"), "{}", seen[0].uri);
+    assert_eq!(o.pods.len(), 1, "a pod owned by an older object of the same name is not ours");
     assert_eq!(o.pods[0].node_health, NodeHealth::NotReady);
     assert_eq!(o.pods[0].state, PodState::Running);
     let lease = o.lease.unwrap();
@@ -334,14 +244,7 @@ async fn observe_reads_pods_nodes_and_lease() {
 async fn a_failover_seen_twice_from_a_stale_cache_is_counted_and_announced_once() {
     let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
     // event + status for the first pass, only status for the second
-    let server = serve(
-        handle,
-        vec![
-            (201, None),
-            (200, Some(ftvm_json())),
-            (200, Some(ftvm_json())),
-        ],
-    );
+    let server = serve(handle, vec![(201, None), (200, Some(ftvm_json())), (200, Some(ftvm_json()))]);
     let (ctx, metrics) = ctx(svc);
     let mut plan = failover_plan();
     plan.actions.clear();
@@ -380,16 +283,12 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
             "state": {"terminated": {"exitCode": 1, "startedAt": "2026-11-26T01:39:58Z", "finishedAt": "2026-11-26T01:40:00Z"}}
         }]}
     });
-    let node = |n: &str| json!({"metadata": {"name": n}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+    let node =
+        |n: &str| json!({"metadata": {"name": n}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
     let server = serve(
         handle,
         vec![
-            (
-                200,
-                Some(
-                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [primary, crashed]}),
-                ),
-            ),
+            (200, Some(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [primary, crashed]}))),
             (200, Some(node("node-a"))),
             (200, Some(node("node-b"))),
             (
@@ -409,17 +308,12 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
     );
     let (ctx, metrics) = ctx(svc);
     let now: Timestamp = "2026-11-26T01:40:01Z".parse().unwrap();
-    let observed = controller::observe(&ftvm(), &ctx.client, now)
-        .await
-        .unwrap();
+    let observed = controller::observe(&ftvm(), &ctx.client, now).await.unwrap();
     let plan = lockstep_operator::decide::decide(&observed);
     controller::execute(&ftvm(), &plan, &ctx).await.unwrap();
     let seen = server.await.unwrap();
-    let calls: Vec<String> = seen
-        .iter()
-        .skip(4)
-        .map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap()))
-        .collect();
+    let calls: Vec<String> =
+        seen.iter().skip(4).map(|s| format!("{} {}", s.method, s.uri.split('?').next().unwrap())).collect();
     assert_eq!(
         calls,
         [
@@ -435,44 +329,23 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
     );
     // Two failures in a row: 5 s after the exit.
     assert_eq!(seen[7].content_type, "application/merge-patch+json");
-    assert_eq!(
-        seen[7].body,
-        json!({"metadata": {"annotations": {"lockstep.dev/replace-at": "2026-11-26T01:40:05Z"}}})
-    );
+    assert_eq!(seen[7].body, json!({"metadata": {"annotations": {"lockstep.dev/replace-at": "2026-11-26T01:40:05Z"}}}));
     assert_eq!(seen[8].body["reason"], "ReplicaLost");
     assert_eq!(seen[9].body["reason"], "BackOff");
     assert_eq!(seen[9].body["type"], "Warning");
     let note = seen[9].body["note"].as_str().unwrap();
-    assert!(
-        note.contains("backup vm-2's agent exited, 2 times in a row"),
-        "{note}"
-    );
+    assert!(note.contains("backup vm-2's agent exited, 2 times in a row"), "{note}");
     let st = &seen[10].body["status"];
     assert_eq!(st["phase"], "Degraded");
-    assert!(
-        st["message"]
-            .as_str()
-            .unwrap()
-            .contains("the next backup is created at 2026-11-26T01:40:05Z"),
-        "{st}"
-    );
+    assert!(st["message"].as_str().unwrap().contains("the next backup is created at 2026-11-26T01:40:05Z"), "{st}");
     let cond = st["conditions"]
         .as_array()
         .unwrap()
         .iter()
         .find(|c| c["type"] == "ReplicaBackoff")
         .expect("ReplicaBackoff condition");
-    assert_eq!(
-        (cond["status"].as_str(), cond["reason"].as_str()),
-        (Some("True"), Some("BackupCrashLoop"))
-    );
-    assert_eq!(
-        metrics
-            .replica_backoffs
-            .with_label_values(&["backup"])
-            .get(),
-        1
-    );
+    assert_eq!((cond["status"].as_str(), cond["reason"].as_str()), (Some("True"), Some("BackupCrashLoop")));
+    assert_eq!(metrics.replica_backoffs.with_label_values(&["backup"]).get(), 1);
     // The controller looks again when the wait is over, not a periodic 5 s later.
     assert_eq!(
         controller::requeue_after(&plan, controller::DEFAULT_SCRAPE_INTERVAL, now),

@@ -16,40 +16,19 @@ fn dashboard_plots_the_contract_metrics() {
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|p| {
-            p["targets"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t["expr"].as_str().unwrap().to_owned())
-        })
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_owned()))
         .collect();
     let has = |needles: &[&str]| exprs.iter().any(|e| needles.iter().all(|n| e.contains(n)));
     assert!(
-        has(&[
-            "rate(lockstep_log_bytes_sent_total",
-            "[30s]",
-            "* 8",
-            "vm_id"
-        ]),
+        has(&["rate(lockstep_log_bytes_sent_total", "[30s]", "* 8", "vm_id"]),
         "log bandwidth in bits/s per VM: {exprs:?}"
     );
+    assert!(has(&["lockstep_execution_lag_seconds"]), "execution lag: {exprs:?}");
     assert!(
-        has(&["lockstep_execution_lag_seconds"]),
-        "execution lag: {exprs:?}"
-    );
-    assert!(
-        has(&[
-            "histogram_quantile(0.99",
-            "rate(lockstep_output_hold_seconds_bucket",
-            "[1m]"
-        ]),
+        has(&["histogram_quantile(0.99", "rate(lockstep_output_hold_seconds_bucket", "[1m]"]),
         "output hold p99: {exprs:?}"
     );
-    assert!(
-        has(&["increase(lockstep_failovers_total", "[1h]"]),
-        "failovers: {exprs:?}"
-    );
+    assert!(has(&["increase(lockstep_failovers_total", "[1h]"]), "failovers: {exprs:?}");
 }
 
 #[test]
@@ -68,14 +47,8 @@ fn rbac_covers_every_resource_the_operator_touches() {
         "\"rolebindings\"",
         "[\"bind\"]",
     ] {
-        assert!(
-            rbac.contains(needle),
-            "charts/lockstep/templates/rbac.yaml lacks {needle}"
-        );
+        assert!(rbac.contains(needle), "charts/lockstep/templates/rbac.yaml lacks {needle}");
     }
-    assert!(
-        !rbac.contains("secrets"),
-        "the operator never needs secrets"
-    );
+    assert!(!rbac.contains("secrets"), "the operator never needs secrets");
     assert!(!rbac.contains("\"*\""), "no wildcards in RBAC");
 }

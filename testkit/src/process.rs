@@ -43,11 +43,7 @@ impl AgentProcess {
                 let _ = tx.send(line);
             }
         });
-        AgentProcess {
-            tag: tag.to_string(),
-            child,
-            lines,
-        }
+        AgentProcess { tag: tag.to_string(), child, lines }
     }
 
     /// The name its lines are tagged with.
@@ -65,20 +61,14 @@ impl AgentProcess {
     pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                 Ok(line) if line.contains(needle) => return line,
                 Ok(_) => {}
                 Err(RecvTimeoutError::Timeout) => {
                     panic!("{} never said {needle:?} within {timeout:?}", self.tag)
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "{} never said {needle:?}: its stderr closed (did it exit?)",
-                        self.tag
-                    )
+                    panic!("{} never said {needle:?}: its stderr closed (did it exit?)", self.tag)
                 }
             }
         }
@@ -92,9 +82,7 @@ impl AgentProcess {
 
     /// How it exited, if it has (without waiting).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .try_wait()
-            .unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.tag))
+        self.child.try_wait().unwrap_or_else(|e| panic!("cannot poll {}: {e}", self.tag))
     }
 
     /// Its exit code once it exits by itself within `timeout` (a zero timeout just looks);
@@ -137,10 +125,7 @@ mod tests {
             "chatty",
             &mut sh("echo one >&2; echo 'two: ready at 1' >&2; echo three >&2; exec sleep 5"),
         );
-        assert_eq!(
-            p.wait_line("ready", Duration::from_secs(10)),
-            "two: ready at 1"
-        );
+        assert_eq!(p.wait_line("ready", Duration::from_secs(10)), "two: ready at 1");
         assert_eq!(p.wait_line("three", Duration::from_secs(10)), "three");
     }
 
@@ -156,44 +141,27 @@ mod tests {
     fn wait_line_fails_at_once_when_the_process_is_gone() {
         let p = AgentProcess::spawn("quitter", &mut sh("echo bye >&2"));
         let t = Instant::now();
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            p.wait_line("hello", Duration::from_secs(30))
-        }));
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "waited the whole timeout for a dead process"
-        );
+        let r =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.wait_line("hello", Duration::from_secs(30))));
+        assert!(t.elapsed() < Duration::from_secs(10), "waited the whole timeout for a dead process");
         std::panic::resume_unwind(r.unwrap_err());
     }
 
     #[test]
     fn spawn_sets_a_quiet_log_level_unless_the_command_has_one() {
-        let p = AgentProcess::spawn(
-            "env",
-            &mut sh("echo \"log=$LOCKSTEP_LOG\" >&2; exec sleep 5"),
-        );
+        let p = AgentProcess::spawn("env", &mut sh("echo \"log=$LOCKSTEP_LOG\" >&2; exec sleep 5"));
         assert_eq!(p.wait_line("log=", Duration::from_secs(10)), "log=warn");
-        let p = AgentProcess::spawn(
-            "env",
-            sh("echo \"log=$LOCKSTEP_LOG\" >&2; exec sleep 5").env("LOCKSTEP_LOG", "debug"),
-        );
+        let p =
+            AgentProcess::spawn("env", sh("echo \"log=$LOCKSTEP_LOG\" >&2; exec sleep 5").env("LOCKSTEP_LOG", "debug"));
         assert_eq!(p.wait_line("log=", Duration::from_secs(10)), "log=debug");
     }
 
     #[test]
     fn spawn_as_is_leaves_stdout_to_the_caller() {
-        let mut p = AgentProcess::spawn_as_is(
-            "summary",
-            sh("echo '{\"ok\":1}'; echo done >&2").stdout(Stdio::piped()),
-        );
+        let mut p = AgentProcess::spawn_as_is("summary", sh("echo '{\"ok\":1}'; echo done >&2").stdout(Stdio::piped()));
         p.wait_line("done", Duration::from_secs(10));
         let mut out = String::new();
-        p.child()
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
+        p.child().stdout.take().unwrap().read_to_string(&mut out).unwrap();
         assert_eq!(out, "{\"ok\":1}\n");
     }
 
@@ -218,9 +186,6 @@ mod tests {
         assert!(Path::new(&proc_dir).exists());
         drop(p);
         // A zombie would keep its /proc entry: gone means killed and reaped.
-        assert!(
-            !Path::new(&proc_dir).exists(),
-            "the child outlived its AgentProcess"
-        );
+        assert!(!Path::new(&proc_dir).exists(), "the child outlived its AgentProcess");
     }
 }

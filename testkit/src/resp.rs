@@ -40,22 +40,13 @@ fn invalid(what: String) -> io::Error {
 pub fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
     let mut line = Vec::new();
     if r.read_until(b'\n', &mut line)? == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed before a reply",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a reply"));
     }
     let Some(head) = line.strip_suffix(b"\r\n") else {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed in the middle of a reply",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in the middle of a reply"));
     };
     let text = String::from_utf8_lossy(&head[1.min(head.len())..]).into_owned();
-    let number = |t: &str| {
-        t.parse::<i64>()
-            .map_err(|_| invalid(format!("not a number in reply {t:?}")))
-    };
+    let number = |t: &str| t.parse::<i64>().map_err(|_| invalid(format!("not a number in reply {t:?}")));
     match head.first() {
         Some(b'+') => Ok(Reply::Simple(text)),
         Some(b'-') => Ok(Reply::Error(text)),
@@ -67,17 +58,12 @@ pub fn read_reply(r: &mut impl BufRead) -> io::Result<Reply> {
             let mut body = vec![0; len + 2];
             r.read_exact(&mut body)?;
             if !body.ends_with(b"\r\n") {
-                return Err(invalid(format!(
-                    "bulk reply of {len} bytes not followed by CRLF"
-                )));
+                return Err(invalid(format!("bulk reply of {len} bytes not followed by CRLF")));
             }
             body.truncate(len);
             Ok(Reply::Bulk(Some(body)))
         }
-        _ => Err(invalid(format!(
-            "not a RESP reply: {:?}",
-            String::from_utf8_lossy(&line)
-        ))),
+        _ => Err(invalid(format!("not a RESP reply: {:?}", String::from_utf8_lossy(&line)))),
     }
 }
 
@@ -96,10 +82,7 @@ impl Resp {
     pub fn connect(addr: impl ToSocketAddrs + Debug) -> io::Result<Resp> {
         let s = TcpStream::connect(&addr)?;
         s.set_read_timeout(Some(Self::REPLY_TIMEOUT))?;
-        Ok(Resp {
-            conn: BufReader::new(s),
-            peer: format!("{addr:?}"),
-        })
+        Ok(Resp { conn: BufReader::new(s), peer: format!("{addr:?}") })
     }
 
     /// Connects until something at `addr` answers `PING` with `PONG`, every 100 ms; panics
@@ -160,10 +143,7 @@ mod tests {
             for (want, reply) in steps {
                 let mut got = vec![0; want.len()];
                 s.read_exact(&mut got).unwrap();
-                assert_eq!(
-                    String::from_utf8_lossy(&got),
-                    String::from_utf8_lossy(&want)
-                );
+                assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want));
                 s.write_all(reply).unwrap();
             }
         });
@@ -176,10 +156,7 @@ mod tests {
 
     #[test]
     fn encodes_an_array_of_bulk_strings() {
-        assert_eq!(
-            encode(&[b"SET", b"k", b""]),
-            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n"
-        );
+        assert_eq!(encode(&[b"SET", b"k", b""]), b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n");
         assert_eq!(encode(&[]), b"*0\r\n");
     }
 
@@ -195,25 +172,16 @@ mod tests {
             (req(&["INCR", "n"]), b":-3\r\n"),
         ]);
         let mut c = Resp::connect(addr).unwrap();
-        assert_eq!(
-            c.request(&["SET", "k", "v"]).unwrap(),
-            Reply::Simple("OK".into())
-        );
+        assert_eq!(c.request(&["SET", "k", "v"]).unwrap(), Reply::Simple("OK".into()));
         assert_eq!(c.request(&["INCR", "n"]).unwrap(), Reply::Int(42));
         assert_eq!(
             c.request(&["GET", "k"]).unwrap(),
             Reply::Bulk(Some(b"v\r\nx y".to_vec())),
             "a bulk string may hold CRLF"
         );
-        assert_eq!(
-            c.request(&["GET", "empty"]).unwrap(),
-            Reply::Bulk(Some(vec![]))
-        );
+        assert_eq!(c.request(&["GET", "empty"]).unwrap(), Reply::Bulk(Some(vec![])));
         assert_eq!(c.request(&["GET", "nope"]).unwrap(), Reply::Bulk(None));
-        assert_eq!(
-            c.request(&["LPUSH", "k", "x"]).unwrap(),
-            Reply::Error("WRONGTYPE not a list".into())
-        );
+        assert_eq!(c.request(&["LPUSH", "k", "x"]).unwrap(), Reply::Error("WRONGTYPE not a list".into()));
         assert_eq!(c.cmd(&["INCR", "n"]).unwrap(), "-3");
         h.join().unwrap();
         let e = c.request(&["PING"]).unwrap_err();
@@ -237,14 +205,9 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(
-        expected = "answered [\"INCR\", \"k\"] with an error: ERR value is not an integer"
-    )]
+    #[should_panic(expected = "answered [\"INCR\", \"k\"] with an error: ERR value is not an integer")]
     fn cmd_panics_on_an_error_reply() {
-        let (addr, _h) = server(vec![(
-            req(&["INCR", "k"]),
-            b"-ERR value is not an integer\r\n",
-        )]);
+        let (addr, _h) = server(vec![(req(&["INCR", "k"]), b"-ERR value is not an integer\r\n")]);
         let _ = Resp::connect(addr).unwrap().cmd(&["INCR", "k"]);
     }
 
@@ -281,21 +244,14 @@ mod tests {
             ready.write_all(b"+OK\r\n").unwrap();
         });
         let mut c = Resp::connect_retry(addr, Duration::from_secs(10));
-        assert_eq!(
-            c.cmd(&["PING"]).unwrap(),
-            "OK",
-            "the connection that answered PONG is the one returned"
-        );
+        assert_eq!(c.cmd(&["PING"]).unwrap(), "OK", "the connection that answered PONG is the one returned");
         h.join().unwrap();
     }
 
     #[test]
     #[should_panic(expected = "nothing serves clients at 127.0.0.1:")]
     fn connect_retry_gives_up_after_its_timeout() {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         Resp::connect_retry(addr, Duration::from_millis(300));
     }
 }

@@ -60,13 +60,8 @@ impl FrontEnd {
     pub fn start_with(listener: TcpListener, first_conn: u32) -> std::io::Result<(FrontEnd, Receiver<Event>)> {
         let local_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let fe = FrontEnd {
-            writers: Arc::default(),
-            stats: Arc::default(),
-            closed: Arc::default(),
-            local_addr,
-            sent: None,
-        };
+        let fe =
+            FrontEnd { writers: Arc::default(), stats: Arc::default(), closed: Arc::default(), local_addr, sent: None };
         let accept = fe.clone();
         let next = Arc::new(AtomicU32::new(first_conn));
         thread::Builder::new().name("client-accept".into()).spawn(move || {
@@ -208,7 +203,10 @@ mod tests {
         assert_eq!(replies.load(Ordering::SeqCst), n, "the agent kept reading a client that does not read");
         let queued = n as usize * REPLY;
         // What the kernel's socket buffers hold plus the backlog limit, with room for one reply.
-        assert!(queued < REPLY_BACKLOG + (16 << 20), "{queued} bytes of replies were produced for a client that reads nothing");
+        assert!(
+            queued < REPLY_BACKLOG + (16 << 20),
+            "{queued} bytes of replies were produced for a client that reads nothing"
+        );
         // Now it reads: every reply arrives, nothing was dropped.
         client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut got = 0usize;

@@ -35,7 +35,9 @@ impl GuestKind {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle, GuestKind::Fault].into_iter().find(|g| g.name() == name)
+        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle, GuestKind::Fault]
+            .into_iter()
+            .find(|g| g.name() == name)
     }
 
     /// BLAKE3 of the image: logs name the exact build they were recorded with.

@@ -4,8 +4,8 @@ use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -13,7 +13,7 @@ use lockstep_agent::client::FrontEnd;
 use lockstep_agent::guests::GuestKind;
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::pair;
-use lockstep_agent::record::{hex, LogHeader, LogReader, LogSink, LogWriter, MemorySink};
+use lockstep_agent::record::{LogHeader, LogReader, LogSink, LogWriter, MemorySink, hex};
 use lockstep_agent::recorder::{Recorder, ReleaseNow};
 use lockstep_agent::replayer::Replayer;
 use lockstep_agent::vmm::{Machine, MachineConfig, RunSummary, StopReason};
@@ -242,7 +242,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError
 fn open_disk(path: &Path, create_mib: Option<u64>) -> Result<File, CliError> {
     let exists = path.exists();
     if !exists && create_mib.is_none() {
-        return Err(CliError::Usage(format!("disk image {} does not exist (replay needs the recorded initial disk)", path.display())));
+        return Err(CliError::Usage(format!(
+            "disk image {} does not exist (replay needs the recorded initial disk)",
+            path.display()
+        )));
     }
     let f = OpenOptions::new()
         .read(true)
@@ -322,8 +325,10 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     if let Some(addr) = args.metrics_listen {
         metrics.serve(addr).map_err(io_err(format!("serving metrics on {addr}")))?;
     }
-    let (front, events) = FrontEnd::start(args.client_listen, 1)
-        .map_err(io_err(format!("listening for clients on {} (is the port taken? use --client-listen)", args.client_listen)))?;
+    let (front, events) = FrontEnd::start(args.client_listen, 1).map_err(io_err(format!(
+        "listening for clients on {} (is the port taken? use --client-listen)",
+        args.client_listen
+    )))?;
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     metrics.ready.set(1);
@@ -336,7 +341,8 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let (summary, log_bytes, entries) = match &args.record {
         Some(path) => {
             let sink = LogWriter::create(path, &header).map_err(io_err(format!("creating log {}", path.display())))?;
-            let mut rec = Recorder::new(sink, Some(events), outputs, stop, metrics.clone()).map_err(io_err("opening /dev/urandom"))?;
+            let mut rec = Recorder::new(sink, Some(events), outputs, stop, metrics.clone())
+                .map_err(io_err("opening /dev/urandom"))?;
             rec.digest_interval = args.digest_interval;
             rec.console.quiet = args.quiet;
             let summary = vm.run(&mut rec)?;
@@ -390,8 +396,9 @@ impl LogSink for DiscardSink {
 
 fn replay(args: ReplayArgs) -> Result<(), CliError> {
     let (header, reader) = LogReader::open(&args.log)?;
-    let guest = GuestKind::from_name(&header.guest)
-        .ok_or_else(|| CliError::Usage(format!("the log was recorded with guest '{}', which this agent does not have", header.guest)))?;
+    let guest = GuestKind::from_name(&header.guest).ok_or_else(|| {
+        CliError::Usage(format!("the log was recorded with guest '{}', which this agent does not have", header.guest))
+    })?;
     if header.image_hash != guest.image_hash() {
         return Err(CliError::Usage(format!(
             "the log was recorded with a different build of the '{}' guest (image {} here, {} in the log); replay it with the agent that recorded it",
@@ -405,7 +412,10 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
             let f = open_disk(p, None)?;
             let have = f.metadata().map_err(io_err("reading disk size"))?.len();
             if have != size {
-                return Err(CliError::Usage(format!("disk {} has {have} bytes but the recording's disk had {size}", p.display())));
+                return Err(CliError::Usage(format!(
+                    "disk {} has {have} bytes but the recording's disk had {size}",
+                    p.display()
+                )));
             }
             Some(f)
         }
@@ -431,8 +441,12 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn ft_setup(a: &FtArgs, channel_listen: SocketAddr) -> Result<(pair::primary::Options, lockstep_ft::FtConfig), CliError> {
-    let arbiter = pair::arbiter_from_spec(&a.arbiter).map_err(|e| CliError::Usage(format!("--arbiter {}: {e}", a.arbiter)))?;
+fn ft_setup(
+    a: &FtArgs,
+    channel_listen: SocketAddr,
+) -> Result<(pair::primary::Options, lockstep_ft::FtConfig), CliError> {
+    let arbiter =
+        pair::arbiter_from_spec(&a.arbiter).map_err(|e| CliError::Usage(format!("--arbiter {}: {e}", a.arbiter)))?;
     let me = a.name.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -495,14 +509,15 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     };
     let reader = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(io_err("duplicating the disk handle"))?;
     // Take the arbiter first: a primary that cannot win its epoch must not start the guest.
-    let record = pair::arbiter_read(&*opts.arbiter).map_err(|e| CliError::Usage(format!("arbiter unreachable: {e}")))?;
+    let record =
+        pair::arbiter_read(&*opts.arbiter).map_err(|e| CliError::Usage(format!("arbiter unreachable: {e}")))?;
     let epoch = match pair::arbiter_take(&*opts.arbiter, record.epoch, &opts.me).map_err(CliError::Usage)? {
         lockstep_arbiter::Outcome::Won { epoch } => epoch,
         lockstep_arbiter::Outcome::Lost { holder, epoch } => {
             return Err(CliError::Usage(format!(
                 "the arbiter is held by {} at epoch {epoch}: another primary is running; start this agent as its backup instead",
                 holder.unwrap_or_default()
-            )))
+            )));
         }
     };
     eprintln!("lockstep-agent: primary of {} at epoch {epoch}", opts.vm_id);

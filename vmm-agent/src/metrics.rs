@@ -70,24 +70,53 @@ impl Metrics {
         let latency = prometheus::exponential_buckets(25e-6, 2.0, 16).expect("buckets");
         Arc::new(Metrics {
             exits: counter("lockstep_exits_total", "Guest-caused VM exits (logical time)."),
-            log_bytes_sent: counter("lockstep_log_bytes_sent_total", "Bytes of replay log produced and shipped (file or channel)."),
+            log_bytes_sent: counter(
+                "lockstep_log_bytes_sent_total",
+                "Bytes of replay log produced and shipped (file or channel).",
+            ),
             log_entries_sent: counter("lockstep_log_entries_sent_total", "Replay log entries produced."),
-            log_bytes_received: counter("lockstep_log_bytes_received_total", "Bytes of replay log received by a backup."),
-            log_entries_received: counter("lockstep_log_entries_received_total", "Replay log entries received by a backup."),
+            log_bytes_received: counter(
+                "lockstep_log_bytes_received_total",
+                "Bytes of replay log received by a backup.",
+            ),
+            log_entries_received: counter(
+                "lockstep_log_entries_received_total",
+                "Replay log entries received by a backup.",
+            ),
             acked_exit: gauge("lockstep_acked_exit", "Highest exit index the backup acknowledged."),
             replayed_exit: gauge("lockstep_replayed_exit", "Highest exit index the backup replayed."),
-            execution_lag_seconds: fgauge("lockstep_execution_lag_seconds", "How far the backup's replay trails the primary."),
-            output_hold_seconds: hist("lockstep_output_hold_seconds", "Time client output waited for the backup's acknowledgement.", latency.clone()),
-            heartbeat_rtt_seconds: hist("lockstep_heartbeat_rtt_seconds", "Round trip of heartbeats on the logging channel.", latency),
-            failovers: counter("lockstep_failovers_total", "Times this agent went live or continued alone after losing its peer."),
+            execution_lag_seconds: fgauge(
+                "lockstep_execution_lag_seconds",
+                "How far the backup's replay trails the primary.",
+            ),
+            output_hold_seconds: hist(
+                "lockstep_output_hold_seconds",
+                "Time client output waited for the backup's acknowledgement.",
+                latency.clone(),
+            ),
+            heartbeat_rtt_seconds: hist(
+                "lockstep_heartbeat_rtt_seconds",
+                "Round trip of heartbeats on the logging channel.",
+                latency,
+            ),
+            failovers: counter(
+                "lockstep_failovers_total",
+                "Times this agent went live or continued alone after losing its peer.",
+            ),
             divergences: counter("lockstep_divergences_total", "Replay divergences detected."),
             clone_duration_seconds: fgauge("lockstep_clone_duration_seconds", "Duration of the last live clone."),
             clone_pause_seconds: fgauge("lockstep_clone_pause_seconds", "vCPU pause of the last live clone."),
             clone_bytes: counter("lockstep_clone_bytes_total", "Bytes sent or received by live clones."),
             role: gauge("lockstep_role", "0 standalone, 1 primary, 2 backup, 3 halted."),
             epoch: gauge("lockstep_epoch", "Arbiter epoch this agent holds or follows."),
-            protected: gauge("lockstep_protected", "1 on a primary while a backup is attached and replaying in sync, else 0."),
-            ready: gauge("lockstep_ready", "1 while this agent does its job (a primary or standalone VM serving clients, a backup replaying in sync), else 0; /readyz answers 200 then."),
+            protected: gauge(
+                "lockstep_protected",
+                "1 on a primary while a backup is attached and replaying in sync, else 0.",
+            ),
+            ready: gauge(
+                "lockstep_ready",
+                "1 while this agent does its job (a primary or standalone VM serving clients, a backup replaying in sync), else 0; /readyz answers 200 then.",
+            ),
             client_bytes_in: counter("lockstep_client_bytes_received_total", "Bytes received from clients."),
             client_bytes_out: counter("lockstep_client_bytes_sent_total", "Bytes released to clients."),
             registry,

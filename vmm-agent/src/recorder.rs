@@ -4,9 +4,9 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::devices::{ClientOutput, DeviceError, Io};
@@ -220,7 +220,11 @@ impl<S: LogSink> Environment for Recorder<S> {
         Ok(out)
     }
 
-    fn checkpoint(&mut self, exit: u64, digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>) -> Result<(), RunError> {
+    fn checkpoint(
+        &mut self,
+        exit: u64,
+        digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>,
+    ) -> Result<(), RunError> {
         if self.digest_interval > 0 && exit % self.digest_interval == 0 {
             let d = digest()?;
             self.log(exit, &Entry::Digest { digest: d })?;

@@ -3,7 +3,7 @@
 //! is a divergence that names the exit and what differed.
 
 use crate::devices::{ClientOutput, DeviceError, Io};
-use crate::record::{hex, Entry, LogSource};
+use crate::record::{Entry, LogSource, hex};
 use crate::recorder::ConsoleLines;
 use crate::vmm::{Environment, Event, EventPoint, RunError, StopReason};
 
@@ -80,7 +80,11 @@ impl<S: LogSource> Replayer<S> {
 
 impl<S: LogSource> Io for Replayer<S> {
     fn clock(&mut self, exit: u64, addr: u64) -> Result<u64, DeviceError> {
-        match self.expect(exit, &format!("read the clock at {addr:#x}"), |e| matches!(e, Entry::MmioRead { addr: a, .. } if *a == addr))? {
+        match self.expect(
+            exit,
+            &format!("read the clock at {addr:#x}"),
+            |e| matches!(e, Entry::MmioRead { addr: a, .. } if *a == addr),
+        )? {
             Entry::MmioRead { value, .. } => {
                 self.last_clock_ns = value;
                 Ok(value)
@@ -90,7 +94,11 @@ impl<S: LogSource> Io for Replayer<S> {
     }
 
     fn random(&mut self, exit: u64, len: usize) -> Result<Vec<u8>, DeviceError> {
-        match self.expect(exit, &format!("asked for {len} random bytes"), |e| matches!(e, Entry::Random { bytes } if bytes.len() == len))? {
+        match self.expect(
+            exit,
+            &format!("asked for {len} random bytes"),
+            |e| matches!(e, Entry::Random { bytes } if bytes.len() == len),
+        )? {
             Entry::Random { bytes } => Ok(bytes),
             _ => unreachable!("expect checked the kind"),
         }
@@ -145,14 +153,21 @@ impl<S: LogSource> Environment for Replayer<S> {
                 None => {}
                 _ => {
                     let found = self.describe_next();
-                    return Err(RunError::Divergence { exit: at.exit, what: format!("the guest waited for an interrupt, but the log has {found}") });
+                    return Err(RunError::Divergence {
+                        exit: at.exit,
+                        what: format!("the guest waited for an interrupt, but the log has {found}"),
+                    });
                 }
             }
         }
         Ok(out)
     }
 
-    fn checkpoint(&mut self, exit: u64, digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>) -> Result<(), RunError> {
+    fn checkpoint(
+        &mut self,
+        exit: u64,
+        digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>,
+    ) -> Result<(), RunError> {
         if let Some((x, Entry::Digest { digest: want })) = self.peek()? {
             if *x == exit {
                 let want = *want;
@@ -161,7 +176,11 @@ impl<S: LogSource> Environment for Replayer<S> {
                 if got != want {
                     return Err(RunError::Divergence {
                         exit,
-                        what: format!("vCPU/device state digest {} differs from the recorded {}", hex(&got[..8]), hex(&want[..8])),
+                        what: format!(
+                            "vCPU/device state digest {} differs from the recorded {}",
+                            hex(&got[..8]),
+                            hex(&want[..8])
+                        ),
                     });
                 }
                 self.digests_checked += 1;
@@ -191,12 +210,19 @@ impl<S: LogSource> Environment for Replayer<S> {
                 if want != digest {
                     return Err(RunError::Divergence {
                         exit,
-                        what: format!("final digest (memory included) {} differs from the recorded {}", hex(&digest), hex(&want)),
+                        what: format!(
+                            "final digest (memory included) {} differs from the recorded {}",
+                            hex(&digest),
+                            hex(&want)
+                        ),
                     });
                 }
                 Ok(())
             }
-            Some((x, e)) => Err(RunError::Divergence { exit, what: format!("the run ended but the log continues with {e:?} at exit {x}") }),
+            Some((x, e)) => Err(RunError::Divergence {
+                exit,
+                what: format!("the run ended but the log continues with {e:?} at exit {x}"),
+            }),
             None => Err(RunError::LogCutShort { exit }),
         }
     }

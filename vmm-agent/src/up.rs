@@ -67,9 +67,12 @@ impl Slot {
         c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = c.spawn()?;
         let name = self.name;
-        for stream in [child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>), child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>)]
-            .into_iter()
-            .flatten()
+        for stream in [
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
         {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -143,7 +146,9 @@ fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
 
 /// Which slot serves clients now: the one whose client port accepts a connection.
 fn serving(slots: &[Slot]) -> Option<usize> {
-    slots.iter().position(|s| s.child.is_some() && TcpStream::connect_timeout(&s.client, Duration::from_millis(100)).is_ok())
+    slots
+        .iter()
+        .position(|s| s.child.is_some() && TcpStream::connect_timeout(&s.client, Duration::from_millis(100)).is_ok())
 }
 
 pub fn run(o: UpOptions) -> Result<(), String> {
@@ -169,8 +174,9 @@ pub fn run(o: UpOptions) -> Result<(), String> {
             started: Instant::now(),
         })
         .collect();
-    let listener = TcpListener::bind(o.client_listen)
-        .map_err(|e| format!("cannot listen for clients on {} ({e}); is another `up` running? use --client-listen", o.client_listen))?;
+    let listener = TcpListener::bind(o.client_listen).map_err(|e| {
+        format!("cannot listen for clients on {} ({e}); is another `up` running? use --client-listen", o.client_listen)
+    })?;
     serve_proxy(listener, slots.iter().map(|s| s.client).collect(), stop.clone());
 
     let peer0 = slots[0].channel;
@@ -217,12 +223,14 @@ pub fn run(o: UpOptions) -> Result<(), String> {
         }
         if last_status.elapsed() > Duration::from_secs(10) {
             last_status = Instant::now();
-            let live: Vec<String> = slots
-                .iter()
-                .map(|s| format!("{}={}", s.name, if s.child.is_some() { "up" } else { "down" }))
-                .collect();
+            let live: Vec<String> =
+                slots.iter().map(|s| format!("{}={}", s.name, if s.child.is_some() { "up" } else { "down" })).collect();
             let primary = serving(&slots).map_or("none".to_string(), |i| slots[i].name.to_string());
-            eprintln!("lockstep up: replicas {} | serving clients: {primary} | restarts {}", live.join(" "), failovers.lock().expect("lock"));
+            eprintln!(
+                "lockstep up: replicas {} | serving clients: {primary} | restarts {}",
+                live.join(" "),
+                failovers.lock().expect("lock")
+            );
         }
     }
     eprintln!("lockstep up: stopping");

@@ -7,7 +7,18 @@ use common::*;
 fn recorded(dir: &Scratch) -> (std::path::PathBuf, Vec<u8>) {
     let log = dir.path("idle.log");
     let out = agent()
-        .args(["run", "--guest", "idle", "--stop-after-exits", "200", "--digest-interval", "50", "--client-listen", "127.0.0.1:0", "--record"])
+        .args([
+            "run",
+            "--guest",
+            "idle",
+            "--stop-after-exits",
+            "200",
+            "--digest-interval",
+            "50",
+            "--client-listen",
+            "127.0.0.1:0",
+            "--record",
+        ])
         .arg(&log)
         .output()
         .unwrap();
@@ -41,9 +52,22 @@ fn flipping_any_byte_is_detected() {
         b[pos] ^= 0x01;
         let err = replay_fails(&dir, &b);
         assert!(
-            ["CRC", "corrupt", "diverged", "magic", "version", "truncated", "too", "header", "different build", "cut short", "length", "allowed"]
-                .iter()
-                .any(|w| err.contains(w)),
+            [
+                "CRC",
+                "corrupt",
+                "diverged",
+                "magic",
+                "version",
+                "truncated",
+                "too",
+                "header",
+                "different build",
+                "cut short",
+                "length",
+                "allowed"
+            ]
+            .iter()
+            .any(|w| err.contains(w)),
             "byte {pos}: unclear error: {err}"
         );
     }

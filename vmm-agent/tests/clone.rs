@@ -5,21 +5,21 @@
 //! Run with `--nocapture` to see the measured costs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lockstep_agent::devices::{ClientOutput, DeviceError, Io};
 use lockstep_agent::guests::GuestKind;
-use lockstep_agent::hypervisor::kvm::KvmVcpu;
 use lockstep_agent::hypervisor::Vcpu;
+use lockstep_agent::hypervisor::kvm::KvmVcpu;
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::record::{MemorySink, MemorySource};
 use lockstep_agent::recorder::{ConsoleLines, OutputPolicy, Recorder};
 use lockstep_agent::replayer::Replayer;
 use lockstep_agent::vmm::clone::copy_memory;
-use lockstep_agent::vmm::dirty::{apply_pages, pieces, read_pages, DirtyPages};
-use lockstep_agent::vmm::{memory, Environment, Event, EventPoint, Machine, MachineConfig, RunError, StopReason};
+use lockstep_agent::vmm::dirty::{DirtyPages, apply_pages, pieces, read_pages};
+use lockstep_agent::vmm::{Environment, Event, EventPoint, Machine, MachineConfig, RunError, StopReason, memory};
 use lockstep_testkit::resp::encode;
 
 const MEM: u64 = 64 << 20;
@@ -60,7 +60,8 @@ fn recorder(events: Option<std::sync::mpsc::Receiver<Event>>, out: Outputs, done
         watchdog.store(true, Ordering::Relaxed);
     });
     let policy = Collect { out, stop: stop.clone(), done };
-    let mut r = Recorder::new(MemorySink::default(), events, Box::new(policy), stop, Metrics::new("clone_test")).unwrap();
+    let mut r =
+        Recorder::new(MemorySink::default(), events, Box::new(policy), stop, Metrics::new("clone_test")).unwrap();
     r.console = ConsoleLines::quiet();
     // Dense digests: a divergence after the clone is caught within a few exits.
     r.digest_interval = 64;
@@ -98,7 +99,11 @@ impl Environment for Watch<'_> {
     fn events(&mut self, at: EventPoint) -> Result<Vec<Event>, RunError> {
         self.inner.events(at)
     }
-    fn checkpoint(&mut self, exit: u64, digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>) -> Result<(), RunError> {
+    fn checkpoint(
+        &mut self,
+        exit: u64,
+        digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>,
+    ) -> Result<(), RunError> {
         self.inner.checkpoint(exit, digest)
     }
     fn should_stop(&mut self, exit: u64) -> Result<Option<StopReason>, RunError> {
@@ -110,7 +115,12 @@ impl Environment for Watch<'_> {
 }
 
 /// Step until `cond` holds (checked after every exit).
-fn step_until(vm: &mut Machine<KvmVcpu>, env: &mut dyn Environment, what: &str, cond: impl Fn(&Machine<KvmVcpu>) -> bool) {
+fn step_until(
+    vm: &mut Machine<KvmVcpu>,
+    env: &mut dyn Environment,
+    what: &str,
+    cond: impl Fn(&Machine<KvmVcpu>) -> bool,
+) {
     for _ in 0..1_000_000 {
         assert_eq!(vm.step(env).unwrap(), None, "the run stopped before {what}");
         if cond(vm) {
@@ -194,7 +204,11 @@ fn compute_guest_cloned_mid_run_continues_identically() {
     let mut b = Machine::from_clone(config(GuestKind::Compute, None), &state, |m| copy_memory(&a.mem, m)).unwrap();
     let build_time = t.elapsed();
     assert_eq!(b.exits, at);
-    assert_eq!(a.digest(true).unwrap(), b.digest(true).unwrap(), "the clone differs from the original right after cloning");
+    assert_eq!(
+        a.digest(true).unwrap(),
+        b.digest(true).unwrap(),
+        "the clone differs from the original right after cloning"
+    );
     eprintln!(
         "compute clone at exit {at}: state {} bytes, save {save_time:?}, build+copy {} MiB+restore {build_time:?}",
         state.len(),
@@ -226,7 +240,8 @@ fn kvstore_cloned_with_buffered_client_bytes_and_disk_continues_identically() {
     // Connection 1: small pipelined writes. Connection 2: more than the guest's receive credit
     // (64 KiB), so the device still holds client bytes for it when the machine is cloned.
     let big = vec![b'x'; 1000];
-    let small: Vec<u8> = (0..50).flat_map(|i| encode(&[b"SET", format!("k{i}").as_bytes(), format!("v{i}").as_bytes()])).collect();
+    let small: Vec<u8> =
+        (0..50).flat_map(|i| encode(&[b"SET", format!("k{i}").as_bytes(), format!("v{i}").as_bytes()])).collect();
     let bulk: Vec<u8> = (0..300).flat_map(|i| encode(&[b"SET", format!("big{i}").as_bytes(), &big])).collect();
     tx1.send(Event::ClientConnect { conn: 1 }).unwrap();
     tx1.send(Event::ClientConnect { conn: 2 }).unwrap();
@@ -248,15 +263,18 @@ fn kvstore_cloned_with_buffered_client_bytes_and_disk_continues_identically() {
     // Clone: state, memory, and the disk as of this exit.
     let state = a.save_state().unwrap();
     std::fs::copy(&disk_a, &disk_b).unwrap();
-    let mut b = Machine::from_clone(config(GuestKind::Kvstore, Some(open_disk(&disk_b))), &state, |m| copy_memory(&a.mem, m)).unwrap();
+    let mut b =
+        Machine::from_clone(config(GuestKind::Kvstore, Some(open_disk(&disk_b))), &state, |m| copy_memory(&a.mem, m))
+            .unwrap();
     assert_eq!(a.digest(true).unwrap(), b.digest(true).unwrap());
     assert_eq!(b.devices.vsock.device.pending_bytes, backlog);
     eprintln!("kvstore clone at exit {at}: state {} bytes with {backlog} client bytes buffered in vsock", state.len());
 
     // The original serves the rest (and a new client); the clone replays the same log.
     let (tx2, rx2) = channel::<Event>();
-    let done: Done =
-        Box::new(|all| bytes_for(all, 2).len() == 300 * 5 && bytes_for(all, 3).len() == 20 && bytes_for(all, 1).len() >= 50 * 5 + 4);
+    let done: Done = Box::new(|all| {
+        bytes_for(all, 2).len() == 300 * 5 && bytes_for(all, 3).len() == 20 && bytes_for(all, 1).len() >= 50 * 5 + 4
+    });
     let mut r2 = recorder(Some(rx2), out.clone(), done);
     tx2.send(Event::ClientData { conn: 1, bytes: encode(&[b"GET", b"k7"]) }).unwrap();
     tx2.send(Event::ClientConnect { conn: 3 }).unwrap();
@@ -315,13 +333,18 @@ fn dirty_tracking_finds_every_page_written_after_a_precopy() {
     let read_at_once = t.elapsed();
     assert_eq!(at_once.len() as u64, MEM / CHUNK);
     drop(at_once);
-    eprintln!("pre-copy round 0: {} MiB read and applied piece by piece in {round0:?}; read all at once in {read_at_once:?}", MEM >> 20);
+    eprintln!(
+        "pre-copy round 0: {} MiB read and applied piece by piece in {round0:?}; read all at once in {read_at_once:?}",
+        MEM >> 20
+    );
 
     // Rounds 1..3 while the guest serves traffic; the VMM writes vsock receive buffers and used
     // rings, which only its own bitmap sees.
     let mut vmm_only_total = 0;
     for round in 1..=3u32 {
-        let cmds: Vec<u8> = (0..40).flat_map(|i| encode(&[b"SET", format!("r{round}k{i}").as_bytes(), &[b'a' + round as u8; 300]])).collect();
+        let cmds: Vec<u8> = (0..40)
+            .flat_map(|i| encode(&[b"SET", format!("r{round}k{i}").as_bytes(), &[b'a' + round as u8; 300]]))
+            .collect();
         tx.send(Event::ClientData { conn: 1, bytes: cmds }).unwrap();
         let want = 7 + round as usize * 40 * 5;
         let o = out.clone();
@@ -406,7 +429,7 @@ mod without_kvm {
     use lockstep_agent::snapshot::SnapshotError;
     use lockstep_agent::vmm::clone::CloneError;
     use lockstep_agent::vmm::machine::Devices;
-    use lockstep_agent::vmm::{memory, Machine};
+    use lockstep_agent::vmm::{Machine, memory};
 
     #[derive(Default)]
     struct Seen {

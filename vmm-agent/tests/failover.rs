@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{agent, redis_tool, Scratch};
+use common::{Scratch, agent, redis_tool};
 use lockstep_testkit::{AgentProcess, Resp};
 
 /// Tests run the debug build of the agent on a shared two-core machine, so failure detection
@@ -36,20 +36,38 @@ struct Agent {
 impl Agent {
     fn spawn(name: &str, args: &[String], client: u16, channel: u16) -> Agent {
         let metrics = free_port();
-        let process = AgentProcess::spawn(name, agent().args(args).args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]));
+        let process =
+            AgentProcess::spawn(name, agent().args(args).args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]));
         Agent { process, client, channel, metrics }
     }
 
     fn primary(dir: &Scratch, name: &str, arbiter: &str) -> Agent {
         let (client, channel) = (free_port(), free_port());
         let args: Vec<String> = [
-            "primary", "--guest", "kvstore", "--vm-id", "kv", "--quiet", "--disk-size-mib", "16", "--heartbeat-timeout-ms", HEARTBEAT_MS,
-            "--arbiter", arbiter, "--name", name,
+            "primary",
+            "--guest",
+            "kvstore",
+            "--vm-id",
+            "kv",
+            "--quiet",
+            "--disk-size-mib",
+            "16",
+            "--heartbeat-timeout-ms",
+            HEARTBEAT_MS,
+            "--arbiter",
+            arbiter,
+            "--name",
+            name,
         ]
         .iter()
         .map(|s| s.to_string())
         .chain(["--disk".into(), dir.path(&format!("{name}.img")).display().to_string()])
-        .chain(["--client-listen".into(), format!("127.0.0.1:{client}"), "--channel-listen".into(), format!("127.0.0.1:{channel}")])
+        .chain([
+            "--client-listen".into(),
+            format!("127.0.0.1:{client}"),
+            "--channel-listen".into(),
+            format!("127.0.0.1:{channel}"),
+        ])
         .collect();
         let a = Agent::spawn(name, &args, client, channel);
         a.process.wait_line("channel on", Duration::from_secs(30));
@@ -58,13 +76,29 @@ impl Agent {
 
     fn backup(dir: &Scratch, name: &str, arbiter: &str, primary_channel: u16) -> Agent {
         let (client, channel) = (free_port(), free_port());
-        let args: Vec<String> = ["backup", "--vm-id", "kv", "--quiet", "--heartbeat-timeout-ms", HEARTBEAT_MS, "--arbiter", arbiter, "--name", name]
-            .iter()
-            .map(|s| s.to_string())
-            .chain(["--disk".into(), dir.path(&format!("{name}.img")).display().to_string()])
-            .chain(["--channel-connect".into(), format!("127.0.0.1:{primary_channel}")])
-            .chain(["--client-listen".into(), format!("127.0.0.1:{client}"), "--channel-listen".into(), format!("127.0.0.1:{channel}")])
-            .collect();
+        let args: Vec<String> = [
+            "backup",
+            "--vm-id",
+            "kv",
+            "--quiet",
+            "--heartbeat-timeout-ms",
+            HEARTBEAT_MS,
+            "--arbiter",
+            arbiter,
+            "--name",
+            name,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--disk".into(), dir.path(&format!("{name}.img")).display().to_string()])
+        .chain(["--channel-connect".into(), format!("127.0.0.1:{primary_channel}")])
+        .chain([
+            "--client-listen".into(),
+            format!("127.0.0.1:{client}"),
+            "--channel-listen".into(),
+            format!("127.0.0.1:{channel}"),
+        ])
+        .collect();
         let a = Agent::spawn(name, &args, client, channel);
         a.process.wait_line("backup in sync", Duration::from_secs(60));
         a
@@ -313,7 +347,14 @@ fn the_channel_refuses_a_wrong_vm_and_survives_garbage() {
     let out = agent()
         .args(["backup", "--vm-id", "someone-else", "--arbiter", &arbiter, "--disk"])
         .arg(dir.path("x.img"))
-        .args(["--channel-connect", &format!("127.0.0.1:{}", p.channel), "--client-listen", "127.0.0.1:0", "--connect-timeout", "5"])
+        .args([
+            "--channel-connect",
+            &format!("127.0.0.1:{}", p.channel),
+            "--client-listen",
+            "127.0.0.1:0",
+            "--connect-timeout",
+            "5",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -13,7 +13,11 @@ fn record_for(guest: &str, seconds: u64, dir: &Scratch) -> (std::path::PathBuf, 
     (log, run.stop())
 }
 
-fn assert_replays(log: &std::path::Path, disk: Option<&std::path::Path>, recorded: &serde_json::Value) -> serde_json::Value {
+fn assert_replays(
+    log: &std::path::Path,
+    disk: Option<&std::path::Path>,
+    recorded: &serde_json::Value,
+) -> serde_json::Value {
     let out = replay(log, disk);
     assert!(out.status.success(), "replay failed: {}", String::from_utf8_lossy(&out.stderr));
     let replayed = summary(&out);
@@ -50,7 +54,8 @@ fn kvstore_under_redis_benchmark_replays_with_identical_disk() {
     zero_disk(&disk, 64);
     std::fs::copy(&disk, &initial).unwrap();
     let log = dir.path("kv.log");
-    let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--record", log.to_str().unwrap()]);
+    let run =
+        Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--record", log.to_str().unwrap()]);
     run.wait_console("listening");
     let port = run.port();
     assert_eq!(redis_cli(&port, &["PING"]), "PONG");
@@ -74,8 +79,15 @@ fn kvstore_under_redis_benchmark_replays_with_identical_disk() {
     let replica = dir.path("replica.img");
     std::fs::copy(&initial, &replica).unwrap();
     let rep = assert_replays(&log, Some(&replica), &rec);
-    assert!(rep["suppressed_output_bytes"].as_u64().unwrap() > 0, "replay should have produced (and suppressed) replies");
-    assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&replica).unwrap(), "replayed disk differs from the recorded one");
+    assert!(
+        rep["suppressed_output_bytes"].as_u64().unwrap() > 0,
+        "replay should have produced (and suppressed) replies"
+    );
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        std::fs::read(&replica).unwrap(),
+        "replayed disk differs from the recorded one"
+    );
 
     // The data is on the disk: a new guest on the recorded disk recovers it.
     let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
@@ -93,13 +105,25 @@ fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
     let log = dir.path("kv.log");
     // 40000 INCRs of one key are about 1.8 MB of AOF: more than the 1 MiB disk's halves hold,
     // so the guest must rewrite its log into the other half, several times.
-    let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--disk-size-mib", "1", "--record", log.to_str().unwrap()]);
+    let run = Running::start(&[
+        "--guest",
+        "kvstore",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--disk-size-mib",
+        "1",
+        "--record",
+        log.to_str().unwrap(),
+    ]);
     run.wait_console("listening");
     let port = run.port();
     for i in 0..50 {
         assert_eq!(redis_cli(&port, &["SET", &format!("key:{i}"), &format!("value {i}")]), "OK");
     }
-    let bench = redis_tool("redis-benchmark").args(["-p", &port, "-n", "40000", "-t", "incr", "-P", "16", "-q"]).output().unwrap();
+    let bench = redis_tool("redis-benchmark")
+        .args(["-p", &port, "-n", "40000", "-t", "incr", "-P", "16", "-q"])
+        .output()
+        .unwrap();
     assert!(bench.status.success(), "redis-benchmark failed: {}", String::from_utf8_lossy(&bench.stderr));
     assert_eq!(redis_cli(&port, &["GET", "counter:__rand_int__"]), "40000");
     run.wait_console("rewrote the AOF (51 keys)");
@@ -109,7 +133,11 @@ fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
     let replica = dir.path("replica.img");
     zero_disk(&replica, 1);
     assert_replays(&log, Some(&replica), &rec);
-    assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&replica).unwrap(), "replayed disk differs from the recorded one");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        std::fs::read(&replica).unwrap(),
+        "replayed disk differs from the recorded one"
+    );
 
     // A guest restarted on the rewritten disk recovers every key.
     let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
@@ -152,7 +180,16 @@ fn two_recordings_of_one_workload_differ_yet_each_replays() {
         let disk = dir.path(&format!("d{i}.img"));
         zero_disk(&disk, 16);
         let log = dir.path(&format!("r{i}.log"));
-        let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--disk-size-mib", "16", "--record", log.to_str().unwrap()]);
+        let run = Running::start(&[
+            "--guest",
+            "kvstore",
+            "--disk",
+            disk.to_str().unwrap(),
+            "--disk-size-mib",
+            "16",
+            "--record",
+            log.to_str().unwrap(),
+        ]);
         run.wait_console("listening");
         for k in 0..20 {
             assert_eq!(redis_cli(&run.port(), &["INCR", "n"]), (k + 1).to_string());

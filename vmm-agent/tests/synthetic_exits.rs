@@ -12,8 +12,8 @@ use lockstep_agent::record::{Entry, MemorySink, MemorySource};
 use lockstep_agent::recorder::{OutputPolicy, Recorder};
 use lockstep_agent::replayer::Replayer;
 use lockstep_agent::vmm::machine::Devices;
-use lockstep_agent::vmm::{memory, Machine, RunError, StopReason};
-use lockstep_guest_abi::{irq, platform, slot_base, SLOT_PLATFORM};
+use lockstep_agent::vmm::{Machine, RunError, StopReason, memory};
+use lockstep_guest_abi::{SLOT_PLATFORM, irq, platform, slot_base};
 
 const PLATFORM: u64 = slot_base(SLOT_PLATFORM);
 
@@ -43,7 +43,11 @@ impl FakeVcpu {
 impl Vcpu for FakeVcpu {
     fn run(&mut self) -> HvResult<VmExit> {
         self.steps += 1;
-        Ok(self.script.pop_front().unwrap_or(VmExit::MmioWrite { addr: PLATFORM + platform::POWER_OFF, data: [0; 8], len: 8 }))
+        Ok(self.script.pop_front().unwrap_or(VmExit::MmioWrite {
+            addr: PLATFORM + platform::POWER_OFF,
+            data: [0; 8],
+            len: 8,
+        }))
     }
     fn set_mmio_read_data(&mut self, data: &[u8]) {
         self.seen.lock().unwrap().mmio_reads.push(data.to_vec());
@@ -86,7 +90,8 @@ fn machine(script: Vec<VmExit>, ready: Vec<bool>) -> (Machine<FakeVcpu>, Arc<Mut
 
 fn recorder() -> Recorder<MemorySink> {
     let stop = Arc::new(AtomicBool::new(false));
-    let mut r = Recorder::new(MemorySink::default(), None, Box::new(Collect::default()), stop, Metrics::new("test")).unwrap();
+    let mut r =
+        Recorder::new(MemorySink::default(), None, Box::new(Collect::default()), stop, Metrics::new("test")).unwrap();
     r.digest_interval = 2;
     r
 }
@@ -101,7 +106,13 @@ fn write(offset: u64, value: u64) -> VmExit {
 
 #[test]
 fn clock_reads_are_logged_and_replayed_at_their_exit() {
-    let script = vec![read(platform::CLOCK_NS), write(platform::PROGRESS, 1), read(platform::CLOCK_NS), VmExit::Kicked, read(platform::CLOCK_NS)];
+    let script = vec![
+        read(platform::CLOCK_NS),
+        write(platform::PROGRESS, 1),
+        read(platform::CLOCK_NS),
+        VmExit::Kicked,
+        read(platform::CLOCK_NS),
+    ];
     let (mut vm, seen) = machine(script.clone(), vec![]);
     let mut rec = recorder();
     let summary = vm.run(&mut rec).unwrap();
@@ -118,7 +129,8 @@ fn clock_reads_are_logged_and_replayed_at_their_exit() {
         })
         .collect();
     assert_eq!(clock.iter().map(|c| c.0).collect::<Vec<_>>(), vec![1, 3, 4]);
-    let told: Vec<u64> = seen.lock().unwrap().mmio_reads.iter().map(|d| u64::from_le_bytes(d[..8].try_into().unwrap())).collect();
+    let told: Vec<u64> =
+        seen.lock().unwrap().mmio_reads.iter().map(|d| u64::from_le_bytes(d[..8].try_into().unwrap())).collect();
     assert_eq!(told, clock.iter().map(|c| c.1).collect::<Vec<_>>(), "the guest got exactly the logged values");
     assert!(clock.windows(2).all(|w| w[0].1 <= w[1].1), "the clock never runs backwards");
     assert!(matches!(rec.sink.entries.last(), Some((5, Entry::End { .. }))));

@@ -18,8 +18,7 @@ fn main() -> ! {
         0 => DEFAULT_UNIT,
         n => n,
     };
-    let mut rng = VirtIORng::<virtio::IdentityHal, _>::new(virtio::transport(SLOT_RNG))
-        .expect("virtio-rng");
+    let mut rng = VirtIORng::<virtio::IdentityHal, _>::new(virtio::transport(SLOT_RNG)).expect("virtio-rng");
     let mut seed = [0u8; 8];
     rng.request_entropy(&mut seed).expect("entropy");
     let mut x = u64::from_le_bytes(seed) | 1;

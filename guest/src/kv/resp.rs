@@ -92,11 +92,7 @@ fn parse_inline(buf: &[u8]) -> Parse {
     };
     let text = &buf[..end];
     let text = text.strip_suffix(b"\r").unwrap_or(text);
-    let args = text
-        .split(|&b| b == b' ' || b == b'\t')
-        .filter(|s| !s.is_empty())
-        .map(|s| s.to_vec())
-        .collect();
+    let args = text.split(|&b| b == b' ' || b == b'\t').filter(|s| !s.is_empty()).map(|s| s.to_vec()).collect();
     Parse::Command { args, used: end + 1 }
 }
 

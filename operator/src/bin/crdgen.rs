@@ -20,8 +20,8 @@ fn main() -> ExitCode {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     for rel in lockstep_operator::crd::CRD_PATHS {
         let path = root.join(rel);
-        if let Err(e) = std::fs::create_dir_all(path.parent().unwrap_or(&root))
-            .and_then(|_| std::fs::write(&path, &yaml))
+        if let Err(e) =
+            std::fs::create_dir_all(path.parent().unwrap_or(&root)).and_then(|_| std::fs::write(&path, &yaml))
         {
             eprintln!("crdgen: cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;

@@ -10,7 +10,7 @@ pub mod platform;
 pub mod serial;
 pub mod virtio;
 
-use lockstep_guest_abi::{MMIO_BASE, MMIO_SLOTS, MMIO_SLOT_SIZE};
+use lockstep_guest_abi::{MMIO_BASE, MMIO_SLOT_SIZE, MMIO_SLOTS};
 
 use crate::vmm::memory::GuestMemory;
 

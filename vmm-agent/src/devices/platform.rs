@@ -1,6 +1,6 @@
 //! The platform device: clock, periodic timer, yield, power, fault and progress registers.
 
-use lockstep_guest_abi::{platform as reg, slot_base, SLOT_PLATFORM};
+use lockstep_guest_abi::{SLOT_PLATFORM, platform as reg, slot_base};
 
 use super::{Action, DeviceCtx, DeviceError};
 

@@ -69,7 +69,16 @@ impl Console {
 
     pub fn hash_into(&self, h: &mut blake3::Hasher) {
         let s = self.uart.state();
-        h.update(&[s.baud_divisor_low, s.baud_divisor_high, s.interrupt_enable, s.interrupt_identification,
-            s.line_control, s.line_status, s.modem_control, s.modem_status, s.scratch]);
+        h.update(&[
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ]);
     }
 }

@@ -4,9 +4,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
-    kvm_vcpu_events, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_VCPUEVENT_VALID_SMM,
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_VCPUEVENT_VALID_SMM, Msrs, kvm_fpu, kvm_msr_entry,
+    kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -64,10 +63,8 @@ impl KvmVm {
 
     pub fn create_vcpu(&self) -> Result<KvmVcpu> {
         let fd = self.vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let mut cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut cpuid =
+            self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         hide_nondeterministic_features(&mut cpuid);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         // 0 when KVM lacks KVM_CAP_XSAVE2, and then the area is the classic 4 KiB.
@@ -168,8 +165,10 @@ fn events_unpack(b: &[u8], ev: &mut kvm_vcpu_events) -> Result<()> {
 
 impl KvmVcpu {
     fn get_msrs(&self) -> Result<Vec<(u32, u64)>> {
-        let entries: Vec<kvm_msr_entry> = CLONED_MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| HypervisorError::BadState(format!("MSR list: {e:?}")))?;
+        let entries: Vec<kvm_msr_entry> =
+            CLONED_MSRS.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| HypervisorError::BadState(format!("MSR list: {e:?}")))?;
         let n = self.fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         let mut out: Vec<(u32, u64)> = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
         // KVM stops at the first MSR it refuses; ask for the rest one by one and skip refusals.
@@ -197,7 +196,11 @@ impl KvmVcpu {
     fn set_xsave_bytes(&self, bytes: &[u8]) -> Result<()> {
         let mut xsave = kvm_xsave::default();
         if bytes.len() != std::mem::size_of_val(&xsave.region) {
-            return Err(HypervisorError::BadState(format!("XSAVE image of {} bytes, expected {}", bytes.len(), std::mem::size_of_val(&xsave.region))));
+            return Err(HypervisorError::BadState(format!(
+                "XSAVE image of {} bytes, expected {}",
+                bytes.len(),
+                std::mem::size_of_val(&xsave.region)
+            )));
         }
         if self.xsave_size > std::mem::size_of::<kvm_xsave>() {
             return Err(HypervisorError::BadState(format!(
@@ -334,21 +337,14 @@ impl super::Vcpu for KvmVcpu {
         let ev = self.fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
         let mut st = VcpuState::zeroed();
         st.gprs = [
-            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
-            r.r13, r.r14, r.r15, r.rip, r.rflags,
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15, r.rip, r.rflags,
         ];
         st.control = [s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer, s.apic_base];
         st.segments = [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt].map(seg_pack);
         st.tables = [[s.gdt.base, s.gdt.limit as u64], [s.idt.base, s.idt.limit as u64]];
-        st.fpu_control = [
-            f.fcw as u64,
-            f.fsw as u64,
-            f.ftwx as u64,
-            f.last_opcode as u64,
-            f.last_ip,
-            f.last_dp,
-            f.mxcsr as u64,
-        ];
+        st.fpu_control =
+            [f.fcw as u64, f.fsw as u64, f.ftwx as u64, f.last_opcode as u64, f.last_ip, f.last_dp, f.mxcsr as u64];
         st.fpr = f.fpr;
         st.xmm = f.xmm;
         // Interrupt shadow and NMI masking decide where the next interrupt can land, and an
@@ -362,9 +358,24 @@ impl super::Vcpu for KvmVcpu {
     fn set_state(&mut self, st: &VcpuState) -> Result<()> {
         let g = st.gprs;
         let regs = kvm_regs {
-            rax: g[0], rbx: g[1], rcx: g[2], rdx: g[3], rsi: g[4], rdi: g[5], rsp: g[6], rbp: g[7],
-            r8: g[8], r9: g[9], r10: g[10], r11: g[11], r12: g[12], r13: g[13], r14: g[14], r15: g[15],
-            rip: g[16], rflags: g[17],
+            rax: g[0],
+            rbx: g[1],
+            rcx: g[2],
+            rdx: g[3],
+            rsi: g[4],
+            rdi: g[5],
+            rsp: g[6],
+            rbp: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: g[16],
+            rflags: g[17],
         };
         let mut sregs: kvm_sregs = self.fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         let c = st.control;
@@ -436,7 +447,8 @@ mod tests {
 
     #[test]
     fn vcpu_events_round_trip_through_the_packed_form() {
-        let mut ev = kvm_vcpu_events { flags: KVM_VCPUEVENT_VALID_SMM | 4, sipi_vector: 0x1234_5678, ..Default::default() };
+        let mut ev =
+            kvm_vcpu_events { flags: KVM_VCPUEVENT_VALID_SMM | 4, sipi_vector: 0x1234_5678, ..Default::default() };
         ev.exception.injected = 1;
         ev.exception.nr = 14;
         ev.exception.has_error_code = 1;

@@ -10,12 +10,26 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest read `len` bytes at an unmapped guest-physical address (a device register).
-    MmioRead { addr: u64, len: usize },
+    MmioRead {
+        addr: u64,
+        len: usize,
+    },
     /// The guest wrote `data[..len]` at an unmapped guest-physical address.
-    MmioWrite { addr: u64, data: [u8; 8], len: usize },
+    MmioWrite {
+        addr: u64,
+        data: [u8; 8],
+        len: usize,
+    },
     /// Port I/O (not used by our guests: from CPL3 it raises #GP before it can exit).
-    IoIn { port: u16, len: usize },
-    IoOut { port: u16, data: [u8; 8], len: usize },
+    IoIn {
+        port: u16,
+        len: usize,
+    },
+    IoOut {
+        port: u16,
+        data: [u8; 8],
+        len: usize,
+    },
     Hlt,
     /// The guest can now take an interrupt (requested with `request_interrupt_window`).
     IrqWindowOpen,
@@ -24,8 +38,12 @@ pub enum VmExit {
     /// Triple fault.
     Shutdown,
     /// KVM could not handle the exit (for example an instruction it cannot emulate).
-    InternalError { suberror: u32 },
-    FailEntry { reason: u64 },
+    InternalError {
+        suberror: u32,
+    },
+    FailEntry {
+        reason: u64,
+    },
     Other(String),
 }
 
@@ -114,8 +132,8 @@ pub struct VcpuState {
 
 impl VcpuState {
     pub const GPR_NAMES: [&'static str; 18] = [
-        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12",
-        "r13", "r14", "r15", "rip", "rflags",
+        "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+        "rip", "rflags",
     ];
 
     pub fn rip(&self) -> u64 {
@@ -252,9 +270,10 @@ struct ByteReader<'a> {
 
 impl ByteReader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            HypervisorError::BadState(format!("truncated at byte {} (wanted {n} more)", self.pos))
-        })?;
+        let end =
+            self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
+                HypervisorError::BadState(format!("truncated at byte {} (wanted {n} more)", self.pos))
+            })?;
         let s = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(s)

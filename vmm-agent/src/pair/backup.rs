@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 use lockstep_ft::wire::Message;
 use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, RoleEvent, VmGeometry, VmIdentity};
 
-use super::channel::{spawn_reader, FromPeer, OrderedWriter};
+use super::channel::{FromPeer, OrderedWriter, spawn_reader};
 use super::now;
 use super::primary::{self, PairError, Resume};
 use crate::guests::GuestKind;
 use crate::hypervisor::kvm::KvmVcpu;
-use crate::metrics::{follow_total, Metrics};
-use crate::record::{decode_frame, CodecError, Entry, LogSource};
+use crate::metrics::{Metrics, follow_total};
+use crate::record::{CodecError, Entry, LogSource, decode_frame};
 use crate::replayer::Replayer;
 use crate::vmm::{Machine, MachineConfig, RunError, RunSummary};
 
@@ -126,9 +126,13 @@ impl Shared {
 fn describe_halt(reason: &lockstep_ft::HaltReason) -> String {
     use lockstep_ft::HaltReason as H;
     match reason {
-        H::LostArbiter { winner, epoch } => format!("the arbiter chose {winner} (epoch {epoch}); this replica stops for good"),
+        H::LostArbiter { winner, epoch } => {
+            format!("the arbiter chose {winner} (epoch {epoch}); this replica stops for good")
+        }
         H::Refused(why) => format!("the primary refused this backup: {why:?}"),
-        H::PrimaryLostBeforeSync => "the primary was lost before the clone completed; there is no state to go live with".into(),
+        H::PrimaryLostBeforeSync => {
+            "the primary was lost before the clone completed; there is no state to go live with".into()
+        }
         H::PrimaryStale { known, primary } => {
             format!("the primary's epoch {primary} is older than the arbiter's {known}: it is not the current primary")
         }
@@ -141,7 +145,12 @@ fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
             let disk = match (&core.disk_path, disk_bytes) {
                 (_, 0) => None,
                 (Some(p), n) => {
-                    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(p)
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(p)
                         .map_err(|e| format!("disk {}: {e}", p.display()))?;
                     f.set_len(n).map_err(|e| e.to_string())?;
                     Some(f)
@@ -149,7 +158,12 @@ fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
                 (None, n) => {
                     // No --disk: a scratch copy, gone when this agent exits.
                     let p = std::env::temp_dir().join(format!("lockstep-backup-{}.img", std::process::id()));
-                    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&p)
                         .map_err(|e| format!("scratch disk {}: {e}", p.display()))?;
                     let _ = std::fs::remove_file(&p);
                     f.set_len(n).map_err(|e| e.to_string())?;
@@ -159,11 +173,16 @@ fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
             core.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
             let cfg = MachineConfig { guest: core.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
             core.machine = Some(Machine::for_clone(cfg).map_err(|e| e.to_string())?);
-            eprintln!("lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk", memory_bytes >> 20, disk_bytes >> 20);
+            eprintln!(
+                "lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk",
+                memory_bytes >> 20,
+                disk_bytes >> 20
+            );
         }
         CloneData::Pages { pages, .. } => {
             let vm = core.machine.as_ref().ok_or("pages before CloneBegin")?;
-            crate::vmm::dirty::apply_pages(&vm.mem, pages.iter().map(|(a, b)| (*a, b.as_slice()))).map_err(|e| e.to_string())?;
+            crate::vmm::dirty::apply_pages(&vm.mem, pages.iter().map(|(a, b)| (*a, b.as_slice())))
+                .map_err(|e| e.to_string())?;
             core.metrics.clone_bytes.inc_by(pages.iter().map(|p| p.1.len() as u64).sum());
         }
         CloneData::Disk { offset, bytes } => {
@@ -243,7 +262,12 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, PairError> 
                 tracing::debug!("primary at {addr} not reachable yet: {e}");
                 std::thread::sleep(Duration::from_millis(100));
             }
-            Err(source) => return Err(PairError::Io { context: format!("connecting to the primary's channel at {addr}"), source }),
+            Err(source) => {
+                return Err(PairError::Io {
+                    context: format!("connecting to the primary's channel at {addr}"),
+                    source,
+                });
+            }
         }
     }
 }
@@ -254,8 +278,10 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     let record = super::arbiter_read(&*popts.arbiter).map_err(PairError::Arbiter)?;
     let stream = connect(opts.channel_connect, opts.connect_timeout)?;
     let _ = stream.set_nodelay(true);
-    let read_half = stream.try_clone().map_err(|source| PairError::Io { context: "cloning the channel socket".into(), source })?;
-    let writer = super::channel::writer(stream, "channel").map_err(|source| PairError::Io { context: "starting the channel writer".into(), source })?;
+    let read_half =
+        stream.try_clone().map_err(|source| PairError::Io { context: "cloning the channel socket".into(), source })?;
+    let writer = super::channel::writer(stream, "channel")
+        .map_err(|source| PairError::Io { context: "starting the channel writer".into(), source })?;
     let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
     popts.metrics.role.set(2);
     popts.metrics.epoch.set(record.epoch as i64);
@@ -335,14 +361,16 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     let ticker = shared.clone();
     std::thread::Builder::new()
         .name("ft-tick".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(2));
-            let mut core = ticker.lock();
-            if core.promoted || core.halted.is_some() {
-                return;
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(2));
+                let mut core = ticker.lock();
+                if core.promoted || core.halted.is_some() {
+                    return;
+                }
+                core.ft.tick(now());
+                ticker.act(&mut core);
             }
-            core.ft.tick(now());
-            ticker.act(&mut core);
         })
         .expect("spawn ticker");
 
@@ -390,7 +418,10 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
                     use crate::vmm::Environment;
                     rep.end(vm.exits, digest, &reason)?;
                 }
-                eprintln!("lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it", vm.exits);
+                eprintln!(
+                    "lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it",
+                    vm.exits
+                );
                 return Ok(RunSummary { exits: vm.exits, digest, reason });
             }
             Err(RunError::GoLive { .. }) if stop.load(std::sync::atomic::Ordering::Relaxed) => return stopped(&vm),
@@ -399,7 +430,10 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
                 if let Some(why) = shared.lock().halted.clone() {
                     return Err(PairError::Halted(why));
                 }
-                if matches!(e, RunError::Divergence { .. } | RunError::Device(crate::devices::DeviceError::Divergence { .. })) {
+                if matches!(
+                    e,
+                    RunError::Divergence { .. } | RunError::Device(crate::devices::DeviceError::Divergence { .. })
+                ) {
                     popts.metrics.divergences.inc();
                 }
                 return Err(e.into());
@@ -410,8 +444,13 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     // Go live: the log ended, everything received is replayed, and we won the arbiter.
     let (ft_primary, max_conn) = {
         let core = shared.lock();
-        let geometry = VmGeometry { memory_bytes: vm.mem_size(), disk_bytes: disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()), page_size: 4096 };
-        let p = core.ft.promote(geometry, now()).ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
+        let geometry = VmGeometry {
+            memory_bytes: vm.mem_size(),
+            disk_bytes: disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()),
+            page_size: 4096,
+        };
+        let p =
+            core.ft.promote(geometry, now()).ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
         (p, core.max_conn)
     };
     popts.metrics.failovers.inc();

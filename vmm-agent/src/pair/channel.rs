@@ -14,7 +14,9 @@ pub use crate::sock::OrderedWriter;
 pub enum FromPeer {
     Message(Message),
     /// The stream ended or broke; `error` says how if it was not a clean close between frames.
-    Closed { error: Option<String> },
+    Closed {
+        error: Option<String>,
+    },
 }
 
 /// The writing half: frames go out from the thread that produced them (see [`crate::sock`]).
@@ -23,7 +25,12 @@ pub fn writer(stream: TcpStream, name: &str) -> Result<OrderedWriter, std::io::E
 }
 
 /// Start the reader thread for `stream`; `on` is called for every message and once at the end.
-pub fn spawn_reader(stream: TcpStream, name: &str, max_payload: usize, mut on: impl FnMut(FromPeer) -> bool + Send + 'static) {
+pub fn spawn_reader(
+    stream: TcpStream,
+    name: &str,
+    max_payload: usize,
+    mut on: impl FnMut(FromPeer) -> bool + Send + 'static,
+) {
     std::thread::Builder::new()
         .name(format!("{name}-rx"))
         .spawn(move || {

@@ -13,8 +13,8 @@ pub mod backup;
 pub mod channel;
 pub mod primary;
 
-use std::sync::mpsc;
 use std::sync::OnceLock;
+use std::sync::mpsc;
 use std::time::Instant;
 
 use lockstep_ft::ArbiterOutcome;
@@ -80,6 +80,10 @@ pub fn arbiter_read(arbiter: &dyn lockstep_arbiter::Arbiter) -> Result<lockstep_
 }
 
 /// Take the arbiter once (blocking).
-pub fn arbiter_take(arbiter: &dyn lockstep_arbiter::Arbiter, seen: u64, me: &str) -> Result<lockstep_arbiter::Outcome, String> {
+pub fn arbiter_take(
+    arbiter: &dyn lockstep_arbiter::Arbiter,
+    seen: u64,
+    me: &str,
+) -> Result<lockstep_arbiter::Outcome, String> {
     runtime().block_on(arbiter.try_take(seen, me)).map_err(|e| e.to_string())
 }

@@ -9,15 +9,15 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use lockstep_ft::wire::{encode_to_vec, LogEntry, Message, RefuseReason};
+use lockstep_ft::wire::{LogEntry, Message, RefuseReason, encode_to_vec};
 use lockstep_ft::{CloneAction, FtConfig, OutputId, Primary, PrimaryState, RoleEvent, Throttle};
 
-use super::channel::{spawn_reader, FromPeer, OrderedWriter};
+use super::channel::{FromPeer, OrderedWriter, spawn_reader};
 use super::now;
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
-use crate::metrics::{follow_total, Metrics};
-use crate::record::{encode_frame, Entry, LogSink};
+use crate::metrics::{Metrics, follow_total};
+use crate::record::{Entry, LogSink, encode_frame};
 use crate::recorder::OutputPolicy;
 
 /// The primary's protocol core and what its `Ready` acts on.
@@ -57,7 +57,13 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(ft: Primary, cfg: &FtConfig, front: FrontEnd, metrics: Arc<Metrics>, stop: Arc<AtomicBool>) -> Arc<Self> {
+    pub fn new(
+        ft: Primary,
+        cfg: &FtConfig,
+        front: FrontEnd,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Arc<Self> {
         metrics.epoch.set(ft.epoch() as i64);
         metrics.role.set(1);
         Arc::new(Shared {
@@ -182,7 +188,8 @@ impl Shared {
                     if core.writer.is_some() {
                         // One backup at a time: the core never sees a second connection.
                         tracing::warn!("refusing a second backup connection from {peer}");
-                        let bytes = encode_to_vec(&Message::Refuse { reason: RefuseReason::Busy }, core.max_payload).unwrap_or_default();
+                        let bytes = encode_to_vec(&Message::Refuse { reason: RefuseReason::Busy }, core.max_payload)
+                            .unwrap_or_default();
                         let mut s = &stream;
                         let _ = std::io::Write::write_all(&mut s, &bytes);
                         continue;
@@ -240,14 +247,16 @@ impl Shared {
         let me = self.clone();
         std::thread::Builder::new()
             .name("ft-tick".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(2));
-                let mut core = me.lock();
-                if core.halted {
-                    return;
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(2));
+                    let mut core = me.lock();
+                    if core.halted {
+                        return;
+                    }
+                    core.ft.tick(now());
+                    me.act(&mut core);
                 }
-                core.ft.tick(now());
-                me.act(&mut core);
             })
             .expect("spawn ticker");
     }
@@ -330,7 +339,11 @@ impl OutputPolicy for FtOutputs {
 }
 
 /// Read a whole disk image in chunks for the clone.
-pub fn read_disk_chunks(disk: &std::fs::File, chunk: usize, mut each: impl FnMut(u64, &[u8]) -> bool) -> std::io::Result<()> {
+pub fn read_disk_chunks(
+    disk: &std::fs::File,
+    chunk: usize,
+    mut each: impl FnMut(u64, &[u8]) -> bool,
+) -> std::io::Result<()> {
     let size = disk.metadata()?.len();
     let mut buf = vec![0u8; chunk];
     let mut off = 0u64;
@@ -497,8 +510,15 @@ impl Cloner {
                 let total = self.started.map(|s| s.elapsed()).unwrap_or_default();
                 core.metrics.clone_pause_seconds.set(pause.as_secs_f64());
                 core.metrics.clone_duration_seconds.set(total.as_secs_f64());
-                tracing::info!(round, exit, final_pages = dirty.count(), pause_ms = pause.as_secs_f64() * 1e3,
-                    total_ms = total.as_secs_f64() * 1e3, ok = r.is_ok(), "clone: final state sent");
+                tracing::info!(
+                    round,
+                    exit,
+                    final_pages = dirty.count(),
+                    pause_ms = pause.as_secs_f64() * 1e3,
+                    total_ms = total.as_secs_f64() * 1e3,
+                    ok = r.is_ok(),
+                    "clone: final state sent"
+                );
             }
             CloneAction::Abort => {
                 tracing::warn!("clone aborted: the new backup went away");
@@ -577,10 +597,11 @@ pub fn drive(
     use crate::recorder::Recorder;
     use crate::vmm::{Event, RunSummary};
 
-    let (front, events) = FrontEnd::start(opts.client_listen, resume.first_conn.max(1)).map_err(|source| PairError::Io {
-        context: format!("listening for clients on {} (is the port taken?)", opts.client_listen),
-        source,
-    })?;
+    let (front, events) =
+        FrontEnd::start(opts.client_listen, resume.first_conn.max(1)).map_err(|source| PairError::Io {
+            context: format!("listening for clients on {} (is the port taken?)", opts.client_listen),
+            source,
+        })?;
     let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     opts.metrics.ready.set(1);
@@ -629,7 +650,10 @@ pub fn drive(
     let halted = shared.lock().halted;
     front.close_all();
     if halted {
-        return Err(PairError::Halted(format!("another agent holds the arbiter {}; this one stopped without releasing output", opts.arbiter.describe())));
+        return Err(PairError::Halted(format!(
+            "another agent holds the arbiter {}; this one stopped without releasing output",
+            opts.arbiter.describe()
+        )));
     }
     Ok(RunSummary { exits: vm.exits, digest, reason })
 }

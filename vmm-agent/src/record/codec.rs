@@ -16,7 +16,9 @@ const MAX_HEADER: usize = 64 << 10;
 pub enum CodecError {
     #[error("not a Lockstep log (bad magic)")]
     BadMagic,
-    #[error("log format version {found} is not supported (this agent reads version {LOG_VERSION}); replay it with the agent that recorded it")]
+    #[error(
+        "log format version {found} is not supported (this agent reads version {LOG_VERSION}); replay it with the agent that recorded it"
+    )]
     Version { found: u16 },
     #[error("log header is corrupt: {0}")]
     BadHeader(&'static str),

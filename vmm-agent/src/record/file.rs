@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
-use super::codec::{decode_frame, encode_frame, CodecError, Entry, LogHeader};
+use super::codec::{CodecError, Entry, LogHeader, decode_frame, encode_frame};
 use super::{LogSink, LogSource};
 
 /// Appends frames to a file through a buffer; `flush` makes them durable enough for replay of a

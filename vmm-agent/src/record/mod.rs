@@ -8,7 +8,7 @@
 mod codec;
 mod file;
 
-pub use codec::{decode_frame, encode_frame, hex, CodecError, Entry, LogHeader, FRAME_OVERHEAD, MAX_PAYLOAD};
+pub use codec::{CodecError, Entry, FRAME_OVERHEAD, LogHeader, MAX_PAYLOAD, decode_frame, encode_frame, hex};
 pub use file::{LogReader, LogWriter};
 
 /// Where the primary's entries go: a file, the FT channel, or memory in tests.

@@ -70,21 +70,33 @@ impl Version {
 /// Why saved state could not be decoded or applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SnapshotError {
-    #[error("saved state is {len} bytes, shorter than the {OVERHEAD}-byte envelope: it was cut short in transfer; clone again")]
+    #[error(
+        "saved state is {len} bytes, shorter than the {OVERHEAD}-byte envelope: it was cut short in transfer; clone again"
+    )]
     TooShort { len: usize },
-    #[error("saved state does not start with the snapshot magic: these bytes are not machine state from a Lockstep agent")]
+    #[error(
+        "saved state does not start with the snapshot magic: these bytes are not machine state from a Lockstep agent"
+    )]
     BadMagic,
-    #[error("saved state has version {found}, this agent reads {supported}: clone from a primary running a compatible agent")]
+    #[error(
+        "saved state has version {found}, this agent reads {supported}: clone from a primary running a compatible agent"
+    )]
     UnsupportedVersion { found: Version, supported: Version },
     #[error("saved state declares a {len}-byte payload, over the {max}-byte limit: refusing it")]
     TooLarge { len: u64, max: u64 },
-    #[error("saved state declares a {declared}-byte payload but carries {actual}: it was cut short or padded in transfer; clone again")]
+    #[error(
+        "saved state declares a {declared}-byte payload but carries {actual}: it was cut short or padded in transfer; clone again"
+    )]
     LengthMismatch { declared: u64, actual: u64 },
-    #[error("saved state fails its CRC (stored {stored:#010x}, computed {computed:#010x}): it was damaged in transfer; clone again")]
+    #[error(
+        "saved state fails its CRC (stored {stored:#010x}, computed {computed:#010x}): it was damaged in transfer; clone again"
+    )]
     BadCrc { stored: u32, computed: u32 },
     #[error("saved state payload ends inside {what} (at byte {at}): the writer and this reader disagree on the layout")]
     Truncated { what: &'static str, at: usize },
-    #[error("saved state payload has {0} bytes left over after the last field: the writer and this reader disagree on the layout")]
+    #[error(
+        "saved state payload has {0} bytes left over after the last field: the writer and this reader disagree on the layout"
+    )]
     TrailingBytes(usize),
     #[error("saved state has an impossible value: {0}")]
     Invalid(String),
@@ -357,7 +369,13 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample { a: 7, flag: true, data: b"hello".to_vec(), inner: Some(Inner(1, 2)), list: vec![Inner(3, 4), Inner(5, 6)] }
+        Sample {
+            a: 7,
+            flag: true,
+            data: b"hello".to_vec(),
+            inner: Some(Inner(1, 2)),
+            list: vec![Inner(3, 4), Inner(5, 6)],
+        }
     }
 
     #[test]
@@ -409,7 +427,10 @@ mod tests {
         e.u64(1);
         e.bool(false);
         e.u32(u32::MAX); // "data" claims 4 G bytes
-        assert!(matches!(load::<Sample>(&seal(&e.into_bytes())).unwrap_err(), SnapshotError::Truncated { what: "data", .. }));
+        assert!(matches!(
+            load::<Sample>(&seal(&e.into_bytes())).unwrap_err(),
+            SnapshotError::Truncated { what: "data", .. }
+        ));
 
         let mut e = Encoder::default();
         e.u64(1);

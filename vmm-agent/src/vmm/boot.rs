@@ -4,8 +4,8 @@
 
 use std::io::Cursor;
 
-use linux_loader::loader::{elf::Elf, KernelLoader};
-use lockstep_guest_abi::{BootInfo, BOOT_INFO_GPA, BOOT_INFO_MAGIC, IMAGE_GPA, PAGE_TABLES_GPA};
+use linux_loader::loader::{KernelLoader, elf::Elf};
+use lockstep_guest_abi::{BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo, IMAGE_GPA, PAGE_TABLES_GPA};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestMemory;

@@ -24,13 +24,13 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use super::machine::{BuildError, Devices, Machine, MachineConfig};
 use super::memory::{self, GuestMemory};
+use crate::devices::IrqQueue;
 use crate::devices::platform::PlatformState;
 use crate::devices::serial::ConsoleState;
+use crate::devices::virtio::TransportState;
 use crate::devices::virtio::blk::BlkState;
 use crate::devices::virtio::rng::RngState;
 use crate::devices::virtio::vsock::VsockState;
-use crate::devices::virtio::TransportState;
-use crate::devices::IrqQueue;
 use crate::guests::GuestKind;
 use crate::hypervisor::kvm::{KvmVcpu, KvmVm};
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuState};
@@ -49,7 +49,9 @@ pub enum CloneError {
     Build(#[from] BuildError),
     #[error("guest memory access failed during the clone: {0}")]
     Memory(#[from] GuestMemoryError),
-    #[error("{len} bytes at guest address {addr:#x} do not fit guest memory of {size} bytes: the primary and this clone disagree on memory size")]
+    #[error(
+        "{len} bytes at guest address {addr:#x} do not fit guest memory of {size} bytes: the primary and this clone disagree on memory size"
+    )]
     PageOutOfRange { addr: u64, len: u64, size: u64 },
     #[error("this machine cannot be cloned: {0}")]
     Unsupported(String),
@@ -89,7 +91,7 @@ impl Devices {
                     "the primary {} a disk, this machine {}",
                     if s.blk.is_some() { "has" } else { "has no" },
                     if mine.is_some() { "has one" } else { "has none" }
-                )))
+                )));
             }
         }
         self.platform.restore(&s.platform)?;
@@ -160,7 +162,9 @@ impl Persist for MachineState {
         if name.len() > MAX_GUEST_NAME {
             return Err(SnapshotError::Invalid(format!("guest name of {} bytes", name.len())));
         }
-        let guest = std::str::from_utf8(name).map_err(|_| SnapshotError::Invalid("guest name is not UTF-8".into()))?.to_string();
+        let guest = std::str::from_utf8(name)
+            .map_err(|_| SnapshotError::Invalid("guest name is not UTF-8".into()))?
+            .to_string();
         let mem_size = d.u64("memory size")?;
         let exits = d.u64("exit counter")?;
         let irqs = d.u64("pending interrupts")?;
@@ -193,7 +197,8 @@ impl<V: Vcpu> Machine<V> {
         let vcpu = self.vcpu.state()?;
         if vcpu.control[3] & CR4_OSXSAVE != 0 {
             return Err(CloneError::Unsupported(
-                "the guest enabled XSAVE (CR4.OSXSAVE); extended vCPU state is not part of saved state version 1".into(),
+                "the guest enabled XSAVE (CR4.OSXSAVE); extended vCPU state is not part of saved state version 1"
+                    .into(),
             ));
         }
         // The vCPU loop asks for a window exit exactly while interrupts are pending; a vCPU that
@@ -222,11 +227,20 @@ impl<V: Vcpu> Machine<V> {
     pub fn apply_state(&mut self, s: &MachineState) -> Result<(), CloneError> {
         let size = memory_size(&self.mem);
         if s.mem_size != size {
-            return Err(SnapshotError::Mismatch(format!("the primary has {} bytes of memory, this machine {size}", s.mem_size)).into());
+            return Err(SnapshotError::Mismatch(format!(
+                "the primary has {} bytes of memory, this machine {size}",
+                s.mem_size
+            ))
+            .into());
         }
         if let Some(g) = self.guest {
             if !s.guest.is_empty() && s.guest != g.name() {
-                return Err(SnapshotError::Mismatch(format!("the primary runs guest {:?}, this machine {:?}", s.guest, g.name())).into());
+                return Err(SnapshotError::Mismatch(format!(
+                    "the primary runs guest {:?}, this machine {:?}",
+                    s.guest,
+                    g.name()
+                ))
+                .into());
             }
         }
         if self.guest.is_none() {
@@ -306,7 +320,15 @@ mod tests {
         vcpu.events = vec![0; 27];
         let mut devices = Devices::new(None).unwrap();
         devices.platform.timer_period_ns = 10_000_000;
-        MachineState { guest: "compute".into(), mem_size: 64 << 20, exits: 12345, irqs: 0b101, irq_window: true, vcpu, devices: devices.save() }
+        MachineState {
+            guest: "compute".into(),
+            mem_size: 64 << 20,
+            exits: 12345,
+            irqs: 0b101,
+            irq_window: true,
+            vcpu,
+            devices: devices.save(),
+        }
     }
 
     #[test]

@@ -223,7 +223,11 @@ pub fn pieces<'a>(
 
 /// All of [`pieces`] at once: the payload of one pre-copy round (`ClonePages`). `max_bytes` is
 /// the largest piece in bytes.
-pub fn read_pages(mem: &GuestMemory, ranges: impl IntoIterator<Item = PageRange>, max_bytes: u64) -> Result<Vec<(u64, Vec<u8>)>, CloneError> {
+pub fn read_pages(
+    mem: &GuestMemory,
+    ranges: impl IntoIterator<Item = PageRange>,
+    max_bytes: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, CloneError> {
     let ranges: Vec<PageRange> = ranges.into_iter().collect();
     pieces(mem, ranges, max_bytes).collect()
 }

@@ -22,11 +22,11 @@ use super::boot;
 use super::memory::{self, GuestMemory};
 use crate::devices::platform::Platform;
 use crate::devices::serial::Console;
+use crate::devices::virtio::VirtioMmio;
 use crate::devices::virtio::blk::Blk;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
-use crate::devices::virtio::VirtioMmio;
-use crate::devices::{decode_mmio, Action, DeviceCtx, DeviceError, Io, IrqQueue};
+use crate::devices::{Action, DeviceCtx, DeviceError, Io, IrqQueue, decode_mmio};
 use crate::guests::GuestKind;
 use crate::hypervisor::kvm::KvmVm;
 use crate::hypervisor::{HypervisorError, Vcpu, VcpuState, VmExit};
@@ -37,9 +37,16 @@ pub enum Event {
     TimerTick,
     /// Return from a wait without an interrupt (the VMM needed the vCPU thread).
     Wake,
-    ClientConnect { conn: u32 },
-    ClientData { conn: u32, bytes: Vec<u8> },
-    ClientClose { conn: u32 },
+    ClientConnect {
+        conn: u32,
+    },
+    ClientData {
+        conn: u32,
+        bytes: Vec<u8>,
+    },
+    ClientClose {
+        conn: u32,
+    },
 }
 
 /// What the environment learns about the machine when asked for events.
@@ -74,7 +81,8 @@ pub trait Environment: Io {
     /// Events to apply at this exit.
     fn events(&mut self, at: EventPoint) -> Result<Vec<Event>, RunError>;
     /// After exit `exit` is complete. `digest` computes the machine digest on demand.
-    fn checkpoint(&mut self, exit: u64, digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>) -> Result<(), RunError>;
+    fn checkpoint(&mut self, exit: u64, digest: &mut dyn FnMut() -> Result<[u8; 32], RunError>)
+    -> Result<(), RunError>;
     /// Should the run end after `exit`?
     fn should_stop(&mut self, exit: u64) -> Result<Option<StopReason>, RunError>;
     /// The run ends after `exit` with the full digest (memory included).
@@ -87,11 +95,15 @@ pub enum RunError {
     Hypervisor(#[from] HypervisorError),
     #[error(transparent)]
     Device(#[from] DeviceError),
-    #[error("guest took CPU exception {vector} ({name}) at exit {exit}; error code {error:#x}, rip {rip:#x}, cr2 {cr2:#x}\n{state:?}")]
+    #[error(
+        "guest took CPU exception {vector} ({name}) at exit {exit}; error code {error:#x}, rip {rip:#x}, cr2 {cr2:#x}\n{state:?}"
+    )]
     GuestFault { exit: u64, vector: u64, name: &'static str, error: u64, rip: u64, cr2: u64, state: Box<VcpuState> },
     #[error("guest triple-faulted (shutdown) after exit {exit}\n{state:?}")]
     TripleFault { exit: u64, state: Box<VcpuState> },
-    #[error("KVM could not emulate a guest instruction (internal error, suberror {suberror}) after exit {exit}\n{state:?}")]
+    #[error(
+        "KVM could not emulate a guest instruction (internal error, suberror {suberror}) after exit {exit}\n{state:?}"
+    )]
     Emulation { exit: u64, suberror: u32, state: Box<VcpuState> },
     #[error("vCPU failed to enter the guest (hardware reason {reason:#x})\n{state:?}")]
     FailEntry { reason: u64, state: Box<VcpuState> },
@@ -184,11 +196,38 @@ impl Devices {
 }
 
 const FAULT_NAMES: [&str; 32] = [
-    "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow", "#BR bound", "#UD invalid opcode",
-    "#NM no FPU", "#DF double fault", "coprocessor overrun", "#TS invalid TSS", "#NP segment not present",
-    "#SS stack fault", "#GP general protection", "#PF page fault", "reserved", "#MF x87 error", "#AC alignment",
-    "#MC machine check", "#XM SIMD error", "#VE virtualization", "#CP control protection", "reserved", "reserved",
-    "reserved", "reserved", "reserved", "reserved", "#HV", "#VC", "#SX", "reserved",
+    "#DE divide error",
+    "#DB debug",
+    "NMI",
+    "#BP breakpoint",
+    "#OF overflow",
+    "#BR bound",
+    "#UD invalid opcode",
+    "#NM no FPU",
+    "#DF double fault",
+    "coprocessor overrun",
+    "#TS invalid TSS",
+    "#NP segment not present",
+    "#SS stack fault",
+    "#GP general protection",
+    "#PF page fault",
+    "reserved",
+    "#MF x87 error",
+    "#AC alignment",
+    "#MC machine check",
+    "#XM SIMD error",
+    "#VE virtualization",
+    "#CP control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "#HV",
+    "#VC",
+    "#SX",
+    "reserved",
 ];
 
 pub struct Machine<V: Vcpu> {
@@ -237,7 +276,8 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
             }
             None => None,
         };
-        let info = BootInfo { mem_size: config.mem_size, devices: devices_mask, arg: config.guest_arg, ..Default::default() };
+        let info =
+            BootInfo { mem_size: config.mem_size, devices: devices_mask, arg: config.guest_arg, ..Default::default() };
         let initial = boot::setup(&mem, config.guest.image(), info)?;
         let mut vm = KvmVm::new()?;
         let (host, size) = memory::host_region(&mem);
@@ -252,12 +292,36 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
             vsock: VirtioMmio::new(Vsock::default()),
             rng: VirtioMmio::new(Rng::default()),
         };
-        Ok(Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: Some(config.guest), _vm: Some(vm) })
+        Ok(Machine {
+            mem,
+            vcpu,
+            devices,
+            irqs: IrqQueue::default(),
+            exits: 0,
+            exit_limit: None,
+            guest: Some(config.guest),
+            _vm: Some(vm),
+        })
     }
 
     /// A machine around a VM built elsewhere in this crate (a clone's, before its state arrives).
-    pub(crate) fn with_kvm(mem: GuestMemory, vm: KvmVm, vcpu: crate::hypervisor::kvm::KvmVcpu, devices: Devices, guest: GuestKind) -> Self {
-        Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: Some(guest), _vm: Some(vm) }
+    pub(crate) fn with_kvm(
+        mem: GuestMemory,
+        vm: KvmVm,
+        vcpu: crate::hypervisor::kvm::KvmVcpu,
+        devices: Devices,
+        guest: GuestKind,
+    ) -> Self {
+        Machine {
+            mem,
+            vcpu,
+            devices,
+            irqs: IrqQueue::default(),
+            exits: 0,
+            exit_limit: None,
+            guest: Some(guest),
+            _vm: Some(vm),
+        }
     }
 
     pub fn vm(&self) -> &KvmVm {
@@ -371,7 +435,9 @@ impl<V: Vcpu> Machine<V> {
                 Ok(())
             }
             VmExit::Shutdown => Err(RunError::TripleFault { exit: self.exits, state: state()? }),
-            VmExit::InternalError { suberror } => Err(RunError::Emulation { exit: self.exits, suberror, state: state()? }),
+            VmExit::InternalError { suberror } => {
+                Err(RunError::Emulation { exit: self.exits, suberror, state: state()? })
+            }
             VmExit::FailEntry { reason } => Err(RunError::FailEntry { reason, state: state()? }),
             other => Err(RunError::UnexpectedExit { exit: self.exits, what: format!("{other:?}") }),
         }

@@ -52,7 +52,9 @@ impl Running {
             agent().arg("run").args(args).args(["--client-listen", "127.0.0.1:0"]).stdout(Stdio::piped()),
         );
         let line = process.wait_line("lockstep-agent: clients on ", Duration::from_secs(30));
-        let client = line.strip_prefix("lockstep-agent: clients on ").unwrap_or_else(|| panic!("odd client address line {line:?}"));
+        let client = line
+            .strip_prefix("lockstep-agent: clients on ")
+            .unwrap_or_else(|| panic!("odd client address line {line:?}"));
         Running { client: client.to_string(), process }
     }
 

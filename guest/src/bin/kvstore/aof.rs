@@ -15,9 +15,9 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use lockstep_guest::kv::resp::{self, reply, Parse};
+use lockstep_guest::kv::resp::{self, Parse, reply};
 use lockstep_guest::kv::store::Store;
-use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
+use virtio_drivers::device::blk::{SECTOR_SIZE, VirtIOBlk};
 use virtio_drivers::transport::mmio::MmioTransport;
 
 use crate::Hal;
@@ -183,7 +183,9 @@ impl Aof {
         let mut buf = log;
         buf.resize(len.div_ceil(SECTOR_SIZE) * SECTOR_SIZE, 0);
         for (i, chunk) in buf.chunks(CHUNK).enumerate() {
-            self.blk.write_blocks(((base + (i * CHUNK) as u64) / SECTOR) as usize, chunk).map_err(|_| "disk write failed")?;
+            self.blk
+                .write_blocks(((base + (i * CHUNK) as u64) / SECTOR) as usize, chunk)
+                .map_err(|_| "disk write failed")?;
         }
         let mut header = [0u8; SECTOR_SIZE];
         header[..8].copy_from_slice(MAGIC);

@@ -11,17 +11,15 @@ mod aof;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
-use lockstep_guest::kv::resp::{self, reply, Parse};
+use lockstep_guest::kv::resp::{self, Parse, reply};
 use lockstep_guest::kv::store::{Effect, Store};
 use lockstep_guest::{platform, println, virtio};
 use lockstep_guest_abi::{KVSTORE_PORT, SLOT_BLK, SLOT_VSOCK};
-use virtio_drivers::device::blk::VirtIOBlk;
-use virtio_drivers::device::socket::{
-    VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
-};
-use virtio_drivers::transport::mmio::MmioTransport;
 use virtio_drivers::Error as VirtioError;
+use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::device::socket::SocketError;
+use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType};
+use virtio_drivers::transport::mmio::MmioTransport;
 
 lockstep_guest::entry!(main);
 

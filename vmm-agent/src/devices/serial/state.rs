@@ -1,7 +1,7 @@
 //! Saved state of the console UART (vm-superio's own `SerialState`).
 
-use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
+use vm_superio::serial::{NoEvents, SerialState};
 
 use super::{Captured, Console, NoIrq};
 use crate::snapshot::{Decoder, Encoder, Persist, Result, SnapshotError};
@@ -31,9 +31,17 @@ impl Console {
 impl Persist for ConsoleState {
     fn encode(&self, e: &mut Encoder) {
         let s = &self.0;
-        for v in [s.baud_divisor_low, s.baud_divisor_high, s.interrupt_enable, s.interrupt_identification,
-            s.line_control, s.line_status, s.modem_control, s.modem_status, s.scratch]
-        {
+        for v in [
+            s.baud_divisor_low,
+            s.baud_divisor_high,
+            s.interrupt_enable,
+            s.interrupt_identification,
+            s.line_control,
+            s.line_status,
+            s.modem_control,
+            s.modem_status,
+            s.scratch,
+        ] {
             e.u8(v);
         }
         e.bytes(&s.in_buffer);
@@ -46,7 +54,10 @@ impl Persist for ConsoleState {
         }
         let in_buffer = d.bytes("console receive FIFO")?.to_vec();
         if in_buffer.len() > FIFO_SIZE {
-            return Err(SnapshotError::Invalid(format!("console receive FIFO holds {} bytes, more than {FIFO_SIZE}", in_buffer.len())));
+            return Err(SnapshotError::Invalid(format!(
+                "console receive FIFO holds {} bytes, more than {FIFO_SIZE}",
+                in_buffer.len()
+            )));
         }
         Ok(ConsoleState(SerialState {
             baud_divisor_low: r[0],

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::devices::{DeviceCtx, DeviceError};
 
 mod state;
@@ -48,7 +48,11 @@ impl Blk {
     }
 
     /// Serve one request; returns (status, bytes written into guest buffers).
-    fn serve(&mut self, chain: virtio_queue::DescriptorChain<&crate::vmm::memory::GuestMemory>, ctx: &DeviceCtx) -> Result<(u8, u32), DeviceError> {
+    fn serve(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&crate::vmm::memory::GuestMemory>,
+        ctx: &DeviceCtx,
+    ) -> Result<(u8, u32), DeviceError> {
         let mut reader = match chain.clone().reader(ctx.mem) {
             Ok(r) => r,
             Err(_) => return Ok((S_IOERR, 0)),

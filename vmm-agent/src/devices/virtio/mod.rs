@@ -3,8 +3,8 @@
 
 pub mod blk;
 pub mod rng;
-pub mod vsock;
 mod state;
+pub mod vsock;
 
 pub use state::TransportState;
 
@@ -204,7 +204,9 @@ impl<D: VirtioDevice> VirtioMmio<D> {
     }
 
     pub fn hash_into(&self, h: &mut blake3::Hasher) {
-        for v in [self.status, self.interrupt_status, self.queue_sel, self.device_features_sel, self.driver_features_sel] {
+        for v in
+            [self.status, self.interrupt_status, self.queue_sel, self.device_features_sel, self.driver_features_sel]
+        {
             h.update(&v.to_le_bytes());
         }
         h.update(&self.driver_features.to_le_bytes());

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::devices::{DeviceCtx, DeviceError};
 
 mod state;

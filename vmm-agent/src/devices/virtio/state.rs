@@ -52,12 +52,19 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         let mut queues = Vec::with_capacity(sizes.len());
         for (i, (q, &max)) in s.queues.iter().zip(sizes).enumerate() {
             if q.max_size != max {
-                return Err(SnapshotError::Mismatch(format!("queue {i} of device type {} has {max} entries, the saved one {}", D::DEVICE_TYPE, q.max_size)));
+                return Err(SnapshotError::Mismatch(format!(
+                    "queue {i} of device type {} has {max} entries, the saved one {}",
+                    D::DEVICE_TYPE,
+                    q.max_size
+                )));
             }
             if q.event_idx_enabled {
-                return Err(SnapshotError::Invalid(format!("queue {i} has EVENT_IDX on, which this device never offers")));
+                return Err(SnapshotError::Invalid(format!(
+                    "queue {i} has EVENT_IDX on, which this device never offers"
+                )));
             }
-            let queue = Queue::try_from(*q).map_err(|e| SnapshotError::Invalid(format!("queue {i} of device type {}: {e}", D::DEVICE_TYPE)))?;
+            let queue = Queue::try_from(*q)
+                .map_err(|e| SnapshotError::Invalid(format!("queue {i} of device type {}: {e}", D::DEVICE_TYPE)))?;
             queues.push(queue);
         }
         self.queues = queues;

@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use lockstep_guest_abi::{GUEST_CID, HOST_CID, KVSTORE_PORT};
 use virtio_queue::{Queue, QueueT};
 
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::devices::{ClientOutput, DeviceCtx, DeviceError};
 
 mod state;
@@ -168,7 +168,13 @@ impl Vsock {
     }
 
     /// Returns false if the connection is unknown (the guest already reset it).
-    pub fn client_data(&mut self, conn: u32, bytes: &[u8], queues: &mut [Queue], ctx: &mut DeviceCtx) -> Result<u32, DeviceError> {
+    pub fn client_data(
+        &mut self,
+        conn: u32,
+        bytes: &[u8],
+        queues: &mut [Queue],
+        ctx: &mut DeviceCtx,
+    ) -> Result<u32, DeviceError> {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.to_guest.extend(bytes);
             self.pending_bytes += bytes.len() as u64;
@@ -396,7 +402,12 @@ impl VirtioDevice for Vsock {
         h.update(&(self.conns.len() as u64).to_le_bytes());
         for (id, c) in &self.conns {
             h.update(&id.to_le_bytes());
-            h.update(&[(c.state == State::Established) as u8, c.client_closed as u8, c.shutdown_sent as u8, c.credit_requested as u8]);
+            h.update(&[
+                (c.state == State::Established) as u8,
+                c.client_closed as u8,
+                c.shutdown_sent as u8,
+                c.credit_requested as u8,
+            ]);
             for v in [c.tx_cnt, c.peer_buf_alloc, c.peer_fwd_cnt, c.fwd_cnt, c.fwd_cnt_told, c.to_guest.len() as u32] {
                 h.update(&v.to_le_bytes());
             }
@@ -413,7 +424,18 @@ mod tests {
 
     #[test]
     fn header_round_trip() {
-        let h = Hdr { src_cid: 2, dst_cid: 3, src_port: 65536, dst_port: 6379, len: 5, type_: 1, op: 5, flags: 0, buf_alloc: 9, fwd_cnt: 8 };
+        let h = Hdr {
+            src_cid: 2,
+            dst_cid: 3,
+            src_port: 65536,
+            dst_port: 6379,
+            len: 5,
+            type_: 1,
+            op: 5,
+            flags: 0,
+            buf_alloc: 9,
+            fwd_cnt: 8,
+        };
         assert_eq!(Hdr::decode(&h.encode()), h);
     }
 

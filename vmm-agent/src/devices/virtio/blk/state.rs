@@ -20,7 +20,10 @@ impl Blk {
     /// Take over the counters; the disk file stays this device's own.
     pub fn restore(&mut self, s: &BlkState) -> Result<()> {
         if s.capacity != self.capacity {
-            return Err(SnapshotError::Mismatch(format!("the disk is {} bytes, the primary's {}", self.capacity, s.capacity)));
+            return Err(SnapshotError::Mismatch(format!(
+                "the disk is {} bytes, the primary's {}",
+                self.capacity, s.capacity
+            )));
         }
         self.requests = s.requests;
         self.bytes = s.bytes;

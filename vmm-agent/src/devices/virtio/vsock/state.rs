@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::{Conn, Hdr, State, Vsock, HDR_LEN};
+use super::{Conn, HDR_LEN, Hdr, State, Vsock};
 use crate::snapshot::{Decoder, Encoder, Persist, Result, SnapshotError};
 
 /// One stream, as the device sees it.
