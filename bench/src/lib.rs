@@ -111,8 +111,8 @@ pub fn explain(r: &mut report::Report) {
                 live.map(|m| format!("; the backup said \"going live\" a median {m:.3} s after the failure")).unwrap_or_default(),
                 gap.filter(|g| *g > 0.1)
                     .map(|g| format!(
-                        "; in the slowest run the new primary's client port accepted its first connection only {:.0} ms after \"going live\" \
-                         (time spent inside the agent between promotion and listening, not in detection)",
+                        "; in the slowest run the first connection to the new primary's client port succeeded {:.0} ms after \
+                         \"going live\"",
                         g * 1e3
                     ))
                     .unwrap_or_default()

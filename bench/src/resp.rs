@@ -206,6 +206,12 @@ impl RateClient {
         RateClient { started, stats, target, stop, handle: Some(handle) }
     }
 
+    /// Ask the client to stop without waiting for it: a request to a frozen server only ends
+    /// with the client's read timeout, and whoever times a failover must not wait for that.
+    pub fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
