@@ -73,6 +73,9 @@ pub struct RateRun {
     pub seconds: f64,
     pub requests: f64,
     pub client_bytes_in: f64,
+    /// True when `client_bytes_in` is the agent's `lockstep_client_bytes_received_total`,
+    /// false when the agent reported none and the bench client's own count was used.
+    pub client_bytes_in_from_agent: bool,
     pub client_bytes_out: f64,
     pub log_bytes: f64,
     pub log_bytes_per_client_request: Option<f64>,
@@ -457,15 +460,19 @@ impl Report {
                 w,
                 "\nkvstore at a fixed rate: {:.0} req/s asked, {:.0} req/s achieved (one connection, alternating `SET key:N <32 bytes>` / `GET key:N`), \
                  client latency p50 {} / p99 {}. Log bytes **per client request: {}**, **per client byte received: {}** \
-                 (per byte in either direction: {}). Client bytes received are counted by the bench's client: the agent's \
-                 `lockstep_client_bytes_received_total` stays 0 on a pair primary.",
+                 (per byte in either direction: {}). Client bytes received: {}.",
                 r.target_requests_per_second,
                 r.achieved_requests_per_second,
                 f(r.client_latency_p50_ms, 3).to_string() + " ms",
                 f(r.client_latency_p99_ms, 3).to_string() + " ms",
                 f(r.log_bytes_per_client_request, 1),
                 f(r.log_bytes_per_client_byte_in, 2),
-                f(r.log_bytes_per_client_byte_in_and_out, 2)
+                f(r.log_bytes_per_client_byte_in_and_out, 2),
+                if r.client_bytes_in_from_agent {
+                    format!("{:.0} bytes by the agent's `lockstep_client_bytes_received_total`", r.client_bytes_in)
+                } else {
+                    format!("{:.0} bytes by the bench client's own count (the agent reported none)", r.client_bytes_in)
+                }
             );
         }
 

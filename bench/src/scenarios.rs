@@ -611,10 +611,11 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
     let in_window: Vec<&(f64, f64, u64)> =
         lats.iter().filter(|(t, _, _)| t + client_offset >= w0 && t + client_offset <= w1).collect();
     let requests = in_window.len() as f64;
-    // The agent exports lockstep_client_bytes_received_total but the pair primary never counts
-    // it (it stays 0), so client bytes in come from the client's own count of what it sent.
+    // The agent's own count of client bytes in; the client's count of what it sent if the agent
+    // has none (the report says which was used).
     let agent_in = dv(&series("primary", "lockstep_client_bytes_received_total")).unwrap_or(0.0);
-    let bytes_in = if agent_in > 0.0 { agent_in } else { in_window.iter().map(|x| x.2 as f64).sum() };
+    let client_bytes_in_from_agent = agent_in > 0.0;
+    let bytes_in = if client_bytes_in_from_agent { agent_in } else { in_window.iter().map(|x| x.2 as f64).sum() };
     let secs = w1 - w0;
     let all_lat: Vec<f64> = lats.iter().map(|(_, l, _)| *l * 1e3).collect();
     let run = RateRun {
@@ -623,6 +624,7 @@ pub fn fixed_rate_and_failover_timeline(b: &mut Bench) -> Result<()> {
         seconds: secs,
         requests,
         client_bytes_in: bytes_in,
+        client_bytes_in_from_agent,
         client_bytes_out: bytes_out,
         log_bytes,
         log_bytes_per_client_request: (requests > 0.0).then(|| log_bytes / requests),
