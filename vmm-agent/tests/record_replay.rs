@@ -26,6 +26,23 @@ fn assert_replays(
     replayed
 }
 
+/// The recorded and the replayed disk image are byte-identical.
+fn assert_same_disk(recorded: &std::path::Path, replayed: &std::path::Path) {
+    assert!(
+        std::fs::read(recorded).unwrap() == std::fs::read(replayed).unwrap(),
+        "replayed disk {} differs from the recorded one {}",
+        replayed.display(),
+        recorded.display()
+    );
+}
+
+/// A kvstore guest booted on `disk`, ready for clients.
+fn kvstore_on(disk: &std::path::Path) -> Running {
+    let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
+    run.wait_console("listening");
+    run
+}
+
 #[test]
 fn idle_guest_replays_bit_exactly() {
     let dir = Scratch::new("idle");
@@ -83,15 +100,10 @@ fn kvstore_under_redis_benchmark_replays_with_identical_disk() {
         rep["suppressed_output_bytes"].as_u64().unwrap() > 0,
         "replay should have produced (and suppressed) replies"
     );
-    assert_eq!(
-        std::fs::read(&disk).unwrap(),
-        std::fs::read(&replica).unwrap(),
-        "replayed disk differs from the recorded one"
-    );
+    assert_same_disk(&disk, &replica);
 
     // The data is on the disk: a new guest on the recorded disk recovers it.
-    let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
-    again.wait_console("listening");
+    let again = kvstore_on(&disk);
     assert_eq!(redis_cli(&again.port(), &["GET", "greeting"]), "hello world");
     assert_eq!(redis_cli(&again.port(), &["GET", "counter:__rand_int__"]), "2000");
     again.stop();
@@ -133,15 +145,10 @@ fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
     let replica = dir.path("replica.img");
     zero_disk(&replica, 1);
     assert_replays(&log, Some(&replica), &rec);
-    assert_eq!(
-        std::fs::read(&disk).unwrap(),
-        std::fs::read(&replica).unwrap(),
-        "replayed disk differs from the recorded one"
-    );
+    assert_same_disk(&disk, &replica);
 
     // A guest restarted on the rewritten disk recovers every key.
-    let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
-    again.wait_console("listening");
+    let again = kvstore_on(&disk);
     assert_eq!(redis_cli(&again.port(), &["GET", "counter:__rand_int__"]), "40000");
     assert_eq!(redis_cli(&again.port(), &["GET", "key:49"]), "value 49");
     assert_eq!(redis_cli(&again.port(), &["DBSIZE"]), "51");
@@ -166,8 +173,7 @@ fn kvstore_converts_a_format_1_disk_and_keeps_its_data() {
     assert_eq!(redis_cli(&run.port(), &["INCR", "n"]), "2");
     run.stop();
     assert_eq!(&std::fs::read(&disk).unwrap()[..8], b"LSKVAOF2");
-    let again = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
-    again.wait_console("listening");
+    let again = kvstore_on(&disk);
     assert_eq!(redis_cli(&again.port(), &["GET", "n"]), "2");
     again.stop();
 }
@@ -199,7 +205,7 @@ fn two_recordings_of_one_workload_differ_yet_each_replays() {
         let fresh = dir.path(&format!("f{i}.img"));
         zero_disk(&fresh, 16);
         assert_replays(&log, Some(&fresh), &rec);
-        assert_eq!(std::fs::read(&disk).unwrap(), std::fs::read(&fresh).unwrap());
+        assert_same_disk(&disk, &fresh);
         logs.push((std::fs::read(&log).unwrap(), rec));
     }
     // The inputs reached the guest at different exits, so the logs differ. The final digests may
