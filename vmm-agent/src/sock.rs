@@ -14,10 +14,25 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// An ordered, never-blocking writer for one TCP stream. Clones share the stream.
+/// An ordered, never-blocking writer for one TCP stream. Clones share the stream; when the last
+/// clone is dropped, the stream is shut down once the bytes already written have gone out.
 #[derive(Clone, Debug)]
 pub struct OrderedWriter {
     inner: Arc<Inner>,
+    _last: Arc<CloseOnDrop>,
+}
+
+/// Held by every clone of a writer (not by its flusher): the last one to go closes the stream,
+/// so a dropped writer never leaves a flusher thread and a socket behind.
+#[derive(Debug)]
+struct CloseOnDrop(Arc<Inner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.closing = true;
+        self.0.cv.notify_all();
+    }
 }
 
 #[derive(Debug)]
@@ -45,7 +60,7 @@ impl OrderedWriter {
         let inner = Arc::new(Inner { stream, state: Mutex::default(), cv: Condvar::new() });
         let flusher = inner.clone();
         std::thread::Builder::new().name(format!("{name}-flush")).spawn(move || flusher.flush_loop())?;
-        Ok(OrderedWriter { inner })
+        Ok(OrderedWriter { _last: Arc::new(CloseOnDrop(inner.clone())), inner })
     }
 
     /// Queue `bytes` after everything written before; returns false once the stream is finished.
@@ -187,6 +202,21 @@ mod tests {
         b.read_to_end(&mut got).unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes were reordered");
+    }
+
+    #[test]
+    fn dropping_the_last_clone_closes_the_stream_after_what_was_written() {
+        let (a, mut b) = pair();
+        let w = OrderedWriter::new(a, "test").unwrap();
+        let other = w.clone();
+        assert!(w.write(b"hello ".to_vec()));
+        drop(w);
+        assert!(other.write(b"world".to_vec()), "a remaining clone still writes");
+        drop(other);
+        b.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("the stream ends instead of hanging");
+        assert_eq!(got, b"hello world");
     }
 
     #[test]
