@@ -36,6 +36,23 @@ fn assert_same_disk(recorded: &std::path::Path, replayed: &std::path::Path) {
     );
 }
 
+/// A kvstore guest recording to `log`, on `disk` (a disk of `mib` MiB), ready for clients.
+fn record_kvstore(disk: &std::path::Path, mib: u64, log: &std::path::Path) -> Running {
+    let mib = mib.to_string();
+    let run = Running::start(&[
+        "--guest",
+        "kvstore",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--disk-size-mib",
+        &mib,
+        "--record",
+        log.to_str().unwrap(),
+    ]);
+    run.wait_console("listening");
+    run
+}
+
 /// A kvstore guest booted on `disk`, ready for clients.
 fn kvstore_on(disk: &std::path::Path) -> Running {
     let run = Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap()]);
@@ -71,9 +88,7 @@ fn kvstore_under_redis_benchmark_replays_with_identical_disk() {
     zero_disk(&disk, 64);
     std::fs::copy(&disk, &initial).unwrap();
     let log = dir.path("kv.log");
-    let run =
-        Running::start(&["--guest", "kvstore", "--disk", disk.to_str().unwrap(), "--record", log.to_str().unwrap()]);
-    run.wait_console("listening");
+    let run = record_kvstore(&disk, 64, &log);
     let port = run.port();
     assert_eq!(redis_cli(&port, &["PING"]), "PONG");
     assert_eq!(redis_cli(&port, &["SET", "greeting", "hello world"]), "OK");
@@ -117,17 +132,7 @@ fn kvstore_rewrites_its_aof_when_the_disk_fills_and_loses_nothing() {
     let log = dir.path("kv.log");
     // 40000 INCRs of one key are about 1.8 MB of AOF: more than the 1 MiB disk's halves hold,
     // so the guest must rewrite its log into the other half, several times.
-    let run = Running::start(&[
-        "--guest",
-        "kvstore",
-        "--disk",
-        disk.to_str().unwrap(),
-        "--disk-size-mib",
-        "1",
-        "--record",
-        log.to_str().unwrap(),
-    ]);
-    run.wait_console("listening");
+    let run = record_kvstore(&disk, 1, &log);
     let port = run.port();
     for i in 0..50 {
         assert_eq!(redis_cli(&port, &["SET", &format!("key:{i}"), &format!("value {i}")]), "OK");
@@ -186,17 +191,7 @@ fn two_recordings_of_one_workload_differ_yet_each_replays() {
         let disk = dir.path(&format!("d{i}.img"));
         zero_disk(&disk, 16);
         let log = dir.path(&format!("r{i}.log"));
-        let run = Running::start(&[
-            "--guest",
-            "kvstore",
-            "--disk",
-            disk.to_str().unwrap(),
-            "--disk-size-mib",
-            "16",
-            "--record",
-            log.to_str().unwrap(),
-        ]);
-        run.wait_console("listening");
+        let run = record_kvstore(&disk, 16, &log);
         for k in 0..20 {
             assert_eq!(redis_cli(&run.port(), &["INCR", "n"]), (k + 1).to_string());
             std::thread::sleep(Duration::from_millis(7 * (i + 1)));
