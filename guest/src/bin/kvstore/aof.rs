@@ -62,9 +62,7 @@ impl Aof {
             0
         } else {
             assert!(header.iter().all(|&b| b == 0), "kvstore: the disk holds something that is not a kvstore AOF");
-            header[..8].copy_from_slice(MAGIC);
-            header[8] = 0;
-            blk.write_blocks(0, &header).expect("write AOF header");
+            write_header(&mut blk, 0).expect("write AOF header");
             0
         };
         let mut aof = Aof { blk, half, active, end: 0, tail: Vec::new(), pending: Vec::new(), rewrites: 0, format1 };
@@ -118,9 +116,7 @@ impl Aof {
                 "kvstore: this format-1 AOF is longer than half the disk and cannot be converted in place; \
                  start with a fresh or bigger disk"
             );
-            let mut header = [0u8; SECTOR_SIZE];
-            header[..8].copy_from_slice(MAGIC);
-            self.blk.write_blocks(0, &header).expect("write AOF header");
+            write_header(&mut self.blk, 0).expect("write AOF header");
             self.format1 = false;
             lockstep_guest::println!("kvstore: converted the AOF from format 1 to format 2");
         }
@@ -187,10 +183,7 @@ impl Aof {
                 .write_blocks(((base + (i * CHUNK) as u64) / SECTOR) as usize, chunk)
                 .map_err(|_| "disk write failed")?;
         }
-        let mut header = [0u8; SECTOR_SIZE];
-        header[..8].copy_from_slice(MAGIC);
-        header[8] = other;
-        self.blk.write_blocks(0, &header).map_err(|_| "disk write failed")?;
+        write_header(&mut self.blk, other).map_err(|_| "disk write failed")?;
         self.active = other;
         self.end = base + len as u64;
         let tail_len = (self.end % SECTOR) as usize;
@@ -199,4 +192,12 @@ impl Aof {
         self.rewrites += 1;
         Ok(())
     }
+}
+
+/// The format-2 header naming the active half: one sector write, the switch point of a rewrite.
+fn write_header(blk: &mut VirtIOBlk<Hal, MmioTransport<'static>>, active: u8) -> virtio_drivers::Result {
+    let mut header = [0u8; SECTOR_SIZE];
+    header[..8].copy_from_slice(MAGIC);
+    header[8] = active;
+    blk.write_blocks(0, &header)
 }
