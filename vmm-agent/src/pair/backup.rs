@@ -7,15 +7,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use lockstep_ft::wire::Message;
 use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, RoleEvent, VmGeometry, VmIdentity};
 
 use super::channel::{FromPeer, OrderedWriter, spawn_reader};
-use super::now;
 use super::primary::{self, PairError, Resume};
+use super::{Wakeup, now};
 use crate::guests::GuestKind;
 use crate::hypervisor::kvm::KvmVcpu;
 use crate::metrics::{Metrics, follow_total};
@@ -46,8 +46,6 @@ struct Core {
     arbiter: Option<Sender<u64>>,
     metrics: Arc<Metrics>,
     max_payload: usize,
-    /// Threads waiting on the condvar (see `Shared::act`).
-    waiters: u32,
     /// Highest client connection id seen in the log: a promoted backup numbers after it.
     max_conn: u32,
 }
@@ -65,7 +63,7 @@ struct CloneTarget {
 
 struct Shared {
     core: Mutex<Core>,
-    cv: Condvar,
+    cv: Wakeup,
     target: Mutex<CloneTarget>,
 }
 
@@ -116,10 +114,7 @@ impl Shared {
         follow_total(&core.metrics.log_bytes_received, m.log_bytes_received);
         follow_total(&core.metrics.log_entries_received, m.log_entries_received);
         core.metrics.epoch.set(m.epoch as i64);
-        // A notify is a system call even with nobody waiting; `act` runs for every message.
-        if core.waiters > 0 {
-            self.cv.notify_all();
-        }
+        self.cv.notify_waiters();
     }
 }
 
@@ -236,9 +231,7 @@ impl LogSource for Source {
             if let Some(why) = &core.halted {
                 return Err(CodecError::Io(format!("backup halted: {why}")));
             }
-            core.waiters += 1;
-            core = self.0.cv.wait_timeout(core, Duration::from_millis(20)).expect("lock").0;
-            core.waiters -= 1;
+            core = self.0.cv.wait_timeout(core, Duration::from_millis(20));
         }
     }
 
@@ -296,10 +289,9 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
             arbiter: None,
             metrics: popts.metrics.clone(),
             max_payload: cfg.max_payload,
-            waiters: 0,
             max_conn: 0,
         }),
-        cv: Condvar::new(),
+        cv: Wakeup::default(),
         target: Mutex::new(CloneTarget {
             machine: None,
             disk: None,
@@ -390,10 +382,7 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         if core.ft.state() == BackupState::Halted {
             return Err(PairError::Halted("the primary was lost before the clone completed".into()));
         }
-        let mut core = core;
-        core.waiters += 1;
-        let mut core = shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
-        core.waiters -= 1;
+        drop(shared.cv.wait_timeout(core, Duration::from_millis(50)));
     };
     eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
 

@@ -1,6 +1,7 @@
 //! The fault-tolerant pair: the agent's driver around the sans-IO protocol core (`lockstep-ft`).
 //!
-//! - [`channel`]: the TCP logging channel (one reader thread decoding frames, one writer thread).
+//! - [`channel`]: the TCP logging channel (one reader thread decoding frames; frames are written
+//!   by the thread that produced them, see [`crate::sock`]).
 //! - [`primary`]: records the guest into the core, holds client output until the backup has the
 //!   log (the output rule), serves one backup connection at a time and clones the live VM into it.
 //! - [`backup`]: receives the clone, replays the log, and goes live when the primary is gone and
@@ -13,11 +14,43 @@ pub mod backup;
 pub mod channel;
 pub mod primary;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
-use std::time::Instant;
+use std::sync::{Condvar, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use lockstep_ft::ArbiterOutcome;
+
+/// A condvar that knows whether anyone waits on it. A notify is a system call even with nobody
+/// waiting, and a core's `act` runs several times per exit, so it only notifies waiters. Waiting
+/// and notifying both happen under the core's mutex, so no wake-up is lost.
+#[derive(Debug, Default)]
+pub struct Wakeup {
+    cv: Condvar,
+    waiters: AtomicU32,
+}
+
+impl Wakeup {
+    /// Wait on `guard`'s mutex for a notify or `timeout`.
+    pub fn wait_timeout<'a, T>(&self, guard: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let guard = self.cv.wait_timeout(guard, timeout).expect("core lock").0;
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        guard
+    }
+
+    /// Wake every waiter (for callers that do not hold the mutex).
+    pub fn notify_all(&self) {
+        self.cv.notify_all();
+    }
+
+    /// Wake every waiter, if there is one (call with the mutex held).
+    pub fn notify_waiters(&self) {
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.cv.notify_all();
+        }
+    }
+}
 
 /// Monotonic nanoseconds for the protocol core (its only notion of time).
 pub fn now() -> u64 {

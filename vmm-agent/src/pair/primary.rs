@@ -6,14 +6,14 @@ use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lockstep_ft::wire::{LogEntry, Message, RefuseReason, encode_to_vec};
 use lockstep_ft::{CloneAction, FtConfig, OutputId, Primary, PrimaryState, RoleEvent, Throttle};
 
 use super::channel::{FromPeer, OrderedWriter, spawn_reader};
-use super::now;
+use super::{Wakeup, now};
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
 use crate::metrics::{Metrics, follow_total};
@@ -39,9 +39,6 @@ pub struct Core {
     pub wake: Arc<AtomicBool>,
     last_rtt: u64,
     max_payload: usize,
-    /// Threads waiting on the condvar. A notify is a system call even with nobody waiting, and
-    /// `act` runs several times per exit, so it only notifies when someone waits.
-    waiters: u32,
 }
 
 impl std::fmt::Debug for Core {
@@ -53,7 +50,7 @@ impl std::fmt::Debug for Core {
 #[derive(Debug)]
 pub struct Shared {
     pub core: Mutex<Core>,
-    pub cv: Condvar,
+    pub cv: Wakeup,
 }
 
 impl Shared {
@@ -82,9 +79,8 @@ impl Shared {
                 wake: Arc::new(AtomicBool::new(false)),
                 last_rtt: 0,
                 max_payload: cfg.max_payload,
-                waiters: 0,
             }),
-            cv: Condvar::new(),
+            cv: Wakeup::default(),
         })
     }
 
@@ -158,9 +154,7 @@ impl Shared {
         core.metrics.replayed_exit.set(m.replayed_exit as i64);
         core.metrics.execution_lag_seconds.set(m.lag_nanos as f64 / 1e9);
         core.metrics.epoch.set(core.ft.epoch() as i64);
-        if core.waiters > 0 {
-            self.cv.notify_all();
-        }
+        self.cv.notify_waiters();
     }
 
     /// Accept backup connections on `listener`, one at a time.
@@ -298,9 +292,7 @@ impl LogSink for FtSink {
             // Back-pressure: the backup has too much unacknowledged log. A clone's final pause
             // is the driver loop's business, so do not block for that here.
             while core.ft.pause_vcpu() && !core.halted && core.ft.state() != PrimaryState::Cloning {
-                core.waiters += 1;
-                core = self.shared.cv.wait_timeout(core, Duration::from_millis(50)).expect("lock").0;
-                core.waiters -= 1;
+                core = self.shared.cv.wait_timeout(core, Duration::from_millis(50));
             }
             throttle = core.ft.throttle();
         }
