@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use lockstep_logging::LogFormat;
 use lockstep_arbiter::{Arbiter, LeaseArbiter};
 use lockstep_operator::controller::{self, Context, Settings};
 use lockstep_operator::leader::{self, Timing};
@@ -46,6 +47,10 @@ struct Args {
     /// Log filter (RUST_LOG syntax), e.g. `info` or `lockstep_operator=debug,info`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
+    /// Log lines as text (coloured only on a terminal) or one JSON object per line, for log
+    /// collectors.
+    #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +70,10 @@ enum MainError {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| "info".into()))
-        .init();
+    if let Err(e) = lockstep_logging::init(args.log_format, &args.log_level) {
+        eprintln!("lockstep-operator: error: {e} (--log-level / RUST_LOG)");
+        return ExitCode::from(2);
+    }
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

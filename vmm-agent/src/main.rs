@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+use lockstep_logging::LogFormat;
 use lockstep_agent::client::FrontEnd;
 use lockstep_agent::guests::GuestKind;
 use lockstep_agent::metrics::Metrics;
@@ -25,6 +26,10 @@ use lockstep_agent::vmm::{Machine, MachineConfig, RunSummary, StopReason};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as text (coloured only on a terminal) or one JSON object per line, for log
+    /// collectors. The filter comes from LOCKSTEP_LOG (RUST_LOG syntax, default `info`).
+    #[arg(long, global = true, value_enum, env = "LOCKSTEP_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -556,11 +561,12 @@ fn backup(args: BackupArgs) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = std::env::var("LOCKSTEP_LOG").unwrap_or_else(|_| "info".into());
+    if let Err(e) = lockstep_logging::init(cli.log_format, &filter) {
+        eprintln!("lockstep-agent: error: {e} (LOCKSTEP_LOG)");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Replay(a) => replay(a),
