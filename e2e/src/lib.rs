@@ -155,6 +155,7 @@ impl Operator {
                 agent_cluster_role: "lockstep-agent".into(),
                 // Short, so that tests see log bandwidth in status within seconds.
                 scrape_interval: SCRAPE_INTERVAL,
+                kvm_resource: lockstep_operator::resources::KVM_RESOURCE.into(),
             },
         ));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

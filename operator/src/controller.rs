@@ -99,6 +99,9 @@ pub struct Settings {
     /// Period of the look at a running FTVM that refreshes log bandwidth and lag in its status
     /// ([`DEFAULT_SCRAPE_INTERVAL`]).
     pub scrape_interval: Duration,
+    /// Extended resource that grants an agent pod `/dev/kvm` ([`resources::KVM_RESOURCE`] unless
+    /// the cluster runs another device plugin).
+    pub kvm_resource: String,
 }
 
 /// Shared state of reconciles.
@@ -378,6 +381,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                     epoch: *epoch,
                     attempt: *attempt,
                     default_image: &ctx.settings.default_agent_image,
+                    kvm_resource: &ctx.settings.kvm_resource,
                 };
                 let obj = resources::pod(ftvm, &plan);
                 ignore_exists(pods.create(&PostParams::default(), &obj).await)
@@ -736,6 +740,7 @@ mod tests {
             epoch: 5,
             attempt: 2,
             default_image: "i",
+            kvm_resource: resources::KVM_RESOURCE,
         };
         let mut p = resources::pod(&f, &plan);
         p.spec.as_mut().unwrap().node_name = Some("n1".into());
@@ -788,6 +793,7 @@ mod tests {
             epoch: 0,
             attempt: 0,
             default_image: "i",
+            kvm_resource: resources::KVM_RESOURCE,
         };
         let mut p = resources::pod(&f, &plan);
         p.annotations_mut().insert(ANN_REPLACE_AT.into(), "2026-11-26T01:40:05Z".into());

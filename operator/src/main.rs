@@ -51,6 +51,10 @@ struct Args {
     /// collectors.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// The extended resource that grants an agent pod /dev/kvm: ours (the chart's device plugin)
+    /// or another plugin's, e.g. KubeVirt's `devices.kubevirt.io/kvm`.
+    #[arg(long, env = "LOCKSTEP_KVM_RESOURCE", default_value = lockstep_operator::resources::KVM_RESOURCE)]
+    kvm_resource: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +119,7 @@ async fn run(args: Args) -> Result<(), MainError> {
             identity: identity.clone(),
             agent_cluster_role: args.agent_cluster_role,
             scrape_interval: Duration::from_secs(args.agent_scrape_interval_secs.max(2)),
+            kvm_resource: args.kvm_resource,
         },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    HostPathVolumeSource, ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec,
-    Probe, ResourceRequirements, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
+    ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
     Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
@@ -40,7 +40,8 @@ pub const ANN_PAIRS_WITH: &str = "lockstep.dev/pairs-with";
 pub const ANN_EPOCH: &str = "lockstep.dev/created-at-epoch";
 /// `app.kubernetes.io/managed-by` value, used to watch only our pods.
 pub const MANAGED_BY: &str = "lockstep-operator";
-/// The extended resource that grants a pod one `/dev/kvm` (advertised by the KVM device plugin).
+/// The extended resource that grants a pod one `/dev/kvm`, advertised by Lockstep's device plugin
+/// (`lockstep-device-plugin`); the operator's `--kvm-resource` names another plugin's instead.
 pub const KVM_RESOURCE: &str = "devices.lockstep.dev/kvm";
 /// How long replicas tolerate a not-ready or unreachable node before Kubernetes evicts them.
 /// Short on purpose: the agents fail over on their own heartbeats within a second, and the sooner
@@ -174,6 +175,8 @@ pub struct PodPlan<'a> {
     pub attempt: u32,
     /// The agent image to use when the spec has none.
     pub default_image: &'a str,
+    /// The extended resource that grants `/dev/kvm` ([`KVM_RESOURCE`] or another plugin's).
+    pub kvm_resource: &'a str,
 }
 
 /// The agent's command-line arguments for a replica.
@@ -273,17 +276,17 @@ fn tolerations(ftvm: &FTVirtualMachine) -> Vec<Toleration> {
     t
 }
 
-fn resources(ftvm: &FTVirtualMachine) -> ResourceRequirements {
+fn resources(ftvm: &FTVirtualMachine, kvm_resource: &str) -> ResourceRequirements {
     let s = &ftvm.spec;
     let mut r = s.agent.resources.clone().unwrap_or_default();
     // Guest memory, the log buffer and the agent itself (about 64 MiB) must fit in the limit.
     let mem = format!("{}Mi", u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64);
     let requests = r.requests.get_or_insert_with(BTreeMap::new);
-    requests.insert(KVM_RESOURCE.into(), Quantity("1".into()));
+    requests.insert(kvm_resource.into(), Quantity("1".into()));
     requests.entry("memory".into()).or_insert_with(|| Quantity(mem.clone()));
     let limits = r.limits.get_or_insert_with(BTreeMap::new);
     // Extended resources must have limit == request.
-    limits.insert(KVM_RESOURCE.into(), Quantity("1".into()));
+    limits.insert(kvm_resource.into(), Quantity("1".into()));
     limits.entry("memory".into()).or_insert_with(|| Quantity(mem));
     r
 }
@@ -305,12 +308,12 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     }
     meta.annotations = Some(ann);
 
-    let mut volumes = vec![Volume {
-        name: "kvm".into(),
-        host_path: Some(HostPathVolumeSource { path: "/dev/kvm".into(), type_: Some("CharDevice".into()) }),
-        ..Volume::default()
-    }];
-    let mut mounts = vec![VolumeMount { name: "kvm".into(), mount_path: "/dev/kvm".into(), ..VolumeMount::default() }];
+    // /dev/kvm comes from the device plugin's Allocate (the extended resource below), never from
+    // a hostPath: a hostPath device is either unusable (the devices cgroup refuses it) or needs a
+    // privileged pod. The container runtime creates the node owned by the pod's user when the
+    // node's containerd has device_ownership_from_security_context (docs/device-plugin.md).
+    let mut volumes = Vec::new();
+    let mut mounts = Vec::new();
     if s.disk_size_mib > 0 {
         volumes.push(Volume {
             name: "disk".into(),
@@ -365,8 +368,8 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             failure_threshold: Some(2),
             ..Probe::default()
         }),
-        resources: Some(resources(ftvm)),
-        volume_mounts: Some(mounts),
+        resources: Some(resources(ftvm, plan.kvm_resource)),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(AGENT_UID),
@@ -398,10 +401,14 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             affinity: Some(Affinity { pod_anti_affinity: Some(anti_affinity), ..Affinity::default() }),
             tolerations: Some(tolerations(ftvm)),
             node_selector: (!s.placement.node_selector.is_empty()).then(|| s.placement.node_selector.clone()),
-            volumes: Some(volumes),
+            volumes: (!volumes.is_empty()).then_some(volumes),
             security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(AGENT_UID),
+                run_as_group: Some(AGENT_UID),
                 supplemental_groups: s.agent.kvm_group_id.map(|g| vec![g]),
                 fs_group: Some(AGENT_UID),
+                seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
                 ..PodSecurityContext::default()
             }),
             // The agent takes and renews its Lease with this account (see agent_role_binding).
@@ -428,7 +435,16 @@ pub(crate) mod tests {
     }
 
     fn plan<'a>(mode: Role, primary: Option<(&'a str, &'a str)>) -> PodPlan<'a> {
-        PodPlan { name: "vm-1", member: 1, mode, primary, epoch: 2, attempt: 0, default_image: "agent:dev" }
+        PodPlan {
+            name: "vm-1",
+            member: 1,
+            mode,
+            primary,
+            epoch: 2,
+            attempt: 0,
+            default_image: "agent:dev",
+            kvm_resource: KVM_RESOURCE,
+        }
     }
 
     #[test]
@@ -473,8 +489,19 @@ pub(crate) mod tests {
         assert_eq!(c["resources"]["requests"][KVM_RESOURCE], "1");
         assert_eq!(c["resources"]["limits"]["memory"], "144Mi");
         assert_eq!(c["image"], "agent:dev");
-        assert_eq!(v["spec"]["volumes"][0]["hostPath"]["path"], "/dev/kvm");
+        // No hostPath and nothing privileged: /dev/kvm comes from the device plugin.
+        assert!(v["spec"].get("volumes").is_none(), "a pod without a disk has no volumes: {}", v["spec"]);
+        assert!(!v.to_string().contains("hostPath") && !v.to_string().contains("privileged"));
         assert_eq!(v["spec"]["securityContext"]["supplementalGroups"][0], 993);
+        assert_eq!(v["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(v["spec"]["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        let kubevirt = pod(&f, &PodPlan { kvm_resource: "devices.kubevirt.io/kvm", ..plan(Role::Primary, None) });
+        let limits = &kubevirt.spec.unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
+        assert_eq!(limits["devices.kubevirt.io/kvm"].0, "1");
+        assert!(!limits.contains_key(KVM_RESOURCE));
         assert_eq!(v["spec"]["restartPolicy"], "Never");
         let probe = &v["spec"]["containers"][0]["readinessProbe"]["httpGet"];
         assert_eq!((probe["path"].as_str(), probe["port"].as_str()), (Some("/readyz"), Some("metrics")));

@@ -73,6 +73,7 @@ fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
         identity: "op-0".into(),
         agent_cluster_role: "lockstep-agent".into(),
         scrape_interval: controller::DEFAULT_SCRAPE_INTERVAL,
+        kvm_resource: lockstep_operator::resources::KVM_RESOURCE.into(),
     };
     (Context::new(client, metrics.clone(), settings), metrics)
 }
