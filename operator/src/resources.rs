@@ -14,8 +14,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
-    Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -49,6 +49,9 @@ pub const KVM_RESOURCE: &str = "devices.lockstep.dev/kvm";
 pub const NODE_TOLERATION_SECONDS: i64 = 2;
 /// The agent's uid in the container (matches the Containerfile).
 pub const AGENT_UID: i64 = 65532;
+/// Size of the scratch disk an agent gives a guest run without `--disk` (its `--disk-size-mib`
+/// default), held in memory.
+pub const SCRATCH_DISK_MIB: u64 = 64;
 /// Where the replica's disk lives inside the pod.
 pub const DISK_DIR: &str = "/var/lib/lockstep";
 
@@ -279,8 +282,11 @@ fn tolerations(ftvm: &FTVirtualMachine) -> Vec<Toleration> {
 fn resources(ftvm: &FTVirtualMachine, kvm_resource: &str) -> ResourceRequirements {
     let s = &ftvm.spec;
     let mut r = s.agent.resources.clone().unwrap_or_default();
-    // Guest memory, the log buffer and the agent itself (about 64 MiB) must fit in the limit.
-    let mem = format!("{}Mi", u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64);
+    // Guest memory, the log buffer and the agent itself (about 64 MiB) must fit in the limit; so
+    // must a guest's scratch disk when the VM has no disk of its own (the agent keeps it in an
+    // anonymous memory file, which the memory cgroup counts).
+    let scratch = if s.disk_size_mib == 0 { SCRATCH_DISK_MIB } else { 0 };
+    let mem = format!("{}Mi", u64::from(s.memory_mib) + u64::from(s.ft.log_buffer_mib) + 64 + scratch);
     let requests = r.requests.get_or_insert_with(BTreeMap::new);
     requests.insert(kvm_resource.into(), Quantity("1".into()));
     requests.entry("memory".into()).or_insert_with(|| Quantity(mem.clone()));
@@ -487,7 +493,8 @@ pub(crate) mod tests {
         let c = &v["spec"]["containers"][0];
         assert_eq!(c["resources"]["limits"][KVM_RESOURCE], "1");
         assert_eq!(c["resources"]["requests"][KVM_RESOURCE], "1");
-        assert_eq!(c["resources"]["limits"]["memory"], "144Mi");
+        // 64 guest + 16 log + 64 agent + 64 scratch disk (no disk of its own).
+        assert_eq!(c["resources"]["limits"]["memory"], "208Mi");
         assert_eq!(c["image"], "agent:dev");
         // No hostPath and nothing privileged: /dev/kvm comes from the device plugin.
         assert!(v["spec"].get("volumes").is_none(), "a pod without a disk has no volumes: {}", v["spec"]);

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use lockstep_logging::LogFormat;
 use lockstep_agent::client::FrontEnd;
 use lockstep_agent::guests::GuestKind;
 use lockstep_agent::metrics::Metrics;
@@ -18,6 +17,7 @@ use lockstep_agent::record::{LogHeader, LogReader, LogSink, LogWriter, MemorySin
 use lockstep_agent::recorder::{Recorder, ReleaseNow};
 use lockstep_agent::replayer::Replayer;
 use lockstep_agent::vmm::{Machine, MachineConfig, RunSummary, StopReason};
+use lockstep_logging::LogFormat;
 
 /// Lockstep's per-pod agent: a KVM virtual machine monitor that records every
 /// non-deterministic input of a single-vCPU guest so that a backup can replay it exactly.
@@ -172,7 +172,8 @@ struct MachineArgs {
     /// Each replica needs its own copy.
     #[arg(long, value_name = "PATH")]
     disk: Option<PathBuf>,
-    /// Size of a disk image created by this run.
+    /// Size of a disk image created by this run; without --disk, of the scratch disk the guest
+    /// gets instead (held in memory, gone when the agent exits).
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     disk_size_mib: u64,
 }
@@ -267,11 +268,7 @@ fn open_disk(path: &Path, create_mib: Option<u64>) -> Result<File, CliError> {
 
 /// A scratch disk for kvstore runs without --disk: it works, but nothing persists.
 fn scratch_disk(mib: u64) -> Result<File, CliError> {
-    let dir = std::env::temp_dir();
-    let path = dir.join(format!("lockstep-scratch-{}.img", std::process::id()));
-    let f = open_disk(&path, Some(mib))?;
-    let _ = std::fs::remove_file(&path);
-    Ok(f)
+    lockstep_agent::devices::virtio::blk::scratch_disk(mib << 20).map_err(io_err("creating a scratch disk (memfd)"))
 }
 
 fn summary_json(s: &RunSummary, guest: GuestKind, seconds: f64, extra: serde_json::Value) -> String {

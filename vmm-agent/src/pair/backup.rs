@@ -152,17 +152,10 @@ fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
                 }
                 (None, n) => {
                     // No --disk: a scratch copy, gone when this agent exits.
-                    let p = std::env::temp_dir().join(format!("lockstep-backup-{}.img", std::process::id()));
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(&p)
-                        .map_err(|e| format!("scratch disk {}: {e}", p.display()))?;
-                    let _ = std::fs::remove_file(&p);
-                    f.set_len(n).map_err(|e| e.to_string())?;
-                    Some(f)
+                    Some(
+                        crate::devices::virtio::blk::scratch_disk(n)
+                            .map_err(|e| format!("scratch disk (memfd): {e}"))?,
+                    )
                 }
             };
             core.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;

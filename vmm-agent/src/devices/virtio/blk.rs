@@ -26,6 +26,22 @@ const F_FLUSH: u64 = 1 << 9;
 /// Largest single request we serve (the guest's AOF writes are far smaller).
 const MAX_REQUEST: usize = 4 << 20;
 
+/// A disk that lives only as long as this process: an anonymous memory file (`memfd`) of `bytes`
+/// bytes, sparse until written. For guests run without `--disk`: it needs no writable file system
+/// (agent pods have a read-only root) and leaves nothing behind.
+pub fn scratch_disk(bytes: u64) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name and valid flags; the result is checked before use.
+    let fd = unsafe { libc::memfd_create(c"lockstep-scratch-disk".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created by memfd_create and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(bytes)?;
+    Ok(file)
+}
+
 #[derive(Debug)]
 pub struct Blk {
     disk: File,
