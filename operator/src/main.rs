@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use lockstep_logging::LogFormat;
 use lockstep_arbiter::{Arbiter, LeaseArbiter};
+use lockstep_logging::LogFormat;
 use lockstep_operator::controller::{self, Context, Settings};
 use lockstep_operator::leader::{self, Timing};
 use lockstep_operator::metrics::{self, Metrics};
