@@ -17,7 +17,8 @@ SRC_DIR="$K8S_ROOT/src"
 # Running cluster state (certificates, etcd data, logs, pids): an ignored folder of this checkout.
 WORK_DIR=${LOCKSTEP_CLUSTER_WORK:-$REPO_ROOT/e2e/.work/cluster}
 
-# Loopback only. Non-default ports so that a stray default-port service does not collide.
+# Loopback, and the bed's own private network (below). Non-default ports so that a stray
+# default-port service does not collide.
 HOST=127.0.0.1
 ETCD_CLIENT_PORT=${LOCKSTEP_ETCD_PORT:-23790}
 ETCD_PEER_PORT=${LOCKSTEP_ETCD_PEER_PORT:-23800}
@@ -27,6 +28,38 @@ SCHEDULER_PORT=${LOCKSTEP_SCHEDULER_PORT:-10359}
 KWOK_PORT=${LOCKSTEP_KWOK_PORT:-10347}
 
 KUBECONFIG_PATH="$WORK_DIR/kubeconfig"
+
+# ---- The bed's private network (e2e/cluster/net.sh) -------------------------------------------
+# Host-only: a network namespace NET_ROUTER_NS plays the data-centre router (the nodes' bridge,
+# routes to every pod CIDR, a kube-proxy for Service ClusterIPs); this machine's root namespace
+# reaches it over one veth pair and owns only ROOT_IP. Nothing is bridged to a physical interface.
+NET_ROUTER_NS=${LOCKSTEP_ROUTER_NS:-lockstep-router}
+ROOT_VETH=lst-router0           # root-namespace end of the veth pair to the router
+ROOT_IP=10.77.255.1             # this machine, as the nodes see it: the apiserver binds here
+ROUTER_UPLINK_IP=10.77.255.2    # the router's end of that pair
+NODE_NET_PREFIX=10.77.0         # the nodes' shared layer-2 segment (bridge NODE_BRIDGE in the router)
+NODE_NET=$NODE_NET_PREFIX.0/24
+NODE_GW=$NODE_NET_PREFIX.1      # the router on that segment
+NODE_BRIDGE=br-nodes
+CLUSTER_POD_CIDR=10.244.0.0/16  # real nodes' pods: node i gets 10.244.i.0/24
+SERVICE_CIDR=10.96.0.0/16
+# The apiserver: on the bed network so that real nodes and their pods reach it (kube-proxy maps
+# the kubernetes Service 10.96.0.1:443 to it), and this machine too.
+APISERVER_HOST=$ROOT_IP
+
+# ---- Real nodes (e2e/cluster/realnode.sh): kubelet + containerd + kube-proxy each ---------------
+REAL_NODE_PREFIX=real-
+# Label on every real node (kwok nodes carry type=kwok and the KWOK_TAINT taint instead).
+REAL_NODE_LABEL=testbed.lockstep.dev/real
+# kwok nodes run nothing; this taint keeps ordinary workloads (and users' FTVMs) off them. Tests
+# that want kwok nodes tolerate it and select type=kwok.
+KWOK_TAINT_KEY=testbed.lockstep.dev/kwok
+# Every real node's processes live below this cgroup, in every v1 hierarchy.
+CGROUP_PARENT=lockstep-testbed
+CGROUP_CONTROLLERS=(cpu cpuacct cpuset memory pids blkio devices freezer systemd)
+# Container images for real nodes: built here (e2e/cluster/images), imported into each node.
+IMAGES_DIR="$WORK_DIR/images"
+PAUSE_IMAGE=registry.k8s.io/pause:3.10.1
 NODES=(node-a node-b node-c)
 # The extended resource that the FT VM pods request, and how many each fake node offers.
 KVM_RESOURCE=devices.lockstep.dev/kvm
@@ -90,9 +123,37 @@ lock_bed() {
   fi
 }
 
+# write_kubeconfig FILE CERT USER: a kubeconfig for the bed's apiserver with an embedded client
+# certificate (pki/CERT.crt and .key).
+write_kubeconfig() {
+  local file=$1 cert=$2 user=$3
+  local tmp="$file.tmp"
+  cat >"$tmp" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: lockstep-testbed
+  cluster:
+    server: https://$APISERVER_HOST:$APISERVER_PORT
+    certificate-authority-data: $(base64 -w0 <"$WORK_DIR/pki/ca.crt")
+users:
+- name: $user
+  user:
+    client-certificate-data: $(base64 -w0 <"$WORK_DIR/pki/$cert.crt")
+    client-key-data: $(base64 -w0 <"$WORK_DIR/pki/$cert.key")
+contexts:
+- name: lockstep-testbed
+  context:
+    cluster: lockstep-testbed
+    user: $user
+current-context: lockstep-testbed
+KC
+  chmod 600 "$tmp"
+  mv -f "$tmp" "$file"
+}
 tools_present() {
   local t
-  for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubeconform; do
+  for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy kwok helm kubeconform; do
     [[ -x "$BIN_DIR/$t" ]] || return 1
   done
 }
@@ -107,11 +168,13 @@ resources() {
     $KVM_RESOURCE: "$KVM_PER_NODE"
 RES
 }
-# node_manifest NAME IP [TAINT_KEY]: a kwok fake node labelled like a real one, with a
-# NoSchedule taint TAINT_KEY=true when given (keeps other workloads off a private test node).
+# node_manifest NAME IP [TAINT_KEY]: a kwok fake node labelled like a real one. Every kwok node is
+# tainted KWOK_TAINT_KEY=true:NoSchedule (it runs no containers, so nothing should land there by
+# accident); TAINT_KEY adds a second NoSchedule taint (keeps other tests off a private node).
 node_manifest() {
-  local name=$1 ip=$2 taint=${3:-} spec='spec: {}'
-  [[ -z "$taint" ]] || spec=$'spec:\n  taints:\n  - key: '"$taint"$'\n    value: "true"\n    effect: NoSchedule'
+  local name=$1 ip=$2 taint=${3:-}
+  local spec=$'spec:\n  taints:\n  - key: '"$KWOK_TAINT_KEY"$'\n    value: "true"\n    effect: NoSchedule'
+  [[ -z "$taint" ]] || spec+=$'\n  - key: '"$taint"$'\n    value: "true"\n    effect: NoSchedule'
   cat <<NODE
 ---
 apiVersion: v1

@@ -315,6 +315,25 @@ pub fn example_ftvm(ns: &str) -> lockstep_operator::crd::FTVirtualMachine {
     vm
 }
 
+/// The taint on every kwok node of the test bed (`KWOK_TAINT_KEY` in e2e/cluster/lib.sh): kwok
+/// runs no containers, so only tests that mean to use kwok nodes tolerate it.
+pub const KWOK_TAINT_KEY: &str = "testbed.lockstep.dev/kwok";
+
+/// Places `vm` on the bed's kwok nodes (which run no containers; the tests start the agents as
+/// local processes): tolerate their taint and select them, so a bed with real nodes does not
+/// start real pods for a kwok test.
+pub fn on_kwok_nodes(mut vm: lockstep_operator::crd::FTVirtualMachine) -> lockstep_operator::crd::FTVirtualMachine {
+    let placement = &mut vm.spec.placement;
+    placement.node_selector.insert("type".into(), "kwok".into());
+    placement.tolerations.push(k8s_openapi::api::core::v1::Toleration {
+        key: Some(KWOK_TAINT_KEY.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    });
+    vm
+}
+
 /// Whether the pod has been given an IP.
 pub fn has_ip(p: &k8s_openapi::api::core::v1::Pod) -> bool {
     p.status.as_ref().and_then(|s| s.pod_ip.as_ref()).is_some_and(|ip| !ip.is_empty())
@@ -369,10 +388,10 @@ pub async fn wait_for_new_backup(
     .await
 }
 
-/// Creates [`example_ftvm`] in `ns`; returns the API for FTVMs there.
+/// Creates [`example_ftvm`] in `ns`, [`on_kwok_nodes`]; returns the API for FTVMs there.
 pub async fn create_example_ftvm(client: &Client, ns: &str) -> Api<lockstep_operator::crd::FTVirtualMachine> {
     let api = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &example_ftvm(ns))
+    api.create(&PostParams::default(), &on_kwok_nodes(example_ftvm(ns)))
         .await
         .unwrap_or_else(|e| panic!("create the example FTVM in {ns}: {e}"));
     api
