@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build the operator and agent container images FROM scratch with buildah (no daemon, no base
-# image to pull) and save each as an OCI archive.
+# Build the operator, agent and KVM device plugin container images FROM scratch with buildah (no
+# daemon, no base image to pull) and save each as an OCI archive.
 #
-#   charts/build-images.sh [operator] [agent]      (default: both)
+#   charts/build-images.sh [operator] [agent] [device-plugin]   (default: operator and agent)
 #
 # Environment:
 #   OUT       where the archives go (default: target/images)
@@ -57,6 +57,8 @@ for image in "${images[@]}"; do
   case "$image" in
     operator) build_one lockstep-operator lockstep-operator lockstep-operator "$ROOT/operator/Containerfile" ;;
     agent) build_one lockstep-agent lockstep-agent lockstep-agent "$ROOT/vmm-agent/Containerfile" ;;
-    *) die "unknown image $image (expected operator or agent)" ;;
+    device-plugin)
+      build_one lockstep-device-plugin lockstep-device-plugin lockstep-device-plugin "$ROOT/device-plugin/Containerfile" ;;
+    *) die "unknown image $image (expected operator, agent or device-plugin)" ;;
   esac
 done
