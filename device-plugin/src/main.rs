@@ -1,18 +1,20 @@
 //! `lockstep-device-plugin`: advertises the node's KVM device to the kubelet. See `--help` and
 //! `docs/device-plugin.md`.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use lockstep_device_plugin::config::{Cli, LogFormat};
+use lockstep_device_plugin::config::Cli;
 use lockstep_device_plugin::plugin;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if let Err(e) = lockstep_logging::init(cli.log_format, &filter) {
+        eprintln!("lockstep-device-plugin: error: {e} (RUST_LOG)");
+        return ExitCode::from(2);
+    }
     // One thread is plenty: the plugin answers a handful of calls per pod start.
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -44,15 +46,4 @@ fn main() -> ExitCode {
             }
         }
     })
-}
-
-/// Logs to stderr, filtered by RUST_LOG (default `info`). Text has no colour codes unless stderr is
-/// a terminal, so that container logs stay plain.
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -120,11 +120,12 @@ async fn sigint_exits_zero_and_json_logs_are_one_object_per_line() {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
         .collect();
-    let messages: Vec<&str> = lines.iter().filter_map(|l| l["fields"]["message"].as_str()).collect();
+    // Event fields are flattened into the object (lockstep-logging), as collectors expect.
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
     assert!(messages.contains(&"registered with the kubelet"), "{messages:?}");
     assert!(messages.contains(&"SIGINT received: removing the socket and exiting"), "{messages:?}");
-    let registered = lines.iter().find(|l| l["fields"]["message"] == "registered with the kubelet").unwrap();
-    assert_eq!(registered["fields"]["resource"], "devices.lockstep.dev/kvm");
+    let registered = lines.iter().find(|l| l["message"] == "registered with the kubelet").unwrap();
+    assert_eq!(registered["resource"], "devices.lockstep.dev/kvm");
     assert_eq!(registered["level"], "INFO");
 }
 
