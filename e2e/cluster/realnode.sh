@@ -97,6 +97,13 @@ node_kill() {
   [[ -z "$(node_cgroup_pids "$name")" ]] || log "warning: node $name still has processes: $(node_cgroup_pids "$name" | tr '\n' ' ')"
   rm -f "$(node_pidfile "$name")"
   cgroups_remove "$name"
+  # The kernel tears a dead network namespace down asynchronously; its veth (and the router's end)
+  # must be gone before the node can start again with the same names.
+  for i in $(seq 100); do
+    in_router ip link show "$(node_veth "$name")" >/dev/null 2>&1 || return 0
+    sleep 0.05
+  done
+  in_router ip link del "$(node_veth "$name")" 2>/dev/null || true
 }
 
 # node_freeze NAME [--cut-network]: stop every process of the node where it stands. The kernel
