@@ -85,6 +85,15 @@ impl Resp {
         Ok(Resp { conn: BufReader::new(s), peer: format!("{addr:?}") })
     }
 
+    /// Connects, once, giving up after `timeout` (a peer that vanished without a reset would
+    /// otherwise keep `connect` waiting for minutes of SYN retries).
+    pub fn connect_timeout(addr: std::net::SocketAddr, timeout: Duration) -> io::Result<Resp> {
+        let s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(Self::REPLY_TIMEOUT))?;
+        s.set_write_timeout(Some(Self::REPLY_TIMEOUT))?;
+        Ok(Resp { conn: BufReader::new(s), peer: addr.to_string() })
+    }
+
     /// Connects until something at `addr` answers `PING` with `PONG`, every 100 ms; panics
     /// after `timeout` with the last failure.
     pub fn connect_retry(addr: impl ToSocketAddrs + Debug, timeout: Duration) -> Resp {
