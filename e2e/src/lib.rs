@@ -189,7 +189,7 @@ impl Drop for Operator {
 /// no network to fetch kubeconform's usual schemas). Every object schema that lists its properties
 /// gets `additionalProperties: false`, so unknown or misspelt fields are rejected.
 pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
-    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
     use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
     fn put<T: schemars::JsonSchema>(dir: &Path, file: &str) -> std::io::Result<()> {
@@ -208,6 +208,7 @@ pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
         std::fs::write(dir.join(file), serde_json::to_vec_pretty(&v).expect("json"))
     }
     put::<Deployment>(dir, "deployment-apps-v1.json")?;
+    put::<DaemonSet>(dir, "daemonset-apps-v1.json")?;
     put::<Service>(dir, "service-v1.json")?;
     put::<ServiceAccount>(dir, "serviceaccount-v1.json")?;
     put::<ConfigMap>(dir, "configmap-v1.json")?;

@@ -24,7 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, ResourceExt};
 use lockstep_arbiter::{Arbiter, LeaseArbiter, Outcome};
-use lockstep_e2e::{client, live_pods, node_of, repo_root, run_tool, wait_for};
+use lockstep_e2e::{KWOK_TAINT_KEY, client, live_pods, node_of, repo_root, run_tool, wait_for};
 use lockstep_operator::crd::FTVirtualMachine;
 use lockstep_operator::resources::LABEL_ROLE;
 
@@ -137,6 +137,14 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         &format!("watchNamespace={VM_NS}"),
         "--set",
         "replicas=1",
+        // kwok nodes only: on a bed that also has real nodes, the operator pod must not start
+        // for real beside this test's operator process, nor a second device plugin.
+        "--set",
+        "nodeSelector.type=kwok",
+        "--set",
+        &format!("tolerations[0].key={KWOK_TAINT_KEY},tolerations[0].operator=Exists"),
+        "--set",
+        "devicePlugin.enabled=false",
     ]);
     assert!(ok, "helm install failed:\n{out}");
     assert!(out.contains("STATUS: deployed"), "{out}");
@@ -192,7 +200,14 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
     let yaml = std::fs::read_to_string(repo_root().join("examples/ftvm.yaml")).unwrap();
     assert!(yaml.contains("namespace: default"), "the example's namespace line changed");
     let copy = dir.path().join("ftvm.yaml");
-    std::fs::write(&copy, yaml.replace("namespace: default", &format!("namespace: {VM_NS}"))).unwrap();
+    // On the kwok nodes (see on_kwok_nodes): this test runs no agents.
+    let placement = "    nodeSelector: {}\n    tolerations: []\n";
+    assert!(yaml.contains(placement), "the example's placement lines changed");
+    let kwok = format!(
+        "    nodeSelector: {{type: kwok}}\n    tolerations: [{{key: {KWOK_TAINT_KEY}, operator: Exists, effect: NoSchedule}}]\n"
+    );
+    let yaml = yaml.replace("namespace: default", &format!("namespace: {VM_NS}")).replace(placement, &kwok);
+    std::fs::write(&copy, yaml).unwrap();
     let (ok, applied) = kubectl(&["apply", "-f", copy.to_str().unwrap()]);
     assert!(ok, "kubectl apply of the example failed:\n{applied}");
     assert!(applied.contains("ftvirtualmachine.lockstep.dev/kvstore created"), "{applied}");
