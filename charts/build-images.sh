@@ -30,11 +30,29 @@ command -v cargo >/dev/null || die "cargo not found"
 images=("$@")
 [[ ${#images[@]} -gt 0 ]] || images=(operator agent)
 
-build_one() { # name package binary containerfile
-  local name=$1 pkg=$2 bin=$3 containerfile=$4
-  echo "==> $name: building static $bin for $TARGET"
-  RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$TARGET" -p "$pkg" --bin "$bin" \
-    --manifest-path "$ROOT/Cargo.toml"
+# image NAME -> "package containerfile" (the binary is named like its package)
+recipe() {
+  case "$1" in
+    operator) echo "lockstep-operator $ROOT/operator/Containerfile" ;;
+    agent) echo "lockstep-agent $ROOT/vmm-agent/Containerfile" ;;
+    device-plugin) echo "lockstep-device-plugin $ROOT/device-plugin/Containerfile" ;;
+    *) die "unknown image $1 (expected operator, agent or device-plugin)" ;;
+  esac
+}
+
+# One cargo invocation for every binary: cargo unifies features per invocation, so building the
+# packages one by one would resolve shared dependencies differently each time and rebuild them.
+pkgs=()
+for image in "${images[@]}"; do
+  read -r pkg _ <<<"$(recipe "$image")"
+  pkgs+=(-p "$pkg" --bin "$pkg")
+done
+echo "==> building static ${images[*]} for $TARGET"
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$TARGET" "${pkgs[@]}" \
+  --manifest-path "$ROOT/Cargo.toml"
+
+package() { # name binary containerfile
+  local name=$1 bin=$2 containerfile=$3
   local binary="$TARGET_DIR/$TARGET/release/$bin"
   [[ -x "$binary" ]] || die "$binary was not built"
   if ldd "$binary" 2>&1 | grep -q "=>"; then die "$binary is dynamically linked; a FROM scratch image cannot run it"; fi
@@ -54,11 +72,6 @@ build_one() { # name package binary containerfile
 }
 
 for image in "${images[@]}"; do
-  case "$image" in
-    operator) build_one lockstep-operator lockstep-operator lockstep-operator "$ROOT/operator/Containerfile" ;;
-    agent) build_one lockstep-agent lockstep-agent lockstep-agent "$ROOT/vmm-agent/Containerfile" ;;
-    device-plugin)
-      build_one lockstep-device-plugin lockstep-device-plugin lockstep-device-plugin "$ROOT/device-plugin/Containerfile" ;;
-    *) die "unknown image $image (expected operator, agent or device-plugin)" ;;
-  esac
+  read -r pkg containerfile <<<"$(recipe "$image")"
+  package "$pkg" "$pkg" "$containerfile"
 done
