@@ -97,13 +97,18 @@ node_kill() {
   [[ -z "$(node_cgroup_pids "$name")" ]] || log "warning: node $name still has processes: $(node_cgroup_pids "$name" | tr '\n' ' ')"
   rm -f "$(node_pidfile "$name")"
   cgroups_remove "$name"
-  # The kernel tears a dead network namespace down asynchronously; its veth (and the router's end)
-  # must be gone before the node can start again with the same names.
+}
+
+# The kernel tears a dead network namespace down asynchronously; the router's end of its veth must
+# be gone before a node with the same name starts again.
+node_wait_link_gone() {
+  local veth i
+  veth=$(node_veth "$1")
   for i in $(seq 100); do
-    in_router ip link show "$(node_veth "$name")" >/dev/null 2>&1 || return 0
+    in_router ip link show "$veth" >/dev/null 2>&1 || return 0
     sleep 0.05
   done
-  in_router ip link del "$(node_veth "$name")" 2>/dev/null || true
+  in_router ip link del "$veth" 2>/dev/null || true
 }
 
 # node_freeze NAME [--cut-network]: stop every process of the node where it stands. The kernel
@@ -257,6 +262,7 @@ node_start() {
   pidf=$(node_pidfile "$name")
   logf="$dir/logs/node-init.log"
   if node_alive "$name"; then log "node $name already running (pid $(node_pid "$name"))"; return; fi
+  node_wait_link_gone "$name"
   cgroups_create "$name"
   node_configure "$name"
   net_route_node "$name"
