@@ -30,8 +30,9 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest = manifest.join("../guest").canonicalize().expect("the guest sources are at ../guest");
     let abi = manifest.join("../guest-abi").canonicalize().expect("the guest ABI crate is at ../guest-abi");
+    let kv = manifest.join("../guest-kv").canonicalize().expect("the kvstore logic crate is at ../guest-kv");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for p in [guest.join("src"), abi.join("src")] {
+    for p in [guest.join("src"), abi.join("src"), kv.join("src"), kv.join("Cargo.toml")] {
         rerun_if_changed(&p);
     }
     for f in ["Cargo.toml", "Cargo.lock", "link.ld"] {

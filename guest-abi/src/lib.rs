@@ -5,6 +5,7 @@
 //!                  identity map of the first 4 GiB, user-accessible (the workload runs at CPL3
 //!                  and drives its devices by MMIO directly: port I/O from CPL3 raises #GP)
 //! GPA 0x0000_9000  BootInfo (VMM -> guest)
+//! GPA 0x0000_A000  boot arguments (VMM -> guest), BootInfo::boot_args_len bytes
 //! GPA 0x0010_0000  guest image (ELF, linked here)
 //! ...              heap up to the end of RAM
 //! GPA 0xD000_0000  MMIO slots, 4 KiB each: platform, serial, virtio-blk, virtio-vsock, virtio-rng
@@ -13,6 +14,13 @@
 
 /// Where the VMM writes [`BootInfo`].
 pub const BOOT_INFO_GPA: u64 = 0x9000;
+/// Where the VMM writes the guest's boot arguments: [`BootInfo::boot_args_len`] bytes of ASCII,
+/// `key=value` words separated by spaces, like a kernel command line. They come from the replay
+/// log's header, so a replay boots with exactly the arguments of the recording, and a cloned
+/// backup has them in the memory it received.
+pub const BOOT_ARGS_GPA: u64 = 0xA000;
+/// Most bytes of boot arguments (one page).
+pub const BOOT_ARGS_MAX: usize = 4096;
 /// Where the guest image is linked and loaded.
 pub const IMAGE_GPA: u64 = 0x10_0000;
 /// The VMM's boot page tables live in [PAGE_TABLES_GPA, PAGE_TABLES_GPA + PAGE_TABLES_SIZE).
@@ -83,4 +91,7 @@ pub struct BootInfo {
     pub devices: u64,
     /// Guest-specific argument (compute: work units per progress report; 0 = default).
     pub arg: u64,
+    /// Bytes of boot arguments at [`BOOT_ARGS_GPA`] (0: none; a VMM that predates them leaves
+    /// this word zero).
+    pub boot_args_len: u64,
 }

@@ -3,7 +3,7 @@
 //! deterministic, as replay requires.
 
 use linked_list_allocator::LockedHeap;
-use lockstep_guest_abi::{BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo};
+use lockstep_guest_abi::{BOOT_ARGS_GPA, BOOT_ARGS_MAX, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -33,4 +33,18 @@ pub(crate) fn init() {
 /// Bytes of heap currently free.
 pub fn free_bytes() -> usize {
     HEAP.lock().free()
+}
+
+/// Bytes of heap currently allocated.
+pub fn used_bytes() -> usize {
+    HEAP.lock().used()
+}
+
+/// The boot arguments the VMM wrote (empty if none, or if they are not text).
+pub fn boot_args() -> &'static str {
+    let len = (boot_info().boot_args_len as usize).min(BOOT_ARGS_MAX);
+    // SAFETY: the VMM wrote `len` bytes at this identity-mapped address before the first entry;
+    // the page lies below the image and outside the heap, and nothing writes it afterwards.
+    let bytes = unsafe { core::slice::from_raw_parts(BOOT_ARGS_GPA as *const u8, len) };
+    core::str::from_utf8(bytes).unwrap_or("")
 }

@@ -11,7 +11,6 @@ extern crate alloc;
 
 pub mod console;
 pub mod heap;
-pub mod kv;
 pub mod mem;
 pub mod platform;
 pub mod rt;

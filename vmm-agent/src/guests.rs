@@ -1,6 +1,9 @@
-//! The guest programs, built from ../guest by build.rs and embedded in the agent.
+//! The guest programs, built from ../guest by build.rs and embedded in the agent, and the
+//! kvstore's limits as the agent's flags give them.
 
 use std::fmt;
+
+use lockstep_guest_kv::limits::{Limits, Overrides};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GuestKind {
@@ -54,5 +57,146 @@ impl GuestKind {
 impl fmt::Display for GuestKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// The kvstore's limits from the command line (`run`, `primary`, `up`). 0 or absent means sized
+/// from guest memory. They reach the guest as boot arguments, which the replay log's header
+/// carries; a backup receives them with the memory it clones, so it takes no such flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct KvLimitFlags {
+    /// kvstore: most client connections; more get "-ERR max number of clients reached".
+    /// 0 = 2 per MiB of guest memory (16 to 10000).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub maxclients: u64,
+    /// kvstore: refuse writes with -OOM once the guest's heap in use would pass this; reads and
+    /// deletes still work. 0 = half the guest memory.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub maxmemory_mib: u64,
+    /// kvstore: disconnect a client whose unparsed input passes this (also the longest
+    /// argument). 0 = guest memory / 16 (64 KiB to 512 MiB).
+    #[arg(long, value_name = "KIB", default_value_t = 0)]
+    pub client_query_buffer_limit_kib: u64,
+    /// kvstore: disconnect a client whose pending replies pass this. 0 = guest memory / 8
+    /// (128 KiB to 1 GiB).
+    #[arg(long, value_name = "KIB", default_value_t = 0)]
+    pub client_output_buffer_limit_kib: u64,
+}
+
+/// Limits that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LimitsError {
+    #[error(
+        "the {0} guest takes no client limits; --maxclients, --maxmemory-mib and the buffer limits are for kvstore"
+    )]
+    NotKvstore(GuestKind),
+    #[error(
+        "--maxmemory-mib {maxmemory_mib} is more than the guest's {memory_mib} MiB of memory; lower it or raise --memory-mib"
+    )]
+    MaxmemoryTooLarge { maxmemory_mib: u64, memory_mib: u64 },
+    #[error("--{0} is too large")]
+    TooLarge(&'static str),
+}
+
+impl KvLimitFlags {
+    /// Whether every limit is left to its default.
+    pub fn is_default(&self) -> bool {
+        *self == KvLimitFlags::default()
+    }
+
+    /// The explicit limits in bytes.
+    pub fn overrides(&self) -> Result<Overrides, LimitsError> {
+        let scale = |v: u64, shift: u32, flag: &'static str| {
+            v.checked_mul(1 << shift).ok_or(LimitsError::TooLarge(flag)).map(|b| Some(b).filter(|&b| b > 0))
+        };
+        Ok(Overrides {
+            maxclients: Some(self.maxclients).filter(|&n| n > 0),
+            maxmemory: scale(self.maxmemory_mib, 20, "maxmemory-mib")?,
+            client_query_buffer_limit: scale(self.client_query_buffer_limit_kib, 10, "client-query-buffer-limit-kib")?,
+            client_output_buffer_limit: scale(
+                self.client_output_buffer_limit_kib,
+                10,
+                "client-output-buffer-limit-kib",
+            )?,
+        })
+    }
+
+    /// The boot arguments for `guest` with `mem_size` bytes of memory (empty when nothing is set).
+    pub fn boot_args(&self, guest: GuestKind, mem_size: u64) -> Result<String, LimitsError> {
+        if self.is_default() {
+            return Ok(String::new());
+        }
+        if guest != GuestKind::Kvstore {
+            return Err(LimitsError::NotKvstore(guest));
+        }
+        if self.maxmemory_mib > mem_size >> 20 {
+            return Err(LimitsError::MaxmemoryTooLarge {
+                maxmemory_mib: self.maxmemory_mib,
+                memory_mib: mem_size >> 20,
+            });
+        }
+        Ok(self.overrides()?.to_string())
+    }
+
+    /// The limits the guest will run with (what it prints at boot).
+    pub fn effective(&self, mem_size: u64) -> Result<Limits, LimitsError> {
+        Ok(Limits::with(mem_size, &self.overrides()?))
+    }
+
+    /// These flags as command-line arguments (for `up`'s replicas).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for (flag, v) in [
+            ("--maxclients", self.maxclients),
+            ("--maxmemory-mib", self.maxmemory_mib),
+            ("--client-query-buffer-limit-kib", self.client_query_buffer_limit_kib),
+            ("--client-output-buffer-limit-kib", self.client_output_buffer_limit_kib),
+        ] {
+            if v > 0 {
+                args.push(flag.to_string());
+                args.push(v.to_string());
+            }
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_become_boot_args_in_bytes() {
+        let f = KvLimitFlags {
+            maxclients: 50,
+            maxmemory_mib: 8,
+            client_output_buffer_limit_kib: 256,
+            ..Default::default()
+        };
+        let args = f.boot_args(GuestKind::Kvstore, 64 << 20).unwrap();
+        assert_eq!(args, "maxclients=50 maxmemory=8388608 client-output-buffer-limit=262144");
+        assert_eq!(Overrides::parse(&args).unwrap(), f.overrides().unwrap());
+        let l = f.effective(64 << 20).unwrap();
+        assert_eq!(l.client_query_buffer_limit, 4 << 20, "unset limits are sized from memory");
+        assert_eq!(
+            f.to_args(),
+            ["--maxclients", "50", "--maxmemory-mib", "8", "--client-output-buffer-limit-kib", "256"]
+        );
+    }
+
+    #[test]
+    fn defaults_pass_nothing() {
+        assert_eq!(KvLimitFlags::default().boot_args(GuestKind::Idle, 16 << 20).unwrap(), "");
+        assert!(KvLimitFlags::default().to_args().is_empty());
+    }
+
+    #[test]
+    fn unusable_limits_are_refused() {
+        let f = KvLimitFlags { maxclients: 3, ..Default::default() };
+        assert_eq!(f.boot_args(GuestKind::Compute, 64 << 20), Err(LimitsError::NotKvstore(GuestKind::Compute)));
+        let f = KvLimitFlags { maxmemory_mib: 65, ..Default::default() };
+        assert!(matches!(f.boot_args(GuestKind::Kvstore, 64 << 20), Err(LimitsError::MaxmemoryTooLarge { .. })));
+        let f = KvLimitFlags { maxmemory_mib: u64::MAX, ..Default::default() };
+        assert_eq!(f.overrides(), Err(LimitsError::TooLarge("maxmemory-mib")));
     }
 }

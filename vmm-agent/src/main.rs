@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use lockstep_agent::client::FrontEnd;
-use lockstep_agent::guests::GuestKind;
+use lockstep_agent::guests::{GuestKind, KvLimitFlags};
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::pair;
 use lockstep_agent::record::{LogHeader, LogReader, LogSink, LogWriter, MemorySink, hex};
@@ -89,6 +89,8 @@ struct UpArgs {
     /// Show the replicas' info logs.
     #[arg(long)]
     verbose: bool,
+    #[command(flatten)]
+    guest_limits: KvLimitFlags,
 }
 
 #[derive(Args, Debug)]
@@ -138,6 +140,8 @@ struct PrimaryArgs {
     /// Guest-specific argument (compute: iterations per unit of work).
     #[arg(long, default_value_t = 0, value_name = "N")]
     guest_arg: u64,
+    #[command(flatten)]
+    guest_limits: KvLimitFlags,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -203,6 +207,8 @@ struct RunArgs {
     /// Guest-specific argument (compute: iterations per unit of work).
     #[arg(long, default_value_t = 0, value_name = "N")]
     guest_arg: u64,
+    #[command(flatten)]
+    guest_limits: KvLimitFlags,
     /// Identity of this VM, written into the log header and metric labels.
     #[arg(long, default_value = "local", value_name = "ID")]
     vm_id: String,
@@ -238,6 +244,8 @@ enum CliError {
     Log(#[from] lockstep_agent::record::CodecError),
     #[error(transparent)]
     Pair(#[from] lockstep_agent::pair::primary::PairError),
+    #[error(transparent)]
+    Limits(#[from] lockstep_agent::guests::LimitsError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -322,6 +330,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         disk_size,
         guest_arg: args.guest_arg,
         vm_id: args.vm_id.clone(),
+        boot_args: args.guest_limits.boot_args(guest, mem_size)?,
     };
     let metrics = Metrics::new(&args.vm_id);
     if let Some(addr) = args.metrics_listen {
@@ -334,7 +343,10 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     metrics.ready.set(1);
-    let mut vm = Machine::new(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg })?;
+    let mut vm = Machine::new_with_boot_args(
+        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
+        &header.boot_args,
+    )?;
     vm.exit_limit = args.stop_after_exits;
     let stop = stop_flag();
     let started = Instant::now();
@@ -427,7 +439,8 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
             Some(scratch_disk(size >> 20)?)
         }
     };
-    let mut vm = Machine::new(MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg })?;
+    let cfg = MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg };
+    let mut vm = Machine::new_with_boot_args(cfg, &header.boot_args)?;
     let mut rep = Replayer::new(reader);
     rep.console.quiet = !args.console;
     let started = Instant::now();
@@ -497,6 +510,8 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let (opts, cfg) = ft_setup(&args.ft, args.channel_listen)?;
     let guest = args.guest;
     let mem_size = args.machine.memory_mib << 20;
+    // Checked before the arbiter is taken: a primary with unusable limits must not start.
+    let boot_args = args.guest_limits.boot_args(guest, mem_size)?;
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
@@ -523,7 +538,8 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     };
     eprintln!("lockstep-agent: primary of {} at epoch {epoch}", opts.vm_id);
-    let mut vm = Machine::new(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg })?;
+    let mut vm =
+        Machine::new_with_boot_args(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg }, &boot_args)?;
     let ft = lockstep_ft::Primary::new(
         cfg,
         lockstep_ft::VmIdentity { vm_id: opts.vm_id.clone(), guest_image: guest.image_hash() },
@@ -578,6 +594,7 @@ fn main() -> ExitCode {
             disk_size_mib: a.disk_size_mib,
             vm_id: a.vm_id,
             verbose: a.verbose,
+            guest_limits: a.guest_limits,
         })
         .map_err(CliError::Usage),
     };

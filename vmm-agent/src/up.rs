@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::guests::GuestKind;
+use crate::guests::{GuestKind, KvLimitFlags};
 
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -28,6 +28,8 @@ pub struct UpOptions {
     pub disk_size_mib: u64,
     pub vm_id: String,
     pub verbose: bool,
+    /// The kvstore's limits, given to the first primary; later replicas get them by clone.
+    pub guest_limits: KvLimitFlags,
 }
 
 struct Slot {
@@ -52,6 +54,7 @@ impl Slot {
             Role::Primary => {
                 c.args(["primary", "--guest", o.guest.name(), "--channel-listen", &self.channel.to_string()]);
                 c.args(["--memory-mib", &o.memory_mib.to_string(), "--disk-size-mib", &o.disk_size_mib.to_string()]);
+                c.args(o.guest_limits.to_args());
             }
             Role::Backup => {
                 c.args(["backup", "--guest", o.guest.name(), "--channel-connect", &peer_channel.to_string()]);

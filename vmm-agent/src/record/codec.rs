@@ -3,8 +3,11 @@
 use std::fmt;
 
 pub const LOG_MAGIC: &[u8; 8] = b"LOCKSTEP";
-/// Bumped on purpose whenever the layout or the meaning of an entry changes.
-pub const LOG_VERSION: u16 = 1;
+/// Bumped on purpose whenever the layout or the meaning of an entry changes. Version 2 added the
+/// guest's boot arguments to the header; version 1 logs still decode (with none).
+pub const LOG_VERSION: u16 = 2;
+/// The oldest version this agent reads.
+pub const LOG_VERSION_MIN: u16 = 1;
 /// Frames larger than this are refused: a length field from untrusted bytes must not make us
 /// allocate gigabytes.
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -17,7 +20,7 @@ pub enum CodecError {
     #[error("not a Lockstep log (bad magic)")]
     BadMagic,
     #[error(
-        "log format version {found} is not supported (this agent reads version {LOG_VERSION}); replay it with the agent that recorded it"
+        "log format version {found} is not supported (this agent reads versions {LOG_VERSION_MIN} to {LOG_VERSION}); replay it with the agent that recorded it"
     )]
     Version { found: u16 },
     #[error("log header is corrupt: {0}")]
@@ -46,6 +49,9 @@ pub struct LogHeader {
     pub disk_size: u64,
     pub guest_arg: u64,
     pub vm_id: String,
+    /// The guest's boot arguments (`lockstep_guest_abi::BOOT_ARGS_GPA`): the kvstore's limits.
+    /// Empty in version-1 logs.
+    pub boot_args: String,
 }
 
 impl LogHeader {
@@ -57,6 +63,7 @@ impl LogHeader {
         body.extend_from_slice(&self.disk_size.to_le_bytes());
         body.extend_from_slice(&self.guest_arg.to_le_bytes());
         put_str(&mut body, &self.vm_id);
+        put_str(&mut body, &self.boot_args);
         let mut out = Vec::with_capacity(body.len() + 20);
         out.extend_from_slice(LOG_MAGIC);
         out.extend_from_slice(&LOG_VERSION.to_le_bytes());
@@ -76,7 +83,7 @@ impl LogHeader {
             return Err(CodecError::BadMagic);
         }
         let version = u16::from_le_bytes([buf[8], buf[9]]);
-        if version != LOG_VERSION {
+        if !(LOG_VERSION_MIN..=LOG_VERSION).contains(&version) {
             return Err(CodecError::Version { found: version });
         }
         let len = u32::from_le_bytes(buf[10..14].try_into().expect("4 bytes")) as usize;
@@ -100,6 +107,7 @@ impl LogHeader {
             disk_size: r.u64().map_err(bad)?,
             guest_arg: r.u64().map_err(bad)?,
             vm_id: r.string().map_err(bad)?,
+            boot_args: if version >= 2 { r.string().map_err(bad)? } else { String::new() },
         };
         if r.pos != r.b.len() {
             return Err(CodecError::BadHeader("trailing bytes in header"));
@@ -372,18 +380,44 @@ mod tests {
             disk_size: 1 << 26,
             guest_arg: 0,
             vm_id: "vm-1".into(),
+            boot_args: "maxclients=10 maxmemory=1048576".into(),
         };
         let bytes = h.encode();
         assert_eq!(LogHeader::decode(&bytes).unwrap(), Some((h.clone(), bytes.len())));
         assert_eq!(LogHeader::decode(&bytes[..10]).unwrap(), None);
         assert_eq!(LogHeader::decode(b"NOTALOG!xxxxxxxxxx"), Err(CodecError::BadMagic));
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        assert_eq!(LogHeader::decode(&v2), Err(CodecError::Version { found: 2 }));
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        assert_eq!(LogHeader::decode(&v3), Err(CodecError::Version { found: 3 }));
         let mut corrupt = bytes.clone();
         let last = corrupt.len() - 6;
         corrupt[last] ^= 0x40;
         assert!(matches!(LogHeader::decode(&corrupt), Err(CodecError::BadHeader(_))));
+    }
+
+    /// A version-1 header (no boot arguments), as agents before version 2 wrote it.
+    #[test]
+    fn version_1_headers_decode_without_boot_args() {
+        let h = LogHeader {
+            guest: "idle".into(),
+            image_hash: [3; 32],
+            mem_size: 16 << 20,
+            disk_size: 0,
+            guest_arg: 5,
+            vm_id: "old".into(),
+            boot_args: String::new(),
+        };
+        let v2 = h.encode();
+        // Version 1 is version 2 without the last string (2 bytes of length, empty).
+        let body_len = u32::from_le_bytes(v2[10..14].try_into().unwrap()) as usize - 2;
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(LOG_MAGIC);
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&(body_len as u32).to_le_bytes());
+        v1.extend_from_slice(&v2[14..14 + body_len]);
+        let crc = crc32fast::hash(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(LogHeader::decode(&v1).unwrap(), Some((h, v1.len())));
     }
 
     #[test]

@@ -142,6 +142,7 @@ mod tests {
             disk_size: 0,
             guest_arg: 0,
             vm_id: "t".into(),
+            boot_args: String::new(),
         };
         let mut bytes = h.encode();
         for i in 0..100u64 {

@@ -5,7 +5,9 @@
 use std::io::Cursor;
 
 use linux_loader::loader::{KernelLoader, elf::Elf};
-use lockstep_guest_abi::{BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo, IMAGE_GPA, PAGE_TABLES_GPA};
+use lockstep_guest_abi::{
+    BOOT_ARGS_GPA, BOOT_ARGS_MAX, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo, IMAGE_GPA, PAGE_TABLES_GPA,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::GuestMemory;
@@ -17,6 +19,8 @@ pub enum BootError {
     Image(#[from] linux_loader::loader::Error),
     #[error("the guest image's entry point {0:#x} is not where the guest ABI says images start")]
     Entry(u64),
+    #[error("the boot arguments are {0} bytes; at most {BOOT_ARGS_MAX} fit (give fewer or shorter settings)")]
+    BootArgsTooLong(usize),
     #[error("writing boot structures into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -46,18 +50,23 @@ fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Load the image and write the boot structures; returns the vCPU's power-on state.
-pub fn setup(mem: &GuestMemory, image: &[u8], info: BootInfo) -> Result<VcpuState, BootError> {
+/// Load the image and write the boot structures and `boot_args`; returns the vCPU's power-on
+/// state.
+pub fn setup(mem: &GuestMemory, image: &[u8], info: BootInfo, boot_args: &str) -> Result<VcpuState, BootError> {
+    if boot_args.len() > BOOT_ARGS_MAX {
+        return Err(BootError::BootArgsTooLong(boot_args.len()));
+    }
     write_page_tables(mem)?;
     // A GDT matching the segments below, until the guest loads its own.
     let gdt: [u64; 3] = [0, 0x00af9a000000ffff, 0x00cf92000000ffff];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(BOOT_GDT + i as u64 * 8))?;
     }
-    let info = BootInfo { magic: BOOT_INFO_MAGIC, ..info };
-    let words = [info.magic, info.mem_size, info.devices, info.arg];
+    let info = BootInfo { magic: BOOT_INFO_MAGIC, boot_args_len: boot_args.len() as u64, ..info };
+    let words = [info.magic, info.mem_size, info.devices, info.arg, info.boot_args_len];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(BOOT_INFO_GPA))?;
+    mem.write_slice(boot_args.as_bytes(), GuestAddress(BOOT_ARGS_GPA))?;
     let loaded = Elf::load(mem, None, &mut Cursor::new(image), None)?;
     if loaded.kernel_load.0 != IMAGE_GPA {
         return Err(BootError::Entry(loaded.kernel_load.0));
@@ -107,7 +116,22 @@ mod tests {
     #[test]
     fn rejects_non_elf_image() {
         let mem = super::super::memory::create(16 << 20).unwrap();
-        let err = setup(&mem, b"not an elf", BootInfo::default()).unwrap_err();
+        let err = setup(&mem, b"not an elf", BootInfo::default(), "").unwrap_err();
         assert!(matches!(err, BootError::Image(_)), "{err}");
+    }
+
+    #[test]
+    fn boot_args_are_written_where_the_guest_reads_them() {
+        let mem = super::super::memory::create(16 << 20).unwrap();
+        // The image is refused after the boot structures are written.
+        let _ = setup(&mem, b"not an elf", BootInfo::default(), "maxclients=7");
+        let len: u64 = mem.read_obj(GuestAddress(BOOT_INFO_GPA + 32)).unwrap();
+        assert_eq!(len, 12);
+        let mut text = [0u8; 12];
+        mem.read_slice(&mut text, GuestAddress(BOOT_ARGS_GPA)).unwrap();
+        assert_eq!(&text, b"maxclients=7");
+        let long = "x".repeat(BOOT_ARGS_MAX + 1);
+        let err = setup(&mem, b"not an elf", BootInfo::default(), &long).unwrap_err();
+        assert!(matches!(err, BootError::BootArgsTooLong(n) if n == BOOT_ARGS_MAX + 1), "{err}");
     }
 }
