@@ -907,18 +907,20 @@ fn backup_rejects_clone_data_outside_the_announced_sizes_or_out_of_order() {
 fn entries_taken_but_not_replayed_still_count_against_the_backup_budget() {
     let c = FtConfig { backup_buffer_budget: 100, ..cfg() };
     let (mut p, mut b) = synced_pair(c, 0);
-    // 52 wire bytes: within the budget, acknowledged at once.
+    // At most 51 wire bytes: within the budget, acknowledged at once.
+    let one = entry(1, 40).wire_len() as u64;
+    assert!(2 * one > 100 && one < 100);
     p.append(entry(1, 40)).unwrap();
     p.exit_complete(1, 1);
     deliver_to_backup(p.take_ready(), &mut b, 1);
     assert_eq!(b.take_replayable().len(), 1, "the driver takes eagerly");
     assert!(b.take_ready().messages.contains(&Message::Ack { through_exit: 1, replayed_exit: 0 }));
-    // Another 52: 104 unreplayed bytes although nothing is left in the machine's queue.
+    // Another as much: over 100 unreplayed bytes although nothing is left in the machine's queue.
     p.append(entry(2, 40)).unwrap();
     p.exit_complete(2, 2);
     deliver_to_backup(p.take_ready(), &mut b, 2);
     assert_eq!(b.take_replayable().len(), 1);
-    assert_eq!(b.metrics().buffered_bytes, 104);
+    assert_eq!(b.metrics().buffered_bytes, 2 * one);
     assert!(
         !b.take_ready().messages.iter().any(|m| matches!(m, Message::Ack { through_exit: 2, .. })),
         "over budget: exit 2 is not acknowledged before it is replayed"
@@ -951,4 +953,37 @@ fn a_fenced_primary_halts_and_drops_held_output() {
     assert_eq!(p.state(), PrimaryState::Halted);
     assert_eq!(r.discarded, vec![OutputId(1)]);
     assert!(r.close_channel && r.pause_vcpu);
+}
+
+#[test]
+fn output_at_once_follows_the_frames_in_flight() {
+    let c = FtConfig { output_frames_in_flight: 1, flush_interval: 100 * MS, ..cfg() };
+    let mut solo = Primary::new(c.clone(), id(), geo(), 1, 0, 0);
+    assert!(solo.output_at_once() && !solo.keeps_log(), "alone, outputs are released at once");
+    solo.hold_output(1, OutputId(1), 0);
+    assert_eq!(solo.take_ready().released.len(), 1);
+
+    let (mut p, mut b) = synced_pair(c, 0);
+    assert!(p.keeps_log());
+    assert!(p.output_at_once(), "nothing in flight: an output's exit ships at once");
+    p.append(entry(1, 4)).unwrap();
+    p.hold_output(1, OutputId(2), MS);
+    p.exit_complete(1, MS);
+    let r = p.take_ready();
+    assert_eq!(p.log_frames_in_flight(), 1);
+    assert!(!p.output_at_once(), "one frame in flight: the next output waits for its ack");
+    // A second output now does not ship by itself...
+    p.append(entry(2, 4)).unwrap();
+    p.hold_output(2, OutputId(3), 2 * MS);
+    p.exit_complete(2, 2 * MS);
+    assert!(p.take_ready().messages.is_empty(), "exit 2 rides with the frame sent on the next ack");
+    // ...the ack for exit 1 releases output 2 (held from when it was produced) and ships exit 2
+    // in the same breath.
+    deliver_to_backup(r, &mut b, 3 * MS);
+    deliver_to_primary(b.take_ready(), &mut p, 5 * MS);
+    let r = p.take_ready();
+    assert_eq!(r.released.iter().map(|x| x.id).collect::<Vec<_>>(), vec![OutputId(2)]);
+    assert_eq!(r.released[0].held_nanos, 4 * MS);
+    assert!(matches!(r.messages[..], [Message::Log { through_exit: 2, .. }]));
+    assert_eq!(p.log_frames_in_flight(), 1);
 }

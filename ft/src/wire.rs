@@ -2,7 +2,9 @@
 //!
 //! # Frame layout
 //!
-//! Every message travels in one frame. All integers are big-endian.
+//! Every message travels in one frame. Fixed-size integers are big-endian; the `Log` payload,
+//! which is most of the traffic, uses LEB128 varints (see [`put_varint`]) so that an entry costs
+//! its own bytes plus two or three (docs/protocol.md, "Payloads").
 //!
 //! ```text
 //!  offset  size  field
@@ -64,7 +66,7 @@ use thiserror::Error;
 
 /// Version of the protocol spoken by this build. Bump it on purpose when a message layout changes;
 /// peers with a different version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The three magic bytes that open every frame.
 pub const MAGIC: [u8; 3] = *b"LSF";
@@ -340,10 +342,67 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
-    /// Bytes this entry occupies inside a `Log` payload.
+    /// Most bytes this entry can occupy inside a `Log` payload: its exit (a full varint, as the
+    /// first entry of a frame carries it) plus its length and bytes. Entries after the first
+    /// carry only the distance from the previous entry's exit, usually one byte, so a frame is
+    /// mostly smaller than the sum of these; the bound is what frame splitting relies on.
     pub fn wire_len(&self) -> usize {
-        8 + 4 + self.bytes.len()
+        MAX_VARINT_LEN + varint_len(self.bytes.len() as u64) + self.bytes.len()
     }
+}
+
+/// Longest LEB128 encoding of a `u64`.
+pub const MAX_VARINT_LEN: usize = 10;
+
+/// Bytes of `v` as an unsigned LEB128 varint (7 bits per byte, low bits first).
+pub fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Appends `v` as an unsigned LEB128 varint.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads an unsigned LEB128 varint from the front of `buf`: `Some((value, bytes used))`, or
+/// `None` if `buf` ends inside it, it is longer than 10 bytes, it overflows a `u64`, or it is not
+/// in its shortest form (so every value has exactly one encoding and a decoded message re-encodes
+/// to the same bytes).
+pub fn get_varint(buf: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, &b) in buf.iter().enumerate().take(MAX_VARINT_LEN) {
+        let bits = (b & 0x7f) as u64;
+        if i == MAX_VARINT_LEN - 1 && bits > 1 {
+            return None; // more than 64 bits
+        }
+        v |= bits << (7 * i);
+        if b & 0x80 == 0 {
+            if i > 0 && b == 0 {
+                return None; // overlong: a trailing zero group
+            }
+            return Some((v, i + 1));
+        }
+    }
+    None
+}
+
+/// Maps a signed distance onto small unsigned numbers (0, -1, 1, -2 ... -> 0, 1, 2, 3 ...).
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// The exit distance from the previous entry as it is sent (wrapping, so any sequence of exits
+/// round-trips; the backup refuses out-of-order ones itself).
+fn exit_delta(prev: u64, exit: u64) -> u64 {
+    zigzag(exit.wrapping_sub(prev) as i64)
 }
 
 /// A guest-physical page sent during clone: (guest physical address, contents).
@@ -472,7 +531,19 @@ impl Message {
                     RefuseReason::GuestImageMismatch | RefuseReason::Busy | RefuseReason::NotPrimary => 0,
                 }
             }
-            Message::Log { entries, .. } => 8 + 8 + 4 + entries.iter().map(LogEntry::wire_len).sum::<usize>(),
+            Message::Log { first_seq, through_exit, entries } => {
+                let mut len = varint_len(*first_seq) + varint_len(*through_exit) + varint_len(entries.len() as u64);
+                let mut prev = None;
+                for e in entries {
+                    len += match prev {
+                        None => varint_len(e.exit),
+                        Some(p) => varint_len(exit_delta(p, e.exit)),
+                    };
+                    len += varint_len(e.bytes.len() as u64) + e.bytes.len();
+                    prev = Some(e.exit);
+                }
+                len
+            }
             Message::Ack { .. } => 16,
             Message::Heartbeat { .. } | Message::HeartbeatReply { .. } => 8,
             Message::CloneBegin { .. } => 8 + 8 + 4,
@@ -591,12 +662,18 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
             }
         }
         Message::Log { first_seq, through_exit, entries } => {
-            put_u64(out, *first_seq);
-            put_u64(out, *through_exit);
-            put_u32(out, entries.len() as u32);
+            put_varint(out, *first_seq);
+            put_varint(out, *through_exit);
+            put_varint(out, entries.len() as u64);
+            let mut prev = None;
             for e in entries {
-                put_u64(out, e.exit);
-                put_bytes32(out, &e.bytes);
+                match prev {
+                    None => put_varint(out, e.exit),
+                    Some(p) => put_varint(out, exit_delta(p, e.exit)),
+                }
+                put_varint(out, e.bytes.len() as u64);
+                out.extend_from_slice(&e.bytes);
+                prev = Some(e.exit);
             }
         }
         Message::Ack { through_exit, replayed_exit } => {
@@ -743,6 +820,18 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    fn varint(&mut self, field: &'static str) -> Result<u64, WireError> {
+        match get_varint(self.buf) {
+            Some((v, n)) => {
+                self.buf = &self.buf[n..];
+                Ok(v)
+            }
+            None if self.buf.len() < MAX_VARINT_LEN && self.buf.iter().all(|b| b & 0x80 != 0) => {
+                Err(WireError::Truncated { kind: self.kind, needed: 1, remaining: self.buf.len() })
+            }
+            None => Err(self.invalid(field, "not a shortest-form varint of at most 64 bits")),
+        }
+    }
     fn role(&mut self, field: &'static str) -> Result<Role, WireError> {
         let b = self.u8()?;
         Role::from_u8(b).ok_or_else(|| self.invalid(field, "unknown role"))
@@ -778,14 +867,24 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
             Message::Refuse { reason }
         }
         MessageKind::Log => {
-            let first_seq = r.u64()?;
-            let through_exit = r.u64()?;
-            let n = r.count(12, "entries")?;
-            let mut entries = Vec::with_capacity(n);
+            let first_seq = r.varint("first_seq")?;
+            let through_exit = r.varint("through_exit")?;
+            // Each entry takes at least two bytes (its exit and its length).
+            let n = r.varint("entries")?;
+            if n.saturating_mul(2) > r.buf.len() as u64 {
+                return Err(r.invalid("entries", "element count exceeds the payload"));
+            }
+            let mut entries = Vec::with_capacity(n as usize);
+            let mut prev: Option<u64> = None;
             for _ in 0..n {
-                let exit = r.u64()?;
-                let bytes = r.bytes32()?;
-                entries.push(LogEntry { exit, bytes });
+                let exit = match prev {
+                    None => r.varint("exit")?,
+                    Some(p) => p.wrapping_add(unzigzag(r.varint("exit delta")?) as u64),
+                };
+                let len = r.varint("entry length")?;
+                let len = usize::try_from(len).map_err(|_| r.invalid("entry length", "larger than memory"))?;
+                entries.push(LogEntry { exit, bytes: r.take(len)?.to_vec() });
+                prev = Some(exit);
             }
             Message::Log { first_seq, through_exit, entries }
         }
@@ -1012,13 +1111,46 @@ mod tests {
 
     #[test]
     fn hostile_count_is_an_error_not_an_allocation() {
-        // A Log claiming 4 billion entries in a 20-byte payload.
+        // A Log claiming 2^64 - 1 entries in a 12-byte payload.
         let mut payload = Vec::new();
-        put_u64(&mut payload, 0);
-        put_u64(&mut payload, 0);
-        put_u32(&mut payload, u32::MAX);
+        put_varint(&mut payload, 0);
+        put_varint(&mut payload, 0);
+        put_varint(&mut payload, u64::MAX);
         let f = raw_frame(MessageKind::Log as u8, &payload);
         assert!(matches!(parse_frame(&f, MAX), Err(WireError::InvalidField { field: "entries", .. })));
+        // An entry claiming more bytes than the frame holds.
+        let mut payload = Vec::new();
+        for v in [0, 1, 1, 1, u64::MAX] {
+            put_varint(&mut payload, v);
+        }
+        let f = raw_frame(MessageKind::Log as u8, &payload);
+        assert!(parse_frame(&f, MAX).is_err());
+    }
+
+    #[test]
+    fn varints_are_shortest_form_and_bounded() {
+        for v in [0, 1, 127, 128, 300, 1 << 35, u64::MAX - 1, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v), "{v}");
+            assert_eq!(get_varint(&out), Some((v, out.len())), "{v}");
+            assert_eq!(get_varint(&out[..out.len() - 1]), None, "{v} cut short");
+        }
+        assert_eq!(get_varint(&[0x80, 0x00]), None, "overlong zero");
+        assert_eq!(get_varint(&[0xff; 10]), None, "more than 64 bits");
+        assert_eq!(get_varint(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02]), None, "overflow");
+        for d in [0i64, 1, -1, 63, -64, i64::MAX, i64::MIN] {
+            assert_eq!(unzigzag(zigzag(d)), d);
+        }
+        assert_eq!(zigzag(1), 2, "a step of one exit costs one byte");
+    }
+
+    #[test]
+    fn log_entries_cost_their_bytes_plus_a_few() {
+        // Consecutive exits: after the first entry, one byte of exit distance and one of length.
+        let entries: Vec<LogEntry> = (1000..1010).map(|exit| LogEntry { exit, bytes: vec![7; 40] }).collect();
+        let m = Message::Log { first_seq: 0, through_exit: 1009, entries };
+        assert_eq!(m.payload_len(), 1 + 2 + 1 + (2 + 1 + 40) + 9 * (1 + 1 + 40));
     }
 
     #[test]
