@@ -230,6 +230,8 @@ impl Primary {
 
     /// An external output produced at exit `exit` waits to be released. It shows up in
     /// `Ready::released` once safe (maybe at once), or in `Ready::discarded` if this side halts.
+    /// `now` is when the output was produced: a driver that hands outputs over in batches passes
+    /// each one's own time, so [`Released::held_nanos`] covers the whole wait.
     pub fn hold_output(&mut self, exit: u64, id: OutputId, now: Nanos) {
         match self.state {
             State::Halted => {
@@ -565,6 +567,26 @@ impl Primary {
     /// Highest exit the backup has acknowledged as received.
     pub fn acked_through(&self) -> u64 {
         self.acked_through
+    }
+
+    /// Log frames sent and not yet acknowledged.
+    pub fn log_frames_in_flight(&self) -> usize {
+        self.frames_in_flight.len()
+    }
+
+    /// True when entries appended now are kept and shipped (a backup is in sync); otherwise
+    /// [`Primary::append`] only counts them, and a driver that buffers entries may drop them.
+    pub fn keeps_log(&self) -> bool {
+        self.backup_in_sync()
+    }
+
+    /// True when an output produced now needs no later acknowledgement to get going: it is
+    /// released at once (no backup in sync), discarded (halted), or its exit's log ships at once
+    /// (fewer than [`FtConfig::output_frames_in_flight`] log frames are unacknowledged). When
+    /// false, the output's log rides with the frame sent on the next ack, so a driver that
+    /// batches the vCPU's calls may leave them for whoever handles that ack.
+    pub fn output_at_once(&self) -> bool {
+        !self.backup_in_sync() || self.frames_in_flight.len() < self.cfg.output_frames_in_flight
     }
 
     // ----- internals -----

@@ -348,6 +348,63 @@ impl Ready {
     }
 }
 
+/// The inputs both sides take from the channel, the timers and the arbiter, so one driver can
+/// run either: frames arrive ([`Endpoint::step`]), time passes ([`Endpoint::tick`]), the
+/// connection ends ([`Endpoint::peer_disconnected`]), the arbiter answers
+/// ([`Endpoint::arbiter_result`]); after any of them the driver acts on
+/// [`Endpoint::take_ready`]. Role-specific inputs (the vCPU's log and outputs on a primary, replay
+/// progress on a backup) stay methods of [`Primary`](crate::Primary) and
+/// [`Backup`](crate::Backup).
+pub trait Endpoint {
+    /// A frame arrived from the peer. On `Err` the machine has already reacted (channel closed,
+    /// peer treated as failed); the error is for the driver's log.
+    fn step(&mut self, msg: Message, now: Nanos) -> Result<(), FtError>;
+    /// Time passed: heartbeats, failure detection, arbiter retries, paced flushes and acks.
+    fn tick(&mut self, now: Nanos);
+    /// The channel connection closed or failed (EOF, reset, decode error).
+    fn peer_disconnected(&mut self, now: Nanos);
+    /// The arbiter answered the request from [`Ready::consult_arbiter`].
+    fn arbiter_result(&mut self, outcome: ArbiterOutcome, now: Nanos);
+    /// Takes what the driver must do now.
+    fn take_ready(&mut self) -> Ready;
+}
+
+impl Endpoint for crate::Primary {
+    fn step(&mut self, msg: Message, now: Nanos) -> Result<(), FtError> {
+        crate::Primary::step(self, msg, now)
+    }
+    fn tick(&mut self, now: Nanos) {
+        crate::Primary::tick(self, now)
+    }
+    fn peer_disconnected(&mut self, now: Nanos) {
+        crate::Primary::peer_disconnected(self, now)
+    }
+    fn arbiter_result(&mut self, outcome: ArbiterOutcome, now: Nanos) {
+        crate::Primary::arbiter_result(self, outcome, now)
+    }
+    fn take_ready(&mut self) -> Ready {
+        crate::Primary::take_ready(self)
+    }
+}
+
+impl Endpoint for crate::Backup {
+    fn step(&mut self, msg: Message, now: Nanos) -> Result<(), FtError> {
+        crate::Backup::step(self, msg, now)
+    }
+    fn tick(&mut self, now: Nanos) {
+        crate::Backup::tick(self, now)
+    }
+    fn peer_disconnected(&mut self, now: Nanos) {
+        crate::Backup::peer_disconnected(self, now)
+    }
+    fn arbiter_result(&mut self, outcome: ArbiterOutcome, now: Nanos) {
+        crate::Backup::arbiter_result(self, outcome, now)
+    }
+    fn take_ready(&mut self) -> Ready {
+        crate::Backup::take_ready(self)
+    }
+}
+
 /// Errors from calls on the state machines. None leaves the machine inconsistent.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum FtError {
