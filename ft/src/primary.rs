@@ -289,6 +289,13 @@ impl Primary {
         }
     }
 
+    /// Ship every completed exit now, whatever the batching rules say: a primary about to stop
+    /// hands its backup the whole log first, so the backup ends (or goes live) exactly where the
+    /// primary did.
+    pub fn flush_now(&mut self, now: Nanos) {
+        self.maybe_flush(now, true);
+    }
+
     /// Time passed: heartbeats, failure detection, arbiter retries, batched flushes.
     pub fn tick(&mut self, now: Nanos) {
         match self.state {

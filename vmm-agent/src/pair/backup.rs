@@ -1,27 +1,37 @@
-//! The backup's driver: receive the clone, replay the log as it arrives, acknowledge, and go
-//! live as the primary when the old one is gone and the arbiter says so.
+//! The backup's role: receive the clone, replay the log as it arrives, acknowledge, and go live
+//! as the primary when the old one is gone and the arbiter says so.
+//!
+//! A clone that fails before it completes (the primary aborted it, or went away) is counted and
+//! retried with a fresh connection, up to [`CLONE_ATTEMPTS`] times; a refusal by the primary or an
+//! error applying the clone here is not retried (it would fail the same way).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lockstep_ft::wire::Message;
-use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, RoleEvent, VmGeometry, VmIdentity};
+use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, HaltReason, Ready, RoleEvent, VmGeometry, VmIdentity};
 
-use super::channel::{FromPeer, OrderedWriter, spawn_reader};
+use super::driver::{Driver, Role};
+use super::link::{Connection, Listener, TcpChannelListener};
 use super::primary::{self, PairError, Resume};
-use super::{Wakeup, now};
+use super::{PairMetrics, now};
 use crate::guests::GuestKind;
-use crate::hypervisor::kvm::KvmVcpu;
+use crate::hypervisor::Vcpu;
 use crate::metrics::{Metrics, follow_total};
 use crate::record::{CodecError, Entry, LogSource, decode_frame};
 use crate::replayer::Replayer;
+use crate::vmm::machine::BuildError;
 use crate::vmm::{Machine, MachineConfig, RunError, RunSummary};
+
+/// Attempts at joining by clone before giving up, when the primary goes away mid-clone.
+pub const CLONE_ATTEMPTS: u32 = 3;
+/// How often the backup's timers run (heartbeats, failure detection, paced acks).
+const TICK: Duration = Duration::from_millis(2);
 
 #[derive(Debug)]
 pub struct Options {
@@ -35,96 +45,210 @@ pub struct Options {
     pub primary: primary::Options,
 }
 
-struct Core {
-    ft: Backup,
-    writer: Option<OrderedWriter>,
-    queue: VecDeque<(u64, Entry)>,
-    /// Clone data taken from the core, applied by the reader thread outside the lock.
-    clone_queue: Vec<CloneData>,
-    promoted: bool,
-    halted: Option<String>,
-    arbiter: Option<Sender<u64>>,
-    metrics: Arc<Metrics>,
-    max_payload: usize,
-    /// Highest client connection id seen in the log: a promoted backup numbers after it.
-    max_conn: u32,
+/// Builds the (empty) machine a clone fills, from the sizes in `CloneBegin`.
+pub type MachineFactory<V> = Box<dyn Fn(MachineConfig) -> Result<Machine<V>, BuildError> + Send + Sync>;
+
+/// How a backup reaches the world: the primary's channel, the machine a clone fills, and where
+/// it listens once promoted. TCP and KVM in the agent; a simulated link and a synthetic vCPU in
+/// the driver's tests.
+pub struct Wiring<V: Vcpu> {
+    /// Connect to the primary's channel (called once per attempt).
+    pub connect: Box<dyn FnMut() -> Result<Connection, PairError> + Send>,
+    pub machine: MachineFactory<V>,
+    /// Where the backup, once promoted, listens for a backup of its own.
+    pub listen: Box<dyn FnOnce() -> Result<Box<dyn Listener>, PairError> + Send>,
 }
 
-/// The replica being built from the clone. Applying 64 MiB of pages takes a while; doing it
-/// outside the core's lock keeps heartbeats flowing meanwhile.
-struct CloneTarget {
-    machine: Option<Machine<KvmVcpu>>,
+impl<V: Vcpu> std::fmt::Debug for Wiring<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wiring").finish_non_exhaustive()
+    }
+}
+
+/// The replica being built from the clone. Applying 64 MiB of pages takes a while; the reader
+/// thread does it outside the core's lock, so heartbeats keep flowing meanwhile.
+struct CloneTarget<V: Vcpu> {
+    machine: Option<Machine<V>>,
     disk: Option<File>,
     done: bool,
     guest: GuestKind,
     disk_path: Option<PathBuf>,
+    factory: Arc<MachineFactory<V>>,
     metrics: Arc<Metrics>,
 }
 
-struct Shared {
-    core: Mutex<Core>,
-    cv: Wakeup,
-    target: Mutex<CloneTarget>,
+impl<V: Vcpu> CloneTarget<V> {
+    fn apply(&mut self, data: CloneData) -> Result<(), String> {
+        match data {
+            CloneData::Begin { memory_bytes, disk_bytes, .. } => {
+                let disk = match (&self.disk_path, disk_bytes) {
+                    (_, 0) => None,
+                    (Some(p), n) => {
+                        let f = std::fs::OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .open(p)
+                            .map_err(|e| format!("disk {}: {e}", p.display()))?;
+                        f.set_len(n).map_err(|e| format!("sizing disk {}: {e}", p.display()))?;
+                        Some(f)
+                    }
+                    // No --disk: a scratch copy, gone when this agent exits.
+                    (None, n) => Some(
+                        crate::devices::virtio::blk::scratch_disk(n)
+                            .map_err(|e| format!("scratch disk (memfd): {e}"))?,
+                    ),
+                };
+                self.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
+                let cfg = MachineConfig { guest: self.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
+                self.machine = Some((self.factory)(cfg).map_err(|e| e.to_string())?);
+                eprintln!(
+                    "lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk",
+                    memory_bytes >> 20,
+                    disk_bytes >> 20
+                );
+            }
+            CloneData::Pages { pages, .. } => {
+                let vm = self.machine.as_ref().ok_or("pages before CloneBegin")?;
+                crate::vmm::dirty::apply_pages(&vm.mem, pages.iter().map(|(a, b)| (*a, b.as_slice())))
+                    .map_err(|e| e.to_string())?;
+                self.metrics.clone_bytes.inc_by(pages.iter().map(|p| p.1.len() as u64).sum());
+            }
+            CloneData::Disk { offset, bytes } => {
+                let d = self.disk.as_ref().ok_or("disk data but no disk")?;
+                d.write_all_at(&bytes, offset).map_err(|e| format!("writing the clone's disk at {offset}: {e}"))?;
+                self.metrics.clone_bytes.inc_by(bytes.len() as u64);
+            }
+            CloneData::Final { exit, vcpu_state, device_state } => {
+                let vm = self.machine.as_mut().ok_or("final state before CloneBegin")?;
+                vm.restore_clone_state(&vcpu_state, &device_state).map_err(|e| e.to_string())?;
+                if vm.exits != exit {
+                    return Err(format!("clone state is at exit {} but the primary said {exit}", vm.exits));
+                }
+                self.done = true;
+            }
+        }
+        Ok(())
+    }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("backup core lock")
-    }
+/// Why a backup stopped for good, as the role saw it.
+#[derive(Debug, Clone)]
+struct Halt {
+    why: String,
+    /// The primary went away before the clone completed: a fresh attempt may succeed.
+    retry: bool,
+}
 
-    fn act(&self, core: &mut Core) {
-        let r = core.ft.take_ready();
-        if !r.messages.is_empty() {
-            if let Some(w) = &core.writer {
-                let mut buf = Vec::new();
-                if r.encode_messages(core.max_payload, &mut buf).is_ok() {
-                    w.write(buf);
-                }
-            }
+/// What the backup adds to the driver.
+pub struct BackupRole<V: Vcpu> {
+    queue: VecDeque<(u64, Entry)>,
+    /// Clone data taken from the core, applied by the reader thread outside the lock.
+    clone_work: Vec<CloneData>,
+    target: Arc<Mutex<CloneTarget<V>>>,
+    promoted: bool,
+    halted: Option<Halt>,
+    /// The clone began (the primary accepted us): a failure from here on counts as a failed clone.
+    cloning: bool,
+    metrics: Arc<Metrics>,
+    pair: PairMetrics,
+    /// Highest client connection id seen in the log: a promoted backup numbers after it.
+    max_conn: u32,
+}
+
+impl<V: Vcpu> std::fmt::Debug for BackupRole<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupRole").field("promoted", &self.promoted).field("halted", &self.halted).finish()
+    }
+}
+
+type BackupDriver<V> = Driver<BackupRole<V>>;
+
+impl<V: Vcpu> BackupRole<V> {
+    fn halt(&mut self, why: String, retry: bool) {
+        if self.halted.is_none() {
+            self.halted = Some(Halt { why, retry });
         }
-        core.clone_queue.extend(r.clone_data);
-        if let Some(c) = r.consult_arbiter {
-            if let Some(a) = &core.arbiter {
-                let _ = a.send(c.seen_epoch);
-            }
-        }
-        if r.close_channel {
-            if let Some(w) = core.writer.take() {
-                w.close();
-            }
-        }
-        for e in r.role_events {
+    }
+}
+
+impl<V: Vcpu + 'static> Role for BackupRole<V> {
+    type Core = Backup;
+    const NAME: &'static str = "backup";
+
+    fn react(&mut self, core: &mut Backup, ready: Ready) {
+        self.clone_work.extend(ready.clone_data);
+        for e in ready.role_events {
             tracing::info!(event = ?e, "backup");
             match e {
-                RoleEvent::Promoted { .. } => core.promoted = true,
+                RoleEvent::Promoted { .. } => self.promoted = true,
                 RoleEvent::Halted(reason) => {
-                    core.metrics.ready.set(0);
-                    core.halted = Some(describe_halt(&reason));
+                    self.metrics.ready.set(0);
+                    let retry = self.cloning && reason == HaltReason::PrimaryLostBeforeSync;
+                    if self.cloning && reason == HaltReason::PrimaryLostBeforeSync {
+                        self.pair.clone_failures.inc();
+                    }
+                    self.halt(describe_halt(&reason), retry);
                 }
                 RoleEvent::Synced { from_exit } => {
-                    core.metrics.ready.set(1);
+                    self.metrics.ready.set(1);
                     eprintln!("lockstep-agent: backup in sync from exit {from_exit}");
                 }
                 _ => {}
             }
         }
-        let m = core.ft.metrics();
-        core.metrics.replayed_exit.set(core.ft.replayed_exit() as i64);
-        core.metrics.acked_exit.set(core.ft.received_through() as i64);
-        follow_total(&core.metrics.log_bytes_received, m.log_bytes_received);
-        follow_total(&core.metrics.log_entries_received, m.log_entries_received);
-        core.metrics.epoch.set(m.epoch as i64);
-        self.cv.notify_waiters();
+        if core.state() == BackupState::Cloning {
+            self.cloning = true;
+        }
+        let m = core.metrics();
+        self.metrics.replayed_exit.set(core.replayed_exit() as i64);
+        self.metrics.acked_exit.set(core.received_through() as i64);
+        follow_total(&self.metrics.log_bytes_received, m.log_bytes_received);
+        follow_total(&self.metrics.log_entries_received, m.log_entries_received);
+        self.metrics.epoch.set(m.epoch as i64);
+    }
+
+    fn publish(&mut self, _core: &Backup) {}
+
+    fn finished(&self) -> bool {
+        self.promoted || self.halted.is_some()
+    }
+
+    fn after_message(driver: &Arc<BackupDriver<V>>) -> bool {
+        let (work, target) = {
+            let mut inner = driver.lock();
+            (std::mem::take(&mut inner.role.clone_work), inner.role.target.clone())
+        };
+        if work.is_empty() {
+            return true;
+        }
+        let mut target = target.lock().unwrap_or_else(|p| p.into_inner());
+        for data in work {
+            if let Err(e) = target.apply(data) {
+                tracing::error!("cannot apply the clone: {e}");
+                let mut inner = driver.lock();
+                inner.role.pair.clone_failures.inc();
+                inner.role.halt(format!("cannot apply the clone: {e}"), false);
+                inner.drop_link();
+                drop(inner);
+                driver.notify_all();
+                return false;
+            }
+        }
+        drop(target);
+        driver.notify_all();
+        true
     }
 }
 
-fn describe_halt(reason: &lockstep_ft::HaltReason) -> String {
+fn describe_halt(reason: &HaltReason) -> String {
     use lockstep_ft::HaltReason as H;
     match reason {
         H::LostArbiter { winner, epoch } => {
             format!("the arbiter chose {winner} (epoch {epoch}); this replica stops for good")
         }
-        H::Refused(why) => format!("the primary refused this backup: {why:?}"),
+        H::Refused(why) => format!("the primary refused this backup: {why}"),
         H::PrimaryLostBeforeSync => {
             "the primary was lost before the clone completed; there is no state to go live with".into()
         }
@@ -134,104 +258,46 @@ fn describe_halt(reason: &lockstep_ft::HaltReason) -> String {
     }
 }
 
-fn apply_clone(core: &mut CloneTarget, data: CloneData) -> Result<(), String> {
-    match data {
-        CloneData::Begin { memory_bytes, disk_bytes, .. } => {
-            let disk = match (&core.disk_path, disk_bytes) {
-                (_, 0) => None,
-                (Some(p), n) => {
-                    let f = std::fs::OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .open(p)
-                        .map_err(|e| format!("disk {}: {e}", p.display()))?;
-                    f.set_len(n).map_err(|e| e.to_string())?;
-                    Some(f)
-                }
-                (None, n) => {
-                    // No --disk: a scratch copy, gone when this agent exits.
-                    Some(
-                        crate::devices::virtio::blk::scratch_disk(n)
-                            .map_err(|e| format!("scratch disk (memfd): {e}"))?,
-                    )
-                }
-            };
-            core.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
-            let cfg = MachineConfig { guest: core.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
-            core.machine = Some(Machine::for_clone(cfg).map_err(|e| e.to_string())?);
-            eprintln!(
-                "lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk",
-                memory_bytes >> 20,
-                disk_bytes >> 20
-            );
-        }
-        CloneData::Pages { pages, .. } => {
-            let vm = core.machine.as_ref().ok_or("pages before CloneBegin")?;
-            crate::vmm::dirty::apply_pages(&vm.mem, pages.iter().map(|(a, b)| (*a, b.as_slice())))
-                .map_err(|e| e.to_string())?;
-            core.metrics.clone_bytes.inc_by(pages.iter().map(|p| p.1.len() as u64).sum());
-        }
-        CloneData::Disk { offset, bytes } => {
-            let d = core.disk.as_ref().ok_or("disk data but no disk")?;
-            d.write_all_at(&bytes, offset).map_err(|e| e.to_string())?;
-            core.metrics.clone_bytes.inc_by(bytes.len() as u64);
-        }
-        CloneData::Final { exit, device_state, .. } => {
-            let vm = core.machine.as_mut().ok_or("final state before CloneBegin")?;
-            vm.restore_state(&device_state).map_err(|e| e.to_string())?;
-            if vm.exits != exit {
-                return Err(format!("clone state is at exit {} but the primary said {exit}", vm.exits));
-            }
-            core.done = true;
-        }
-    }
-    Ok(())
-}
-
 /// The replayer's log: entries the core hands out for completed exits. A stop request (SIGTERM)
 /// ends the wait like a lost primary does; the caller tells the two apart.
-struct Source(Arc<Shared>, Arc<std::sync::atomic::AtomicBool>);
+struct Source<V: Vcpu + 'static>(Arc<BackupDriver<V>>, Arc<AtomicBool>);
 
-impl LogSource for Source {
+impl<V: Vcpu + 'static> LogSource for Source<V> {
     fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
-        let mut core = self.0.lock();
-        if core.queue.is_empty() {
-            for e in core.ft.take_replayable() {
+        let mut inner = self.0.lock();
+        if inner.role.queue.is_empty() {
+            for e in inner.core.take_replayable() {
                 let (exit, entry, _) = decode_frame(&e.bytes, 0)?.ok_or(CodecError::Truncated(e.bytes.len()))?;
                 if exit != e.exit {
                     return Err(CodecError::Io(format!("log entry for exit {} claims exit {exit}", e.exit)));
                 }
                 if let Entry::ClientConnect { conn } = entry {
-                    core.max_conn = core.max_conn.max(conn);
+                    inner.role.max_conn = inner.role.max_conn.max(conn);
                 }
-                core.queue.push_back((exit, entry));
+                inner.role.queue.push_back((exit, entry));
             }
         }
-        Ok(core.queue.pop_front())
+        Ok(inner.role.queue.pop_front())
     }
 
     fn wait_complete(&mut self, exit: u64) -> Result<bool, CodecError> {
-        let mut core = self.0.lock();
+        let mut inner = self.0.lock();
         loop {
-            if core.ft.replay_limit() >= exit || !core.queue.is_empty() {
+            if inner.core.replay_limit() >= exit || !inner.role.queue.is_empty() {
                 return Ok(true);
             }
-            if core.promoted || self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            if inner.role.promoted || self.1.load(Ordering::Relaxed) {
                 return Ok(false);
             }
-            if let Some(why) = &core.halted {
-                return Err(CodecError::Io(format!("backup halted: {why}")));
+            if let Some(h) = &inner.role.halted {
+                return Err(CodecError::Io(format!("backup halted: {}", h.why)));
             }
-            core = self.0.cv.wait_timeout(core, Duration::from_millis(20));
+            inner = self.0.wait(inner, Duration::from_millis(20));
         }
     }
 
     fn replayed(&mut self, exit: u64) {
-        let mut core = self.0.lock();
-        core.ft.replayed(exit, now());
-        self.0.act(&mut core);
+        self.0.with(|inner, t| inner.core.replayed(exit, t));
     }
 
     fn ended(&self) -> bool {
@@ -239,11 +305,14 @@ impl LogSource for Source {
     }
 }
 
-fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, PairError> {
+fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<Connection, PairError> {
     let deadline = Instant::now() + timeout;
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                return Connection::tcp(s, "channel")
+                    .map_err(|source| PairError::Io { context: "setting up the channel connection".into(), source });
+            }
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("primary at {addr} not reachable yet: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -260,134 +329,154 @@ fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, PairError> 
 
 /// Join the primary at `opts.channel_connect` by live clone, replay, and go live if it fails.
 pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
+    let (addr, timeout) = (opts.channel_connect, opts.connect_timeout);
+    let listen_at = opts.primary.channel_listen;
+    let mut first = true;
+    let wiring = Wiring {
+        connect: Box::new(move || {
+            // Later attempts follow a failed clone: the primary is either there at once or gone.
+            let t = if first { timeout } else { timeout.min(Duration::from_secs(5)) };
+            first = false;
+            connect_tcp(addr, t)
+        }),
+        machine: Box::new(Machine::for_clone),
+        listen: Box::new(move || {
+            let l = std::net::TcpListener::bind(listen_at).map_err(|source| PairError::Io {
+                context: format!("listening for a backup on {listen_at}"),
+                source,
+            })?;
+            Ok(Box::new(TcpChannelListener(l)) as Box<dyn Listener>)
+        }),
+    };
+    run_with(&opts, cfg, wiring)
+}
+
+/// A machine that replays in sync, with the driver that feeds it.
+struct Joined<V: Vcpu + 'static> {
+    driver: Arc<BackupDriver<V>>,
+    vm: Machine<V>,
+    disk: Option<File>,
+}
+
+/// [`run`] over any transport and vCPU.
+pub(crate) fn run_with<V: Vcpu + 'static>(
+    opts: &Options,
+    cfg: FtConfig,
+    wiring: Wiring<V>,
+) -> Result<RunSummary, PairError> {
+    let Wiring { mut connect, machine, listen } = wiring;
+    let factory = Arc::new(machine);
     let popts = &opts.primary;
-    let record = super::arbiter_read(&*popts.arbiter).map_err(PairError::Arbiter)?;
-    let stream = connect(opts.channel_connect, opts.connect_timeout)?;
-    let _ = stream.set_nodelay(true);
-    let read_half =
-        stream.try_clone().map_err(|source| PairError::Io { context: "cloning the channel socket".into(), source })?;
-    let writer = super::channel::writer(stream, "channel")
-        .map_err(|source| PairError::Io { context: "starting the channel writer".into(), source })?;
-    let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
+    let pair = PairMetrics::register(&popts.metrics, &popts.vm_id);
     popts.metrics.role.set(2);
-    popts.metrics.epoch.set(record.epoch as i64);
-    let shared = Arc::new(Shared {
-        core: Mutex::new(Core {
-            ft: Backup::new(cfg.clone(), id, record.epoch, now()),
-            writer: Some(writer),
-            queue: VecDeque::new(),
-            clone_queue: Vec::new(),
-            promoted: false,
-            halted: None,
-            arbiter: None,
-            metrics: popts.metrics.clone(),
-            max_payload: cfg.max_payload,
-            max_conn: 0,
-        }),
-        cv: Wakeup::default(),
-        target: Mutex::new(CloneTarget {
-            machine: None,
-            disk: None,
-            done: false,
-            guest: opts.guest,
-            disk_path: opts.disk.clone(),
-            metrics: popts.metrics.clone(),
-        }),
-    });
-    let answer = shared.clone();
-    let arbiter = super::spawn_arbiter_worker(popts.arbiter.clone(), popts.me.clone(), move |o| {
-        let mut core = answer.lock();
-        core.ft.arbiter_result(o, now());
-        answer.act(&mut core);
-    });
-    {
-        let mut core = shared.lock();
-        core.arbiter = Some(arbiter);
-        shared.act(&mut core); // sends Hello
-    }
-    let reader = shared.clone();
-    spawn_reader(read_half, "channel", cfg.max_payload, move |ev| {
-        let mut core = reader.lock();
-        let t = now();
-        let keep = match ev {
-            FromPeer::Message(m) => {
-                if let Message::Refuse { reason } = &m {
-                    core.halted = Some(format!("the primary refused this backup: {reason:?}"));
-                }
-                if let Err(e) = core.ft.step(m, t) {
-                    tracing::warn!("primary sent something the protocol refuses: {e}");
-                }
-                true
+    let mut attempt = 1;
+    let joined = loop {
+        match join(opts, &cfg, &mut connect, factory.clone(), &pair) {
+            Ok(j) => break j,
+            Err(Halt { why, retry: true }) if attempt < CLONE_ATTEMPTS && !popts.stop.load(Ordering::Relaxed) => {
+                attempt += 1;
+                eprintln!(
+                    "lockstep-agent: the clone did not complete ({why}); retrying (attempt {attempt} of {CLONE_ATTEMPTS})"
+                );
+                std::thread::sleep(Duration::from_millis(200));
             }
-            FromPeer::Closed { error } => {
-                tracing::warn!("primary channel closed{}", error.map(|e| format!(": {e}")).unwrap_or_default());
-                core.writer = None;
-                core.ft.peer_disconnected(t);
-                false
-            }
-        };
-        reader.act(&mut core);
-        let work = std::mem::take(&mut core.clone_queue);
-        drop(core);
-        if !work.is_empty() {
-            let mut target = reader.target.lock().expect("clone target lock");
-            for data in work {
-                if let Err(e) = apply_clone(&mut target, data) {
-                    tracing::error!("cannot apply the clone: {e}");
-                    reader.lock().halted = Some(format!("cannot apply the clone: {e}"));
-                    return false;
-                }
-            }
-            drop(target);
-            reader.cv.notify_all();
+            Err(Halt { why, .. }) => return Err(PairError::Halted(why)),
         }
-        keep
-    });
-    let ticker = shared.clone();
-    std::thread::Builder::new()
-        .name("ft-tick".into())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(Duration::from_millis(2));
-                let mut core = ticker.lock();
-                if core.promoted || core.halted.is_some() {
-                    return;
-                }
-                core.ft.tick(now());
-                ticker.act(&mut core);
-            }
-        })
-        .expect("spawn ticker");
+    };
+    replay(opts, joined, pair, listen)
+}
+
+/// One attempt: connect, say Hello, receive the clone. `Err` says why it ended and whether a
+/// fresh attempt may help; a connection that cannot be made at all is not retried.
+fn join<V: Vcpu + 'static>(
+    opts: &Options,
+    cfg: &FtConfig,
+    connect: &mut Box<dyn FnMut() -> Result<Connection, PairError> + Send>,
+    factory: Arc<MachineFactory<V>>,
+    pair: &PairMetrics,
+) -> Result<Joined<V>, Halt> {
+    let popts = &opts.primary;
+    let fatal = |e: PairError| Halt { why: e.to_string(), retry: false };
+    let record = super::arbiter_read(&*popts.arbiter).map_err(|e| fatal(PairError::Arbiter(e)))?;
+    let conn = connect().map_err(fatal)?;
+    let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
+    popts.metrics.epoch.set(record.epoch as i64);
+    let target = CloneTarget {
+        machine: None,
+        disk: None,
+        done: false,
+        guest: opts.guest,
+        disk_path: opts.disk.clone(),
+        factory,
+        metrics: popts.metrics.clone(),
+    };
+    let role = BackupRole {
+        queue: VecDeque::new(),
+        clone_work: Vec::new(),
+        target: Arc::new(Mutex::new(target)),
+        promoted: false,
+        halted: None,
+        cloning: false,
+        metrics: popts.metrics.clone(),
+        pair: pair.clone(),
+        max_conn: 0,
+    };
+    let driver = Driver::new(Backup::new(cfg.clone(), id, record.epoch, now()), role, cfg.max_payload);
+    driver.set_arbiter(popts.arbiter.clone(), popts.me.clone());
+    driver.attach(conn);
+    driver.with(|_, _| ()); // sends Hello
+    driver.spawn_ticker(TICK);
 
     // Wait for the clone.
-    let (mut vm, disk) = loop {
+    let target = driver.lock().role.target.clone();
+    loop {
         {
-            let mut target = shared.target.lock().expect("clone target lock");
-            if target.done {
-                let vm = target.machine.take().ok_or_else(|| PairError::Protocol("clone never completed".into()))?;
-                break (vm, target.disk.take());
+            let mut t = target.lock().unwrap_or_else(|p| p.into_inner());
+            if t.done {
+                let Some(vm) = t.machine.take() else {
+                    driver.shutdown();
+                    return Err(Halt { why: "the clone completed without a machine".into(), retry: false });
+                };
+                let disk = t.disk.take();
+                return Ok(Joined { driver, vm, disk });
             }
         }
-        let core = shared.lock();
-        if let Some(why) = &core.halted {
-            return Err(PairError::Halted(why.clone()));
+        let inner = driver.lock();
+        if let Some(h) = inner.role.halted.clone() {
+            drop(inner);
+            driver.shutdown();
+            return Err(h);
         }
-        if core.ft.state() == BackupState::Halted {
-            return Err(PairError::Halted("the primary was lost before the clone completed".into()));
+        if popts.stop.load(Ordering::Relaxed) {
+            drop(inner);
+            driver.shutdown();
+            return Err(Halt { why: "stopped on request before the clone completed".into(), retry: false });
         }
-        drop(shared.cv.wait_timeout(core, Duration::from_millis(50)));
-    };
+        drop(driver.wait(inner, Duration::from_millis(50)));
+    }
+}
+
+/// Replay the log on the cloned machine; go live when the primary is gone and we won.
+fn replay<V: Vcpu + 'static>(
+    opts: &Options,
+    joined: Joined<V>,
+    pair: PairMetrics,
+    listen: Box<dyn FnOnce() -> Result<Box<dyn Listener>, PairError> + Send>,
+) -> Result<RunSummary, PairError> {
+    let popts = &opts.primary;
+    let Joined { driver, mut vm, disk } = joined;
     eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
 
     let stop = popts.stop.clone();
-    let stopped = |vm: &Machine<KvmVcpu>| -> Result<RunSummary, PairError> {
+    let stopped = |vm: &Machine<V>, driver: &Arc<BackupDriver<V>>| -> Result<RunSummary, PairError> {
+        driver.shutdown();
         eprintln!("lockstep-agent: backup stopped on request after exit {}", vm.exits);
         Ok(RunSummary { exits: vm.exits, digest: vm.digest(false)?, reason: crate::vmm::StopReason::Requested })
     };
-    let mut rep = Replayer::new(Source(shared.clone(), stop.clone()));
+    let mut rep = Replayer::new(Source(driver.clone(), stop.clone()));
     let pending = loop {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return stopped(&vm);
+        if stop.load(Ordering::Relaxed) {
+            return stopped(&vm, &driver);
         }
         let exit = vm.next_guest_exit()?;
         match vm.complete_exit(exit.clone(), &mut rep) {
@@ -400,17 +489,20 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
                     use crate::vmm::Environment;
                     rep.end(vm.exits, digest, &reason)?;
                 }
+                driver.shutdown();
                 eprintln!(
                     "lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it",
                     vm.exits
                 );
                 return Ok(RunSummary { exits: vm.exits, digest, reason });
             }
-            Err(RunError::GoLive { .. }) if stop.load(std::sync::atomic::Ordering::Relaxed) => return stopped(&vm),
+            Err(RunError::GoLive { .. }) if stop.load(Ordering::Relaxed) => return stopped(&vm, &driver),
             Err(RunError::GoLive { .. }) => break exit,
             Err(e) => {
-                if let Some(why) = shared.lock().halted.clone() {
-                    return Err(PairError::Halted(why));
+                let halted = driver.lock().role.halted.clone();
+                driver.shutdown();
+                if let Some(h) = halted {
+                    return Err(PairError::Halted(h.why));
                 }
                 if matches!(
                     e,
@@ -425,16 +517,19 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
 
     // Go live: the log ended, everything received is replayed, and we won the arbiter.
     let (ft_primary, max_conn) = {
-        let core = shared.lock();
+        let inner = driver.lock();
         let geometry = VmGeometry {
             memory_bytes: vm.mem_size(),
             disk_bytes: disk.as_ref().and_then(|d| d.metadata().ok()).map_or(0, |m| m.len()),
             page_size: 4096,
         };
-        let p =
-            core.ft.promote(geometry, now()).ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
-        (p, core.max_conn)
+        let p = inner
+            .core
+            .promote(geometry, now())
+            .ok_or_else(|| PairError::Protocol("go-live without promotion".into()))?;
+        (p, inner.role.max_conn)
     };
+    driver.shutdown();
     popts.metrics.failovers.inc();
     let resume = Resume {
         first_conn: max_conn + 1,
@@ -448,5 +543,5 @@ pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
         ft_primary.epoch(),
         resume.close_conns.len()
     );
-    primary::drive(&mut vm, ft_primary, popts, disk, resume)
+    primary::drive_with(&mut vm, ft_primary, popts, disk, resume, &pair, listen)
 }

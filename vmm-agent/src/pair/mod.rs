@@ -1,18 +1,34 @@
 //! The fault-tolerant pair: the agent's driver around the sans-IO protocol core (`lockstep-ft`).
 //!
-//! - [`channel`]: the TCP logging channel (one reader thread decoding frames; frames are written
-//!   by the thread that produced them, see [`crate::sock`]).
-//! - [`primary`]: records the guest into the core, holds client output until the backup has the
-//!   log (the output rule), serves one backup connection at a time and clones the live VM into it.
-//! - [`backup`]: receives the clone, replays the log, and goes live when the primary is gone and
-//!   it won the arbiter.
+//! One driver runs either side ([`driver::Driver`], generic over a [`driver::Role`]): it owns the
+//! core's lock, the wake-ups, the channel's writer, the reader and ticker threads, the arbiter
+//! worker and the loop that acts on the core's `Ready`. The roles add only what differs:
 //!
-//! Threads, not tasks: the vCPU thread calls into the core at every exit and must never wait on
-//! an executor. Each core sits behind a mutex; whoever calls it drains its `Ready` ("act").
+//! - [`primary`]: records the guest into the core, holds client output until the backup has the
+//!   log (the output rule), serves one backup connection at a time and clones the live VM into it
+//!   ([`clone`]).
+//! - [`backup`]: receives the clone, replays the log, and goes live as a primary when the old one
+//!   is gone and it won the arbiter.
+//!
+//! The vCPU thread is told what to do by explicit commands ([`control::Command`]: run, pause,
+//! clone work, finalize a clone, stop), read with one atomic load per exit. The transport is
+//! behind [`link`], so a TLS session can replace the TCP stream without touching the driver.
+//!
+//! Threads, not tasks: the vCPU thread must never wait on an executor. Everything here runs
+//! without KVM too (the driver is generic over the [`crate::hypervisor::Vcpu`] trait); the unit
+//! tests drive a synthetic vCPU over a simulated link.
 
 pub mod backup;
-pub mod channel;
+pub mod clone;
+pub mod control;
+pub mod driver;
+pub mod link;
 pub mod primary;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -20,10 +36,13 @@ use std::sync::{Condvar, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use lockstep_ft::ArbiterOutcome;
+use prometheus::{IntCounter, Opts};
+
+use crate::metrics::Metrics;
 
 /// A condvar that knows whether anyone waits on it. A notify is a system call even with nobody
-/// waiting, and a core's `act` runs several times per exit, so it only notifies waiters. Waiting
-/// and notifying both happen under the core's mutex, so no wake-up is lost.
+/// waiting, and the driver acts several times per exit, so it only notifies waiters. Waiting and
+/// notifying both happen under the driver's mutex, so no wake-up is lost.
 #[derive(Debug, Default)]
 pub struct Wakeup {
     cv: Condvar,
@@ -34,7 +53,12 @@ impl Wakeup {
     /// Wait on `guard`'s mutex for a notify or `timeout`.
     pub fn wait_timeout<'a, T>(&self, guard: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
         self.waiters.fetch_add(1, Ordering::Relaxed);
-        let guard = self.cv.wait_timeout(guard, timeout).expect("core lock").0;
+        // A poisoned lock means another thread panicked while acting on the core; the state is
+        // still the last consistent one it wrote, and the waiter only reads it.
+        let guard = match self.cv.wait_timeout(guard, timeout) {
+            Ok((g, _)) => g,
+            Err(p) => p.into_inner().0,
+        };
         self.waiters.fetch_sub(1, Ordering::Relaxed);
         guard
     }
@@ -58,6 +82,33 @@ pub fn now() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
 }
 
+/// Metrics of the pair driver itself, registered in the agent's registry beside
+/// [`crate::metrics::Metrics`].
+#[derive(Debug, Clone)]
+pub struct PairMetrics {
+    /// Live clones that failed on this side (aborted; the backup retries).
+    pub clone_failures: IntCounter,
+}
+
+impl PairMetrics {
+    /// Register the driver's metrics with `metrics`' registry. Call once per agent: a promoted
+    /// backup hands its own to the primary it becomes.
+    pub fn register(metrics: &Metrics, vm_id: &str) -> PairMetrics {
+        let opts = Opts::new(
+            "lockstep_clone_failures_total",
+            "Live clones that failed on this side and were aborted (the backup retries).",
+        )
+        .const_label("vm_id", vm_id);
+        let clone_failures = IntCounter::with_opts(opts).expect("valid metric");
+        if let Err(e) = metrics.registry.register(Box::new(clone_failures.clone())) {
+            // Only a second registration in the same agent can fail; the counter still counts,
+            // it is just not exported twice.
+            tracing::debug!("clone failure counter not registered again: {e}");
+        }
+        PairMetrics { clone_failures }
+    }
+}
+
 /// One runtime for every arbiter call in the process. A kube client spawns its connection
 /// worker on the runtime that created it, so the client must never outlive that runtime.
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -73,7 +124,7 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Runs arbiter calls (async, possibly over the network) off the vCPU and channel threads.
-/// Requests are `seen_epoch`s; answers go to `answer`.
+/// Requests are `seen_epoch`s; answers go to `answer`. The thread ends when the sender is dropped.
 pub fn spawn_arbiter_worker(
     arbiter: std::sync::Arc<dyn lockstep_arbiter::Arbiter>,
     me: String,

@@ -1,271 +1,224 @@
-//! The primary's driver: the recorder's log and outputs go through the protocol core; a backup
-//! connection at a time is served; the live VM is cloned into a new backup.
+//! The primary's role: the recorder's log and outputs go through the protocol core; one backup
+//! connection at a time is served; the live VM is cloned into a new backup ([`super::clone`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::TcpListener;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lockstep_ft::wire::{LogEntry, Message, RefuseReason, encode_to_vec};
-use lockstep_ft::{CloneAction, FtConfig, OutputId, Primary, PrimaryState, RoleEvent, Throttle};
+use lockstep_ft::{CloneAction, FtConfig, OutputId, Primary, PrimaryState, Ready, RoleEvent, Throttle};
 
-use super::channel::{FromPeer, OrderedWriter, spawn_reader};
-use super::{Wakeup, now};
+use super::PairMetrics;
+use super::clone::{CloneQueue, Cloner};
+use super::control::{Command, Control};
+use super::driver::{Driver, Role};
+use super::link::{Listener, TcpChannelListener, refuse};
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
+use crate::hypervisor::Vcpu;
 use crate::metrics::{Metrics, follow_total};
 use crate::record::{Entry, LogSink, encode_frame};
 use crate::recorder::OutputPolicy;
+use crate::vmm::{Machine, RunSummary, StopReason};
 
-/// The primary's protocol core and what its `Ready` acts on.
-pub struct Core {
-    pub ft: Primary,
-    writer: Option<OrderedWriter>,
-    /// Which channel connection is current; readers of older ones are ignored.
-    generation: u64,
+/// The primary's driver.
+pub type PrimaryDriver = Driver<PrimaryRole>;
+
+/// How often the primary's timers run (heartbeats, failure detection, paced flushes).
+const TICK: Duration = Duration::from_millis(2);
+
+/// Where released client output goes: the client front end, or a collector in tests.
+pub trait Deliver: Send + Sync + std::fmt::Debug {
+    /// Send released output to its client.
+    fn deliver(&self, out: ClientOutput);
+    /// Close every client connection (a halted side must not talk to clients again).
+    fn close_all(&self);
+}
+
+impl Deliver for FrontEnd {
+    fn deliver(&self, out: ClientOutput) {
+        FrontEnd::deliver(self, out)
+    }
+    fn close_all(&self) {
+        FrontEnd::close_all(self)
+    }
+}
+
+/// What the primary adds to the driver: held outputs, clone work for the vCPU thread, and what
+/// the core's role changes mean for the agent.
+#[derive(Debug)]
+pub struct PrimaryRole {
     held: HashMap<u64, ClientOutput>,
     next_output: u64,
-    front: FrontEnd,
+    outputs: Arc<dyn Deliver>,
     metrics: Arc<Metrics>,
-    arbiter: Option<Sender<u64>>,
-    /// Clone work for the vCPU thread, done at the next exit boundary.
-    pub clone_actions: VecDeque<CloneAction>,
-    pub halted: bool,
+    control: Arc<Control>,
+    /// Clone work waiting for the vCPU thread.
+    pub clone: CloneQueue,
+    halted: bool,
     stop: Arc<AtomicBool>,
-    /// Wakes a waiting guest so the vCPU thread can do clone work.
-    pub wake: Arc<AtomicBool>,
     last_rtt: u64,
-    max_payload: usize,
 }
 
-impl std::fmt::Debug for Core {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Core").field("state", &self.ft.state()).finish_non_exhaustive()
+impl PrimaryRole {
+    pub fn new(outputs: Arc<dyn Deliver>, metrics: Arc<Metrics>, control: Arc<Control>, stop: Arc<AtomicBool>) -> Self {
+        PrimaryRole {
+            held: HashMap::new(),
+            next_output: 0,
+            outputs,
+            metrics,
+            control,
+            clone: CloneQueue::default(),
+            halted: false,
+            stop,
+            last_rtt: 0,
+        }
+    }
+
+    /// True once this side lost the arbiter: it never releases output again.
+    pub fn halted(&self) -> bool {
+        self.halted
+    }
+
+    /// Hold `out`, produced at `exit` at time `produced`, under the output rule.
+    pub fn hold(&mut self, core: &mut Primary, exit: u64, out: ClientOutput, produced: u64) {
+        if self.halted {
+            return;
+        }
+        let id = self.next_output;
+        self.next_output += 1;
+        self.held.insert(id, out);
+        core.hold_output(exit, OutputId(id), produced);
     }
 }
 
-#[derive(Debug)]
-pub struct Shared {
-    pub core: Mutex<Core>,
-    pub cv: Wakeup,
-}
+impl Role for PrimaryRole {
+    type Core = Primary;
+    const NAME: &'static str = "primary";
 
-impl Shared {
-    pub fn new(
-        ft: Primary,
-        cfg: &FtConfig,
-        front: FrontEnd,
-        metrics: Arc<Metrics>,
-        stop: Arc<AtomicBool>,
-    ) -> Arc<Self> {
-        metrics.epoch.set(ft.epoch() as i64);
-        metrics.role.set(1);
-        Arc::new(Shared {
-            core: Mutex::new(Core {
-                ft,
-                writer: None,
-                generation: 0,
-                held: HashMap::new(),
-                next_output: 0,
-                front,
-                metrics,
-                arbiter: None,
-                clone_actions: VecDeque::new(),
-                halted: false,
-                stop,
-                wake: Arc::new(AtomicBool::new(false)),
-                last_rtt: 0,
-                max_payload: cfg.max_payload,
-            }),
-            cv: Wakeup::default(),
-        })
-    }
-
-    pub fn lock(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().expect("primary core lock")
-    }
-
-    pub fn set_arbiter(&self, tx: Sender<u64>) {
-        self.lock().arbiter = Some(tx);
-    }
-
-    /// Apply a call's consequences, with the lock held.
-    pub fn act(&self, core: &mut Core) {
-        let r = core.ft.take_ready();
-        if !r.messages.is_empty() {
-            if let Some(w) = &core.writer {
-                let mut buf = Vec::new();
-                if let Err(e) = r.encode_messages(core.max_payload, &mut buf) {
-                    tracing::error!("cannot encode frames for the backup: {e}");
-                } else {
-                    w.write(buf);
-                }
+    fn react(&mut self, core: &mut Primary, ready: Ready) {
+        for rel in ready.released {
+            if let Some(out) = self.held.remove(&rel.id.0) {
+                self.outputs.deliver(out);
             }
+            self.metrics.output_hold_seconds.observe(rel.held_nanos as f64 / 1e9);
         }
-        for rel in r.released {
-            if let Some(out) = core.held.remove(&rel.id.0) {
-                core.front.deliver(out);
+        for id in ready.discarded {
+            self.held.remove(&id.0);
+        }
+        for a in ready.clone_actions {
+            if a == CloneAction::Abort {
+                // Steps not yet taken are moot; the abort undoes those already taken.
+                self.clone.actions.clear();
             }
-            core.metrics.output_hold_seconds.observe(rel.held_nanos as f64 / 1e9);
+            self.clone.actions.push_back(a);
         }
-        for id in r.discarded {
-            core.held.remove(&id.0);
-        }
-        if let Some(c) = r.consult_arbiter {
-            if let Some(a) = &core.arbiter {
-                let _ = a.send(c.seen_epoch);
-            }
-        }
-        if !r.clone_actions.is_empty() {
-            core.clone_actions.extend(r.clone_actions);
-            core.wake.store(true, Ordering::Release);
-        }
-        if r.close_channel {
-            if let Some(w) = core.writer.take() {
-                w.close();
-            }
-        }
-        for e in r.role_events {
+        for e in ready.role_events {
             tracing::info!(event = ?e, "primary");
             match e {
                 RoleEvent::Halted(_) => {
-                    core.halted = true;
-                    core.metrics.role.set(3);
-                    core.metrics.ready.set(0);
-                    core.stop.store(true, Ordering::Relaxed);
-                    core.front.close_all();
+                    self.halted = true;
+                    self.metrics.role.set(3);
+                    self.metrics.ready.set(0);
+                    self.stop.store(true, Ordering::Relaxed);
+                    self.outputs.close_all();
                 }
-                RoleEvent::Degraded { .. } => core.metrics.failovers.inc(),
+                RoleEvent::Degraded { .. } => self.metrics.failovers.inc(),
                 _ => {}
             }
         }
-        let m = core.ft.metrics().clone();
+        let m = core.metrics();
         // The core keeps the latest round trip; observe each new sample once.
-        if m.heartbeat_rtt_nanos != 0 && m.heartbeat_rtt_nanos != core.last_rtt {
-            core.metrics.heartbeat_rtt_seconds.observe(m.heartbeat_rtt_nanos as f64 / 1e9);
-            core.last_rtt = m.heartbeat_rtt_nanos;
+        if m.heartbeat_rtt_nanos != 0 && m.heartbeat_rtt_nanos != self.last_rtt {
+            self.metrics.heartbeat_rtt_seconds.observe(m.heartbeat_rtt_nanos as f64 / 1e9);
+            self.last_rtt = m.heartbeat_rtt_nanos;
         }
-        follow_total(&core.metrics.clone_bytes, m.clone_bytes_sent);
-        core.metrics.protected.set(m.protected as i64);
-        core.metrics.acked_exit.set(m.acked_exit as i64);
-        core.metrics.replayed_exit.set(m.replayed_exit as i64);
-        core.metrics.execution_lag_seconds.set(m.lag_nanos as f64 / 1e9);
-        core.metrics.epoch.set(core.ft.epoch() as i64);
-        self.cv.notify_waiters();
+        follow_total(&self.metrics.clone_bytes, m.clone_bytes_sent);
+        self.metrics.protected.set(m.protected as i64);
+        self.metrics.acked_exit.set(m.acked_exit as i64);
+        self.metrics.replayed_exit.set(m.replayed_exit as i64);
+        self.metrics.execution_lag_seconds.set(m.lag_nanos as f64 / 1e9);
+        self.metrics.epoch.set(core.epoch() as i64);
     }
 
-    /// Accept backup connections on `listener`, one at a time.
-    pub fn serve_channel(self: &Arc<Self>, listener: TcpListener) {
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("channel-accept".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
-                    let _ = stream.set_nodelay(true);
-                    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                    let mut core = me.lock();
-                    if core.halted {
-                        return;
-                    }
-                    if core.writer.is_some() && core.ft.state() == PrimaryState::Solo {
-                        // The current connection never became a backup (no accepted Hello yet:
-                        // a stray or garbage client). Drop it in favour of the new one.
-                        if let Some(w) = core.writer.take() {
-                            w.close();
-                        }
-                        core.generation += 1;
-                    }
-                    if core.writer.is_some() {
-                        // One backup at a time: the core never sees a second connection.
-                        tracing::warn!("refusing a second backup connection from {peer}");
-                        let bytes = encode_to_vec(&Message::Refuse { reason: RefuseReason::Busy }, core.max_payload)
-                            .unwrap_or_default();
-                        let mut s = &stream;
-                        let _ = std::io::Write::write_all(&mut s, &bytes);
-                        continue;
-                    }
-                    tracing::info!("backup connected from {peer}");
-                    let Ok(read_half) = stream.try_clone() else { continue };
-                    let writer = match super::channel::writer(stream, "channel") {
-                        Ok(w) => w,
-                        Err(e) => {
-                            tracing::warn!("cannot serve the backup connection from {peer}: {e}");
-                            continue;
-                        }
-                    };
-                    core.generation += 1;
-                    let generation = core.generation;
-                    core.writer = Some(writer);
-                    let max = core.max_payload;
-                    drop(core);
-                    let shared = me.clone();
-                    spawn_reader(read_half, "channel", max, move |ev| {
-                        let mut core = shared.lock();
-                        if core.generation != generation {
-                            return false;
-                        }
-                        let t = now();
-                        let keep = match ev {
-                            FromPeer::Message(m) => match core.ft.step(m, t) {
-                                Ok(()) => true,
-                                Err(e) => {
-                                    tracing::warn!("backup sent something the protocol refuses: {e}");
-                                    true
-                                }
-                            },
-                            FromPeer::Closed { error } => {
-                                if let Some(e) = error {
-                                    tracing::warn!("backup channel broke: {e}");
-                                } else {
-                                    tracing::warn!("backup channel closed");
-                                }
-                                core.writer = None;
-                                core.ft.peer_disconnected(t);
-                                false
-                            }
-                        };
-                        shared.act(&mut core);
-                        keep
-                    });
-                }
-            })
-            .expect("spawn channel acceptor");
+    fn publish(&mut self, core: &Primary) {
+        let command = if self.halted {
+            Command::Stop
+        } else if let Some(c) = self.clone.command() {
+            c
+        } else if core.pause_vcpu() {
+            Command::Pause
+        } else {
+            Command::Run
+        };
+        self.control.set(command);
+        self.control.set_throttle(match core.throttle() {
+            Throttle::Full => Duration::ZERO,
+            Throttle::Slow { sleep_per_exit } => Duration::from_nanos(sleep_per_exit),
+        });
     }
 
-    /// Drive the core's timers.
-    pub fn spawn_ticker(self: &Arc<Self>) {
-        let me = self.clone();
-        std::thread::Builder::new()
-            .name("ft-tick".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(Duration::from_millis(2));
-                    let mut core = me.lock();
-                    if core.halted {
+    fn finished(&self) -> bool {
+        self.halted
+    }
+}
+
+/// Accept backup connections from `listener`, one at a time, on a thread of their own.
+fn serve(driver: &Arc<PrimaryDriver>, mut listener: Box<dyn Listener>, max_payload: usize) {
+    let weak = Arc::downgrade(driver);
+    std::thread::Builder::new()
+        .name("channel-accept".into())
+        .spawn(move || {
+            loop {
+                let conn = match listener.accept() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(
+                            "the channel listener on {} failed ({e}); no backup can join this primary any more",
+                            listener.describe()
+                        );
                         return;
                     }
-                    core.ft.tick(now());
-                    me.act(&mut core);
+                };
+                let Some(driver) = weak.upgrade() else { return };
+                let mut inner = driver.lock();
+                if inner.role.halted() {
+                    return;
                 }
-            })
-            .expect("spawn ticker");
-    }
+                if inner.connected() && inner.core.state() == PrimaryState::Solo {
+                    // The current connection never became a backup (no accepted Hello yet: a
+                    // stray or garbage client). Drop it in favour of the new one.
+                    inner.drop_link();
+                }
+                if inner.connected() {
+                    // One backup at a time: the core never sees a second connection.
+                    tracing::warn!("refusing a second backup connection from {}", conn.peer);
+                    match encode_to_vec(&Message::Refuse { reason: RefuseReason::Busy }, max_payload) {
+                        Ok(bytes) => refuse(conn, bytes),
+                        Err(e) => tracing::error!("cannot encode a refusal: {e}"),
+                    }
+                    continue;
+                }
+                tracing::info!("backup connected from {}", conn.peer);
+                drop(inner);
+                driver.attach(conn);
+            }
+        })
+        .expect("spawn channel acceptor");
 }
 
 /// The recorder's log sink: every entry goes to the core (and on to the backup).
 #[derive(Debug)]
 pub struct FtSink {
-    pub shared: Arc<Shared>,
+    driver: Arc<PrimaryDriver>,
     bytes: u64,
 }
 
 impl FtSink {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        FtSink { shared, bytes: 0 }
+    pub fn new(driver: Arc<PrimaryDriver>) -> Self {
+        FtSink { driver, bytes: 0 }
     }
 }
 
@@ -279,26 +232,11 @@ impl LogSink for FtSink {
         }
         let bytes = encode_frame(exit, entry);
         self.bytes += bytes.len() as u64;
-        let mut core = self.shared.lock();
-        core.ft.append(LogEntry { exit, bytes }).map_err(std::io::Error::other)
+        self.driver.with(|inner, _| inner.core.append(LogEntry { exit, bytes })).map_err(std::io::Error::other)
     }
 
     fn exit_complete(&mut self, exit: u64) -> std::io::Result<()> {
-        let throttle;
-        {
-            let mut core = self.shared.lock();
-            core.ft.exit_complete(exit, now());
-            self.shared.act(&mut core);
-            // Back-pressure: the backup has too much unacknowledged log. A clone's final pause
-            // is the driver loop's business, so do not block for that here.
-            while core.ft.pause_vcpu() && !core.halted && core.ft.state() != PrimaryState::Cloning {
-                core = self.shared.cv.wait_timeout(core, Duration::from_millis(50));
-            }
-            throttle = core.ft.throttle();
-        }
-        if let Throttle::Slow { sleep_per_exit } = throttle {
-            std::thread::sleep(Duration::from_nanos(sleep_per_exit));
-        }
+        self.driver.with(|inner, t| inner.core.exit_complete(exit, t));
         Ok(())
     }
 
@@ -314,220 +252,14 @@ impl LogSink for FtSink {
 /// Client output under the output rule: held in the core until the backup acknowledged the log
 /// through the exit that produced it (released at once while no backup is in sync).
 #[derive(Debug)]
-pub struct FtOutputs(pub Arc<Shared>);
+pub struct FtOutputs(pub Arc<PrimaryDriver>);
 
 impl OutputPolicy for FtOutputs {
     fn emit(&mut self, exit: u64, out: ClientOutput) {
-        let mut core = self.0.lock();
-        if core.halted {
-            return;
-        }
-        let id = core.next_output;
-        core.next_output += 1;
-        core.held.insert(id, out);
-        core.ft.hold_output(exit, OutputId(id), now());
-        self.0.act(&mut core);
-    }
-}
-
-/// Read a whole disk image in chunks for the clone.
-pub fn read_disk_chunks(
-    disk: &std::fs::File,
-    chunk: usize,
-    mut each: impl FnMut(u64, &[u8]) -> bool,
-) -> std::io::Result<()> {
-    let size = disk.metadata()?.len();
-    let mut buf = vec![0u8; chunk];
-    let mut off = 0u64;
-    while off < size {
-        let n = chunk.min((size - off) as usize);
-        disk.read_exact_at(&mut buf[..n], off)?;
-        // Sparse images are mostly zeros; a backup's fresh image is zero already.
-        if buf[..n].iter().any(|&b| b != 0) && !each(off, &buf[..n]) {
-            break;
-        }
-        off += n as u64;
-    }
-    Ok(())
-}
-
-/// Live-clone work for the primary's vCPU thread. Pre-copy rounds copy memory from a worker
-/// thread while the guest keeps running (dirty tracking catches what it changes meanwhile); the
-/// final delta is copied with the vCPU stopped at an exit boundary.
-#[derive(Debug)]
-pub struct Cloner {
-    /// A pre-copy round copying in the background: (round, finished flag).
-    running: Option<(u32, Arc<AtomicBool>)>,
-    /// Pages dirtied since the last round started, to copy in the next round.
-    pending: Option<crate::vmm::dirty::DirtyPages>,
-    started: Option<std::time::Instant>,
-}
-
-/// Bytes of guest memory per piece handed to the core (one `ClonePages` message): big enough
-/// that per-message costs vanish, small enough that a round streams instead of being read whole.
-const PIECE_BYTES: u64 = 256 << 10;
-/// Most clone bytes queued behind a slow channel before the copy waits.
-const CLONE_BACKLOG: usize = 8 << 20;
-
-impl Cloner {
-    pub fn new() -> Self {
-        Cloner { running: None, pending: None, started: None }
-    }
-
-    fn copy_in_background(
-        &mut self,
-        shared: &Arc<Shared>,
-        mem: crate::vmm::memory::GuestMemory,
-        pages: crate::vmm::dirty::DirtyPages,
-        disk: Option<std::fs::File>,
-        round: u32,
-    ) {
-        let done = Arc::new(AtomicBool::new(false));
-        self.running = Some((round, done.clone()));
-        let shared = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("clone-round-{round}"))
-            .spawn(move || {
-                // One piece in memory at a time: read, hand to the core (which frames it for the
-                // channel writer), then the next.
-                for piece in crate::vmm::dirty::pieces(&mem, pages.ranges().collect::<Vec<_>>(), PIECE_BYTES) {
-                    let Ok(piece) = piece else { break };
-                    let mut core = shared.lock();
-                    if core.ft.clone_pages(vec![piece]).is_err() {
-                        done.store(true, Ordering::Release);
-                        return; // the backup went away; an Abort follows
-                    }
-                    shared.act(&mut core);
-                    let writer = core.writer.clone();
-                    drop(core);
-                    // Back-pressure: a slow backup must not make the primary buffer the whole
-                    // guest memory in the channel's backlog.
-                    while writer.as_ref().is_some_and(|w| w.backlog_bytes() > CLONE_BACKLOG && !w.is_done()) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    // Let the channel reader and the ticker at the core between pieces, or
-                    // heartbeats starve behind a long copy.
-                    std::thread::yield_now();
-                }
-                if let Some(d) = disk {
-                    let _ = read_disk_chunks(&d, 1 << 20, |off, bytes| {
-                        let mut core = shared.lock();
-                        let ok = core.ft.clone_disk(off, bytes).is_ok();
-                        shared.act(&mut core);
-                        ok
-                    });
-                }
-                done.store(true, Ordering::Release);
-                shared.lock().wake.store(true, Ordering::Release);
-                shared.cv.notify_all();
-            })
-            .expect("spawn clone worker");
-    }
-
-    /// Called by the vCPU thread between exits: start, finish or finalize clone work.
-    pub fn poll(
-        &mut self,
-        vm: &mut crate::vmm::Machine<crate::hypervisor::kvm::KvmVcpu>,
-        shared: &Arc<Shared>,
-        disk: Option<&std::fs::File>,
-    ) -> Result<(), crate::vmm::clone::CloneError> {
-        use crate::vmm::dirty::DirtyPages;
-        let mem_bytes = vm.mem_size();
-        // A background round finished: report how much the guest dirtied meanwhile.
-        if let Some((round, done)) = &self.running {
-            if done.load(Ordering::Acquire) {
-                let round = *round;
-                self.running = None;
-                let dirty = vm.take_dirty()?.merged();
-                let count = dirty.count();
-                self.pending = Some(dirty);
-                let mut core = shared.lock();
-                tracing::info!(round, dirty_pages = count, "clone pre-copy round done");
-                let _ = core.ft.clone_round_done(count, now());
-                shared.act(&mut core);
-            }
-        }
-        let action = shared.lock().clone_actions.pop_front();
-        let Some(action) = action else { return Ok(()) };
-        match action {
-            CloneAction::CopyRound { round } => {
-                let pages = if round == 0 {
-                    self.started = Some(std::time::Instant::now());
-                    tracing::info!(memory_bytes = mem_bytes, "clone: starting pre-copy into a new backup");
-                    vm.start_dirty_tracking()?;
-                    vm.devices.start_disk_tracking();
-                    DirtyPages::all(mem_bytes)
-                } else {
-                    self.pending.take().unwrap_or_else(|| DirtyPages::none(mem_bytes))
-                };
-                let disk = if round == 0 { disk.and_then(|d| d.try_clone().ok()) } else { None };
-                self.copy_in_background(shared, vm.mem.clone(), pages, disk, round);
-            }
-            CloneAction::PauseAndFinalize { round } => {
-                let paused = std::time::Instant::now();
-                // Wait for a round still copying (the vCPU is stopped from here on).
-                while let Some((_, done)) = &self.running {
-                    if done.load(Ordering::Acquire) {
-                        self.running = None;
-                    } else {
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
-                }
-                vm.quiesce()?;
-                let mut dirty = vm.take_dirty()?.merged();
-                if let Some(p) = self.pending.take() {
-                    dirty.union_with(&p);
-                }
-                let ranges: Vec<_> = dirty.ranges().collect();
-                let pages = crate::vmm::dirty::read_pages(&vm.mem, ranges, PIECE_BYTES)?;
-                let disk_blocks = vm.devices.take_disk_writes();
-                let state = vm.save_state()?;
-                vm.stop_dirty_tracking()?;
-                let mut core = shared.lock();
-                for piece in pages {
-                    let _ = core.ft.clone_pages(vec![piece]);
-                }
-                if let Some(d) = disk {
-                    for (off, len) in disk_blocks {
-                        let mut buf = vec![0u8; len as usize];
-                        if d.read_exact_at(&mut buf, off).is_ok() {
-                            let _ = core.ft.clone_disk(off, &buf);
-                        }
-                    }
-                }
-                let exit = vm.exits;
-                let r = core.ft.clone_final(exit, Vec::new(), state, now());
-                shared.act(&mut core);
-                let pause = paused.elapsed();
-                let total = self.started.map(|s| s.elapsed()).unwrap_or_default();
-                core.metrics.clone_pause_seconds.set(pause.as_secs_f64());
-                core.metrics.clone_duration_seconds.set(total.as_secs_f64());
-                tracing::info!(
-                    round,
-                    exit,
-                    final_pages = dirty.count(),
-                    pause_ms = pause.as_secs_f64() * 1e3,
-                    total_ms = total.as_secs_f64() * 1e3,
-                    ok = r.is_ok(),
-                    "clone: final state sent"
-                );
-            }
-            CloneAction::Abort => {
-                tracing::warn!("clone aborted: the new backup went away");
-                // A round still copying finishes on its own; its result no longer matters.
-                self.running = None;
-                self.pending = None;
-                vm.stop_dirty_tracking()?;
-                vm.devices.take_disk_writes();
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Default for Cloner {
-    fn default() -> Self {
-        Self::new()
+        self.0.with(|inner, t| {
+            let super::driver::Inner { core, role, .. } = inner;
+            role.hold(core, exit, out, t);
+        });
     }
 }
 
@@ -578,16 +310,38 @@ pub struct Resume {
     pub close_conns: Vec<u32>,
 }
 
-/// Run `vm` as the primary under protocol core `ft` until stopped, powered off or halted.
-pub fn drive(
-    vm: &mut crate::vmm::Machine<crate::hypervisor::kvm::KvmVcpu>,
+/// Run `vm` as the primary under protocol core `ft` until stopped, powered off or halted, with
+/// backups joining on `opts.channel_listen` over TCP.
+pub fn drive<V: Vcpu>(
+    vm: &mut Machine<V>,
     ft: Primary,
     opts: &Options,
     disk: Option<std::fs::File>,
     resume: Resume,
-) -> Result<crate::vmm::RunSummary, PairError> {
+) -> Result<RunSummary, PairError> {
+    let pair = PairMetrics::register(&opts.metrics, &opts.vm_id);
+    drive_with(vm, ft, opts, disk, resume, &pair, || {
+        let listener = TcpListener::bind(opts.channel_listen).map_err(|source| PairError::Io {
+            context: format!("listening for a backup on {}", opts.channel_listen),
+            source,
+        })?;
+        Ok(Box::new(TcpChannelListener(listener)))
+    })
+}
+
+/// [`drive`] with the channel's listener from `listen` (called once the client port is up) and
+/// the driver's metrics from the caller (a promoted backup hands over its own).
+pub(crate) fn drive_with<V: Vcpu>(
+    vm: &mut Machine<V>,
+    ft: Primary,
+    opts: &Options,
+    disk: Option<std::fs::File>,
+    resume: Resume,
+    pair: &PairMetrics,
+    listen: impl FnOnce() -> Result<Box<dyn Listener>, PairError>,
+) -> Result<RunSummary, PairError> {
     use crate::recorder::Recorder;
-    use crate::vmm::{Event, RunSummary};
+    use crate::vmm::{Environment, Event};
 
     let (front, events) =
         FrontEnd::start(opts.client_listen, resume.first_conn.max(1)).map_err(|source| PairError::Io {
@@ -597,25 +351,22 @@ pub fn drive(
     let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     opts.metrics.ready.set(1);
-    let listener = TcpListener::bind(opts.channel_listen).map_err(|source| PairError::Io {
-        context: format!("listening for a backup on {}", opts.channel_listen),
-        source,
-    })?;
-    eprintln!("lockstep-agent: channel on {}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
-    let shared = Shared::new(ft, &opts.ft, front.clone(), opts.metrics.clone(), opts.stop.clone());
-    let answer = shared.clone();
-    shared.set_arbiter(super::spawn_arbiter_worker(opts.arbiter.clone(), opts.me.clone(), move |o| {
-        let mut core = answer.lock();
-        core.ft.arbiter_result(o, now());
-        answer.act(&mut core);
-    }));
-    shared.serve_channel(listener);
-    shared.spawn_ticker();
+    let listener = listen()?;
+    eprintln!("lockstep-agent: channel on {}", listener.describe());
+    opts.metrics.epoch.set(ft.epoch() as i64);
+    opts.metrics.role.set(1);
+
+    let control = Arc::new(Control::default());
+    let role = PrimaryRole::new(Arc::new(front.clone()), opts.metrics.clone(), control.clone(), opts.stop.clone());
+    let driver = Driver::new(ft, role, opts.ft.max_payload);
+    driver.set_arbiter(opts.arbiter.clone(), opts.me.clone());
+    serve(&driver, listener, opts.ft.max_payload);
+    driver.spawn_ticker(TICK);
 
     let mut rec = Recorder::new(
-        FtSink::new(shared.clone()),
+        FtSink::new(driver.clone()),
         Some(events),
-        Box::new(FtOutputs(shared.clone())),
+        Box::new(FtOutputs(driver.clone())),
         opts.stop.clone(),
         opts.metrics.clone(),
     )
@@ -623,24 +374,20 @@ pub fn drive(
     rec.clock_offset_ns = resume.clock_offset_ns;
     rec.digest_interval = opts.digest_interval;
     rec.console.quiet = opts.quiet;
-    rec.wake = Some(shared.lock().wake.clone());
+    rec.wake = Some(control.wake_flag());
     rec.injected = resume.close_conns.into_iter().map(|conn| Event::ClientClose { conn }).collect();
 
-    let mut cloner = Cloner::new();
-    let mut stop = match resume.pending_exit {
-        Some(exit) => vm.complete_exit(exit, &mut rec)?,
-        None => None,
-    };
-    while stop.is_none() {
-        stop = vm.step(&mut rec)?;
-        cloner.poll(vm, &shared, disk.as_ref())?;
+    let mut cloner = Cloner::new(opts.metrics.clone(), pair.clone());
+    let result = run_vcpu(vm, &mut rec, &driver, &control, &mut cloner, disk.as_ref(), resume.pending_exit, &opts.stop);
+    if result.is_ok() {
+        hand_over_the_log(&driver, vm.exits, opts.ft.heartbeat_timeout);
     }
-    let reason = stop.expect("loop ends with a reason");
-    let digest = vm.digest(true)?;
-    use crate::vmm::Environment;
-    rec.end(vm.exits, digest, &reason)?;
-    let halted = shared.lock().halted;
+    let halted = driver.lock().role.halted();
+    driver.shutdown();
     front.close_all();
+    let reason = result?;
+    let digest = vm.digest(true)?;
+    rec.end(vm.exits, digest, &reason)?;
     if halted {
         return Err(PairError::Halted(format!(
             "another agent holds the arbiter {}; this one stopped without releasing output",
@@ -648,4 +395,60 @@ pub fn drive(
         )));
     }
     Ok(RunSummary { exits: vm.exits, digest, reason })
+}
+
+/// Before stopping, ship the log through `last` and wait (at most `patience` nanoseconds) for
+/// the backup to acknowledge it: a guest that powered off then powers off on the backup too, and
+/// a stop on request hands over exactly where this side ended.
+fn hand_over_the_log(driver: &Arc<PrimaryDriver>, last: u64, patience: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_nanos(patience);
+    driver.with(|inner, t| inner.core.flush_now(t));
+    let mut inner = driver.lock();
+    while inner.core.keeps_log() && inner.core.acked_through() < last && std::time::Instant::now() < deadline {
+        inner = driver.wait(inner, Duration::from_millis(10));
+    }
+}
+
+/// The vCPU thread: run the guest, doing at each exit boundary what the driver's command says.
+#[allow(clippy::too_many_arguments)]
+fn run_vcpu<V: Vcpu>(
+    vm: &mut Machine<V>,
+    rec: &mut crate::recorder::Recorder<FtSink>,
+    driver: &Arc<PrimaryDriver>,
+    control: &Control,
+    cloner: &mut Cloner,
+    disk: Option<&std::fs::File>,
+    pending_exit: Option<crate::hypervisor::VmExit>,
+    stop: &AtomicBool,
+) -> Result<StopReason, PairError> {
+    if let Some(exit) = pending_exit {
+        if let Some(reason) = vm.complete_exit(exit, rec)? {
+            return Ok(reason);
+        }
+    }
+    loop {
+        match control.command() {
+            Command::Run => {
+                if let Some(reason) = vm.step(rec)? {
+                    return Ok(reason);
+                }
+                if let Some(sleep) = control.throttle() {
+                    std::thread::sleep(sleep);
+                }
+            }
+            Command::Pause => {
+                // Back-pressure: the backup has too much unacknowledged log. Acks (or the
+                // arbiter) lift it; a stop request still gets through.
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(StopReason::Requested);
+                }
+                let guard = driver.lock();
+                if control.command() == Command::Pause {
+                    drop(driver.wait(guard, Duration::from_millis(50)));
+                }
+            }
+            Command::Clone | Command::Finalize => cloner.service(vm, driver, disk),
+            Command::Stop => return Ok(StopReason::Requested),
+        }
+    }
 }

@@ -175,7 +175,88 @@ impl Persist for MachineState {
     }
 }
 
+/// The machine without its vCPU, at an exit boundary: what a clone's `CloneFinal` carries as
+/// device state, beside the vCPU's own bytes ([`VcpuState::to_bytes`]). Same fields as
+/// [`MachineState`] otherwise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoardState {
+    pub guest: String,
+    pub mem_size: u64,
+    pub exits: u64,
+    pub irqs: u64,
+    pub irq_window: bool,
+    pub devices: DevicesState,
+}
+
+impl BoardState {
+    /// Split `s` into the board and its vCPU.
+    pub fn split(s: MachineState) -> (BoardState, VcpuState) {
+        let MachineState { guest, mem_size, exits, irqs, irq_window, vcpu, devices } = s;
+        (BoardState { guest, mem_size, exits, irqs, irq_window, devices }, vcpu)
+    }
+
+    /// The whole machine state again.
+    pub fn with_vcpu(self, vcpu: VcpuState) -> MachineState {
+        let BoardState { guest, mem_size, exits, irqs, irq_window, devices } = self;
+        MachineState { guest, mem_size, exits, irqs, irq_window, vcpu, devices }
+    }
+}
+
+impl Persist for BoardState {
+    fn encode(&self, e: &mut Encoder) {
+        e.bytes(self.guest.as_bytes());
+        e.u64(self.mem_size);
+        e.u64(self.exits);
+        e.u64(self.irqs);
+        e.bool(self.irq_window);
+        e.put(&self.devices);
+    }
+
+    fn decode(d: &mut Decoder<'_>) -> snapshot::Result<Self> {
+        let name = d.bytes("guest name")?;
+        if name.len() > MAX_GUEST_NAME {
+            return Err(SnapshotError::Invalid(format!("guest name of {} bytes", name.len())));
+        }
+        let guest = std::str::from_utf8(name)
+            .map_err(|_| SnapshotError::Invalid("guest name is not UTF-8".into()))?
+            .to_string();
+        Ok(BoardState {
+            guest,
+            mem_size: d.u64("memory size")?,
+            exits: d.u64("exit counter")?,
+            irqs: d.u64("pending interrupts")?,
+            irq_window: d.bool("interrupt window request")?,
+            devices: d.get()?,
+        })
+    }
+}
+
+/// A clone's final state as it travels: the vCPU and the rest of the machine, each as bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloneState {
+    /// [`VcpuState::to_bytes`].
+    pub vcpu: Vec<u8>,
+    /// A [`BoardState`] in a snapshot envelope.
+    pub board: Vec<u8>,
+}
+
 impl<V: Vcpu> Machine<V> {
+    /// [`Machine::save_state`] in the two parts a clone hand-over sends (`CloneFinal`'s vCPU and
+    /// device state).
+    pub fn save_clone_state(&mut self) -> Result<CloneState, CloneError> {
+        let (board, vcpu) = BoardState::split(self.machine_state()?);
+        Ok(CloneState { vcpu: vcpu.to_bytes(), board: snapshot::save(&board) })
+    }
+
+    /// Take over the two parts of [`Machine::save_clone_state`] (untrusted bytes); otherwise as
+    /// [`Machine::restore_state`].
+    pub fn restore_clone_state(&mut self, vcpu: &[u8], board: &[u8]) -> Result<(), CloneError> {
+        let vcpu =
+            VcpuState::from_bytes(vcpu).map_err(|e| SnapshotError::Invalid(format!("the clone's vCPU state: {e}")))?;
+        let board: BoardState = snapshot::load(board)?;
+        self.apply_state(&board.with_vcpu(vcpu))
+    }
+
     /// Finish the instruction behind the last exit (an MMIO read completes only at the next
     /// entry) without running the guest further. [`Machine::save_state`] does this itself; call
     /// it before the final dirty-page scan so that scan sees everything the instruction wrote.
@@ -348,6 +429,20 @@ mod tests {
             let mut m = bytes.clone();
             m[i] ^= 0x10;
             assert!(snapshot::load::<MachineState>(&m).is_err(), "flip at {i}");
+        }
+    }
+
+    #[test]
+    fn board_and_vcpu_travel_apart_and_join_again() {
+        let s = state();
+        let (board, vcpu) = BoardState::split(s.clone());
+        assert_ne!(vcpu, VcpuState::zeroed(), "the vCPU part is not empty");
+        let bytes = snapshot::save(&board);
+        let back: BoardState = snapshot::load(&bytes).unwrap();
+        let again = VcpuState::from_bytes(&vcpu.to_bytes()).unwrap();
+        assert_eq!(back.with_vcpu(again), s);
+        for cut in [0, 10, bytes.len() - 1] {
+            assert!(snapshot::load::<BoardState>(&bytes[..cut]).is_err(), "cut at {cut}");
         }
     }
 

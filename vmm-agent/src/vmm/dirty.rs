@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::clone::CloneError;
 use super::machine::Machine;
 use super::memory::{GuestMemory, PAGE_SIZE};
-use crate::hypervisor::kvm::KvmVcpu;
+use crate::hypervisor::Vcpu;
 
 /// One bit per 4 KiB page of guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,29 +179,37 @@ pub fn vmm_bitmap(mem: &GuestMemory) -> &AtomicBitmap {
     mapping.bitmap()
 }
 
-impl Machine<KvmVcpu> {
+impl<V: Vcpu> Machine<V> {
     /// Start a pre-copy: KVM logs guest writes from now on, and the VMM's bitmap starts empty.
     /// Round 0 then copies all of memory.
     pub fn start_dirty_tracking(&mut self) -> Result<(), CloneError> {
-        self.vm_mut().set_dirty_logging(true)?;
-        // Start both logs from "nothing dirty".
-        self.vm().dirty_pages()?;
+        if let Some(vm) = self.kvm_vm_mut() {
+            vm.set_dirty_logging(true)?;
+            // Start both logs from "nothing dirty".
+            vm.dirty_pages()?;
+        }
         vmm_bitmap(&self.mem).reset();
         Ok(())
     }
 
     /// Pages written since tracking started or since the last call, by the guest and by the
-    /// VMM; both logs are cleared. Call it between steps (or with the vCPU paused).
+    /// VMM; both logs are cleared. Call it between steps (or with the vCPU paused). A machine
+    /// without a KVM VM (a test vCPU) has only the VMM's log, which then sees every write.
     pub fn take_dirty(&mut self) -> Result<DirtyLog, CloneError> {
         let size = self.mem.last_addr().0 + 1;
-        let kvm = DirtyPages::from_bitmap(self.vm().dirty_pages()?, size);
+        let kvm = match self.kvm_vm_mut() {
+            Some(vm) => DirtyPages::from_bitmap(vm.dirty_pages()?, size),
+            None => DirtyPages::none(size),
+        };
         let vmm = DirtyPages::from_bitmap(vmm_bitmap(&self.mem).get_and_reset(), size);
         Ok(DirtyLog { kvm, vmm })
     }
 
     /// Turn KVM's dirty log off again (it slows guest writes).
     pub fn stop_dirty_tracking(&mut self) -> Result<(), CloneError> {
-        self.vm_mut().set_dirty_logging(false)?;
+        if let Some(vm) = self.kvm_vm_mut() {
+            vm.set_dirty_logging(false)?;
+        }
         Ok(())
     }
 }

@@ -346,6 +346,12 @@ impl<V: Vcpu> Machine<V> {
         Machine { mem, vcpu, devices, irqs: IrqQueue::default(), exits: 0, exit_limit: None, guest: None, _vm: None }
     }
 
+    /// The KVM VM behind this machine; `None` for a machine around a test vCPU, whose guest
+    /// changes memory only through vm-memory (so the VMM's dirty bitmap sees every write).
+    pub(crate) fn kvm_vm_mut(&mut self) -> Option<&mut KvmVm> {
+        self._vm.as_mut()
+    }
+
     /// Bytes of guest RAM.
     pub fn mem_size(&self) -> u64 {
         use vm_memory::GuestMemoryBackend;
