@@ -12,8 +12,8 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
-use lockstep_guest::{heap, platform, println, virtio};
-use lockstep_guest_abi::{KVSTORE_PORT, SLOT_BLK, SLOT_VSOCK};
+use lockstep_guest::{heap, platform, println, rt, virtio};
+use lockstep_guest_abi::{KVSTORE_PORT, SLOT_BLK, SLOT_VSOCK, irq};
 use lockstep_guest_kv::aof::{Aof, BlockDevice, DiskError};
 use lockstep_guest_kv::limits::{Limits, Overrides};
 use lockstep_guest_kv::server::{Admission, ClientId, ClientState, Heap, Server};
@@ -31,6 +31,8 @@ type Vsock = VsockConnectionManager<Hal, MmioTransport<'static>, RX_BUFFER>;
 const RX_BUFFER: usize = 4096;
 /// Each connection's receive ring in the vsock driver (`limits::CONN_RING_BYTES`).
 const CONN_BUFFER: u32 = lockstep_guest_kv::limits::CONN_RING_BYTES as u32;
+/// Receive buffers the virtio-drivers vsock driver keeps queued (its `QUEUE_SIZE`).
+const VSOCK_RX_QUEUE: usize = 8;
 /// Largest single vsock send; the host's credit is much larger.
 const SEND_CHUNK: usize = 16 * 1024;
 
@@ -93,21 +95,34 @@ fn main() -> ! {
     let mut ids: Vec<ClientId> = Vec::new();
     loop {
         let mut busy = false;
+        // Interrupts are delivered at exits, including the notifications this round makes; a
+        // packet that arrives after the polling below shows as a newer count, not as a pending
+        // interrupt, so the round only sleeps if the count has not moved.
+        let vsock_irqs = rt::irq_count(irq::VSOCK);
 
-        // 1. Take every pending event; received bytes are executed as they arrive.
-        loop {
+        // 1. Take every pending event; received bytes are executed as they arrive. The driver
+        // answers some packets itself (a credit request) and then returns `None` as it does for
+        // an empty queue, so one `None` does not mean the queue is empty: had the guest gone to
+        // sleep there, a host waiting for that credit update would never send the rest.
+        let mut idle_polls = 0;
+        while idle_polls <= VSOCK_RX_QUEUE {
             let event = match vsock.poll() {
                 Ok(Some(event)) => event,
-                Ok(None) => break,
+                Ok(None) => {
+                    idle_polls += 1;
+                    continue;
+                }
                 Err(e) => {
                     // A packet the driver could not take (a peer past its credit): it is dropped,
                     // the connection lives on.
                     println!("kvstore: vsock: {e:?}");
                     busy = true;
+                    idle_polls = 0;
                     continue;
                 }
             };
             busy = true;
+            idle_polls = 0;
             let peer = event.source;
             let id = (peer.cid, peer.port);
             match event.event_type {
@@ -189,7 +204,7 @@ fn main() -> ! {
             }
         }
 
-        if !busy {
+        if !busy && rt::irq_count(irq::VSOCK) == vsock_irqs {
             platform::wait();
         }
     }
