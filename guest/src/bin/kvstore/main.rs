@@ -31,6 +31,8 @@ type Vsock = VsockConnectionManager<Hal, MmioTransport<'static>, RX_BUFFER>;
 const RX_BUFFER: usize = 4096;
 /// Each connection's receive ring in the vsock driver (`limits::CONN_RING_BYTES`).
 const CONN_BUFFER: u32 = lockstep_guest_kv::limits::CONN_RING_BYTES as u32;
+/// Client bytes taken per round before the round persists and replies.
+const ROUND_BYTES: usize = 256 * 1024;
 /// Receive buffers the virtio-drivers vsock driver keeps queued (its `QUEUE_SIZE`).
 const VSOCK_RX_QUEUE: usize = 8;
 /// Largest single vsock send; the host's credit is much larger.
@@ -105,7 +107,14 @@ fn main() -> ! {
         // an empty queue, so one `None` does not mean the queue is empty: had the guest gone to
         // sleep there, a host waiting for that credit update would never send the rest.
         let mut idle_polls = 0;
+        let mut received = 0;
         while idle_polls <= VSOCK_RX_QUEUE {
+            if received >= ROUND_BYTES {
+                // Replies wait for the end of the round: let a client that streams a long
+                // pipeline not hold back everyone's (and its own) until it stops.
+                busy = true;
+                break;
+            }
             let event = match vsock.poll() {
                 Ok(Some(event)) => event,
                 Ok(None) => {
@@ -140,6 +149,7 @@ fn main() -> ! {
                             break;
                         }
                         server.receive(id, &buf[..n]);
+                        received += n;
                     }
                 }
                 VsockEventType::Disconnected { .. } => {
