@@ -64,9 +64,11 @@ impl Default for FtConfig {
             log_budget_bytes: 8 << 20,
             batch_bytes: 64 << 10,
             flush_interval: MILLIS,
-            // Measured side by side on the kvstore (docs/benchmarks.md): 2 beat both 1 and
-            // unlimited at pipelining depths 1 and 16.
-            output_frames_in_flight: 2,
+            // One: an output ships its exit at once only when no frame is in flight, that is
+            // when no acknowledgement is coming to carry it; otherwise it rides with the frame
+            // sent on that ack. The agent's vCPU thread then ships (a system call) only when
+            // the channel is idle, and under load every frame rides on an ack.
+            output_frames_in_flight: 1,
             lag_target: 50 * MILLIS,
             max_throttle_sleep: MILLIS,
             throttle_divisor: 100,

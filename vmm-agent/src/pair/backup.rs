@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, HaltReason, Ready, RoleEvent, VmGeometry, VmIdentity};
 
 use super::driver::{Driver, Role};
+use super::exchange::ReplayExchange;
 use super::link::{Connection, Listener, TcpChannelListener};
 use super::primary::{self, PairError, Resume};
 use super::{PairMetrics, now};
@@ -143,7 +144,9 @@ struct Halt {
 
 /// What the backup adds to the driver.
 pub struct BackupRole<V: Vcpu> {
-    queue: VecDeque<(u64, Entry)>,
+    exchange: Arc<ReplayExchange>,
+    /// Replay progress already told to the core.
+    told_replayed: u64,
     /// Clone data taken from the core, applied by the reader thread outside the lock.
     clone_work: Vec<CloneData>,
     target: Arc<Mutex<CloneTarget<V>>>,
@@ -177,6 +180,14 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
     type Core = Backup;
     const NAME: &'static str = "backup";
 
+    fn fold(&mut self, core: &mut Backup, now: u64) {
+        let replayed = self.exchange.replayed_exit();
+        if replayed > self.told_replayed {
+            self.told_replayed = replayed;
+            core.replayed(replayed, now);
+        }
+    }
+
     fn react(&mut self, core: &mut Backup, ready: Ready) {
         self.clone_work.extend(ready.clone_data);
         for e in ready.role_events {
@@ -201,6 +212,10 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
         if core.state() == BackupState::Cloning {
             self.cloning = true;
         }
+        // Hand what may be replayed to the replayer, decoded here (off the vCPU thread).
+        let max_conn = &mut self.max_conn;
+        let entries: Vec<_> = core.take_replayable().into_iter().map(|e| decode(e, max_conn)).collect();
+        self.exchange.offer(entries, core.replay_limit());
         let m = core.metrics();
         self.metrics.replayed_exit.set(core.replayed_exit() as i64);
         self.metrics.acked_exit.set(core.received_through() as i64);
@@ -242,6 +257,18 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
     }
 }
 
+/// A log entry from the channel as the replayer needs it.
+fn decode(e: lockstep_ft::wire::LogEntry, max_conn: &mut u32) -> Result<(u64, Entry), CodecError> {
+    let (exit, entry, _) = decode_frame(&e.bytes, 0)?.ok_or(CodecError::Truncated(e.bytes.len()))?;
+    if exit != e.exit {
+        return Err(CodecError::Io(format!("log entry for exit {} claims exit {exit}", e.exit)));
+    }
+    if let Entry::ClientConnect { conn } = entry {
+        *max_conn = (*max_conn).max(conn);
+    }
+    Ok((exit, entry))
+}
+
 fn describe_halt(reason: &HaltReason) -> String {
     use lockstep_ft::HaltReason as H;
     match reason {
@@ -258,46 +285,48 @@ fn describe_halt(reason: &HaltReason) -> String {
     }
 }
 
-/// The replayer's log: entries the core hands out for completed exits. A stop request (SIGTERM)
-/// ends the wait like a lost primary does; the caller tells the two apart.
-struct Source<V: Vcpu + 'static>(Arc<BackupDriver<V>>, Arc<AtomicBool>);
+/// The replayer's log: entries the reader thread decoded for completed exits, taken without the
+/// core's lock; progress goes back through the exchange. A stop request (SIGTERM) ends the wait
+/// like a lost primary does; the caller tells the two apart.
+struct Source<V: Vcpu + 'static> {
+    driver: Arc<BackupDriver<V>>,
+    exchange: Arc<ReplayExchange>,
+    local: VecDeque<Result<(u64, Entry), CodecError>>,
+    stop: Arc<AtomicBool>,
+}
 
 impl<V: Vcpu + 'static> LogSource for Source<V> {
     fn next(&mut self) -> Result<Option<(u64, Entry)>, CodecError> {
-        let mut inner = self.0.lock();
-        if inner.role.queue.is_empty() {
-            for e in inner.core.take_replayable() {
-                let (exit, entry, _) = decode_frame(&e.bytes, 0)?.ok_or(CodecError::Truncated(e.bytes.len()))?;
-                if exit != e.exit {
-                    return Err(CodecError::Io(format!("log entry for exit {} claims exit {exit}", e.exit)));
-                }
-                if let Entry::ClientConnect { conn } = entry {
-                    inner.role.max_conn = inner.role.max_conn.max(conn);
-                }
-                inner.role.queue.push_back((exit, entry));
-            }
+        if self.local.is_empty() {
+            self.exchange.take(&mut self.local);
         }
-        Ok(inner.role.queue.pop_front())
+        self.local.pop_front().transpose()
     }
 
     fn wait_complete(&mut self, exit: u64) -> Result<bool, CodecError> {
-        let mut inner = self.0.lock();
+        if self.exchange.limit() >= exit || !self.local.is_empty() {
+            return Ok(true);
+        }
+        // Caught up: tell the core how far we got (a backup going live asks the arbiter once it
+        // replayed everything), then wait for more log.
+        self.driver.with(|_, _| ());
+        let mut inner = self.driver.lock();
         loop {
-            if inner.core.replay_limit() >= exit || !inner.role.queue.is_empty() {
+            if self.exchange.limit() >= exit {
                 return Ok(true);
             }
-            if inner.role.promoted || self.1.load(Ordering::Relaxed) {
+            if inner.role.promoted || self.stop.load(Ordering::Relaxed) {
                 return Ok(false);
             }
             if let Some(h) = &inner.role.halted {
                 return Err(CodecError::Io(format!("backup halted: {}", h.why)));
             }
-            inner = self.0.wait(inner, Duration::from_millis(20));
+            inner = self.driver.wait(inner, Duration::from_millis(20));
         }
     }
 
     fn replayed(&mut self, exit: u64) {
-        self.0.with(|inner, t| inner.core.replayed(exit, t));
+        self.exchange.replayed(exit);
     }
 
     fn ended(&self) -> bool {
@@ -411,7 +440,8 @@ fn join<V: Vcpu + 'static>(
         metrics: popts.metrics.clone(),
     };
     let role = BackupRole {
-        queue: VecDeque::new(),
+        exchange: Arc::new(ReplayExchange::default()),
+        told_replayed: 0,
         clone_work: Vec::new(),
         target: Arc::new(Mutex::new(target)),
         promoted: false,
@@ -473,7 +503,9 @@ fn replay<V: Vcpu + 'static>(
         eprintln!("lockstep-agent: backup stopped on request after exit {}", vm.exits);
         Ok(RunSummary { exits: vm.exits, digest: vm.digest(false)?, reason: crate::vmm::StopReason::Requested })
     };
-    let mut rep = Replayer::new(Source(driver.clone(), stop.clone()));
+    let exchange = driver.lock().role.exchange.clone();
+    let mut rep =
+        Replayer::new(Source { driver: driver.clone(), exchange, local: VecDeque::new(), stop: stop.clone() });
     let pending = loop {
         if stop.load(Ordering::Relaxed) {
             return stopped(&vm, &driver);

@@ -42,6 +42,13 @@ pub trait Role: Send + Sized + std::fmt::Debug + 'static {
     /// every `react`, with the lock held.
     fn publish(&mut self, core: &Self::Core);
 
+    /// After `publish`: true when the vCPU left something meanwhile that must be folded and
+    /// acted on in the same turn (an output that would otherwise wait for an ack that is not
+    /// coming).
+    fn fold_again(&mut self) -> bool {
+        false
+    }
+
     /// Once true, the driver's reader and ticker threads end.
     fn finished(&self) -> bool;
 
@@ -132,8 +139,23 @@ impl<R: Role> Driver<R> {
         out
     }
 
-    /// Act on the core's `Ready`: frames out, arbiter request, channel close, then the role.
+    /// Act on the core's `Ready`: frames out, arbiter request, channel close, then the role;
+    /// again if the role folded more in meanwhile.
     pub fn act(&self, inner: &mut Inner<R>) {
+        // Each pass ships what the vCPU left during the previous one; two are the rule, the
+        // bound only keeps a pathological vCPU from holding this thread.
+        for _ in 0..8 {
+            self.act_once(inner);
+            let Inner { core, role, .. } = &mut *inner;
+            if !role.fold_again() {
+                break;
+            }
+            role.fold(core, now());
+        }
+        self.wakeup.notify_waiters();
+    }
+
+    fn act_once(&self, inner: &mut Inner<R>) {
         let ready = inner.core.take_ready();
         if !ready.messages.is_empty() {
             if let Some(w) = &inner.link {
@@ -168,7 +190,6 @@ impl<R: Role> Driver<R> {
         let Inner { core, role, .. } = inner;
         role.react(core, ready);
         role.publish(core);
-        self.wakeup.notify_waiters();
     }
 
     /// Hand arbiter requests to a worker thread whose answers come back through the core.

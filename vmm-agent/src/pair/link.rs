@@ -14,7 +14,7 @@
 //! transport with faults (`pair::sim`) through the same traits.
 
 use std::io::Read;
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 
 use lockstep_ft::wire::{FrameReader, Message, WireError};
@@ -173,10 +173,4 @@ pub fn spawn_reader(
 pub fn refuse(conn: Connection, bytes: Vec<u8>) {
     conn.writer.write(bytes);
     conn.writer.close();
-}
-
-/// Shut a TCP stream both ways (used when a connection is given up before it became a
-/// [`Connection`]).
-pub fn shutdown_tcp(stream: &TcpStream) {
-    let _ = stream.shutdown(Shutdown::Both);
 }

@@ -11,8 +11,12 @@
 //!   is gone and it won the arbiter.
 //!
 //! The vCPU thread is told what to do by explicit commands ([`control::Command`]: run, pause,
-//! clone work, finalize a clone, stop), read with one atomic load per exit. The transport is
-//! behind [`link`], so a TLS session can replace the TCP stream without touching the driver.
+//! clone work, finalize a clone, stop), read with one atomic load per exit. What it exchanges with
+//! the core every exit goes through [`exchange`] without a system call: log entries and outputs
+//! into a buffer that whoever holds the core's lock drains in batches (the channel reader after an
+//! acknowledgement, the ticker, or the vCPU itself when nothing is in flight), and the protocol's
+//! answers (pause, throttle) back through atomics it reads at its next exit. The transport is
+//! behind [`link`], so a TLS session can replace the TCP stream without touching any of this.
 //!
 //! Threads, not tasks: the vCPU thread must never wait on an executor. Everything here runs
 //! without KVM too (the driver is generic over the [`crate::hypervisor::Vcpu`] trait); the unit
@@ -22,6 +26,7 @@ pub mod backup;
 pub mod clone;
 pub mod control;
 pub mod driver;
+pub mod exchange;
 pub mod link;
 pub mod primary;
 

@@ -14,6 +14,7 @@ use super::PairMetrics;
 use super::clone::{CloneQueue, Cloner};
 use super::control::{Command, Control};
 use super::driver::{Driver, Role};
+use super::exchange::{Batch, LogExchange};
 use super::link::{Listener, TcpChannelListener, refuse};
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
@@ -60,10 +61,20 @@ pub struct PrimaryRole {
     halted: bool,
     stop: Arc<AtomicBool>,
     last_rtt: u64,
+    exchange: Arc<LogExchange>,
+    /// The batch buffer the exchange gets back (so neither side allocates per batch).
+    spare: Batch,
+    again: bool,
 }
 
 impl PrimaryRole {
-    pub fn new(outputs: Arc<dyn Deliver>, metrics: Arc<Metrics>, control: Arc<Control>, stop: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        outputs: Arc<dyn Deliver>,
+        metrics: Arc<Metrics>,
+        control: Arc<Control>,
+        stop: Arc<AtomicBool>,
+        exchange: Arc<LogExchange>,
+    ) -> Self {
         PrimaryRole {
             held: HashMap::new(),
             next_output: 0,
@@ -74,6 +85,9 @@ impl PrimaryRole {
             halted: false,
             stop,
             last_rtt: 0,
+            exchange,
+            spare: Batch::default(),
+            again: false,
         }
     }
 
@@ -97,6 +111,27 @@ impl PrimaryRole {
 impl Role for PrimaryRole {
     type Core = Primary;
     const NAME: &'static str = "primary";
+
+    fn fold(&mut self, core: &mut Primary, now: u64) {
+        self.exchange.take(&mut self.spare);
+        let mut batch = std::mem::take(&mut self.spare);
+        for (exit, bytes) in batch.entries() {
+            if let Err(e) = core.append(LogEntry { exit, bytes: bytes.to_vec() }) {
+                // FtSink bounds entries before they get here, so this is a bug: stop the vCPU
+                // rather than ship a log with a hole.
+                tracing::error!("the protocol core refused a log entry: {e}");
+                self.exchange.failed.store(true, Ordering::Release);
+            }
+        }
+        for (exit, out, produced) in std::mem::take(&mut batch.outputs) {
+            self.hold(core, exit, out, produced);
+        }
+        if batch.completed > 0 {
+            core.exit_complete(batch.completed, now);
+        }
+        batch.clear();
+        self.spare = batch;
+    }
 
     fn react(&mut self, core: &mut Primary, ready: Ready) {
         for rel in ready.released {
@@ -158,6 +193,11 @@ impl Role for PrimaryRole {
             Throttle::Full => Duration::ZERO,
             Throttle::Slow { sleep_per_exit } => Duration::from_nanos(sleep_per_exit),
         });
+        self.again = self.exchange.set_at_once(core.output_at_once());
+    }
+
+    fn fold_again(&mut self) -> bool {
+        std::mem::take(&mut self.again)
     }
 
     fn finished(&self) -> bool {
@@ -166,7 +206,7 @@ impl Role for PrimaryRole {
 }
 
 /// Accept backup connections from `listener`, one at a time, on a thread of their own.
-fn serve(driver: &Arc<PrimaryDriver>, mut listener: Box<dyn Listener>, max_payload: usize) {
+pub(crate) fn serve(driver: &Arc<PrimaryDriver>, mut listener: Box<dyn Listener>, max_payload: usize) {
     let weak = Arc::downgrade(driver);
     std::thread::Builder::new()
         .name("channel-accept".into())
@@ -209,16 +249,21 @@ fn serve(driver: &Arc<PrimaryDriver>, mut listener: Box<dyn Listener>, max_paylo
         .expect("spawn channel acceptor");
 }
 
-/// The recorder's log sink: every entry goes to the core (and on to the backup).
+/// The recorder's log sink on a primary: entries go into the exchange (no lock of the core, no
+/// system call); at the end of an exit the vCPU folds the batch into the core itself only when
+/// nobody else will soon (see [`super::exchange`]).
 #[derive(Debug)]
 pub struct FtSink {
     driver: Arc<PrimaryDriver>,
+    exchange: Arc<LogExchange>,
     bytes: u64,
+    /// Largest entry a `Log` frame can carry.
+    max_entry: usize,
 }
 
 impl FtSink {
-    pub fn new(driver: Arc<PrimaryDriver>) -> Self {
-        FtSink { driver, bytes: 0 }
+    pub fn new(driver: Arc<PrimaryDriver>, exchange: Arc<LogExchange>, max_payload: usize) -> Self {
+        FtSink { driver, exchange, bytes: 0, max_entry: max_payload.saturating_sub(64) }
     }
 }
 
@@ -231,12 +276,27 @@ impl LogSink for FtSink {
             return Ok(());
         }
         let bytes = encode_frame(exit, entry);
+        if bytes.len() > self.max_entry {
+            return Err(std::io::Error::other(format!(
+                "a {} log entry of {} bytes does not fit a channel frame ({} bytes at most)",
+                entry.name(),
+                bytes.len(),
+                self.max_entry
+            )));
+        }
         self.bytes += bytes.len() as u64;
-        self.driver.with(|inner, _| inner.core.append(LogEntry { exit, bytes })).map_err(std::io::Error::other)
+        self.exchange.append(exit, |arena| arena.extend_from_slice(&bytes));
+        Ok(())
     }
 
     fn exit_complete(&mut self, exit: u64) -> std::io::Result<()> {
-        self.driver.with(|inner, t| inner.core.exit_complete(exit, t));
+        if self.exchange.complete(exit) {
+            self.exchange.vcpu_folds.fetch_add(1, Ordering::Relaxed);
+            self.driver.with(|_, _| ());
+        }
+        if self.exchange.failed.load(Ordering::Acquire) {
+            return Err(std::io::Error::other("the protocol core refused a log entry (see the error above)"));
+        }
         Ok(())
     }
 
@@ -249,17 +309,15 @@ impl LogSink for FtSink {
     }
 }
 
-/// Client output under the output rule: held in the core until the backup acknowledged the log
-/// through the exit that produced it (released at once while no backup is in sync).
+/// Client output under the output rule: left in the exchange with the time it was produced,
+/// then held in the core until the backup acknowledged the log through the exit that produced it
+/// (released at once while no backup is in sync).
 #[derive(Debug)]
-pub struct FtOutputs(pub Arc<PrimaryDriver>);
+pub struct FtOutputs(pub Arc<LogExchange>);
 
 impl OutputPolicy for FtOutputs {
     fn emit(&mut self, exit: u64, out: ClientOutput) {
-        self.0.with(|inner, t| {
-            let super::driver::Inner { core, role, .. } = inner;
-            role.hold(core, exit, out, t);
-        });
+        self.0.output(exit, out, super::now());
     }
 }
 
@@ -357,16 +415,23 @@ pub(crate) fn drive_with<V: Vcpu>(
     opts.metrics.role.set(1);
 
     let control = Arc::new(Control::default());
-    let role = PrimaryRole::new(Arc::new(front.clone()), opts.metrics.clone(), control.clone(), opts.stop.clone());
+    let exchange = Arc::new(LogExchange::new(opts.ft.batch_bytes));
+    let role = PrimaryRole::new(
+        Arc::new(front.clone()),
+        opts.metrics.clone(),
+        control.clone(),
+        opts.stop.clone(),
+        exchange.clone(),
+    );
     let driver = Driver::new(ft, role, opts.ft.max_payload);
     driver.set_arbiter(opts.arbiter.clone(), opts.me.clone());
     serve(&driver, listener, opts.ft.max_payload);
     driver.spawn_ticker(TICK);
 
     let mut rec = Recorder::new(
-        FtSink::new(driver.clone()),
+        FtSink::new(driver.clone(), exchange.clone(), opts.ft.max_payload),
         Some(events),
-        Box::new(FtOutputs(driver.clone())),
+        Box::new(FtOutputs(exchange.clone())),
         opts.stop.clone(),
         opts.metrics.clone(),
     )

@@ -306,3 +306,121 @@ fn a_clone_that_fails_on_the_primary_is_reported_aborted_and_retried() {
     assert_eq!(ps.reason, StopReason::Requested);
     assert!(ps.exits > 0);
 }
+
+/// Where released outputs went, and which thread delivered each.
+#[derive(Debug, Default)]
+struct Collect(std::sync::Mutex<Vec<(String, crate::devices::ClientOutput)>>);
+
+impl primary::Deliver for Collect {
+    fn deliver(&self, out: crate::devices::ClientOutput) {
+        let who = std::thread::current().name().unwrap_or("?").to_string();
+        self.0.lock().unwrap().push((who, out));
+    }
+    fn close_all(&self) {}
+}
+
+impl Collect {
+    fn got(&self) -> Vec<(String, crate::devices::ClientOutput)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn outputs_wait_for_the_ack_and_under_load_every_frame_rides_on_one() {
+    use super::control::Control;
+    use super::exchange::LogExchange;
+    use super::link::{FromPeer, spawn_reader};
+    use crate::devices::ClientOutput;
+    use crate::record::{Entry, LogSink};
+    use crate::recorder::OutputPolicy;
+    use lockstep_ft::wire::Message;
+    use lockstep_ft::{Backup, PrimaryState};
+
+    let ft = FtConfig { output_frames_in_flight: 1, flush_interval: 10_000 * MILLIS, ..cfg(5000) };
+    let metrics = Metrics::new("fast-path");
+    let collect = Arc::new(Collect::default());
+    let exchange = Arc::new(LogExchange::new(ft.batch_bytes));
+    let role = primary::PrimaryRole::new(
+        collect.clone(),
+        metrics.clone(),
+        Arc::new(Control::default()),
+        Arc::new(AtomicBool::new(false)),
+        exchange.clone(),
+    );
+    let geometry = VmGeometry { memory_bytes: MEM, disk_bytes: 0, page_size: 4096 };
+    let driver =
+        super::driver::Driver::new(Primary::new(ft.clone(), identity(), geometry, 1, 0, now()), role, ft.max_payload);
+    let (net, listener) = SimNet::new();
+    primary::serve(&driver, Box::new(listener), ft.max_payload);
+
+    // The backup is played by hand: its frames come in on a channel, its answers go out by us.
+    let conn = net.connect().unwrap();
+    let (tx, frames) = std::sync::mpsc::channel();
+    spawn_reader(conn.reader, "test-backup", ft.max_payload, move |ev| match ev {
+        FromPeer::Message(m) => tx.send(m).is_ok(),
+        FromPeer::Closed { .. } => false,
+    });
+    let mut b = Backup::new(ft.clone(), identity(), 1, now());
+    let send = |b: &mut Backup| {
+        let mut bytes = Vec::new();
+        b.take_ready().encode_messages(ft.max_payload, &mut bytes).unwrap();
+        conn.writer.write(bytes);
+    };
+    let recv_until = |b: &mut Backup, done: &dyn Fn(&Message) -> bool| loop {
+        let m = frames.recv_timeout(Duration::from_secs(10)).expect("a frame from the primary");
+        let stop = done(&m);
+        b.step(m, now()).unwrap();
+        if stop {
+            return;
+        }
+    };
+    send(&mut b); // Hello
+    wait_for(10, "the clone to begin", || driver.lock().core.state() == PrimaryState::Cloning);
+    // The clone, done by hand as the vCPU thread would (one page, no rounds).
+    driver.with(|i, t| {
+        i.role.clone.actions.clear();
+        i.core.clone_pages(vec![(0, vec![0; 4096])]).unwrap();
+        i.core.clone_round_done(0, t).unwrap();
+        i.role.clone.actions.clear();
+        i.core.clone_final(0, vec![1], vec![2], t).unwrap();
+    });
+    recv_until(&mut b, &|m| matches!(m, Message::CloneDone));
+    assert_eq!(driver.lock().core.state(), PrimaryState::Protected);
+
+    // The vCPU thread's side: the same objects the recorder calls.
+    let mut sink = primary::FtSink::new(driver.clone(), exchange.clone(), ft.max_payload);
+    let mut outputs = primary::FtOutputs(exchange.clone());
+    let reply = |n: u8| ClientOutput::Data { conn: 1, bytes: vec![n; 3] };
+    let exit = |sink: &mut primary::FtSink, outputs: &mut primary::FtOutputs, n: u64| {
+        sink.append(n, &Entry::ClientData { conn: 1, bytes: vec![n as u8; 5] }).unwrap();
+        outputs.emit(n, reply(n as u8));
+        sink.exit_complete(n).unwrap();
+    };
+    // Exit 1: nothing is in flight, so nobody else would ship it: the vCPU does, once.
+    exit(&mut sink, &mut outputs, 1);
+    assert_eq!(exchange.vcpu_folds.load(Ordering::Relaxed), 1);
+    // Exits 2 and 3 while exit 1's frame is in flight: they wait for its ack, the vCPU goes on.
+    exit(&mut sink, &mut outputs, 2);
+    exit(&mut sink, &mut outputs, 3);
+    assert_eq!(exchange.vcpu_folds.load(Ordering::Relaxed), 1, "the vCPU did not ship again");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(collect.got().is_empty(), "no output leaves before the backup has its log");
+
+    // The backup gets exit 1 and acknowledges: output 1 is released, by the channel reader, and
+    // exits 2 and 3 ship in one frame on the same turn.
+    recv_until(&mut b, &|m| matches!(m, Message::Log { through_exit: 1, .. }));
+    send(&mut b);
+    wait_for(10, "output 1", || collect.got().len() == 1);
+    let got = collect.got();
+    assert_eq!(got[0].1, reply(1));
+    assert_eq!(got[0].0, "primary-channel-rx", "released by whoever saw the ack");
+    recv_until(&mut b, &|m| matches!(m, Message::Log { through_exit: 3, .. }));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(collect.got().len(), 1, "outputs 2 and 3 wait for their own ack");
+    send(&mut b);
+    wait_for(10, "outputs 2 and 3", || collect.got().len() == 3);
+    assert_eq!(collect.got().iter().map(|(_, o)| o.clone()).collect::<Vec<_>>(), vec![reply(1), reply(2), reply(3)]);
+    assert_eq!(exchange.vcpu_folds.load(Ordering::Relaxed), 1, "every later frame rode on an ack");
+    assert_eq!(metrics.output_hold_seconds.get_sample_count(), 3);
+    driver.shutdown();
+}
