@@ -134,7 +134,7 @@ fn a_thousand_connections_at_once_get_maxclients_and_the_rest_are_served() {
         }
     }
     // The first client (now closed) and the one that set `before` are not among these.
-    assert!(served <= 40 && served >= 38, "{served} served, {refused} refused, {closed} closed");
+    assert!((38..=40).contains(&served), "{served} served, {refused} refused, {closed} closed");
     assert!(refused >= 100, "{served} served, {refused} refused, {closed} closed");
     drop(conns);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -310,4 +310,60 @@ fn malformed_resp_and_huge_declared_lengths_are_protocol_errors() {
     drop(waiting);
     g.assert_serves("before", "kept");
     g.assert_replays();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The limits are given to the primary only; the backup has them because it received the
+/// guest's memory by clone, so after a failover the new primary enforces the same ones.
+#[test]
+fn a_backup_that_goes_live_keeps_the_primarys_limits() {
+    let _one = one_at_a_time();
+    let dir = Scratch::new("pair-limits");
+    let arbiter = format!("local:{}", dir.path("arbiter").display());
+    let (p_client, p_channel, b_client) = (free_port(), free_port(), free_port());
+    let common = ["--vm-id", "kv", "--heartbeat-timeout-ms", "1500", "--arbiter", arbiter.as_str()];
+    let p_disk = dir.path("p.img");
+    let mut primary = lockstep_testkit::AgentProcess::spawn(
+        "p",
+        agent()
+            .args(["primary", "--guest", "kvstore", "--disk-size-mib", "16", "--maxclients", "3"])
+            .args(["--maxmemory-mib", "4", "--disk", p_disk.to_str().unwrap()])
+            .args(common)
+            .args(["--name", "p", "--client-listen", &format!("127.0.0.1:{p_client}")])
+            .args(["--channel-listen", &format!("127.0.0.1:{p_channel}")]),
+    );
+    primary.wait_line("channel on", Duration::from_secs(30));
+    let b_disk = dir.path("b.img");
+    let backup = lockstep_testkit::AgentProcess::spawn(
+        "b",
+        agent()
+            .args(["backup", "--disk", b_disk.to_str().unwrap()])
+            .args(common)
+            .args(["--name", "b", "--client-listen", &format!("127.0.0.1:{b_client}")])
+            .args(["--channel-connect", &format!("127.0.0.1:{p_channel}")]),
+    );
+    backup.wait_line("backup in sync", Duration::from_secs(60));
+    let p_addr: SocketAddr = format!("127.0.0.1:{p_client}").parse().unwrap();
+    assert_eq!(Resp::connect_retry(p_addr, Duration::from_secs(10)).cmd(&["SET", "before", "kept"]).unwrap(), "OK");
+
+    primary.kill9();
+    backup.wait_line("going live", Duration::from_secs(20));
+    let b_port = b_client.to_string();
+    let b_addr: SocketAddr = format!("127.0.0.1:{b_client}").parse().unwrap();
+    let mut c = Resp::connect_retry(b_addr, Duration::from_secs(20));
+    assert_eq!(c.cmd(&["GET", "before"]).unwrap(), "kept");
+    let config = redis_cli(&b_port, &["CONFIG", "GET", "maxclients"]);
+    assert_eq!(config.lines().collect::<Vec<_>>(), ["maxclients", "3"]);
+    assert_eq!(redis_cli(&b_port, &["CONFIG", "GET", "maxmemory"]).lines().last(), Some("4194304"));
+    // Three clients at most: this one, two more, and the next is refused.
+    let _second = Resp::connect_retry(b_addr, Duration::from_secs(5));
+    let _third = Resp::connect_retry(b_addr, Duration::from_secs(5));
+    let mut fourth = TcpStream::connect(b_addr).unwrap();
+    let (got, closed) = read_until_quiet(&mut fourth, Duration::from_secs(10));
+    assert_eq!(got, b"-ERR max number of clients reached\r\n");
+    assert!(closed);
+    drop(c);
 }
