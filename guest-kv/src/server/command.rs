@@ -178,6 +178,8 @@ impl<H: Heap> Server<H> {
         }
         // Room for the journal entry, then for the reply: after this nothing can fail to
         // allocate except the store's own copies, which leave everything unchanged if they do.
+        // The journal has no limit of its own: it is emptied every round, and the reserve check
+        // bounds what it may take.
         let cap = usize::MAX;
         let journal_ok = self.journal.room() >= journal || {
             let target = self.journal.target_capacity(journal, cap);
@@ -207,10 +209,11 @@ impl<H: Heap> Server<H> {
             Ok(r) => r,
             Err(_) => return self.refuse(id, Refusal::Oom),
         };
-        let changed = !matches!(reply, Reply::Integer(0)) || !is(name, "DEL");
+        // A DEL that found nothing changed nothing: there is nothing to persist.
+        let changed = !(is(name, "DEL") && matches!(reply, Reply::Integer(0)));
         if changed && req.encode(&mut self.journal).is_err() {
             // Room was reserved above; not being able to persist a change is fatal for its reply.
-            self.drop_client(id, super::Drop::Evicted);
+            self.drop_client(id, super::Disconnect::Evicted);
             return Err(Gone);
         }
         self.reply(id, SHORT, |out| match reply {

@@ -58,7 +58,7 @@ pub enum ClientState {
 
 /// Why a client was disconnected by the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Drop {
+enum Disconnect {
     QueryBufferLimit,
     OutputBufferLimit,
     Evicted,
@@ -255,7 +255,7 @@ impl<H: Heap> Server<H> {
         }
         let Some(c) = self.clients.get_mut(&id) else { return };
         if c.input.push(bytes).is_err() {
-            self.drop_client(id, Drop::Evicted);
+            self.drop_client(id, Disconnect::Evicted);
             return;
         }
         self.run(id);
@@ -301,9 +301,10 @@ impl<H: Heap> Server<H> {
         c.input = input;
         c.input.consume(used);
         if c.state() == ClientState::Open && c.input.len() as u64 > self.limits.client_query_buffer_limit {
-            self.drop_client(id, Drop::QueryBufferLimit);
-        } else if c.input.is_empty() {
-            c.input.shrink();
+            self.drop_client(id, Disconnect::QueryBufferLimit);
+        } else if c.input.is_empty() && c.input.capacity() > 16 * 1024 {
+            // Keep one receive's worth for the next request; give back what a big one took.
+            c.input.release();
         }
     }
 
@@ -313,7 +314,7 @@ impl<H: Heap> Server<H> {
         }
     }
 
-    fn drop_client(&mut self, id: ClientId, why: Drop) {
+    fn drop_client(&mut self, id: ClientId, why: Disconnect) {
         let Some(c) = self.clients.get_mut(&id) else { return };
         if c.state() == ClientState::Dropped {
             return;
@@ -322,9 +323,9 @@ impl<H: Heap> Server<H> {
         c.input.release();
         c.output.release();
         let counter = match why {
-            Drop::QueryBufferLimit => &mut self.stats.client_query_buffer_limit_disconnections,
-            Drop::OutputBufferLimit => &mut self.stats.client_output_buffer_limit_disconnections,
-            Drop::Evicted => &mut self.stats.evicted_clients,
+            Disconnect::QueryBufferLimit => &mut self.stats.client_query_buffer_limit_disconnections,
+            Disconnect::OutputBufferLimit => &mut self.stats.client_output_buffer_limit_disconnections,
+            Disconnect::Evicted => &mut self.stats.evicted_clients,
         };
         *counter += 1;
     }
@@ -344,12 +345,12 @@ impl<H: Heap> Server<H> {
         let target = buf.target_capacity(more, cap);
         // A reallocation holds the old and the new block at once.
         if !self.make_room(id, target) {
-            self.drop_client(id, Drop::Evicted);
+            self.drop_client(id, Disconnect::Evicted);
             return Err(Gone);
         }
         let Some(c) = self.clients.get_mut(&id) else { return Err(Gone) };
         if side.of_mut(c).try_grow(more, target).is_err() {
-            self.drop_client(id, Drop::Evicted);
+            self.drop_client(id, Disconnect::Evicted);
             return Err(Gone);
         }
         Ok(())
@@ -367,7 +368,7 @@ impl<H: Heap> Server<H> {
                 .filter(|(_, c)| c.footprint() > bytes)
                 .map(|(k, _)| *k);
             match victim {
-                Some(v) => self.drop_client(v, Drop::Evicted),
+                Some(v) => self.drop_client(v, Disconnect::Evicted),
                 None => return false,
             }
         }
@@ -386,7 +387,7 @@ impl<H: Heap> Server<H> {
         let Some(c) = self.clients.get_mut(&id) else { return Err(Gone) };
         if write(&mut c.output).is_err() {
             // The bound was wrong: a bug, but not one worth the guest.
-            self.drop_client(id, Drop::OutputBufferLimit);
+            self.drop_client(id, Disconnect::OutputBufferLimit);
             return Err(Gone);
         }
         Ok(())
@@ -420,10 +421,10 @@ impl Side {
         }
     }
 
-    fn limit_reason(self) -> Drop {
+    fn limit_reason(self) -> Disconnect {
         match self {
-            Side::Input => Drop::QueryBufferLimit,
-            Side::Output => Drop::OutputBufferLimit,
+            Side::Input => Disconnect::QueryBufferLimit,
+            Side::Output => Disconnect::OutputBufferLimit,
         }
     }
 }
