@@ -30,6 +30,8 @@
 //! assert_eq!(server.output(client), b"+OK\r\n$1\r\nv\r\n");
 //! ```
 #![cfg_attr(not(test), no_std)]
+// Client bytes meet this code first; it has no reason to be unsafe.
+#![forbid(unsafe_code)]
 
 extern crate alloc;
 
