@@ -79,9 +79,11 @@ fn truncated_log_is_refused() {
     let (_, bytes) = recorded(&dir);
     let err = replay_fails(&dir, &bytes[..bytes.len() - 5]);
     assert!(err.contains("truncated"), "{err}");
-    // Cut exactly at a frame boundary is caught too: the end record is missing.
-    let end_frame = 17 + 32;
-    let err = replay_fails(&dir, &bytes[..bytes.len() - end_frame]);
+    // Cut exactly at a block boundary is caught too: the end record (in a block of its own at
+    // exit 200) is missing.
+    let end_block =
+        lockstep_agent::record::encode_block(&[(200, lockstep_agent::record::Entry::End { digest: [0; 32] })]);
+    let err = replay_fails(&dir, &bytes[..bytes.len() - end_block.len()]);
     assert!(err.contains("cut short"), "{err}");
 }
 

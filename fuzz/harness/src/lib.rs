@@ -88,14 +88,29 @@ pub fn resp(data: &[u8]) {
     assert_eq!(server.output(other), b"+PONG\r\n", "the server stopped serving after {data:?}");
 }
 
-/// The replay log's header and frame decoders; what decodes re-encodes to the same bytes.
+/// The replay log's decoders (header, version-3 blocks, entry bodies, and the frames of version
+/// 1 and 2 logs); what decodes re-encodes to the same bytes.
 pub fn log_codec(data: &[u8]) {
+    let mut start = 0;
     if let Ok(Some((header, used))) = codec::LogHeader::decode(data) {
         assert!(used <= data.len());
         let again = codec::LogHeader::decode(&header.encode()).expect("an encoded header decodes");
         assert_eq!(again.map(|(h, _)| h), Some(header), "header round trip");
+        start = used;
     }
-    let mut at = 0;
+    let mut at = start;
+    while let Ok(Some((entries, used))) = codec::decode_block(&data[at..], at as u64) {
+        assert!(used > 0 && at + used <= data.len());
+        assert_eq!(codec::encode_block(&entries), &data[at..at + used], "block round trip");
+        at += used;
+    }
+    if let Ok(entry) = codec::Entry::decode_body(&data[start..], 0) {
+        let mut again = Vec::new();
+        entry.encode_body(&mut again);
+        assert_eq!(again, &data[start..], "entry body round trip");
+        assert_eq!(entry.body_len(), again.len(), "body_len is exact");
+    }
+    let mut at = start;
     while let Ok(Some((exit, entry, used))) = codec::decode_frame(&data[at..], at as u64) {
         assert!(used > 0 && at + used <= data.len());
         assert_eq!(codec::encode_frame(exit, &entry), &data[at..at + used], "frame round trip");

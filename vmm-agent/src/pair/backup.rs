@@ -24,7 +24,7 @@ use super::{PairMetrics, now};
 use crate::guests::GuestKind;
 use crate::hypervisor::Vcpu;
 use crate::metrics::{Metrics, follow_total};
-use crate::record::{CodecError, Entry, LogSource, decode_frame};
+use crate::record::{CodecError, Entry, LogSource};
 use crate::replayer::Replayer;
 use crate::vmm::machine::BuildError;
 use crate::vmm::{Machine, MachineConfig, RunError, RunSummary};
@@ -257,16 +257,14 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
     }
 }
 
-/// A log entry from the channel as the replayer needs it.
+/// A log entry from the channel as the replayer needs it (its body is untrusted bytes).
 fn decode(e: lockstep_ft::wire::LogEntry, max_conn: &mut u32) -> Result<(u64, Entry), CodecError> {
-    let (exit, entry, _) = decode_frame(&e.bytes, 0)?.ok_or(CodecError::Truncated(e.bytes.len()))?;
-    if exit != e.exit {
-        return Err(CodecError::Io(format!("log entry for exit {} claims exit {exit}", e.exit)));
-    }
+    let entry = Entry::decode_body(&e.bytes, 0)
+        .map_err(|err| CodecError::Io(format!("the primary's log entry for exit {} is unusable: {err}", e.exit)))?;
     if let Entry::ClientConnect { conn } = entry {
         *max_conn = (*max_conn).max(conn);
     }
-    Ok((exit, entry))
+    Ok((e.exit, entry))
 }
 
 fn describe_halt(reason: &HaltReason) -> String {

@@ -20,7 +20,7 @@ use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
 use crate::hypervisor::Vcpu;
 use crate::metrics::{Metrics, follow_total};
-use crate::record::{Entry, LogSink, encode_frame};
+use crate::record::{Entry, LogSink, entry_len};
 use crate::recorder::OutputPolicy;
 use crate::vmm::{Machine, RunSummary, StopReason};
 
@@ -256,14 +256,16 @@ pub(crate) fn serve(driver: &Arc<PrimaryDriver>, mut listener: Box<dyn Listener>
 pub struct FtSink {
     driver: Arc<PrimaryDriver>,
     exchange: Arc<LogExchange>,
+    /// Log bytes: each entry as a log stream carries it ([`entry_len`]).
     bytes: u64,
+    last_exit: u64,
     /// Largest entry a `Log` frame can carry.
     max_entry: usize,
 }
 
 impl FtSink {
     pub fn new(driver: Arc<PrimaryDriver>, exchange: Arc<LogExchange>, max_payload: usize) -> Self {
-        FtSink { driver, exchange, bytes: 0, max_entry: max_payload.saturating_sub(64) }
+        FtSink { driver, exchange, bytes: 0, last_exit: 0, max_entry: max_payload.saturating_sub(64) }
     }
 }
 
@@ -275,17 +277,17 @@ impl LogSink for FtSink {
         if matches!(entry, Entry::End { .. }) {
             return Ok(());
         }
-        let bytes = encode_frame(exit, entry);
-        if bytes.len() > self.max_entry {
+        let len = entry.body_len();
+        if len > self.max_entry {
             return Err(std::io::Error::other(format!(
-                "a {} log entry of {} bytes does not fit a channel frame ({} bytes at most)",
+                "a {} log entry of {len} bytes does not fit a channel frame ({} bytes at most)",
                 entry.name(),
-                bytes.len(),
                 self.max_entry
             )));
         }
-        self.bytes += bytes.len() as u64;
-        self.exchange.append(exit, |arena| arena.extend_from_slice(&bytes));
+        self.bytes += entry_len(exit.saturating_sub(self.last_exit), len) as u64;
+        self.last_exit = exit;
+        self.exchange.append(exit, |arena| entry.encode_body(arena));
         Ok(())
     }
 

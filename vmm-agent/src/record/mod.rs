@@ -1,14 +1,19 @@
 //! The replay log: what the primary records so a backup can re-execute the guest exactly.
 //!
-//! A log is a [`LogHeader`] followed by framed [`Entry`]s (see `docs/log-format.md` for the byte
-//! layout). Every entry carries the index of the guest-caused exit at which it happened; replay
-//! applies it at the same index. Frames are CRC-checked and size-bounded, and decoding untrusted
-//! bytes returns an error, never panics.
+//! A log is a [`LogHeader`] followed by [`Entry`]s in CRC-checked blocks (see
+//! `docs/log-format.md` for the byte layout). Every entry carries the index of the guest-caused
+//! exit at which it happened; replay applies it at the same index. An entry is encoded compactly
+//! once ([`Entry::encode_body`], with its exit distance and length around it), and the same bytes
+//! go into a file or over the FT channel. Blocks are size-bounded, and decoding untrusted bytes
+//! returns an error, never panics.
 
 mod codec;
 mod file;
 
-pub use codec::{CodecError, Entry, FRAME_OVERHEAD, LogHeader, MAX_PAYLOAD, decode_frame, encode_frame, hex};
+pub use codec::{
+    BLOCK_BYTES, BlockEncoder, CodecError, Entry, FRAME_OVERHEAD, LOG_VERSION, LogHeader, MAX_PAYLOAD, decode_block,
+    decode_frame, encode_block, encode_frame, entry_len, hex,
+};
 pub use file::{LogReader, LogWriter};
 
 /// Where the primary's entries go: a file, the FT channel, or memory in tests.
@@ -42,7 +47,8 @@ pub trait LogSource: Send {
     }
 }
 
-/// An in-memory sink, for tests and for buffering.
+/// An in-memory sink, for tests and for buffering. `bytes` counts what the entries would take in
+/// a log stream ([`entry_len`]).
 #[derive(Debug, Default)]
 pub struct MemorySink {
     pub entries: Vec<(u64, Entry)>,
@@ -51,7 +57,8 @@ pub struct MemorySink {
 
 impl LogSink for MemorySink {
     fn append(&mut self, exit: u64, entry: &Entry) -> std::io::Result<()> {
-        self.bytes += encode_frame(exit, entry).len() as u64;
+        let last = self.entries.last().map_or(0, |e| e.0);
+        self.bytes += entry_len(exit.saturating_sub(last), entry.body_len()) as u64;
         self.entries.push((exit, entry.clone()));
         Ok(())
     }

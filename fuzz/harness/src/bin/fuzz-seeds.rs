@@ -20,7 +20,9 @@ fn resp_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn log_seed() -> Vec<u8> {
+/// A log as this agent writes it (version 3: entries in blocks), and the same entries as an
+/// older agent wrote them (version 2: one frame per entry).
+fn log_seeds() -> [(&'static str, Vec<u8>); 2] {
     let header = codec::LogHeader {
         guest: "kvstore".into(),
         image_hash: [7; 32],
@@ -30,7 +32,6 @@ fn log_seed() -> Vec<u8> {
         vm_id: "fuzz".into(),
         boot_args: "maxclients=16 maxmemory=1048576".into(),
     };
-    let mut out = header.encode();
     let entries = [
         codec::Entry::MmioRead { addr: 0xd000_0000, value: 12345 },
         codec::Entry::Random { bytes: vec![1, 2, 3, 4] },
@@ -42,10 +43,22 @@ fn log_seed() -> Vec<u8> {
         codec::Entry::Wake,
         codec::Entry::End { digest: [8; 32] },
     ];
-    for (exit, e) in entries.iter().enumerate() {
-        out.extend(codec::encode_frame(exit as u64 * 3, e));
+    let mut v3 = header.encode();
+    let (body, end) = entries.split_at(entries.len() - 1);
+    let numbered = |es: &[codec::Entry], from: usize| -> Vec<(u64, codec::Entry)> {
+        es.iter().enumerate().map(|(i, e)| ((from + i) as u64 * 3, e.clone())).collect()
+    };
+    v3.extend(codec::encode_block(&numbered(body, 0)));
+    v3.extend(codec::encode_block(&numbered(end, body.len())));
+    let mut v2 = header.encode();
+    v2[8..10].copy_from_slice(&2u16.to_le_bytes());
+    let crc_at = v2.len() - 4;
+    let crc = crc32fast::hash(&v2[..crc_at]);
+    v2[crc_at..].copy_from_slice(&crc.to_le_bytes());
+    for (exit, e) in numbered(&entries, 0) {
+        v2.extend(codec::encode_frame(exit, &e));
     }
-    out
+    [("recording", v3), ("recording-v2", v2)]
 }
 
 fn wire_seed() -> Vec<u8> {
@@ -90,7 +103,9 @@ fn main() -> std::io::Result<()> {
     for (name, bytes) in resp_seeds() {
         write("resp", name, &bytes)?;
     }
-    write("log_codec", "recording", &log_seed())?;
+    for (name, bytes) in log_seeds() {
+        write("log_codec", name, &bytes)?;
+    }
     write("wire", "conversation", &wire_seed())?;
     Ok(())
 }
