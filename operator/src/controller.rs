@@ -27,8 +27,8 @@ use serde_json::json;
 
 use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use crate::decide::{
-    ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView, Previous,
-    Role, decide,
+    self, ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView,
+    Previous, Role, decide,
 };
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -278,6 +278,9 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
     let started_at =
         terminated.and_then(|t| t.started_at.clone()).or_else(|| p.status.as_ref()?.start_time.clone()).map(|t| t.0);
     let exited_at = terminated.and_then(|t| t.finished_at.clone()).map(|t| t.0);
+    let guest_failed = terminated
+        .filter(|t| t.exit_code == decide::GUEST_FAILED_EXIT)
+        .map(|t| guest_failure_message(t.message.as_deref().unwrap_or_default()));
     Some(PodView {
         member,
         mode,
@@ -291,6 +294,7 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
         started_at,
         exited_at,
         replace_at: p.annotations().get(ANN_REPLACE_AT).and_then(|t| t.parse().ok()),
+        guest_failed,
         node_health: match &node {
             None => NodeHealth::Unscheduled,
             Some(n) => health.get(n).copied().unwrap_or(NodeHealth::Missing),
@@ -298,6 +302,24 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
         node,
         name,
     })
+}
+
+/// What a failed guest's agent said, from its container's termination message (the end of its
+/// log): the agent's `guest failed: ...` line when there is one, else the last line, bounded.
+fn guest_failure_message(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let line = lines.iter().rev().find(|l| l.contains("guest failed")).or(lines.last()).copied().unwrap_or("");
+    let text = line.split_once("guest failed: ").map_or(line, |(_, why)| why);
+    let mut text = if text.is_empty() { "the agent reported a guest failure".to_owned() } else { text.to_owned() };
+    if text.len() > 512 {
+        let mut end = 512;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Performs a plan: actions in order, then events, then status.
@@ -443,6 +465,7 @@ pub fn event_for(note: &Note) -> Event {
         }
         Note::InvalidSpec(msg) => (EventType::Warning, "InvalidSpec", "Validate", msg.clone()),
         Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
+        Note::GuestFailed(msg) => (EventType::Warning, "GuestFailed", "None", msg.clone()),
         Note::BackOff(b) => (EventType::Warning, "BackOff", "DelayReplacement", b.describe()),
     };
     Event { type_, reason: reason.into(), note: Some(text), action: action.into(), secondary: None }
@@ -530,6 +553,12 @@ pub fn status_for(
             ),
         ]
         .into_iter()
+        // Present once the guest failed (the VM stays Failed).
+        .chain(
+            s.guest_failed
+                .as_ref()
+                .map(|why| condition(&prev.conditions, "GuestFailed", true, "GuestFailed", why, generation, now)),
+        )
         // Present only while a crashing replica's replacement waits.
         .chain(s.backoff.as_ref().map(|b| {
             condition(
@@ -730,6 +759,36 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_failure_is_read_from_the_termination_message() {
+        let f = ftvm(json!({"guest": "kvstore"}));
+        let plan = PodPlan {
+            name: "vm-0",
+            member: 0,
+            mode: Role::Primary,
+            primary: None,
+            epoch: 0,
+            attempt: 0,
+            default_image: "i",
+            kvm_resource: resources::KVM_RESOURCE,
+        };
+        let mut p = resources::pod(&f, &plan);
+        let terminated = |code: i32, message: &str| {
+            serde_json::from_value(json!({"phase": "Failed", "containerStatuses": [{
+                "name": "agent", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "message": message}}}]}))
+            .unwrap()
+        };
+        p.status =
+            Some(terminated(4, "[guest] kvstore: boot\nlockstep-agent: guest failed: panicked at exit 77: boom\n"));
+        let v = pod_view(&p, &Default::default()).unwrap();
+        assert_eq!(v.guest_failed.as_deref(), Some("panicked at exit 77: boom"));
+        p.status = Some(terminated(1, "lockstep-agent: error: something else"));
+        assert_eq!(pod_view(&p, &Default::default()).unwrap().guest_failed, None);
+        assert_eq!(guest_failure_message(""), "the agent reported a guest failure");
+        assert!(guest_failure_message(&"é".repeat(600)).ends_with('…'));
+    }
+
+    #[test]
     fn pod_view_reads_what_the_builder_wrote() {
         let f = ftvm(json!({"guest": "kvstore"}));
         let plan = PodPlan {
@@ -776,6 +835,7 @@ mod tests {
                 started_at: None,
                 exited_at: None,
                 replace_at: None,
+                guest_failed: None,
             }
         );
         // a pod on a node we did not find is on a missing node
@@ -864,6 +924,7 @@ mod tests {
                 last_failover: None,
                 spec_valid: true,
                 backoff: None,
+                guest_failed: None,
             },
             wake_at: None,
         }

@@ -88,6 +88,58 @@ pub struct FTVirtualMachineSpec {
     /// The agent container.
     #[serde(default)]
     pub agent: AgentSettings,
+
+    /// What clients may cost the VM. A deterministic crash of the guest is replayed by the backup,
+    /// so it takes down both replicas: these bounds keep hostile or runaway clients from getting
+    /// there. 0 (or absent) means sized from the guest's memory (docs/operations.md, "Limits").
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
+}
+
+/// Client limits: the kvstore guest's own, in the way Redis has them, and the agent's connection
+/// cap in front of any guest.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Limits {
+    /// Client connections the agent lets through to the guest at once; more are closed when
+    /// accepted. 0 = the agent's default (256).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_client_connections: u32,
+    /// kvstore: most clients; more get `-ERR max number of clients reached`. 0 = 2 per MiB of
+    /// guest memory (16 to 10000).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0, max = 100000))]
+    pub max_clients: u32,
+    /// kvstore: writes are refused with `-OOM` once the data would pass this. 0 = half the guest
+    /// memory. At most memoryMiB.
+    #[serde(default, skip_serializing_if = "is_zero", rename = "maxMemoryMiB")]
+    #[schemars(range(min = 0, max = 16384))]
+    pub max_memory_mib: u32,
+    /// kvstore: a client whose unparsed input passes this is disconnected. 0 = guest memory / 16.
+    #[serde(default, skip_serializing_if = "is_zero", rename = "clientQueryBufferLimitKiB")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub client_query_buffer_limit_kib: u32,
+    /// kvstore: a client whose pending replies pass this is disconnected. 0 = guest memory / 8.
+    #[serde(default, skip_serializing_if = "is_zero", rename = "clientOutputBufferLimitKiB")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub client_output_buffer_limit_kib: u32,
+}
+
+impl Limits {
+    /// Nothing set.
+    pub fn is_default(&self) -> bool {
+        *self == Limits::default()
+    }
+
+    /// Whether a limit of the kvstore guest itself is set.
+    pub fn has_guest_limits(&self) -> bool {
+        Limits { max_client_connections: 0, ..self.clone() } != Limits::default()
+    }
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Fault-tolerance tuning passed to both agents.
@@ -192,7 +244,7 @@ pub enum Phase {
     Degraded,
     /// The primary was lost; the backup is expected to take the arbiter.
     FailingOver,
-    /// The spec is invalid, or both replicas were lost.
+    /// The spec is invalid, both replicas were lost, or the guest itself failed.
     Failed,
 }
 
@@ -254,8 +306,8 @@ pub struct FTVirtualMachineStatus {
     /// Generation of the spec this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` (protected), `SpecValid`, and `ReplicaBackoff` while a crashing replica's replacement
-    /// waits.
+    /// `Ready` (protected), `SpecValid`, `ReplicaBackoff` while a crashing replica's replacement
+    /// waits, and `GuestFailed` once the guest itself failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -285,6 +337,24 @@ pub enum SpecError {
         /// Upper bound.
         max: i64,
     },
+    /// kvstore limits on another guest.
+    #[error("spec.limits.{field} is for the kvstore guest; the {guest} guest takes no client limits (remove it)")]
+    LimitsNotForGuest {
+        /// Field.
+        field: &'static str,
+        /// The guest.
+        guest: String,
+    },
+    /// maxMemoryMiB above the guest's memory.
+    #[error(
+        "spec.limits.maxMemoryMiB is {max_memory_mib}, more than spec.memoryMiB {memory_mib}; lower it or raise memoryMiB"
+    )]
+    MaxMemoryTooLarge {
+        /// Given.
+        max_memory_mib: u32,
+        /// Guest memory.
+        memory_mib: u32,
+    },
     /// No agent image in the spec and none configured in the operator.
     #[error("spec.agent.image is empty and the operator has no --agent-image default; set one of them")]
     NoImage,
@@ -310,6 +380,22 @@ impl FTVirtualMachineSpec {
                     return Err(SpecError::PortClash { a: ports[i].0, b: ports[j].0, port: ports[i].1 });
                 }
             }
+        }
+        let l = &self.limits;
+        if self.guest != "kvstore" && l.has_guest_limits() {
+            let field = [
+                ("maxClients", l.max_clients),
+                ("maxMemoryMiB", l.max_memory_mib),
+                ("clientQueryBufferLimitKiB", l.client_query_buffer_limit_kib),
+                ("clientOutputBufferLimitKiB", l.client_output_buffer_limit_kib),
+            ]
+            .into_iter()
+            .find(|(_, v)| *v > 0)
+            .map_or("maxClients", |(f, _)| f);
+            return Err(SpecError::LimitsNotForGuest { field, guest: self.guest.clone() });
+        }
+        if l.max_memory_mib > self.memory_mib {
+            return Err(SpecError::MaxMemoryTooLarge { max_memory_mib: l.max_memory_mib, memory_mib: self.memory_mib });
         }
         Ok(())
     }
@@ -376,6 +462,32 @@ mod tests {
         let mut s = spec();
         s.memory_mib = 8;
         assert!(matches!(s.validate(), Err(SpecError::OutOfRange { field: "memoryMiB", .. })));
+    }
+
+    #[test]
+    fn limits_are_optional_checked_against_memory_and_the_guest() {
+        let s: FTVirtualMachineSpec = serde_json::from_value(serde_json::json!({
+            "guest": "kvstore", "memoryMiB": 128,
+            "limits": {"maxClients": 50, "maxMemoryMiB": 64, "clientOutputBufferLimitKiB": 256}
+        }))
+        .unwrap();
+        assert_eq!(
+            (s.limits.max_clients, s.limits.max_memory_mib, s.limits.client_output_buffer_limit_kib),
+            (50, 64, 256)
+        );
+        s.validate().unwrap();
+        // Absent limits stay absent when written back (a round trip does not invent zeros).
+        assert!(serde_json::to_value(spec()).unwrap().get("limits").is_none());
+        let mut big = s.clone();
+        big.limits.max_memory_mib = 256;
+        assert!(big.validate().unwrap_err().to_string().contains("raise memoryMiB"));
+        let mut other = s.clone();
+        other.guest = "compute".into();
+        let e = other.validate().unwrap_err().to_string();
+        assert!(e.contains("spec.limits.maxClients is for the kvstore guest"), "{e}");
+        // The agent's connection cap applies to any guest.
+        other.limits = Limits { max_client_connections: 10, ..Limits::default() };
+        other.validate().unwrap();
     }
 
     #[test]

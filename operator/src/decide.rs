@@ -24,10 +24,20 @@
 //!    replacement waits the exited pod is kept, marked with the time of the next attempt
 //!    ([`ANN_REPLACE_AT`]): the state survives operator restarts, and the crashed agent's logs can
 //!    be read meanwhile. Node loss is not a crash: it is never delayed.
+//! 6. **A guest that failed is an application failure, not a host failure.** An agent whose guest
+//!    panicked, faulted or ran out of disk exits with [`GUEST_FAILED_EXIT`]; the backup replays the
+//!    same failure at the same exit (it is deterministic), so no replica can carry on and none is
+//!    replaced: the FTVM is `Failed` with a `GuestFailed` condition and the agent's own words,
+//!    once, as an event. The pods are left as they are, with their disks and logs, for a person to
+//!    look at; nothing restarts in a loop.
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::crd::Phase;
+
+/// The agent's exit status when its guest failed (panic, fault, disk full): see
+/// `lockstep-agent --help` and docs/operations.md, "Exit statuses".
+pub const GUEST_FAILED_EXIT: i32 = 4;
 
 /// Pod annotation: how many replicas of this role exited quickly in a row before this one was
 /// created (absent: none).
@@ -138,6 +148,8 @@ pub struct PodView {
     pub exited_at: Option<Timestamp>,
     /// When it is to be replaced, once the operator decided to wait ([`ANN_REPLACE_AT`]).
     pub replace_at: Option<Timestamp>,
+    /// Its agent exited with [`GUEST_FAILED_EXIT`]: what it said.
+    pub guest_failed: Option<String>,
 }
 
 impl PodView {
@@ -320,6 +332,8 @@ pub enum Note {
     StateLost(String),
     /// A crashing replica's replacement is delayed.
     BackOff(Backoff),
+    /// The guest failed in a replica (and so, deterministically, in both).
+    GuestFailed(String),
 }
 
 /// The status the plan wants written.
@@ -343,6 +357,8 @@ pub struct StatusView {
     pub spec_valid: bool,
     /// A replacement held back by crash-loop backoff.
     pub backoff: Option<Backoff>,
+    /// The guest failed: what its agent said.
+    pub guest_failed: Option<String>,
 }
 
 /// What to do, what to report, and when to look again.
@@ -381,6 +397,7 @@ pub fn decide(o: &Observed) -> Plan {
         last_failover: prev.last_failover,
         spec_valid: true,
         backoff: None,
+        guest_failed: None,
     };
 
     if let Some(err) = &o.spec_error {
@@ -391,6 +408,30 @@ pub fn decide(o: &Observed) -> Plan {
             notes.push(Note::InvalidSpec(err.clone()));
         }
         // Leave whatever runs alone: an edit that broke the spec must not kill a live VM.
+        return Plan { actions, notes, status, failover: false, wake_at: None };
+    }
+
+    if let Some(failed) = o.pods.iter().filter(|p| !p.deleting).find_map(|p| Some((p, p.guest_failed.as_ref()?))) {
+        let (pod, said) = failed;
+        status.phase = Phase::Failed;
+        status.message = format!(
+            "the guest failed in {} ({said}); a backup replays the same failure, so neither replica \
+             carries on and none is replaced; the pods, their disks and logs are kept: fix the cause, \
+             then delete and re-create the FTVirtualMachine",
+            pod.name
+        );
+        status.guest_failed = Some(said.clone());
+        let role_of = |p: &PodView| p.role_label.unwrap_or(p.mode);
+        for p in o.pods.iter().filter(|p| !p.deleting) {
+            let entry = Some((p.name.clone(), p.node.clone()));
+            match role_of(p) {
+                Role::Primary => status.primary = entry,
+                Role::Backup => status.backup = entry,
+            }
+        }
+        if prev.phase != Some(Phase::Failed) || prev.message.as_deref() != Some(status.message.as_str()) {
+            notes.push(Note::GuestFailed(status.message.clone()));
+        }
         return Plan { actions, notes, status, failover: false, wake_at: None };
     }
 
@@ -642,6 +683,7 @@ mod tests {
             started_at: None,
             exited_at: None,
             replace_at: None,
+            guest_failed: None,
         }
     }
 
@@ -1027,6 +1069,35 @@ mod tests {
             "reported when it was marked"
         );
         assert_eq!(plan.status.backoff, None);
+    }
+
+    #[test]
+    fn a_failed_guest_fails_the_vm_once_and_nothing_is_replaced_or_deleted() {
+        let said = "guest panicked at exit 812: out of memory".to_string();
+        let mut o = observed(
+            Some(("vm-0", 1)),
+            vec![
+                PodView { state: PodState::Exited, guest_failed: Some(said.clone()), ..pod("vm-0", Role::Primary) },
+                backup_of("vm-1", "vm-0", 1),
+            ],
+        );
+        let plan = decide(&o);
+        assert_eq!(plan.status.phase, Phase::Failed);
+        assert_eq!(plan.status.guest_failed.as_deref(), Some(said.as_str()));
+        assert!(plan.status.message.contains(&said) && plan.status.message.contains("vm-0"), "{}", plan.status.message);
+        assert!(plan.actions.is_empty(), "the pods and their disks are kept: {:?}", plan.actions);
+        assert!(matches!(&plan.notes[..], [Note::GuestFailed(_)]), "{:?}", plan.notes);
+        assert_eq!(plan.status.primary.as_ref().map(|p| p.0.as_str()), Some("vm-0"));
+        assert_eq!(plan.status.backup.as_ref().map(|p| p.0.as_str()), Some("vm-1"));
+        // The backup fails the same way: still one event, never a replacement.
+        o.pods[1].state = PodState::Exited;
+        o.pods[1].guest_failed = Some(said.clone());
+        o.previous = Previous { phase: Some(Phase::Failed), message: Some(plan.status.message.clone()), ..o.previous };
+        let again = decide(&o);
+        assert!(again.notes.is_empty() && again.actions.is_empty());
+        // An ordinary crash is still handled by the crash-loop rules.
+        let plain = observed(None, vec![PodView { state: PodState::Exited, ..pod("vm-0", Role::Primary) }]);
+        assert_ne!(decide(&plain).status.phase, Phase::Failed);
     }
 
     #[test]

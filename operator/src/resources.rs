@@ -242,6 +242,25 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
             args.extend(["--disk-size-mib".into(), s.disk_size_mib.to_string()]);
         }
     }
+    let l = &s.limits;
+    // Both replicas serve clients sooner or later (a backup after it goes live).
+    if l.max_client_connections > 0 {
+        args.extend(["--max-client-connections".into(), l.max_client_connections.to_string()]);
+    }
+    // The guest's own limits are set when it boots, on the primary; a backup receives them with
+    // the memory it clones and takes no such flags.
+    if args.first().map(String::as_str) == Some("primary") {
+        for (flag, v) in [
+            ("--maxclients", l.max_clients),
+            ("--maxmemory-mib", l.max_memory_mib),
+            ("--client-query-buffer-limit-kib", l.client_query_buffer_limit_kib),
+            ("--client-output-buffer-limit-kib", l.client_output_buffer_limit_kib),
+        ] {
+            if v > 0 {
+                args.extend([flag.into(), v.to_string()]);
+            }
+        }
+    }
     args
 }
 
@@ -375,6 +394,10 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             ..Probe::default()
         }),
         resources: Some(resources(ftvm, plan.kvm_resource)),
+        // The agent's last lines say why it stopped (a failed guest's panic message, a refusal);
+        // the kubelet copies them into the container's terminated state, where the operator and
+        // `kubectl describe` read them.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
@@ -463,6 +486,18 @@ pub(crate) mod tests {
              --arbiter lease:ns/vm-arbiter --memory-mib 128 --metrics-listen 0.0.0.0:9100 --name $(POD_NAME) \
              --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16"
         );
+    }
+
+    #[test]
+    fn limits_go_to_the_primary_and_the_connection_cap_to_both() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "memoryMiB": 128,
+            "limits": {"maxClientConnections": 100, "maxClients": 50, "maxMemoryMiB": 64}}));
+        let p = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert!(p.ends_with("--max-client-connections 100 --maxclients 50 --maxmemory-mib 64"), "{p}");
+        let b = agent_args(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7")))).join(" ");
+        assert!(b.ends_with("--max-client-connections 100"), "the backup gets the guest's limits by clone: {b}");
+        let none = agent_args(&ftvm(serde_json::json!({"guest": "kvstore"})), &plan(Role::Primary, None)).join(" ");
+        assert!(!none.contains("--max"), "{none}");
     }
 
     #[test]

@@ -109,6 +109,7 @@ fn failover_plan() -> Plan {
             last_failover: None,
             spec_valid: true,
             backoff: None,
+            guest_failed: None,
         },
         failover: true,
         wake_at: None,
