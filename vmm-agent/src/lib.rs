@@ -10,7 +10,10 @@
 //!   exits (logical time) and calls an [`vmm::Environment`] for everything non-deterministic.
 //! - [`devices`]: platform (clock/timer), 16550 console, virtio-blk, virtio-vsock, virtio-rng.
 //! - [`record`]: the log format; [`recorder`] and [`replayer`] are the two environments.
-//! - [`client`]: the TCP front end that turns client connections into vsock streams.
+//! - [`client`]: the TCP front end that turns client connections into vsock streams, and bounds
+//!   what clients may cost.
+//! - [`metrics`] and [`endpoints`]: Prometheus metrics, and the HTTP server for `/metrics` and
+//!   `/readyz` that no client can wedge.
 //! - [`snapshot`]: the envelope that machine state travels in for a live clone; the clone
 //!   itself (state save/restore, dirty tracking, applying pages) is in [`vmm::clone`].
 //!
@@ -33,9 +36,11 @@
 
 pub mod client;
 pub mod devices;
+pub mod endpoints;
 pub mod guests;
 pub mod hypervisor;
 pub mod metrics;
+pub mod net;
 pub mod pair;
 pub mod record;
 pub mod recorder;

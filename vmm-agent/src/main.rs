@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
-use lockstep_agent::client::FrontEnd;
+use lockstep_agent::client::{ClientLimits, FrontConfig, FrontEnd};
 use lockstep_agent::guests::{GuestKind, KvLimitFlags};
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::pair;
@@ -91,6 +91,44 @@ struct UpArgs {
     verbose: bool,
     #[command(flatten)]
     guest_limits: KvLimitFlags,
+    #[command(flatten)]
+    clients: ClientLimitArgs,
+}
+
+/// What clients may cost the agent and its guest (docs/operations.md, "Hostile clients").
+#[derive(Args, Debug)]
+struct ClientLimitArgs {
+    /// Client connections open at once; one more is closed as soon as it is accepted, before
+    /// the guest hears of it.
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_client_connections: u32,
+    /// Unsent replies held for all clients together; past it, the clients with the most are
+    /// disconnected (a client that does not read its replies cannot exhaust the agent's memory).
+    #[arg(long, default_value_t = 32, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    client_reply_memory_mib: u64,
+    /// A client with more than 4 MiB of unsent replies is no longer read; if it then takes none
+    /// of them for this long, it is disconnected (so is one that does not take the last replies
+    /// of a stream the guest closed).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    client_reply_stall_secs: u64,
+}
+
+impl ClientLimitArgs {
+    fn limits(&self) -> ClientLimits {
+        ClientLimits {
+            max_connections: self.max_client_connections as usize,
+            reply_memory: (self.client_reply_memory_mib << 20) as usize,
+            reply_stall: std::time::Duration::from_secs(self.client_reply_stall_secs),
+        }
+    }
+
+    /// Make these the limits of every client front end this process starts, counted in `metrics`.
+    fn apply(&self, metrics: &Arc<Metrics>) {
+        let config = FrontConfig { limits: self.limits(), metrics: Some(metrics.clone()) };
+        if !lockstep_agent::client::configure_process(config) {
+            tracing::warn!("client limits were already set; --max-client-connections and friends are ignored");
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +163,8 @@ struct FtArgs {
     /// Do not print the guest's console.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    clients: ClientLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -215,6 +255,8 @@ struct RunArgs {
     /// Do not print the guest's console.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    clients: ClientLimitArgs,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +375,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         boot_args: args.guest_limits.boot_args(guest, mem_size)?,
     };
     let metrics = Metrics::new(&args.vm_id);
+    args.clients.apply(&metrics);
     if let Some(addr) = args.metrics_listen {
         metrics.serve(addr).map_err(io_err(format!("serving metrics on {addr}")))?;
     }
@@ -382,6 +425,8 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         "log_bytes": log_bytes,
         "log_entries": entries,
         "client_connections": stats.connections.load(Ordering::Relaxed),
+        "client_connections_refused": stats.refused.load(Ordering::Relaxed),
+        "client_connections_cut": stats.cut.load(Ordering::Relaxed),
         "client_bytes_in": stats.bytes_in.load(Ordering::Relaxed),
         "client_bytes_out": stats.bytes_out.load(Ordering::Relaxed),
         "progress": vm.devices.platform.progress,
@@ -467,6 +512,7 @@ fn ft_setup(
         format!("{}-{}", host.trim(), std::process::id())
     });
     let metrics = Metrics::new(&a.vm_id);
+    a.clients.apply(&metrics);
     if let Some(addr) = a.metrics_listen {
         metrics.serve(addr).map_err(io_err(format!("serving metrics on {addr}")))?;
     }
@@ -595,6 +641,7 @@ fn main() -> ExitCode {
             vm_id: a.vm_id,
             verbose: a.verbose,
             guest_limits: a.guest_limits,
+            client_limits: a.clients.limits(),
         })
         .map_err(CliError::Usage),
     };
@@ -607,6 +654,32 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("lockstep-agent: error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_passes_its_client_limits_to_the_replicas_as_flags_they_accept() {
+        let limits =
+            ClientLimits { max_connections: 7, reply_memory: 5 << 20, reply_stall: std::time::Duration::from_secs(9) };
+        let args = ["lockstep-agent", "primary", "--guest", "kvstore", "--channel-listen", "127.0.0.1:1"]
+            .into_iter()
+            .chain(["--vm-id", "x", "--arbiter", "local:/nonexistent"])
+            .map(String::from)
+            .chain(lockstep_agent::up::client_limit_args(&limits));
+        let Command::Primary(p) = Cli::try_parse_from(args).unwrap().command else { panic!("not a primary") };
+        assert_eq!(p.ft.clients.limits(), limits);
+    }
+
+    #[test]
+    fn client_limit_flags_refuse_zero() {
+        for flag in ["--max-client-connections", "--client-reply-memory-mib", "--client-reply-stall-secs"] {
+            let args = ["lockstep-agent", "run", "--guest", "idle", flag, "0"];
+            assert!(Cli::try_parse_from(args).is_err(), "{flag} 0 was accepted");
         }
     }
 }

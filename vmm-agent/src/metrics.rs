@@ -1,11 +1,13 @@
-//! Prometheus metrics of one agent, served on `--metrics-listen` as `/metrics`.
-//! Base units and `_total` counters; every series carries the `vm_id` label.
+//! Prometheus metrics of one agent, served on `--metrics-listen` as `/metrics` (see
+//! [`crate::endpoints`]). Base units and `_total` counters; every series carries the `vm_id` label.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+use crate::client::Cut;
+use crate::endpoints::{self, Dropped};
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -31,6 +33,14 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub client_bytes_in: IntCounter,
     pub client_bytes_out: IntCounter,
+    /// Client connections open now.
+    pub client_connections: IntGauge,
+    /// Client connections closed at accept because `--max-client-connections` were open.
+    pub client_connections_refused: IntCounter,
+    /// Clients the agent disconnected for not reading their replies, by [`Cut`] reason.
+    pub client_connections_cut: IntCounterVec,
+    /// Connections to these HTTP endpoints closed without an answer, by [`Dropped`] reason.
+    pub http_connections_dropped: IntCounterVec,
 }
 
 /// Bring a Prometheus counter up to a total kept elsewhere (the protocol core counts its own
@@ -66,6 +76,15 @@ impl Metrics {
             let x = Histogram::with_opts(o).expect("valid metric");
             registry.register(Box::new(x.clone())).expect("unique metric");
             x
+        };
+        let counter_vec = |n: &str, h: &str, label: &str, values: &[&str]| {
+            let c = IntCounterVec::new(labelled(n, h, vm_id), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            // Every reason shows from the start, so a rate() over it never sees a new series.
+            for v in values {
+                c.with_label_values(&[v]);
+            }
+            c
         };
         let latency = prometheus::exponential_buckets(25e-6, 2.0, 16).expect("buckets");
         Arc::new(Metrics {
@@ -119,6 +138,26 @@ impl Metrics {
             ),
             client_bytes_in: counter("lockstep_client_bytes_received_total", "Bytes received from clients."),
             client_bytes_out: counter("lockstep_client_bytes_sent_total", "Bytes released to clients."),
+            client_connections: gauge(
+                "lockstep_client_connections",
+                "Client connections open now (at most --max-client-connections).",
+            ),
+            client_connections_refused: counter(
+                "lockstep_client_connections_refused_total",
+                "Client connections closed at once, before the guest saw them, because --max-client-connections were open.",
+            ),
+            client_connections_cut: counter_vec(
+                "lockstep_client_connections_cut_total",
+                "Clients disconnected for not reading their replies: reply_memory (unsent replies over --client-reply-memory-mib), reply_stall (took none for --client-reply-stall-secs while paused or after the guest closed the stream).",
+                "reason",
+                &Cut::ALL.map(Cut::as_str),
+            ),
+            http_connections_dropped: counter_vec(
+                "lockstep_http_connections_dropped_total",
+                "Connections to /metrics, /healthz, /readyz closed without an answer: refused (at the cap, all busy), evicted (idle, to make room), timeout.",
+                "reason",
+                &Dropped::ALL.map(Dropped::as_str),
+            ),
             registry,
         })
     }
@@ -134,63 +173,35 @@ impl Metrics {
         String::from_utf8(out).expect("prometheus text is UTF-8")
     }
 
-    /// Serve `/metrics` (and `/healthz`) on `addr` from a background thread.
+    /// Count a connection to the HTTP endpoints closed without an answer.
+    pub fn http_dropped(&self, reason: Dropped) {
+        self.http_connections_dropped.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Serve `/metrics`, `/healthz` and `/readyz` on `addr` from a thread of their own, with the
+    /// default [`endpoints::Limits`]; returns the address bound.
     pub fn serve(self: &Arc<Self>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = TcpListener::bind(addr)?;
-        let local = listener.local_addr()?;
-        let me = self.clone();
-        std::thread::Builder::new().name("metrics".into()).spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = BufReader::new(&stream);
-                let mut request_line = String::new();
-                if reader.read_line(&mut request_line).is_err() {
-                    continue;
-                }
-                // Drain headers so the client sees a clean response.
-                let mut line = String::new();
-                while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                    line.clear();
-                }
-                let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-                let (status, ctype, body) = match path {
-                    "/metrics" => ("200 OK", "text/plain; version=0.0.4", me.render()),
-                    "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    // The pod's readiness: a backup is ready once in sync, so "both pods Ready"
-                    // means protected, and a Service only reaches a primary that serves.
-                    "/readyz" if me.ready.get() == 1 => ("200 OK", "text/plain", "ready\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
-                    _ => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-                };
-                let mut s = &stream;
-                let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-            }
-        })?;
-        Ok(local)
+        endpoints::serve(crate::net::listen(addr)?, self.clone(), endpoints::Limits::default())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
-
-    fn get(addr: SocketAddr, path: &str) -> String {
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    }
 
     #[test]
-    fn readyz_follows_the_ready_gauge_and_metrics_show_it() {
+    fn every_reason_of_the_labelled_counters_shows_from_the_start() {
         let m = Metrics::new("t");
-        let addr = m.serve("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503"));
-        assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
-        m.ready.set(1);
-        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "/metrics").contains("lockstep_ready{vm_id=\"t\"} 1"));
-        assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
+        let text = m.render();
+        for reason in ["reply_memory", "reply_stall"] {
+            let series = format!("lockstep_client_connections_cut_total{{reason=\"{reason}\",vm_id=\"t\"}} 0");
+            assert!(text.contains(&series), "{series} missing from:\n{text}");
+        }
+        for reason in ["refused", "evicted", "timeout"] {
+            let series = format!("lockstep_http_connections_dropped_total{{reason=\"{reason}\",vm_id=\"t\"}} 0");
+            assert!(text.contains(&series), "{series} missing from:\n{text}");
+        }
+        m.http_dropped(Dropped::Evicted);
+        assert!(m.render().contains("lockstep_http_connections_dropped_total{reason=\"evicted\",vm_id=\"t\"} 1"));
     }
 }

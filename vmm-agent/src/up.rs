@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::client::ClientLimits;
 use crate::guests::{GuestKind, KvLimitFlags};
 
 #[derive(Debug, Clone)]
@@ -30,6 +31,20 @@ pub struct UpOptions {
     pub verbose: bool,
     /// The kvstore's limits, given to the first primary; later replicas get them by clone.
     pub guest_limits: KvLimitFlags,
+    /// Passed on to both replicas.
+    pub client_limits: ClientLimits,
+}
+
+/// The agent flags that give a replica `limits`.
+pub fn client_limit_args(limits: &ClientLimits) -> [String; 6] {
+    [
+        "--max-client-connections".into(),
+        limits.max_connections.to_string(),
+        "--client-reply-memory-mib".into(),
+        (limits.reply_memory >> 20).to_string(),
+        "--client-reply-stall-secs".into(),
+        limits.reply_stall.as_secs().to_string(),
+    ]
 }
 
 struct Slot {
@@ -66,6 +81,7 @@ impl Slot {
         }
         c.args(["--vm-id", &o.vm_id, "--arbiter", arbiter, "--name", &format!("{}-{}", self.name, std::process::id())]);
         c.args(["--client-listen", &self.client.to_string(), "--metrics-listen", &self.metrics.to_string()]);
+        c.args(client_limit_args(&o.client_limits));
         c.env("LOCKSTEP_LOG", if o.verbose { "info" } else { "warn" });
         c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = c.spawn()?;
