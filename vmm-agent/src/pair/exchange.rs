@@ -80,7 +80,7 @@ pub struct LogExchange {
     shared: Mutex<Shared>,
     /// Fold when this much log is waiting, ack or not (the core's `batch_bytes`).
     batch_bytes: usize,
-    /// The vCPU folded and shipped itself (for the tests and the bench's explanation).
+    /// The vCPU folded and shipped itself (also exported as `lockstep_vcpu_folds_total`).
     pub vcpu_folds: AtomicU64,
     /// Set when the core could not take what the vCPU left (an entry too large for a frame):
     /// a bug the vCPU thread reports at its next boundary.

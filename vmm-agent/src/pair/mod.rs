@@ -93,24 +93,34 @@ pub fn now() -> u64 {
 pub struct PairMetrics {
     /// Live clones that failed on this side (aborted; the backup retries).
     pub clone_failures: IntCounter,
+    /// Times the primary's vCPU thread handed its batch to the core itself (an output that no
+    /// acknowledgement would carry, or a full batch): the fast path's exceptions.
+    pub vcpu_folds: IntCounter,
 }
 
 impl PairMetrics {
     /// Register the driver's metrics with `metrics`' registry. Call once per agent: a promoted
     /// backup hands its own to the primary it becomes.
     pub fn register(metrics: &Metrics, vm_id: &str) -> PairMetrics {
-        let opts = Opts::new(
-            "lockstep_clone_failures_total",
-            "Live clones that failed on this side and were aborted (the backup retries).",
-        )
-        .const_label("vm_id", vm_id);
-        let clone_failures = IntCounter::with_opts(opts).expect("valid metric");
-        if let Err(e) = metrics.registry.register(Box::new(clone_failures.clone())) {
-            // Only a second registration in the same agent can fail; the counter still counts,
-            // it is just not exported twice.
-            tracing::debug!("clone failure counter not registered again: {e}");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::with_opts(Opts::new(name, help).const_label("vm_id", vm_id)).expect("valid metric");
+            if let Err(e) = metrics.registry.register(Box::new(c.clone())) {
+                // Only a second registration in the same agent can fail; the counter still
+                // counts, it is just not exported twice.
+                tracing::debug!("{name} not registered again: {e}");
+            }
+            c
+        };
+        PairMetrics {
+            clone_failures: counter(
+                "lockstep_clone_failures_total",
+                "Live clones that failed on this side and were aborted (the backup retries).",
+            ),
+            vcpu_folds: counter(
+                "lockstep_vcpu_folds_total",
+                "Times the primary's vCPU thread handed its log and outputs to the protocol core itself (no acknowledgement in flight would carry them), instead of leaving them for the channel reader.",
+            ),
         }
-        PairMetrics { clone_failures }
     }
 }
 
@@ -140,6 +150,7 @@ pub fn spawn_arbiter_worker(
         .name("arbiter".into())
         .spawn(move || {
             for seen in rx {
+                let asked = Instant::now();
                 let outcome = match runtime().block_on(arbiter.try_take(seen, &me)) {
                     Ok(lockstep_arbiter::Outcome::Won { epoch }) => ArbiterOutcome::Won { epoch },
                     Ok(lockstep_arbiter::Outcome::Lost { holder, epoch }) => {
@@ -150,7 +161,9 @@ pub fn spawn_arbiter_worker(
                         ArbiterOutcome::Unreachable
                     }
                 };
-                tracing::info!(?outcome, seen_epoch = seen, "arbiter answered");
+                // How long the arbiter took is part of every failover's time; say it.
+                let took_ms = asked.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(?outcome, seen_epoch = seen, took_ms, "arbiter answered");
                 answer(outcome);
             }
         })

@@ -27,8 +27,11 @@ use crate::vmm::{Machine, RunSummary, StopReason};
 /// The primary's driver.
 pub type PrimaryDriver = Driver<PrimaryRole>;
 
-/// How often the primary's timers run (heartbeats, failure detection, paced flushes).
-const TICK: Duration = Duration::from_millis(2);
+/// How often the primary's timers run (heartbeats, failure detection, the flush of a log that
+/// no output asks for). Every tick wakes a thread on the vCPU's core, so not more often than
+/// the heartbeat and the backup's replay lag need: under load the log ships on acknowledgements,
+/// and at most this much output-free log waits for a tick.
+const TICK: Duration = Duration::from_millis(5);
 
 /// Where released client output goes: the client front end, or a collector in tests.
 pub trait Deliver: Send + Sync + std::fmt::Debug {
@@ -261,11 +264,19 @@ pub struct FtSink {
     last_exit: u64,
     /// Largest entry a `Log` frame can carry.
     max_entry: usize,
+    /// `lockstep_vcpu_folds_total`.
+    folds: Option<prometheus::IntCounter>,
 }
 
 impl FtSink {
     pub fn new(driver: Arc<PrimaryDriver>, exchange: Arc<LogExchange>, max_payload: usize) -> Self {
-        FtSink { driver, exchange, bytes: 0, last_exit: 0, max_entry: max_payload.saturating_sub(64) }
+        FtSink { driver, exchange, bytes: 0, last_exit: 0, max_entry: max_payload.saturating_sub(64), folds: None }
+    }
+
+    /// Count the vCPU's own folds in `counter` too.
+    pub fn with_fold_counter(mut self, counter: prometheus::IntCounter) -> Self {
+        self.folds = Some(counter);
+        self
     }
 }
 
@@ -294,6 +305,9 @@ impl LogSink for FtSink {
     fn exit_complete(&mut self, exit: u64) -> std::io::Result<()> {
         if self.exchange.complete(exit) {
             self.exchange.vcpu_folds.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = &self.folds {
+                c.inc();
+            }
             self.driver.with(|_, _| ());
         }
         if self.exchange.failed.load(Ordering::Acquire) {
@@ -431,7 +445,7 @@ pub(crate) fn drive_with<V: Vcpu>(
     driver.spawn_ticker(TICK);
 
     let mut rec = Recorder::new(
-        FtSink::new(driver.clone(), exchange.clone(), opts.ft.max_payload),
+        FtSink::new(driver.clone(), exchange.clone(), opts.ft.max_payload).with_fold_counter(pair.vcpu_folds.clone()),
         Some(events),
         Box::new(FtOutputs(exchange.clone())),
         opts.stop.clone(),
