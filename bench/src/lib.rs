@@ -2,8 +2,12 @@
 //! writes `docs/benchmarks.md`, `docs/benchmarks.json` and the plots in `docs/img/`.
 //!
 //! Scenarios (all on 127.0.0.1, state in a temporary directory, every child killed on exit):
-//! 1. kvstore under redis-benchmark in three modes (plain `run`, `run --record`, FT pair),
-//!    interleaved round by round at several pipelining levels: throughput ratios, latency;
+//! 0. the machine: an empty system call, a round trip between two threads on one core, the
+//!    compute guest's loop at CPL3 against the same loop natively, the cost of an MMIO exit;
+//! 1. kvstore under redis-benchmark in four modes (Debian's redis-server, plain `run`,
+//!    `run --record`, FT pair) in two placements, interleaved round by round at several
+//!    pipelining levels: throughput ratios, latency, CPU, system calls and context switches per
+//!    exit (kernel counters, [`perf`]);
 //! 2. log bandwidth of the idle and compute guests in an FT pair;
 //! 3. the kvstore at a fixed request rate in an FT pair with a real Prometheus scraping it, the
 //!    PromQL log bandwidth checked against the agent's own counter, then a failover and a
@@ -16,6 +20,7 @@
 
 pub mod agents;
 pub mod machine;
+pub mod perf;
 pub mod plot;
 pub mod procs;
 pub mod prom;
@@ -26,10 +31,10 @@ pub mod sampler;
 pub mod scenarios;
 pub mod stats;
 
-/// Fills `why` for each missed target from what the run measured.
+/// Fills `why` for each missed target from what the run measured (nothing here is written in:
+/// every number comes from the same report).
 pub fn explain(r: &mut report::Report) {
     let hold = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
-    let cell = |mode: &str, pl: u32| r.throughput.iter().find(|c| c.mode == mode && c.pipeline == pl);
     let per_level = |mode: &str| -> String {
         let v: Vec<String> = r
             .throughput
@@ -47,13 +52,73 @@ pub fn explain(r: &mut report::Report) {
     let backup_cores = median_of("ft", |c| c.backup_cpu_cores);
     let agent_cores = median_of("ft", |c| c.agent_cpu_cores);
     let busy = median_of("ft", |c| c.machine_busy);
-    // The primary's own CPU per exit against the plain VM's, both on CPU 0 alone, at the
-    // deepest pipelining level (where throughput is bound by that core, not by latency).
-    let deepest = r.throughput.iter().map(|c| c.pipeline).max().unwrap_or(1);
-    let per_exit = (
-        cell("plain_1cpu", deepest).and_then(|c| c.cpu_us_per_exit),
-        cell("ft_2hosts", deepest).and_then(|c| c.cpu_us_per_exit),
+    let cpu = (median_of("plain_1cpu", |c| c.cpu_us_per_exit), median_of("ft_2hosts", |c| c.cpu_us_per_exit));
+    let sc = (r.syscalls_per_exit.get("plain").copied().flatten(), r.syscalls_per_exit.get("ft").copied().flatten());
+    let cs = (
+        r.context_switches_per_exit.get("plain").copied().flatten(),
+        r.context_switches_per_exit.get("ft").copied().flatten(),
     );
+    let added = r.ft_added_cpu_us_per_exit;
+    let rt = r.machine.thread_round_trip_us;
+    let exit_us = r.machine.mmio_exit_us;
+    // Where the primary's added CPU goes: its threads' extra context switches, at what each
+    // works out to in this run.
+    let cost_of_switches = match (added, cs) {
+        (Some(a), (Some(p), Some(f))) if f > p + 0.01 => format!(
+            "; the FT primary's threads were switched {f:.2} times per exit against the plain VM's {p:.2}, so each extra switch (a thread woken \
+             on the vCPU's core: the channel reader for an acknowledgement, the ticker) cost about {:.1} µs of that core (a bare round trip between \
+             two threads on one core costs {} µs on this machine; a thread woken there also preempts the vCPU inside KVM_RUN)",
+            a / (f - p),
+            rt.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into())
+        ),
+        (Some(_), (Some(p), Some(f))) => format!(
+            "; the FT primary's threads were switched {f:.2} times per exit against the plain VM's {p:.2}: not more wake-ups but more work per exit"
+        ),
+        _ => String::new(),
+    };
+    let syscalls = match sc {
+        (Some(p), Some(f)) => format!(
+            "; system calls per exit, KVM_RUN included: plain {p:.2}, FT {f:.2}{}",
+            r.vcpu_folds_per_exit
+                .map(|v| format!(
+                    " (the vCPU thread shipped the log itself at {:.1} % of its exits, when no frame was in flight)",
+                    v * 100.0
+                ))
+                .unwrap_or_default()
+        ),
+        _ => String::new(),
+    };
+    let cpu_line = match (cpu, added) {
+        ((Some(p), Some(f)), Some(a)) => format!(
+            "the FT primary spends {a:.1} µs more CPU per exit than the plain VM on the core it shares with the client (median over levels {p:.1} vs {f:.1} µs){cost_of_switches}{syscalls}",
+        ),
+        _ => String::new(),
+    };
+    let exit_line = exit_us
+        .map(|e| format!(" An exit itself costs {e:.1} µs here (measured), so every microsecond per exit is about {:.1} % of the VM's throughput.", 100.0 / e))
+        .unwrap_or_default();
+    let hold_line = hold
+        .map(|h| {
+            format!(
+                "every reply waits for the backup's acknowledgement of its exit (output hold p50 {:.0} µs), which at -P 1 is on each request's critical path{}",
+                h * 1e6,
+                match (set_p50("plain_1cpu"), set_p50("ft_2hosts")) {
+                    (Some(a), Some(b)) => format!(" (SET p50 at -P 1: {a:.3} ms plain vs {b:.3} ms FT)"),
+                    _ => String::new(),
+                }
+            )
+        })
+        .unwrap_or_default();
+    let hb = r.heartbeat_timeout_ms;
+    let per_byte = r.kvstore_fixed_rate.as_ref().and_then(|k| k.log_bytes_per_client_request);
+    // The slowest arbiter call of a kind of failure: (seconds, that run's total).
+    let slowest_arbiter = |how: &str| -> Option<(f64, f64)> {
+        r.failovers
+            .iter()
+            .filter(|f| f.how == how)
+            .filter_map(|f| Some((f.arbiter_seconds?, f.seconds)))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+    };
     let phases = |how: &str| -> (Option<f64>, Option<f64>) {
         let runs: Vec<&report::FailoverRun> = r.failovers.iter().filter(|f| f.how == how).collect();
         let live: Vec<f64> = runs.iter().filter_map(|f| f.went_live_seconds).collect();
@@ -64,29 +129,13 @@ pub fn explain(r: &mut report::Report) {
             .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))));
         (stats::median(&live), gap)
     };
-    let hb = r.heartbeat_timeout_ms;
     for t in &mut r.targets {
         if t.met != Some(false) {
             continue;
         }
         if t.figure.starts_with("FT throughput") && t.figure.contains("own core") {
             t.why = format!(
-                "with the backup on its own core, what is left is the FT cost on the primary's core and on each reply's path: \
-                 every reply waits for the backup's acknowledgement of the log through the exit that produced it (output hold p50 {}), \
-                 which at -P 1 is on each request's critical path{}; and the primary's core does the logging work besides the guest{}. \
-                 Each exit costs tens of microseconds of instruction emulation in this nested hypervisor, so every microsecond the \
-                 primary spends per exit on the protocol is a large share of a request.{}",
-                hold.map(|h| format!("{:.2} ms", h * 1e3)).unwrap_or_else(|| "–".into()),
-                match (set_p50("plain_1cpu"), set_p50("ft_2hosts")) {
-                    (Some(a), Some(b)) => format!(" (SET p50 at -P 1: {a:.3} ms plain vs {b:.3} ms FT)"),
-                    _ => String::new(),
-                },
-                match per_exit {
-                    (Some(a), Some(b)) => format!(
-                        " (CPU per exit at -P {deepest}: {a:.1} µs plain vs {b:.1} µs FT primary: encoding, the channel's sends and the acks' wake-ups)"
-                    ),
-                    _ => String::new(),
-                },
+                "with the backup on its own core, what is left is the FT cost on the primary's core and on each reply's path: {cpu_line}; and {hold_line}.{exit_line}{}",
                 per_level("ft_2hosts")
             );
         } else if t.figure.starts_with("FT throughput") {
@@ -102,13 +151,35 @@ pub fn explain(r: &mut report::Report) {
                 },
                 per_level("ft")
             );
+        } else if t.figure.starts_with("Added CPU") {
+            t.why = format!("{cpu_line}.{exit_line}");
+        } else if t.figure.starts_with("Output hold") {
+            t.why = format!(
+                "a reply leaves when the frame carrying its exit has reached the backup and the backup's acknowledgement has come back: a wake-up of the \
+                 backup's channel reader (on a core that is also replaying), the acknowledgement, and a wake-up of the primary's, each a cross-core hand-off \
+                 ({} µs for a round trip of two such wake-ups on one core here); under load a reply produced while a frame is in flight waits for that \
+                 frame's acknowledgement first, because its exit rides on the next frame instead of costing the vCPU a system call.",
+                rt.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into())
+            );
+        } else if t.figure.starts_with("Log bytes per client byte") {
+            t.why = format!(
+                "each request's entry costs its RESP bytes plus 4 or 5 bytes of kind, connection, exit distance and length, and the guest's clock reads and \
+                 timer ticks add their own entries{}.",
+                per_byte.map(|b| format!(" ({b:.1} log bytes per request)")).unwrap_or_default()
+            );
         } else if t.figure.starts_with("Failover") {
             let how = if t.figure.contains("SIGSTOP") { "SIGSTOP" } else { "kill -9" };
             let (live, gap) = phases(how);
             t.why = format!(
-                "failure detection{} before the backup may ask the arbiter, then replay of the remaining log, go-live and the client's reconnect{}{}.",
+                "failure detection{} before the backup may ask the arbiter, then replay of the remaining log, go-live and the client's reconnect{}{}{}.",
                 if how == "SIGSTOP" { format!(" is the heartbeat timeout ({hb} ms by default)") } else { " (the channel's end, at once here)".to_string() },
                 live.map(|m| format!("; the backup said \"going live\" a median {m:.3} s after the failure")).unwrap_or_default(),
+                slowest_arbiter(how)
+                    .filter(|(a, _)| *a > 0.05)
+                    .map(|(a, total)| format!(
+                        "; the slowest arbiter call (the local arbiter writes and fsyncs a file, on a disk other sessions share) took {a:.3} s of a {total:.3} s failover"
+                    ))
+                    .unwrap_or_default(),
                 gap.filter(|g| *g > 0.1)
                     .map(|g| format!(
                         "; in the slowest run the first connection to the new primary's client port succeeded {:.0} ms after \

@@ -43,7 +43,7 @@ struct Cli {
     /// Request rate of the fixed-rate kvstore scenario.
     #[arg(long, value_name = "REQ_PER_S", default_value_t = 500.0)]
     rate: f64,
-    /// Only these scenarios (comma-separated: throughput,idle,compute,rate,failover,clone).
+    /// Only these scenarios (comma-separated: machine,throughput,idle,compute,rate,failover,clone).
     #[arg(long, value_name = "LIST")]
     only: Option<String>,
     /// Copy the agents' stderr to ours.
@@ -82,9 +82,9 @@ fn run(cli: Cli) -> Result<bool> {
             agent.display()
         );
     }
-    for tool in ["redis-benchmark"] {
+    for (tool, package) in [("redis-benchmark", "redis-tools"), ("redis-server", "redis-server")] {
         if std::process::Command::new(tool).arg("--version").output().is_err() {
-            bail!("{tool} not found (apt-get install redis-tools)");
+            bail!("{tool} not found (apt-get install {package})");
         }
     }
     let tmp = tempfile::Builder::new().prefix("lockstep-bench-").tempdir().context("creating a temporary directory")?;
@@ -129,6 +129,10 @@ fn run(cli: Cli) -> Result<bool> {
         bench.report.clone_pause_seconds.insert(k.into(), None);
         bench.report.clone_duration_seconds.insert(k.into(), None);
     }
+    for k in ["plain", "ft"] {
+        bench.report.syscalls_per_exit.insert(k.into(), None);
+        bench.report.context_switches_per_exit.insert(k.into(), None);
+    }
     let only: Option<Vec<String>> = cli.only.as_ref().map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
     let want = |name: &str| only.as_ref().map(|l| l.iter().any(|x| x == name)).unwrap_or(true);
     bench.progress(&format!(
@@ -138,8 +142,14 @@ fn run(cli: Cli) -> Result<bool> {
         tmp.path().display()
     ));
 
+    if want("machine") {
+        bench.scenario("0/6 the machine: system calls, wake-ups, CPL3 loop, MMIO exit", scenarios::machine_facts);
+    }
     if want("throughput") {
-        bench.scenario("1/6 throughput and latency: plain vs record vs FT, interleaved", scenarios::throughput);
+        bench.scenario(
+            "1/6 throughput and latency: native vs plain vs record vs FT, interleaved",
+            scenarios::throughput,
+        );
     }
     if want("idle") {
         bench.scenario("2/6 log bandwidth: idle", |b| scenarios::log_bandwidth(b, Guest::Idle));

@@ -187,6 +187,8 @@ pub const GREEN_: RGBColor = RGBColor(44, 160, 44);
 pub const RED_: RGBColor = RGBColor(214, 39, 40);
 pub const PURPLE_: RGBColor = RGBColor(148, 103, 189);
 pub const GREY_: RGBColor = RGBColor(110, 110, 110);
+pub const BROWN_: RGBColor = RGBColor(140, 86, 75);
+pub const PINK_: RGBColor = RGBColor(227, 119, 194);
 
 #[cfg(test)]
 mod tests {

@@ -71,13 +71,18 @@ struct Mode {
     base: usize,
 }
 
-const MODES: [Mode; 5] = [
+const MODES: [Mode; 7] = [
     Mode { name: "plain", agent: 0, placement: Placement::Shared, base: 0 },
     Mode { name: "record", agent: 1, placement: Placement::Shared, base: 0 },
     Mode { name: "ft", agent: 2, placement: Placement::Shared, base: 0 },
     Mode { name: "plain_1cpu", agent: 0, placement: Placement::TwoHosts, base: 3 },
     Mode { name: "ft_2hosts", agent: 2, placement: Placement::TwoHosts, base: 3 },
+    Mode { name: "native", agent: 3, placement: Placement::Shared, base: 0 },
+    Mode { name: "native_1cpu", agent: 3, placement: Placement::TwoHosts, base: 3 },
 ];
+/// Index of the plain VM's mode with the placement of separate hosts, and of the FT pair's.
+const PLAIN_1CPU: usize = 3;
+const FT_2HOSTS: usize = 4;
 const HOLD: &str = "lockstep_output_hold_seconds";
 const LOG_BYTES: &str = "lockstep_log_bytes_sent_total";
 /// The PromQL of the log-bandwidth check (and, summed per VM, of the Grafana dashboard).
@@ -126,6 +131,31 @@ fn sleep_s(s: f64) {
     std::thread::sleep(Duration::from_secs_f64(s.max(0.0)));
 }
 
+/// Debian's redis-server, the same service without a virtual machine: `appendonly yes` with
+/// `appendfsync no` like the kvstore (every write appended to its file before the reply, no
+/// fsync), no snapshots, one thread.
+struct Native {
+    proc: crate::procs::Proc,
+    addr: SocketAddr,
+}
+
+impl Native {
+    fn start(env: &Env) -> Result<Native> {
+        let addr = crate::agents::free_addr()?;
+        let dir = env.path("redis-server");
+        std::fs::create_dir_all(&dir)?;
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &addr.port().to_string()])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&dir);
+        let proc = crate::procs::Proc::spawn("redis-server", cmd, env.verbose)
+            .context("starting redis-server (apt-get install redis-server)")?;
+        Resp::wait_ready(addr, Duration::from_secs(20)).context("redis-server never answered PING")?;
+        Ok(Native { proc, addr })
+    }
+}
+
 /// Per (mode, P): each round's results.
 #[derive(Debug, Default)]
 struct Cell {
@@ -140,6 +170,84 @@ struct Cell {
     /// Busy and total jiffies of the whole machine during this cell's runs.
     busy: f64,
     jiffies: f64,
+    /// System calls and context switches of the (primary) agent during this cell's runs.
+    syscalls: Option<f64>,
+    switches: Option<f64>,
+    /// Times the FT primary's vCPU thread shipped its batch itself.
+    vcpu_folds: f64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// 0. Facts about this machine that bound every other figure.
+
+/// The compute guest alone (`run`), pinned to CPU 0, until it stops by itself or `seconds`
+/// pass: (the agent's summary, the agent's CPU seconds).
+fn compute_run(
+    env: &Env,
+    guest_arg: u64,
+    stop_after_exits: Option<u64>,
+    seconds: f64,
+) -> Result<(serde_json::Value, f64)> {
+    let mut args: Vec<String> =
+        ["run", "--guest", "compute", "--quiet", "--client-listen", "127.0.0.1:0", "--guest-arg"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.push(guest_arg.to_string());
+    if let Some(n) = stop_after_exits {
+        args.extend(["--stop-after-exits".into(), n.to_string()]);
+    }
+    let mut cmd = std::process::Command::new(&env.agent);
+    cmd.args(&args);
+    let mut p = crate::procs::Proc::spawn("compute", cmd, env.verbose)?;
+    crate::procs::pin(p.pid, &[0])?;
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut cpu = 0.0;
+    while Instant::now() < deadline && p.exited()?.is_none() {
+        cpu = crate::procs::cpu_seconds_of(p.pid).unwrap_or(cpu);
+        sleep_s(0.05);
+    }
+    let out = p.terminate(Duration::from_secs(10))?;
+    let line = out.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("{}");
+    let summary: serde_json::Value = serde_json::from_str(line).with_context(|| format!("compute summary {line:?}"))?;
+    Ok((summary, cpu))
+}
+
+pub fn machine_facts(b: &mut Bench) -> Result<()> {
+    let env = b.env.clone();
+    let m = &mut b.report.machine;
+    m.syscall_us = Some(crate::machine::syscall_us());
+    m.thread_round_trip_us = Some(crate::machine::thread_round_trip_us(0)?);
+    m.cpl3_native_mips = Some(crate::machine::native_compute_mips());
+    // The guest's loop at CPL3: 4 M iterations per unit of work, one exit per unit.
+    let unit = 4_000_000u64;
+    let (s, cpu) = compute_run(&env, unit, None, if b.cfg.quick { 3.0 } else { 6.0 })?;
+    let units = s["progress"].as_f64().unwrap_or(0.0);
+    if units > 0.0 && cpu > 0.0 {
+        b.report.machine.cpl3_guest_mips = Some(units * unit as f64 / cpu / 1e6);
+    }
+    // An exit: one iteration per unit, so the guest does nothing but report progress by MMIO.
+    let (s, _) = compute_run(&env, 1, Some(100_000), 120.0)?;
+    let (exits, secs) = (s["exits"].as_f64().unwrap_or(0.0), s["seconds"].as_f64().unwrap_or(0.0));
+    if exits > 0.0 {
+        b.report.machine.mmio_exit_us = Some(secs / exits * 1e6);
+    }
+    let m = &mut b.report.machine;
+    m.cpl3 = match (m.cpl3_guest_mips, m.cpl3_native_mips, m.mmio_exit_us) {
+        (Some(g), Some(n), Some(e)) => format!(
+            "measured: the compute guest's inner loop ran at {g:.0} M iterations per CPU second at CPL3, the same loop natively at {n:.0} M ({:.2} of native);              a guest-caused exit (an MMIO write) costs {e:.1} µs round trip",
+            g / n
+        ),
+        _ => "not measured (see errors)".into(),
+    };
+    let line = format!(
+        "machine: {}; a system call {:.2} µs, a round trip between two threads on one core {:.1} µs",
+        m.cpl3,
+        m.syscall_us.unwrap_or(0.0),
+        m.thread_round_trip_us.unwrap_or(0.0)
+    );
+    b.progress(&line);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -157,16 +265,20 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     let mut spec = PairSpec::new(&env, "ft", Guest::Kvstore, 64);
     spec.disk_mib = disk_mib;
     let (ftp, ftb) = spec.start(&env, "ft")?;
+    let native = Native::start(&env)?;
     let mut sampler = Sampler::start(Duration::from_millis(100));
     sampler.add("ft-primary", ftp.ports.metrics);
     sampler.add("ft-backup", ftb.ports.metrics);
 
-    let targets: [(SocketAddr, SocketAddr, i32); 3] = [
-        (plain.client, plain.metrics, plain.proc.pid),
-        (rec.client, rec.metrics, rec.proc.pid),
-        (ftp.ports.client, ftp.ports.metrics, ftp.proc.pid),
+    let targets: [(SocketAddr, Option<SocketAddr>, i32); 4] = [
+        (plain.client, Some(plain.metrics), plain.proc.pid),
+        (rec.client, Some(rec.metrics), rec.proc.pid),
+        (ftp.ports.client, Some(ftp.ports.metrics), ftp.proc.pid),
+        (native.addr, None, native.proc.pid),
     ];
-    let agents = [&plain.proc, &rec.proc, &ftp.proc];
+    let agents = [&plain.proc, &rec.proc, &ftp.proc, &native.proc];
+    let scrape =
+        |m: Option<SocketAddr>| -> Result<Scrape> { m.map(prom::scrape).unwrap_or_else(|| Ok(Scrape::default())) };
     // The two-host placement needs two cores; on one, only the shared modes run.
     let two_cores = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
     let modes: Vec<usize> =
@@ -176,7 +288,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
             Placement::Shared => (&[0, 1], &[0, 1], None),
             Placement::TwoHosts => (&[0], &[1], Some(&[0])),
         };
-        for pid in [plain.proc.pid, rec.proc.pid, ftp.proc.pid] {
+        for pid in [plain.proc.pid, rec.proc.pid, ftp.proc.pid, native.proc.pid] {
             crate::procs::pin(pid, vm)?;
         }
         crate::procs::pin(ftb.proc.pid, backup)?;
@@ -204,7 +316,17 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 let mode = MODES[m];
                 let (addr, metrics, pid) = targets[mode.agent];
                 let client_cpus = place(mode.placement)?;
-                let before = prom::scrape(metrics)?;
+                let before = scrape(metrics)?;
+                let counters = match crate::perf::Counters::attach(pid) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        if round == 0 && pi == 0 {
+                            b.progress(&format!("throughput: cannot count system calls of {}: {e:#}", mode.name));
+                        }
+                        None
+                    }
+                };
+                let counts0 = counters.as_ref().map(|c| c.read());
                 let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
                 let bcpu0 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
                 let j0 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
@@ -223,7 +345,9 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                     }
                 };
                 let t1 = sampler.now();
-                let after = prom::scrape(metrics)?;
+                let counts1 = counters.as_ref().map(|c| c.read());
+                drop(counters);
+                let after = scrape(metrics)?;
                 let cpu1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
                 let bcpu1 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
                 let j1 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
@@ -238,6 +362,12 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 c.backup_cpu += bcpu1 - bcpu0;
                 c.busy += j1.0 - j0.0;
                 c.jiffies += j1.1 - j0.1;
+                if let (Some(a), Some(z)) = (counts0, counts1) {
+                    c.syscalls = Some(c.syscalls.unwrap_or(0.0) + z.syscalls - a.syscalls);
+                    c.switches = Some(c.switches.unwrap_or(0.0) + z.switches - a.switches);
+                }
+                c.vcpu_folds += after.get("lockstep_vcpu_folds_total").unwrap_or(0.0)
+                    - before.get("lockstep_vcpu_folds_total").unwrap_or(0.0);
                 c.tests.push(res);
                 if mode.name == "ft" {
                     let row = log_row(
@@ -320,6 +450,9 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 exits_per_request: (c.requests > 0.0).then(|| c.exits / c.requests),
                 exits_per_second: (c.seconds > 0.0).then(|| c.exits / c.seconds),
                 cpu_us_per_exit: (c.exits > 0.0).then(|| c.cpu / c.exits * 1e6),
+                syscalls_per_exit: c.syscalls.filter(|_| c.exits > 0.0).map(|n| n / c.exits),
+                context_switches_per_exit: c.switches.filter(|_| c.exits > 0.0).map(|n| n / c.exits),
+                vcpu_folds_per_exit: (name.starts_with("ft") && c.exits > 0.0).then(|| c.vcpu_folds / c.exits),
                 agent_cpu_cores: (c.seconds > 0.0).then(|| c.cpu / c.seconds),
                 backup_cpu_cores: (name.starts_with("ft") && c.seconds > 0.0).then(|| c.backup_cpu / c.seconds),
                 machine_busy: (c.jiffies > 0.0).then(|| c.busy / c.jiffies),
@@ -341,6 +474,31 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
         r.cpu_us_per_exit = (exits > 0.0).then(|| cpu / exits * 1e6);
         b.report.log_bandwidth.push(r);
     }
+    // The FT primary against the plain VM, both alone on CPU 0 (the backup on CPU 1), over every
+    // level: CPU and system calls per exit.
+    let total = |m: usize| -> Cell {
+        let mut t = Cell::default();
+        for &pl in &b.cfg.pipelines {
+            if let Some(c) = cells.get(&(m, pl)) {
+                t.exits += c.exits;
+                t.cpu += c.cpu;
+                t.syscalls = c.syscalls.map(|n| n + t.syscalls.unwrap_or(0.0));
+                t.switches = c.switches.map(|n| n + t.switches.unwrap_or(0.0));
+                t.vcpu_folds += c.vcpu_folds;
+            }
+        }
+        t
+    };
+    let (plain1, ft2) = (total(PLAIN_1CPU), total(FT_2HOSTS));
+    let per_exit = |c: &Cell, v: f64| (c.exits > 0.0).then(|| v / c.exits);
+    if plain1.exits > 0.0 && ft2.exits > 0.0 {
+        b.report.ft_added_cpu_us_per_exit = Some((ft2.cpu / ft2.exits - plain1.cpu / plain1.exits) * 1e6);
+    }
+    b.report.syscalls_per_exit.insert("plain".into(), plain1.syscalls.and_then(|n| per_exit(&plain1, n)));
+    b.report.syscalls_per_exit.insert("ft".into(), ft2.syscalls.and_then(|n| per_exit(&ft2, n)));
+    b.report.context_switches_per_exit.insert("plain".into(), plain1.switches.and_then(|n| per_exit(&plain1, n)));
+    b.report.context_switches_per_exit.insert("ft".into(), ft2.switches.and_then(|n| per_exit(&ft2, n)));
+    b.report.vcpu_folds_per_exit = per_exit(&ft2, ft2.vcpu_folds);
     b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
     b.report.ft_throughput_ratio_shared_cores = stats::geometric_mean(&ft_shared_ratios);
     b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
@@ -363,7 +521,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     );
 
     // Latency distribution plot: SET, last round, one panel per pipelining level.
-    let colors = [plot::BLUE_, plot::GREEN_, plot::RED_, plot::PURPLE_, plot::ORANGE_];
+    let colors = [plot::BLUE_, plot::GREEN_, plot::RED_, plot::PURPLE_, plot::ORANGE_, plot::BROWN_, plot::PINK_];
     let mut panels = Vec::new();
     for &pl in &b.cfg.pipelines {
         let mut lines = Vec::new();
@@ -410,7 +568,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
             j["exits"], j["exits_per_second"], j["log_bytes"]
         ));
     }
-    drop((ftp, ftb));
+    drop((ftp, ftb, native));
     Ok(())
 }
 
@@ -892,6 +1050,7 @@ fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
             seconds: secs,
             went_live_seconds: live,
             first_connect_seconds: first_connect.map(|t| (t - t0).as_secs_f64()),
+            arbiter_seconds: arbiter_took(&bk.proc.tail(200)),
             counter_ok: ok,
         });
         // The primary goes first: that ends a load request still waiting on it, and the load
@@ -901,6 +1060,13 @@ fn failover_runs(b: &mut Bench, n: usize, silent: bool) -> Result<Vec<f64>> {
         remove_matching(&env.dir, &vm);
     }
     Ok(times)
+}
+
+/// Seconds the last arbiter call took, from an agent's `arbiter answered ... took_ms=N` line.
+pub fn arbiter_took(log: &str) -> Option<f64> {
+    let line = log.lines().rev().find(|l| l.contains("arbiter answered"))?;
+    let ms = line.split("took_ms=").nth(1)?.split_whitespace().next()?;
+    ms.parse::<f64>().ok().map(|m| m / 1e3)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -966,6 +1132,13 @@ pub fn clones(b: &mut Bench) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_how_long_the_arbiter_took() {
+        let log = "x\n2026-12-02T02:50:04Z  INFO lockstep_agent::pair: arbiter answered outcome=Won { epoch: 2 } seen_epoch=1 took_ms=512.25\ny";
+        assert_eq!(arbiter_took(log), Some(0.51225));
+        assert_eq!(arbiter_took("no such line"), None);
+    }
 
     #[test]
     fn recognises_the_log_bandwidth_query() {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
-#[ignore = "runs the full quick bench (~2 min, needs /dev/kvm, redis-tools, prometheus and a release agent)"]
+#[ignore = "runs the full quick bench (~3 min, needs /dev/kvm, root, redis-tools, redis-server, prometheus and a release agent)"]
 fn quick_bench_writes_a_complete_report() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = tempfile::tempdir().unwrap();
@@ -31,6 +31,13 @@ fn quick_bench_writes_a_complete_report() {
         assert!(json["clone_pause_seconds"][k].as_f64().unwrap() > 0.0, "clone_pause_seconds.{k}");
     }
     assert!(json["prometheus"]["within_5_percent"].as_bool().unwrap());
+    assert!(json["ft_added_cpu_us_per_exit"].is_number(), "ft_added_cpu_us_per_exit");
+    for k in ["plain", "ft"] {
+        // At least KVM_RUN per exit.
+        assert!(json["syscalls_per_exit"][k].as_f64().unwrap() >= 1.0, "syscalls_per_exit.{k}");
+    }
+    assert!(json["machine"]["mmio_exit_us"].as_f64().unwrap() > 0.0);
+    assert!(json["throughput"].as_array().unwrap().iter().any(|c| c["mode"] == "native"));
     let md = std::fs::read_to_string(out.path().join("benchmarks.md")).unwrap();
     assert!(md.contains("## Against the targets"));
     for png in ["latency-cdf.png", "failover-log-bandwidth.png"] {
