@@ -93,6 +93,7 @@ pub struct Cloner {
 type Step = Result<(), CloneFailure>;
 
 impl Cloner {
+    /// A cloner reporting into the agent's metrics and the driver's own.
     pub fn new(metrics: Arc<Metrics>, pair: PairMetrics) -> Self {
         Cloner { running: None, pending: None, started: None, tracking: false, metrics, pair }
     }

@@ -62,7 +62,9 @@ pub trait Role: Send + Sized + std::fmt::Debug + 'static {
 /// What the driver's lock protects.
 #[derive(Debug)]
 pub struct Inner<R: Role> {
+    /// The protocol core.
     pub core: R::Core,
+    /// What the side adds to it.
     pub role: R,
     /// The current connection's writing half.
     link: Option<Arc<dyn FrameWriter>>,
@@ -103,6 +105,9 @@ pub struct Driver<R: Role> {
 }
 
 impl<R: Role> Driver<R> {
+    /// A driver of `core` with `role`, framing at most `max_payload` bytes per frame; no
+    /// connection, arbiter or thread yet ([`Driver::attach`], [`Driver::set_arbiter`],
+    /// [`Driver::spawn_ticker`]).
     pub fn new(core: R::Core, role: R, max_payload: usize) -> Arc<Self> {
         Arc::new(Driver {
             inner: Mutex::new(Inner { core, role, link: None, generation: 0, arbiter: None, shut: false }),

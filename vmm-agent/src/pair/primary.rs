@@ -71,6 +71,8 @@ pub struct PrimaryRole {
 }
 
 impl PrimaryRole {
+    /// Released outputs go to `outputs`; the vCPU's commands to `control`; `stop` is set when
+    /// this side halts; `exchange` is what the vCPU thread leaves its batches in.
     pub fn new(
         outputs: Arc<dyn Deliver>,
         metrics: Arc<Metrics>,
@@ -118,7 +120,10 @@ impl Role for PrimaryRole {
     fn fold(&mut self, core: &mut Primary, now: u64) {
         self.exchange.take(&mut self.spare);
         let mut batch = std::mem::take(&mut self.spare);
-        for (exit, bytes) in batch.entries() {
+        // Without a backup in sync the core keeps no log (a new backup starts from a clone), so
+        // the entries need not be copied for it.
+        let keep = core.keeps_log();
+        for (exit, bytes) in batch.entries().filter(|_| keep) {
             if let Err(e) = core.append(LogEntry { exit, bytes: bytes.to_vec() }) {
                 // FtSink bounds entries before they get here, so this is a bug: stop the vCPU
                 // rather than ship a log with a hole.
