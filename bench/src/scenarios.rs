@@ -235,7 +235,8 @@ pub fn machine_facts(b: &mut Bench) -> Result<()> {
     let m = &mut b.report.machine;
     m.cpl3 = match (m.cpl3_guest_mips, m.cpl3_native_mips, m.mmio_exit_us) {
         (Some(g), Some(n), Some(e)) => format!(
-            "measured: the compute guest's inner loop ran at {g:.0} M iterations per CPU second at CPL3, the same loop natively at {n:.0} M ({:.2} of native);              a guest-caused exit (an MMIO write) costs {e:.1} µs round trip",
+            "measured: the compute guest's inner loop ran at {g:.0} M iterations per CPU second at CPL3, the same loop natively at {n:.0} M ({:.2} of native); \
+             a guest-caused exit (an MMIO write) costs {e:.1} µs round trip",
             g / n
         ),
         _ => "not measured (see errors)".into(),
