@@ -188,7 +188,9 @@ fn assert_same_end(p: &RunSummary, b: &RunSummary) {
 #[test]
 fn a_backup_joins_by_clone_and_ends_in_the_same_state() {
     let dir = Scratch::new("sync");
-    let (p, net) = start_primary(&dir, cfg(500), 1500, None, None);
+    // Long enough (about 4 s) that the backup is in sync before the guest powers off, even on a
+    // loaded machine.
+    let (p, net) = start_primary(&dir, cfg(500), 4000, None, None);
     let b = start_backup(&dir, "backup", cfg(500), &net, None);
     let ps = join(p.handle, "primary").expect("the primary runs to its power-off");
     let bs = join(b.handle, "backup").expect("the backup replays to the same power-off");
@@ -202,7 +204,7 @@ fn a_backup_joins_by_clone_and_ends_in_the_same_state() {
 #[test]
 fn a_slow_link_delays_but_changes_nothing() {
     let dir = Scratch::new("delay");
-    let (p, net) = start_primary(&dir, cfg(500), 1000, None, None);
+    let (p, net) = start_primary(&dir, cfg(500), 3000, None, None);
     *net.delay.lock().unwrap() = Duration::from_millis(3);
     let b = start_backup(&dir, "backup", cfg(500), &net, None);
     let ps = join(p.handle, "primary").expect("the primary runs to its power-off");
@@ -244,7 +246,7 @@ fn a_frozen_primary_is_replaced_by_its_backup_and_halts_when_it_wakes() {
 #[test]
 fn a_backup_that_dies_mid_clone_is_counted_and_the_next_one_syncs() {
     let dir = Scratch::new("midclone");
-    let (p, net) = start_primary(&dir, cfg(500), 2500, None, None);
+    let (p, net) = start_primary(&dir, cfg(500), 4000, None, None);
     // The first backup hangs as soon as the clone begins, like a process that froze there.
     let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
     let (release, hung) = std::sync::mpsc::channel::<()>();
