@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: [&str; 4] = ["kvstore", "compute", "idle", "fault"];
+const GUESTS: [&str; 5] = ["kvstore", "compute", "idle", "fault", "wasi"];
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 fn rerun_if_changed(dir: &Path) {
@@ -31,8 +31,16 @@ fn main() {
     let guest = manifest.join("../guest").canonicalize().expect("the guest sources are at ../guest");
     let abi = manifest.join("../guest-abi").canonicalize().expect("the guest ABI crate is at ../guest-abi");
     let kv = manifest.join("../guest-kv").canonicalize().expect("the kvstore logic crate is at ../guest-kv");
+    let wasi = manifest.join("../guest-wasi").canonicalize().expect("the WASI crate is at ../guest-wasi");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for p in [guest.join("src"), abi.join("src"), kv.join("src"), kv.join("Cargo.toml")] {
+    for p in [
+        guest.join("src"),
+        abi.join("src"),
+        kv.join("src"),
+        kv.join("Cargo.toml"),
+        wasi.join("src"),
+        wasi.join("Cargo.toml"),
+    ] {
         rerun_if_changed(&p);
     }
     for f in ["Cargo.toml", "Cargo.lock", "link.ld"] {

@@ -34,7 +34,9 @@ pub mod stats;
 /// Fills `why` for each missed target from what the run measured (nothing here is written in:
 /// every number comes from the same report).
 pub fn explain(r: &mut report::Report) {
-    let hold = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
+    let hold = r.output_hold_seconds.get("redis_benchmark_own_core").and_then(|q| q.p50);
+    let hold_shared = r.output_hold_seconds.get("redis_benchmark").and_then(|q| q.p50);
+    let rtt_own = r.heartbeat_rtt_seconds.get("redis_benchmark_own_core").and_then(|q| q.p50);
     let per_level = |mode: &str| -> String {
         let v: Vec<String> = r
             .throughput
@@ -61,18 +63,30 @@ pub fn explain(r: &mut report::Report) {
     let added = r.ft_added_cpu_us_per_exit;
     let rt = r.machine.thread_round_trip_us;
     let exit_us = r.machine.mmio_exit_us;
-    // Where the primary's added CPU goes: its threads' extra context switches, at what each
-    // works out to in this run.
-    let cost_of_switches = match (added, cs) {
-        (Some(a), (Some(p), Some(f))) if f > p + 0.01 => format!(
-            "; the FT primary's threads were switched {f:.2} times per exit against the plain VM's {p:.2}, so each extra switch (a thread woken \
-             on the vCPU's core: the channel reader for an acknowledgement, the ticker) cost about {:.1} µs of that core (a bare round trip between \
-             two threads on one core costs {} µs on this machine; a thread woken there also preempts the vCPU inside KVM_RUN)",
-            a / (f - p),
-            rt.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into())
-        ),
-        (Some(_), (Some(p), Some(f))) => format!(
-            "; the FT primary's threads were switched {f:.2} times per exit against the plain VM's {p:.2}: not more wake-ups but more work per exit"
+    // Where the primary's added CPU goes: the channel reader's wake-ups (one per
+    // acknowledgement) against what the vCPU thread was spared.
+    let pre = (
+        r.vcpu_preemptions_per_exit.get("plain").copied().flatten(),
+        r.vcpu_preemptions_per_exit.get("ft").copied().flatten(),
+    );
+    let cost_of_switches = match (r.reader_wakeups_per_exit, r.reader_cpu_us_per_exit) {
+        (Some(w), Some(c)) if w > 0.0 => format!(
+            "; its channel reader woke {w:.2} times per exit (about once per acknowledgement) and used {c:.1} µs of CPU per exit, {:.0} µs per wake-up \
+             (receive the ack, fold the vCPU's batch into the core, send the next frame and the replies it releases, and the switches to and from a thread \
+             on the vCPU's core: a bare round trip between two threads on one core costs {} µs here){}{}",
+            c / w,
+            rt.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into()),
+            match pre {
+                (Some(p), Some(f)) => format!(
+                    ", while the vCPU thread itself was preempted {f:.2} times per exit against the plain VM's {p:.2} (replies leave in batches, so the client wakes less often)"
+                ),
+                _ => String::new(),
+            },
+            match cs {
+                (Some(p), Some(f)) =>
+                    format!("; all threads together switched {f:.2} times per exit, the plain VM's {p:.2}"),
+                _ => String::new(),
+            }
         ),
         _ => String::new(),
     };
@@ -156,10 +170,15 @@ pub fn explain(r: &mut report::Report) {
         } else if t.figure.starts_with("Output hold") {
             t.why = format!(
                 "a reply leaves when the frame carrying its exit has reached the backup and the backup's acknowledgement has come back: a wake-up of the \
-                 backup's channel reader (on a core that is also replaying), the acknowledgement, and a wake-up of the primary's, each a cross-core hand-off \
-                 ({} µs for a round trip of two such wake-ups on one core here); under load a reply produced while a frame is in flight waits for that \
-                 frame's acknowledgement first, because its exit rides on the next frame instead of costing the vCPU a system call.",
-                rt.map(|x| format!("{x:.1}")).unwrap_or_else(|| "–".into())
+                 backup's channel reader on a core that is busy replaying, the acknowledgement, and a wake-up of the primary's reader on the core of the \
+                 vCPU and the client{}; under load a reply produced while a frame is in flight waits for that frame's acknowledgement first, because its \
+                 exit rides on the next frame instead of costing the vCPU a system call, so the hold is about one and a half round trips{}.",
+                rtt_own
+                    .map(|x| format!(" (the channel's heartbeat round trip during these runs: p50 {:.0} µs)", x * 1e6))
+                    .unwrap_or_default(),
+                hold_shared
+                    .map(|x| format!("; with every process on both cores it was {:.0} µs", x * 1e6))
+                    .unwrap_or_default()
             );
         } else if t.figure.starts_with("Log bytes per client byte") {
             t.why = format!(

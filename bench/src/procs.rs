@@ -271,6 +271,31 @@ pub fn parse_stat_cpu(stat: &str) -> Option<f64> {
     Some((utime + stime) / hz)
 }
 
+/// (voluntary, involuntary) context switches of thread `tid` of process `pid` so far, from
+/// `/proc`: how often it waited, and how often something else was run in its place.
+pub fn thread_switches(pid: i32, tid: i32) -> Option<(f64, f64)> {
+    parse_switches(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?)
+}
+
+/// The first thread of `pid` whose name starts with `prefix` (names are cut at 15 bytes).
+pub fn thread_named(pid: i32, prefix: &str) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten().find_map(|e| {
+        let tid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+        let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+        comm.trim().starts_with(prefix).then_some(tid)
+    })
+}
+
+/// CPU time (user + system) of thread `tid` of process `pid` so far, in seconds.
+pub fn thread_cpu_seconds(pid: i32, tid: i32) -> Option<f64> {
+    parse_stat_cpu(&std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?)
+}
+
+pub fn parse_switches(status: &str) -> Option<(f64, f64)> {
+    let field = |name: &str| -> Option<f64> { status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()) };
+    Some((field("voluntary_ctxt_switches:")?, field("nonvoluntary_ctxt_switches:")?))
+}
+
 /// Restrict every thread of `pid` to `cpus`; threads it starts later inherit the mask from the
 /// thread that starts them. Used to give the bench's processes the placement of separate hosts.
 pub fn pin(pid: i32, cpus: &[usize]) -> anyhow::Result<()> {
@@ -314,6 +339,24 @@ mod tests {
         assert_eq!(parse_stat_cpu(line), Some(500.0 / hz));
         assert_eq!(parse_stat_cpu("garbage"), None);
         assert!(cpu_seconds_of(std::process::id() as i32).is_some());
+    }
+
+    #[test]
+    fn parses_context_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t12\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(parse_switches(status), Some((12.0, 3.0)));
+        assert_eq!(parse_switches("Name: x"), None);
+        let me = std::process::id() as i32;
+        assert!(thread_switches(me, me).is_some());
+        assert!(thread_cpu_seconds(me, me).is_some());
+        let t = std::thread::Builder::new()
+            .name("bench-probe-x".into())
+            .spawn(|| std::thread::sleep(std::time::Duration::from_millis(300)))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(thread_named(me, "bench-probe").is_some());
+        assert!(thread_named(me, "no-such-thread").is_none());
+        t.join().unwrap();
     }
 
     #[test]

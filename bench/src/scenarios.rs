@@ -84,6 +84,7 @@ const MODES: [Mode; 7] = [
 const PLAIN_1CPU: usize = 3;
 const FT_2HOSTS: usize = 4;
 const HOLD: &str = "lockstep_output_hold_seconds";
+const RTT: &str = "lockstep_heartbeat_rtt_seconds";
 const LOG_BYTES: &str = "lockstep_log_bytes_sent_total";
 /// The PromQL of the log-bandwidth check (and, summed per VM, of the Grafana dashboard).
 pub const LOG_BANDWIDTH_QUERY: &str = "rate(lockstep_log_bytes_sent_total[30s]) * 8";
@@ -175,6 +176,11 @@ struct Cell {
     switches: Option<f64>,
     /// Times the FT primary's vCPU thread shipped its batch itself.
     vcpu_folds: f64,
+    /// Times the agent's vCPU thread (its main thread) was preempted.
+    vcpu_preemptions: Option<f64>,
+    /// FT primary: the channel reader's wake-ups and CPU seconds.
+    reader_wakeups: Option<f64>,
+    reader_cpu: Option<f64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -305,6 +311,18 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
 
     let mut cells: BTreeMap<(usize, u32), Cell> = BTreeMap::new();
     let mut hold_total: Vec<Bucket> = Vec::new();
+    // The same and the channel's heartbeat round trip with the backup on its own core.
+    let mut hold_own: Vec<Bucket> = Vec::new();
+    let mut rtt_own: Vec<Bucket> = Vec::new();
+    let add = |total: &mut Vec<Bucket>, d: Vec<Bucket>| {
+        if total.is_empty() {
+            *total = d;
+        } else {
+            for (acc, x) in total.iter_mut().zip(d) {
+                acc.count += x.count;
+            }
+        }
+    };
     let mut lag: Vec<f64> = Vec::new();
     let mut saturated: BTreeMap<u32, LogRow> = BTreeMap::new();
     let total = b.cfg.rounds * b.cfg.pipelines.len() * modes.len();
@@ -328,6 +346,13 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                     }
                 };
                 let counts0 = counters.as_ref().map(|c| c.read());
+                let pre0 = crate::procs::thread_switches(pid, pid).map(|s| s.1);
+                // The primary's channel reader ("primary-channel-rx", cut to 15 bytes).
+                let reader =
+                    mode.name.starts_with("ft").then(|| crate::procs::thread_named(pid, "primary-channel")).flatten();
+                let rd0 = reader.and_then(|t| {
+                    Some((crate::procs::thread_switches(pid, t)?.0, crate::procs::thread_cpu_seconds(pid, t)?))
+                });
                 let cpu0 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
                 let bcpu0 = crate::procs::cpu_seconds_of(ftb.proc.pid).unwrap_or(0.0);
                 let j0 = crate::procs::machine_jiffies().unwrap_or((0.0, 0.0));
@@ -347,6 +372,10 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 };
                 let t1 = sampler.now();
                 let counts1 = counters.as_ref().map(|c| c.read());
+                let pre1 = crate::procs::thread_switches(pid, pid).map(|s| s.1);
+                let rd1 = reader.and_then(|t| {
+                    Some((crate::procs::thread_switches(pid, t)?.0, crate::procs::thread_cpu_seconds(pid, t)?))
+                });
                 drop(counters);
                 let after = scrape(metrics)?;
                 let cpu1 = crate::procs::cpu_seconds_of(pid).unwrap_or(0.0);
@@ -366,6 +395,13 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 if let (Some(a), Some(z)) = (counts0, counts1) {
                     c.syscalls = Some(c.syscalls.unwrap_or(0.0) + z.syscalls - a.syscalls);
                     c.switches = Some(c.switches.unwrap_or(0.0) + z.switches - a.switches);
+                }
+                if let (Some(a), Some(z)) = (pre0, pre1) {
+                    c.vcpu_preemptions = Some(c.vcpu_preemptions.unwrap_or(0.0) + z - a);
+                }
+                if let (Some(a), Some(z)) = (rd0, rd1) {
+                    c.reader_wakeups = Some(c.reader_wakeups.unwrap_or(0.0) + z.0 - a.0);
+                    c.reader_cpu = Some(c.reader_cpu.unwrap_or(0.0) + z.1 - a.1);
                 }
                 c.vcpu_folds += after.get("lockstep_vcpu_folds_total").unwrap_or(0.0)
                     - before.get("lockstep_vcpu_folds_total").unwrap_or(0.0);
@@ -389,20 +425,17 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                     agg.log_entries += row.log_entries;
                     agg.exits_per_second += row.exits_per_second * row.seconds;
                     agg.cpu_us_per_exit = Some(agg.cpu_us_per_exit.unwrap_or(0.0) + (cpu1 - cpu0));
-                    let d = stats::bucket_delta(&after.histogram(HOLD), &before.histogram(HOLD));
-                    if hold_total.is_empty() {
-                        hold_total = d;
-                    } else {
-                        for (acc, x) in hold_total.iter_mut().zip(d) {
-                            acc.count += x.count;
-                        }
-                    }
+                    add(&mut hold_total, stats::bucket_delta(&after.histogram(HOLD), &before.histogram(HOLD)));
                     lag.extend(
                         sampler
                             .points("ft-primary", t0, t1)
                             .iter()
                             .filter_map(|p| p.scrape.get("lockstep_execution_lag_seconds")),
                     );
+                }
+                if mode.name == "ft_2hosts" {
+                    add(&mut hold_own, stats::bucket_delta(&after.histogram(HOLD), &before.histogram(HOLD)));
+                    add(&mut rtt_own, stats::bucket_delta(&after.histogram(RTT), &before.histogram(RTT)));
                 }
                 done += 1;
                 b.progress(&format!(
@@ -454,6 +487,7 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 syscalls_per_exit: c.syscalls.filter(|_| c.exits > 0.0).map(|n| n / c.exits),
                 context_switches_per_exit: c.switches.filter(|_| c.exits > 0.0).map(|n| n / c.exits),
                 vcpu_folds_per_exit: (name.starts_with("ft") && c.exits > 0.0).then(|| c.vcpu_folds / c.exits),
+                vcpu_preemptions_per_exit: c.vcpu_preemptions.filter(|_| c.exits > 0.0).map(|n| n / c.exits),
                 agent_cpu_cores: (c.seconds > 0.0).then(|| c.cpu / c.seconds),
                 backup_cpu_cores: (name.starts_with("ft") && c.seconds > 0.0).then(|| c.backup_cpu / c.seconds),
                 machine_busy: (c.jiffies > 0.0).then(|| c.busy / c.jiffies),
@@ -486,6 +520,9 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
                 t.syscalls = c.syscalls.map(|n| n + t.syscalls.unwrap_or(0.0));
                 t.switches = c.switches.map(|n| n + t.switches.unwrap_or(0.0));
                 t.vcpu_folds += c.vcpu_folds;
+                t.vcpu_preemptions = c.vcpu_preemptions.map(|n| n + t.vcpu_preemptions.unwrap_or(0.0));
+                t.reader_wakeups = c.reader_wakeups.map(|n| n + t.reader_wakeups.unwrap_or(0.0));
+                t.reader_cpu = c.reader_cpu.map(|n| n + t.reader_cpu.unwrap_or(0.0));
             }
         }
         t
@@ -500,6 +537,12 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
     b.report.context_switches_per_exit.insert("plain".into(), plain1.switches.and_then(|n| per_exit(&plain1, n)));
     b.report.context_switches_per_exit.insert("ft".into(), ft2.switches.and_then(|n| per_exit(&ft2, n)));
     b.report.vcpu_folds_per_exit = per_exit(&ft2, ft2.vcpu_folds);
+    b.report
+        .vcpu_preemptions_per_exit
+        .insert("plain".into(), plain1.vcpu_preemptions.and_then(|n| per_exit(&plain1, n)));
+    b.report.vcpu_preemptions_per_exit.insert("ft".into(), ft2.vcpu_preemptions.and_then(|n| per_exit(&ft2, n)));
+    b.report.reader_wakeups_per_exit = ft2.reader_wakeups.and_then(|n| per_exit(&ft2, n));
+    b.report.reader_cpu_us_per_exit = ft2.reader_cpu.and_then(|n| per_exit(&ft2, n * 1e6));
     b.report.ft_throughput_ratio = stats::geometric_mean(&ft_ratios);
     b.report.ft_throughput_ratio_shared_cores = stats::geometric_mean(&ft_shared_ratios);
     b.report.record_throughput_ratio = stats::geometric_mean(&rec_ratios);
@@ -512,6 +555,8 @@ pub fn throughput(b: &mut Bench) -> Result<()> {
         .collect();
     b.report.machine.plain_throughput_cv = stats::median(&plain_all);
     b.report.output_hold_seconds.insert("redis_benchmark".into(), hold_quantiles(&hold_total));
+    b.report.output_hold_seconds.insert("redis_benchmark_own_core".into(), hold_quantiles(&hold_own));
+    b.report.heartbeat_rtt_seconds.insert("redis_benchmark_own_core".into(), hold_quantiles(&rtt_own));
     b.report.execution_lag_seconds.insert("redis_benchmark".into(), sample_quantiles(&lag));
     b.report.redis_benchmark = format!(
         "`redis-benchmark -t set,get -n <n> -c {} -d 32 -r 1000 -P <level>` with (level, n) in {:?}, {} round(s); in each round every mode runs at every level, \

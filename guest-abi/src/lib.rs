@@ -7,7 +7,9 @@
 //! GPA 0x0000_9000  BootInfo (VMM -> guest)
 //! GPA 0x0000_A000  boot arguments (VMM -> guest), BootInfo::boot_args_len bytes
 //! GPA 0x0010_0000  guest image (ELF, linked here)
-//! ...              heap up to the end of RAM
+//! ...              heap up to the payload, or the end of RAM without one
+//! top of RAM       payload (VMM -> guest; the wasi guest's module): BootInfo::payload_len bytes at
+//!                  BootInfo::payload_gpa = payload_gpa(mem_size, len)
 //! GPA 0xD000_0000  MMIO slots, 4 KiB each: platform, serial, virtio-blk, virtio-vsock, virtio-rng
 //! ```
 #![no_std]
@@ -72,8 +74,22 @@ pub mod irq {
 
 /// Exit code a guest uses when it panicked (its message went to the console).
 pub const EXIT_GUEST_PANIC: u64 = 101;
+/// Exit code of the wasi guest when its WebAssembly module trapped (the trap went to the
+/// console). A program's own exit status (`proc_exit`) is a u32 and is the exit code as it is;
+/// the guest's own codes lie above that range so the two cannot be confused.
+pub const EXIT_WASM_TRAP: u64 = 1 << 32 | 1;
+/// Exit code of the wasi guest when it could not load its module (the reason went to the
+/// console).
+pub const EXIT_WASM_LOAD: u64 = 1 << 32 | 2;
 
-/// The guest CID and the port the kvstore guest listens on, for virtio-vsock.
+/// Where the VMM places a payload of `len` bytes in a guest of `mem_size` bytes: page-aligned,
+/// ending within the last page of RAM, so the heap below it stays one contiguous range.
+pub const fn payload_gpa(mem_size: u64, len: u64) -> u64 {
+    mem_size.saturating_sub(len) & !0xfff
+}
+
+/// The guest CID and the port the kvstore guest listens on, for virtio-vsock (every client
+/// connection arrives on it; the wasi guest listens there too and hands it to its program as fd 3).
 pub const GUEST_CID: u64 = 3;
 pub const HOST_CID: u64 = 2;
 pub const KVSTORE_PORT: u32 = 6379;
@@ -94,4 +110,9 @@ pub struct BootInfo {
     /// Bytes of boot arguments at [`BOOT_ARGS_GPA`] (0: none; a VMM that predates them leaves
     /// this word zero).
     pub boot_args_len: u64,
+    /// Where the payload starts ([`payload_gpa`]); 0 with no payload.
+    pub payload_gpa: u64,
+    /// Bytes of payload (0: none; a VMM that predates payloads leaves this word zero). The heap
+    /// ends where the payload begins.
+    pub payload_len: u64,
 }

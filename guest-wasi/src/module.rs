@@ -5,7 +5,7 @@
 use alloc::format;
 use alloc::string::{String, ToString};
 
-use wasmi::{Config, Engine, ExternType, Module, ValType};
+use wasmi::{Config, CustomFuelCosts, Engine, ExternType, Module, ValType};
 
 use crate::abi;
 
@@ -80,6 +80,14 @@ impl core::error::Error for LoadError {}
 pub fn engine() -> Engine {
     let mut c = Config::default();
     c.consume_fuel(true);
+    // Translating a function at its first call costs no fuel: wasmi 2.0 cannot resume a call
+    // that runs out of fuel in the middle of a lazy translation (it becomes a trap), and fuel
+    // here only paces exits. Copies (memory.grow, fill, copy) keep wasmi's default price.
+    c.fuel_cost(CustomFuelCosts {
+        bytes_copied_per_fuel: 64,
+        fuel_per_bytes_translated: 0,
+        fuel_per_bytes_validated: 0,
+    });
     Engine::new(&c)
 }
 

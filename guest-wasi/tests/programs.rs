@@ -301,3 +301,23 @@ fn the_listener_looks_like_a_nonblocking_stream_socket_and_no_file_system_exists
     assert_eq!((status >> 16) & 0xff, 8, "fd_prestat_get: EBADF (no preopens)");
     assert_eq!(status >> 24, 54, "path_open on a socket: ENOTDIR");
 }
+
+#[test]
+fn a_slice_can_end_in_a_function_not_yet_translated() {
+    // Calls many distinct functions, each translated at its first call, with slices so small
+    // that some slice runs out right at a call (wasmi cannot resume a translation that runs out
+    // of fuel, so translating must cost none).
+    let mut funcs = String::new();
+    let mut calls = String::new();
+    for i in 0..200 {
+        funcs.push_str(&format!("(func $f{i} (result i32) (i32.add (i32.const {i}) (i32.const 1)))\n"));
+        calls.push_str(&format!("(local.set $s (i32.add (local.get $s) (call $f{i})))\n"));
+    }
+    let wasm =
+        module(&format!("{funcs} (func (export \"_start\") (local $s i32) {calls} (call $exit (local.get $s)))"));
+    let config = Config { fuel_slice: 7, ..Config::new(&wasm, vec![b"p"], vec![]) };
+    let mut p = Program::load(&config, Script::new(), 1 << 20).unwrap();
+    // sum of i + 1 for i in 0..200
+    assert_eq!(p.run(), Outcome::Exited(20100));
+    assert!(p.wasi().host.preempts.len() > 100);
+}

@@ -8,12 +8,17 @@ struct Uart;
 
 impl Write for Uart {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            // SAFETY: THR of the UART, identity mapped. The VMM's UART never reports a full
-            // transmitter, so the line-status register need not be polled.
-            unsafe { (slot_base(SLOT_SERIAL) as *mut u8).write_volatile(b) }
-        }
+        write_bytes(s.as_bytes());
         Ok(())
+    }
+}
+
+/// Writes raw bytes (a program's output, which need not be UTF-8).
+pub fn write_bytes(bytes: &[u8]) {
+    for &b in bytes {
+        // SAFETY: THR of the UART, identity mapped. The VMM's UART never reports a full
+        // transmitter, so the line-status register need not be polled.
+        unsafe { (slot_base(SLOT_SERIAL) as *mut u8).write_volatile(b) }
     }
 }
 

@@ -1,7 +1,10 @@
-//! The guest programs, built from ../guest by build.rs and embedded in the agent, and the
-//! kvstore's limits as the agent's flags give them.
+//! The guest programs, built from ../guest by build.rs and embedded in the agent, the
+//! kvstore's limits as the agent's flags give them, and the wasi guest's WebAssembly program
+//! ([`wasm`]).
 
 use std::fmt;
+
+pub mod wasm;
 
 use lockstep_guest_kv::limits::{Limits, Overrides};
 
@@ -16,6 +19,9 @@ pub enum GuestKind {
     /// Executes an invalid instruction (for tests of fault reporting).
     #[value(hide = true)]
     Fault,
+    /// Runs the WebAssembly (WASI preview1) module given with --wasm; its listening socket
+    /// (fd 3) receives the client connections.
+    Wasi,
 }
 
 impl GuestKind {
@@ -25,6 +31,7 @@ impl GuestKind {
             GuestKind::Compute => include_bytes!(concat!(env!("OUT_DIR"), "/guests/compute")),
             GuestKind::Idle => include_bytes!(concat!(env!("OUT_DIR"), "/guests/idle")),
             GuestKind::Fault => include_bytes!(concat!(env!("OUT_DIR"), "/guests/fault")),
+            GuestKind::Wasi => include_bytes!(concat!(env!("OUT_DIR"), "/guests/wasi")),
         }
     }
 
@@ -34,16 +41,19 @@ impl GuestKind {
             GuestKind::Compute => "compute",
             GuestKind::Idle => "idle",
             GuestKind::Fault => "fault",
+            GuestKind::Wasi => "wasi",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle, GuestKind::Fault]
+        [GuestKind::Kvstore, GuestKind::Compute, GuestKind::Idle, GuestKind::Fault, GuestKind::Wasi]
             .into_iter()
             .find(|g| g.name() == name)
     }
 
-    /// BLAKE3 of the image: logs name the exact build they were recorded with.
+    /// BLAKE3 of the image: logs name the exact build they were recorded with. For the wasi
+    /// guest this is the interpreter alone; the VM's identity also covers its module
+    /// ([`wasm::WasmProgram::identity`]).
     pub fn image_hash(self) -> [u8; 32] {
         *blake3::hash(self.image()).as_bytes()
     }

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use lockstep_agent::client::{ClientLimits, FrontConfig, FrontEnd};
+use lockstep_agent::guests::wasm::{WasmFlags, WasmProgram};
 use lockstep_agent::guests::{GuestKind, KvLimitFlags};
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::pair;
@@ -224,9 +225,11 @@ struct MachineArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Which guest program to run.
-    #[arg(long, value_enum)]
-    guest: GuestKind,
+    /// Which guest program to run (not with --wasm, which runs the wasi guest).
+    #[arg(long, value_enum, required_unless_present = "wasm")]
+    guest: Option<GuestKind>,
+    #[command(flatten)]
+    wasm: WasmFlags,
     /// Write the replay log here.
     #[arg(long, value_name = "LOG")]
     record: Option<PathBuf>,
@@ -270,6 +273,10 @@ struct ReplayArgs {
     /// Print the guest's console while replaying (suppressed by default, like all output).
     #[arg(long)]
     console: bool,
+    /// For a log of the wasi guest: the module it was recorded with. Replay runs the module the
+    /// log carries either way; given here, it must be the same bytes.
+    #[arg(long, value_name = "FILE")]
+    wasm: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +295,8 @@ enum CliError {
     Pair(#[from] lockstep_agent::pair::primary::PairError),
     #[error(transparent)]
     Limits(#[from] lockstep_agent::guests::LimitsError),
+    #[error(transparent)]
+    Wasm(#[from] lockstep_agent::guests::wasm::WasmError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -339,6 +348,9 @@ fn summary_json(s: &RunSummary, guest: GuestKind, seconds: f64, extra: serde_jso
     if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
         obj.extend(more);
     }
+    if let (GuestKind::Wasi, StopReason::PowerOff(code), Some(obj)) = (guest, &s.reason, v.as_object_mut()) {
+        obj.insert("wasm_exit".into(), lockstep_agent::guests::wasm::describe_exit(*code).into());
+    }
     v.to_string()
 }
 
@@ -351,8 +363,9 @@ fn stop_flag() -> Arc<AtomicBool> {
 }
 
 fn run(args: RunArgs) -> Result<(), CliError> {
-    let guest = args.guest;
+    let guest = lockstep_agent::guests::wasm::select(args.guest, &args.wasm)?;
     let mem_size = args.machine.memory_mib << 20;
+    let wasm = args.wasm.load(mem_size, lockstep_agent::guests::wasm::realtime_now_ns())?;
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
@@ -367,12 +380,13 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     };
     let header = LogHeader {
         guest: guest.name().into(),
-        image_hash: guest.image_hash(),
+        image_hash: wasm.as_ref().map_or_else(|| guest.image_hash(), WasmProgram::identity),
         mem_size,
         disk_size,
         guest_arg: args.guest_arg,
         vm_id: args.vm_id.clone(),
         boot_args: args.guest_limits.boot_args(guest, mem_size)?,
+        payload: wasm.map(|w| w.payload).unwrap_or_default(),
     };
     let metrics = Metrics::new(&args.vm_id);
     args.clients.apply(&metrics);
@@ -386,9 +400,10 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
     eprintln!("lockstep-agent: clients on {}", front.local_addr());
     metrics.ready.set(1);
-    let mut vm = Machine::new_with_boot_args(
+    let mut vm = Machine::new_with_payload(
         MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
         &header.boot_args,
+        &header.payload,
     )?;
     vm.exit_limit = args.stop_after_exits;
     let stop = stop_flag();
@@ -458,11 +473,37 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
     let guest = GuestKind::from_name(&header.guest).ok_or_else(|| {
         CliError::Usage(format!("the log was recorded with guest '{}', which this agent does not have", header.guest))
     })?;
-    if header.image_hash != guest.image_hash() {
+    let expected = match guest {
+        GuestKind::Wasi => {
+            let program = WasmProgram::from_payload(&header.payload, header.mem_size)?;
+            if let Some(path) = &args.wasm {
+                let given = lockstep_agent::guests::wasm::read_module(path)?;
+                if *blake3::hash(&given).as_bytes() != program.module_hash {
+                    return Err(CliError::Usage(format!(
+                        "{} is not the module the log was recorded with (module {} in the log, {} bytes; this file {}, {} bytes); replay without --wasm to run the log's own",
+                        path.display(),
+                        hex(&program.module_hash[..8]),
+                        program.module_len,
+                        hex(&blake3::hash(&given).as_bytes()[..8]),
+                        given.len()
+                    )));
+                }
+            }
+            program.identity()
+        }
+        _ if args.wasm.is_some() => {
+            return Err(CliError::Usage(format!(
+                "the log was recorded with the '{}' guest, not a WebAssembly module; leave out --wasm",
+                header.guest
+            )));
+        }
+        _ => guest.image_hash(),
+    };
+    if header.image_hash != expected {
         return Err(CliError::Usage(format!(
             "the log was recorded with a different build of the '{}' guest (image {} here, {} in the log); replay it with the agent that recorded it",
             header.guest,
-            hex(&guest.image_hash()[..8]),
+            hex(&expected[..8]),
             hex(&header.image_hash[..8])
         )));
     }
@@ -485,7 +526,7 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
         }
     };
     let cfg = MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg };
-    let mut vm = Machine::new_with_boot_args(cfg, &header.boot_args)?;
+    let mut vm = Machine::new_with_payload(cfg, &header.boot_args, &header.payload)?;
     let mut rep = Replayer::new(reader);
     rep.console.quiet = !args.console;
     let started = Instant::now();

@@ -15,8 +15,9 @@ use std::fmt;
 pub const LOG_MAGIC: &[u8; 8] = b"LOCKSTEP";
 /// Bumped on purpose whenever the layout or the meaning of an entry changes. Version 2 added the
 /// guest's boot arguments to the header; version 3 replaced the per-entry frames by compact
-/// entries in blocks. Versions 1 and 2 still decode.
-pub const LOG_VERSION: u16 = 3;
+/// entries in blocks; version 4 added the guest's payload (the wasi guest's module) to the
+/// header. Versions 1 to 3 still decode.
+pub const LOG_VERSION: u16 = 4;
 /// The oldest version this agent reads.
 pub const LOG_VERSION_MIN: u16 = 1;
 /// The first version with compact entries in blocks.
@@ -32,6 +33,11 @@ pub const BLOCK_OVERHEAD: usize = 8;
 /// little is lost if a recording dies.
 pub const BLOCK_BYTES: usize = 64 << 10;
 const MAX_HEADER: usize = 64 << 10;
+/// The first version whose header carries a payload.
+pub const PAYLOAD_VERSION: u16 = 4;
+/// Most bytes of payload a header may carry (a WebAssembly module of a few MiB is usual). A
+/// header declaring more is refused before anything is read into memory for it.
+pub const MAX_HEADER_PAYLOAD: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -60,7 +66,7 @@ pub enum CodecError {
 }
 
 /// Identity of a recording; replay refuses a log whose guest or machine differs from its own.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogHeader {
     pub guest: String,
     /// BLAKE3 of the guest image, so a rebuilt guest is not replayed against an old log.
@@ -72,6 +78,10 @@ pub struct LogHeader {
     /// The guest's boot arguments (`lockstep_guest_abi::BOOT_ARGS_GPA`): the kvstore's limits.
     /// Empty in version-1 logs.
     pub boot_args: String,
+    /// Bytes the VMM placed at the top of guest memory at power-on
+    /// (`lockstep_guest_abi::payload_gpa`): the wasi guest's module, arguments and environment.
+    /// Empty for other guests, and in logs before version 4.
+    pub payload: Vec<u8>,
 }
 
 impl LogHeader {
@@ -84,6 +94,8 @@ impl LogHeader {
         body.extend_from_slice(&self.guest_arg.to_le_bytes());
         put_str(&mut body, &self.vm_id);
         put_str(&mut body, &self.boot_args);
+        body.extend_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        body.extend_from_slice(&self.payload);
         let mut out = Vec::with_capacity(body.len() + 20);
         out.extend_from_slice(LOG_MAGIC);
         out.extend_from_slice(&LOG_VERSION.to_le_bytes());
@@ -113,7 +125,8 @@ impl LogHeader {
             return Err(CodecError::Version { found: version });
         }
         let len = u32::from_le_bytes(buf[10..14].try_into().expect("4 bytes")) as usize;
-        if len > MAX_HEADER {
+        let max = if version >= PAYLOAD_VERSION { MAX_HEADER + MAX_HEADER_PAYLOAD } else { MAX_HEADER };
+        if len > max {
             return Err(CodecError::BadHeader("header length out of range"));
         }
         let total = 14 + len + 4;
@@ -134,6 +147,7 @@ impl LogHeader {
             guest_arg: r.u64().map_err(bad)?,
             vm_id: r.string().map_err(bad)?,
             boot_args: if version >= 2 { r.string().map_err(bad)? } else { String::new() },
+            payload: if version >= PAYLOAD_VERSION { r.bytes32().map_err(bad)?.to_vec() } else { Vec::new() },
         };
         if r.pos != r.b.len() {
             return Err(CodecError::BadHeader("trailing bytes in header"));
@@ -576,6 +590,10 @@ impl Cursor<'_> {
     fn u64(&mut self) -> Result<u64, ()> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| ())?))
     }
+    fn bytes32(&mut self) -> Result<&[u8], ()> {
+        let n = u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| ())?) as usize;
+        self.take(n)
+    }
     fn string(&mut self) -> Result<String, ()> {
         let n = u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| ())?) as usize;
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| ())
@@ -640,14 +658,15 @@ mod tests {
             guest_arg: 0,
             vm_id: "vm-1".into(),
             boot_args: "maxclients=10 maxmemory=1048576".into(),
+            payload: b"LSWASI01 and a module".to_vec(),
         };
         let bytes = h.encode();
         assert_eq!(LogHeader::decode(&bytes).unwrap(), Some((h.clone(), bytes.len())));
         assert_eq!(LogHeader::decode(&bytes[..10]).unwrap(), None);
         assert_eq!(LogHeader::decode(b"NOTALOG!xxxxxxxxxx"), Err(CodecError::BadMagic));
-        let mut v4 = bytes.clone();
-        v4[8] = 4;
-        assert_eq!(LogHeader::decode(&v4), Err(CodecError::Version { found: 4 }));
+        let mut v5 = bytes.clone();
+        v5[8] = 5;
+        assert_eq!(LogHeader::decode(&v5), Err(CodecError::Version { found: 5 }));
         assert_eq!(LogHeader::decode_versioned(&bytes).unwrap().map(|(_, v, _)| v), Some(LOG_VERSION));
         let mut corrupt = bytes.clone();
         let last = corrupt.len() - 6;
@@ -666,18 +685,35 @@ mod tests {
             guest_arg: 5,
             vm_id: "old".into(),
             boot_args: String::new(),
+            payload: Vec::new(),
         };
-        let v2 = h.encode();
-        // Version 1 is version 2 without the last string (2 bytes of length, empty).
-        let body_len = u32::from_le_bytes(v2[10..14].try_into().unwrap()) as usize - 2;
+        let v4 = h.encode();
+        // Version 1 is version 4 without the boot arguments (2 bytes of length, empty) and the
+        // payload (4 bytes of length, empty).
+        let body_len = u32::from_le_bytes(v4[10..14].try_into().unwrap()) as usize - 6;
         let mut v1 = Vec::new();
         v1.extend_from_slice(LOG_MAGIC);
         v1.extend_from_slice(&1u16.to_le_bytes());
         v1.extend_from_slice(&(body_len as u32).to_le_bytes());
-        v1.extend_from_slice(&v2[14..14 + body_len]);
+        v1.extend_from_slice(&v4[14..14 + body_len]);
         let crc = crc32fast::hash(&v1);
         v1.extend_from_slice(&crc.to_le_bytes());
         assert_eq!(LogHeader::decode(&v1).unwrap(), Some((h, v1.len())));
+    }
+
+    #[test]
+    fn a_header_payload_round_trips_and_a_lying_length_is_refused() {
+        let h = LogHeader { guest: "wasi".into(), payload: vec![0x5a; 300_000], ..Default::default() };
+        let bytes = h.encode();
+        assert_eq!(LogHeader::decode(&bytes).unwrap(), Some((h.clone(), bytes.len())));
+        assert_eq!(LogHeader::decode(&bytes[..bytes.len() - 1]).unwrap(), None, "a partial header needs more");
+        // A version-3 header may not be larger than 64 KiB.
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        assert!(matches!(LogHeader::decode(&v3), Err(CodecError::BadHeader(_))));
+        let mut huge = bytes.clone();
+        huge[10..14].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(LogHeader::decode(&huge), Err(CodecError::BadHeader("header length out of range")));
     }
 
     #[test]

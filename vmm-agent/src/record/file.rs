@@ -208,6 +208,7 @@ mod tests {
             guest_arg: 0,
             vm_id: "t".into(),
             boot_args: String::new(),
+            payload: Vec::new(),
         }
     }
 
@@ -277,12 +278,16 @@ mod tests {
 
     #[test]
     fn logs_of_older_agents_still_read() {
-        // Version 2: the same header with one frame per entry.
-        let mut bytes = header().encode();
-        bytes[8..10].copy_from_slice(&2u16.to_le_bytes());
-        let body_end = bytes.len() - 4;
-        let crc = crc32fast::hash(&bytes[..body_end]);
-        bytes[body_end..].copy_from_slice(&crc.to_le_bytes());
+        // Version 2: the same header without the payload (4 bytes of length, empty), and one
+        // frame per entry.
+        let v4 = header().encode();
+        let body_len = u32::from_le_bytes(v4[10..14].try_into().unwrap()) as usize - 4;
+        let mut bytes = v4[..8].to_vec();
+        bytes.extend_from_slice(&2u16.to_le_bytes());
+        bytes.extend_from_slice(&(body_len as u32).to_le_bytes());
+        bytes.extend_from_slice(&v4[14..14 + body_len]);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
         for i in 0..10u64 {
             bytes.extend(encode_frame(i, &Entry::ClientData { conn: 1, bytes: vec![i as u8; 3] }));
         }

@@ -6,7 +6,7 @@ use std::io::Cursor;
 
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use lockstep_guest_abi::{
-    BOOT_ARGS_GPA, BOOT_ARGS_MAX, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo, IMAGE_GPA, PAGE_TABLES_GPA,
+    BOOT_ARGS_GPA, BOOT_ARGS_MAX, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BootInfo, IMAGE_GPA, PAGE_TABLES_GPA, payload_gpa,
 };
 use vm_memory::{Bytes, GuestAddress};
 
@@ -21,6 +21,10 @@ pub enum BootError {
     Entry(u64),
     #[error("the boot arguments are {0} bytes; at most {BOOT_ARGS_MAX} fit (give fewer or shorter settings)")]
     BootArgsTooLong(usize),
+    #[error(
+        "the guest's payload ({payload} bytes) does not fit in {mem_size} bytes of memory beside the guest image and a heap; raise --memory-mib"
+    )]
+    PayloadTooLarge { payload: u64, mem_size: u64 },
     #[error("writing boot structures into guest memory failed: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -50,23 +54,51 @@ fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Load the image and write the boot structures and `boot_args`; returns the vCPU's power-on
-/// state.
-pub fn setup(mem: &GuestMemory, image: &[u8], info: BootInfo, boot_args: &str) -> Result<VcpuState, BootError> {
+/// Guest memory a payload must leave below it for the image and a heap: the wasi guest's image
+/// and stacks take about 2 MiB, and its interpreter needs room of its own.
+const PAYLOAD_MIN_BELOW: u64 = 16 << 20;
+
+/// Load the image and write the boot structures, `boot_args` and `payload` (at the top of RAM,
+/// [`payload_gpa`]); returns the vCPU's power-on state.
+pub fn setup(
+    mem: &GuestMemory,
+    image: &[u8],
+    info: BootInfo,
+    boot_args: &str,
+    payload: &[u8],
+) -> Result<VcpuState, BootError> {
     if boot_args.len() > BOOT_ARGS_MAX {
         return Err(BootError::BootArgsTooLong(boot_args.len()));
     }
+    let (payload_at, payload_len) = match payload.len() as u64 {
+        0 => (0, 0),
+        len => {
+            let at = payload_gpa(info.mem_size, len);
+            if at < IMAGE_GPA + PAYLOAD_MIN_BELOW {
+                return Err(BootError::PayloadTooLarge { payload: len, mem_size: info.mem_size });
+            }
+            (at, len)
+        }
+    };
     write_page_tables(mem)?;
     // A GDT matching the segments below, until the guest loads its own.
     let gdt: [u64; 3] = [0, 0x00af9a000000ffff, 0x00cf92000000ffff];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(BOOT_GDT + i as u64 * 8))?;
     }
-    let info = BootInfo { magic: BOOT_INFO_MAGIC, boot_args_len: boot_args.len() as u64, ..info };
-    let words = [info.magic, info.mem_size, info.devices, info.arg, info.boot_args_len];
+    let info = BootInfo {
+        magic: BOOT_INFO_MAGIC,
+        boot_args_len: boot_args.len() as u64,
+        payload_gpa: payload_at,
+        payload_len,
+        ..info
+    };
+    let words =
+        [info.magic, info.mem_size, info.devices, info.arg, info.boot_args_len, info.payload_gpa, info.payload_len];
     let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(BOOT_INFO_GPA))?;
     mem.write_slice(boot_args.as_bytes(), GuestAddress(BOOT_ARGS_GPA))?;
+    mem.write_slice(payload, GuestAddress(payload_at))?;
     let loaded = Elf::load(mem, None, &mut Cursor::new(image), None)?;
     if loaded.kernel_load.0 != IMAGE_GPA {
         return Err(BootError::Entry(loaded.kernel_load.0));
@@ -116,7 +148,7 @@ mod tests {
     #[test]
     fn rejects_non_elf_image() {
         let mem = super::super::memory::create(16 << 20).unwrap();
-        let err = setup(&mem, b"not an elf", BootInfo::default(), "").unwrap_err();
+        let err = setup(&mem, b"not an elf", BootInfo::default(), "", &[]).unwrap_err();
         assert!(matches!(err, BootError::Image(_)), "{err}");
     }
 
@@ -124,14 +156,33 @@ mod tests {
     fn boot_args_are_written_where_the_guest_reads_them() {
         let mem = super::super::memory::create(16 << 20).unwrap();
         // The image is refused after the boot structures are written.
-        let _ = setup(&mem, b"not an elf", BootInfo::default(), "maxclients=7");
+        let _ = setup(&mem, b"not an elf", BootInfo::default(), "maxclients=7", &[]);
         let len: u64 = mem.read_obj(GuestAddress(BOOT_INFO_GPA + 32)).unwrap();
         assert_eq!(len, 12);
         let mut text = [0u8; 12];
         mem.read_slice(&mut text, GuestAddress(BOOT_ARGS_GPA)).unwrap();
         assert_eq!(&text, b"maxclients=7");
         let long = "x".repeat(BOOT_ARGS_MAX + 1);
-        let err = setup(&mem, b"not an elf", BootInfo::default(), &long).unwrap_err();
+        let err = setup(&mem, b"not an elf", BootInfo::default(), &long, &[]).unwrap_err();
         assert!(matches!(err, BootError::BootArgsTooLong(n) if n == BOOT_ARGS_MAX + 1), "{err}");
+    }
+
+    #[test]
+    fn the_payload_lies_at_the_top_of_ram_and_is_described_in_boot_info() {
+        let mem_size = 32 << 20;
+        let mem = super::super::memory::create(mem_size).unwrap();
+        let info = BootInfo { mem_size, ..Default::default() };
+        let payload = vec![0xabu8; 5000];
+        let _ = setup(&mem, b"not an elf", info, "", &payload);
+        let gpa: u64 = mem.read_obj(GuestAddress(BOOT_INFO_GPA + 40)).unwrap();
+        let len: u64 = mem.read_obj(GuestAddress(BOOT_INFO_GPA + 48)).unwrap();
+        assert_eq!((gpa, len), (payload_gpa(mem_size, 5000), 5000));
+        assert_eq!(gpa % 4096, 0);
+        assert!(gpa + len <= mem_size && gpa + len > mem_size - 4096);
+        let mut back = vec![0u8; 5000];
+        mem.read_slice(&mut back, GuestAddress(gpa)).unwrap();
+        assert_eq!(back, payload);
+        let err = setup(&mem, b"not an elf", info, "", &vec![0u8; 20 << 20]).unwrap_err();
+        assert!(matches!(err, BootError::PayloadTooLarge { .. }), "{err}");
     }
 }

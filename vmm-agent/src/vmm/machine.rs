@@ -274,6 +274,13 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
     /// [`lockstep_guest_abi::BOOT_ARGS_GPA`] (the kvstore's limits). A replay must pass the
     /// arguments the recording had: they are part of what the guest computes from.
     pub fn new_with_boot_args(config: MachineConfig, boot_args: &str) -> Result<Self, BuildError> {
+        Self::new_with_payload(config, boot_args, &[])
+    }
+
+    /// [`Machine::new_with_boot_args`], with `payload` placed at the top of guest RAM (the wasi
+    /// guest's module and its arguments, `lockstep_guest_abi::payload_gpa`). Like the boot
+    /// arguments, a replay must pass the payload the recording had.
+    pub fn new_with_payload(config: MachineConfig, boot_args: &str, payload: &[u8]) -> Result<Self, BuildError> {
         let mem = memory::create(config.mem_size)?;
         let mut devices_mask = 1 << SLOT_PLATFORM | 1 << SLOT_SERIAL | 1 << SLOT_VSOCK | 1 << SLOT_RNG;
         let blk = match config.disk {
@@ -285,7 +292,7 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
         };
         let info =
             BootInfo { mem_size: config.mem_size, devices: devices_mask, arg: config.guest_arg, ..Default::default() };
-        let initial = boot::setup(&mem, config.guest.image(), info, boot_args)?;
+        let initial = boot::setup(&mem, config.guest.image(), info, boot_args, payload)?;
         let mut vm = KvmVm::new()?;
         let (host, size) = memory::host_region(&mem);
         // SAFETY: `mem` is owned by the machine alongside the VM and outlives it.

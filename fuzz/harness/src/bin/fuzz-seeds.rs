@@ -31,6 +31,7 @@ fn log_seeds() -> [(&'static str, Vec<u8>); 2] {
         guest_arg: 0,
         vm_id: "fuzz".into(),
         boot_args: "maxclients=16 maxmemory=1048576".into(),
+        payload: Vec::new(),
     };
     let entries = [
         codec::Entry::MmioRead { addr: 0xd000_0000, value: 12345 },

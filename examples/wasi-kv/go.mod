@@ -1,0 +1,3 @@
+module lockstep.dev/examples/wasi-kv
+
+go 1.26
