@@ -66,9 +66,11 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct UpArgs {
-    /// Which guest program to run.
-    #[arg(long, value_enum, default_value_t = GuestKind::Kvstore)]
-    guest: GuestKind,
+    /// Which guest program to run. Default: kvstore, or wasi with --wasm.
+    #[arg(long, value_enum)]
+    guest: Option<GuestKind>,
+    #[command(flatten)]
+    wasm: WasmFlags,
     /// Clients connect here (e.g. `redis-cli -p 6380`).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6380")]
     client_listen: SocketAddr,
@@ -170,9 +172,11 @@ struct FtArgs {
 
 #[derive(Args, Debug)]
 struct PrimaryArgs {
-    /// Which guest program to run.
-    #[arg(long, value_enum)]
-    guest: GuestKind,
+    /// Which guest program to run (not with --wasm, which runs the wasi guest).
+    #[arg(long, value_enum, required_unless_present = "wasm")]
+    guest: Option<GuestKind>,
+    #[command(flatten)]
+    wasm: WasmFlags,
     /// Accept the backup's logging channel here.
     #[arg(long, value_name = "ADDR")]
     channel_listen: SocketAddr,
@@ -192,9 +196,14 @@ struct BackupArgs {
     /// The primary's logging channel.
     #[arg(long, value_name = "ADDR")]
     channel_connect: SocketAddr,
-    /// The guest the primary runs (must be the same build; the handshake checks).
-    #[arg(long, value_enum, default_value_t = GuestKind::Kvstore)]
-    guest: GuestKind,
+    /// The guest the primary runs (must be the same build; the handshake checks). Default:
+    /// kvstore, or wasi with --wasm.
+    #[arg(long, value_enum)]
+    guest: Option<GuestKind>,
+    /// The module a wasi primary runs (the handshake checks it is the same bytes; arguments
+    /// and environment come with the clone).
+    #[command(flatten)]
+    wasm: WasmFlags,
     /// This replica's disk image; the clone overwrites it.
     #[arg(long, value_name = "PATH")]
     disk: Option<PathBuf>,
@@ -595,10 +604,14 @@ fn print_pair_summary(s: &RunSummary, guest: GuestKind, started: Instant, metric
 
 fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let (opts, cfg) = ft_setup(&args.ft, args.channel_listen)?;
-    let guest = args.guest;
+    let guest = lockstep_agent::guests::wasm::select(args.guest, &args.wasm)?;
     let mem_size = args.machine.memory_mib << 20;
-    // Checked before the arbiter is taken: a primary with unusable limits must not start.
+    // Checked before the arbiter is taken: a primary with unusable limits, or a module that
+    // cannot run, must not start.
     let boot_args = args.guest_limits.boot_args(guest, mem_size)?;
+    let wasm = args.wasm.load(mem_size, lockstep_agent::guests::wasm::realtime_now_ns())?;
+    let image = wasm.as_ref().map_or_else(|| guest.image_hash(), WasmProgram::identity);
+    let payload = wasm.map(|w| w.payload).unwrap_or_default();
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
@@ -625,11 +638,14 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     };
     eprintln!("lockstep-agent: primary of {} at epoch {epoch}", opts.vm_id);
-    let mut vm =
-        Machine::new_with_boot_args(MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg }, &boot_args)?;
+    let mut vm = Machine::new_with_payload(
+        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
+        &boot_args,
+        &payload,
+    )?;
     let ft = lockstep_ft::Primary::new(
         cfg,
-        lockstep_ft::VmIdentity { vm_id: opts.vm_id.clone(), guest_image: guest.image_hash() },
+        lockstep_ft::VmIdentity { vm_id: opts.vm_id.clone(), guest_image: image },
         lockstep_ft::VmGeometry { memory_bytes: mem_size, disk_bytes: disk_size, page_size: 4096 },
         epoch,
         0,
@@ -643,12 +659,23 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
 
 fn backup(args: BackupArgs) -> Result<(), CliError> {
     let (opts, cfg) = ft_setup(&args.ft, args.channel_listen)?;
-    let guest = args.guest;
+    let guest = lockstep_agent::guests::wasm::select(
+        args.guest.or(args.wasm.wasm.is_none().then_some(GuestKind::Kvstore)),
+        &args.wasm,
+    )?;
+    // The module's bytes are all a backup needs of it: the clone brings the rest.
+    let image = match &args.wasm.wasm {
+        Some(path) => Some(lockstep_agent::guests::wasm::identity(
+            blake3::hash(&lockstep_agent::guests::wasm::read_module(path)?).as_bytes(),
+        )),
+        None => None,
+    };
     let metrics = opts.metrics.clone();
     let started = Instant::now();
     let summary = pair::backup::run(
         pair::backup::Options {
             guest,
+            image,
             channel_connect: args.channel_connect,
             disk: args.disk,
             connect_timeout: std::time::Duration::from_secs(args.connect_timeout),
@@ -672,19 +699,27 @@ fn main() -> ExitCode {
         Command::Replay(a) => replay(a),
         Command::Primary(a) => primary(a),
         Command::Backup(a) => backup(a),
-        Command::Up(a) => lockstep_agent::up::run(lockstep_agent::up::UpOptions {
-            guest: a.guest,
-            client_listen: a.client_listen,
-            state_dir: a.state_dir,
-            base_port: a.base_port,
-            memory_mib: a.memory_mib,
-            disk_size_mib: a.disk_size_mib,
-            vm_id: a.vm_id,
-            verbose: a.verbose,
-            guest_limits: a.guest_limits,
-            client_limits: a.clients.limits(),
-        })
-        .map_err(CliError::Usage),
+        Command::Up(a) => lockstep_agent::guests::wasm::select(
+            a.guest.or(a.wasm.wasm.is_none().then_some(GuestKind::Kvstore)),
+            &a.wasm,
+        )
+        .map_err(|e| CliError::Usage(e.to_string()))
+        .and_then(|guest| {
+            lockstep_agent::up::run(lockstep_agent::up::UpOptions {
+                guest,
+                wasm: a.wasm,
+                client_listen: a.client_listen,
+                state_dir: a.state_dir,
+                base_port: a.base_port,
+                memory_mib: a.memory_mib,
+                disk_size_mib: a.disk_size_mib,
+                vm_id: a.vm_id,
+                verbose: a.verbose,
+                guest_limits: a.guest_limits,
+                client_limits: a.clients.limits(),
+            })
+            .map_err(CliError::Usage)
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,11 +15,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::client::ClientLimits;
+use crate::guests::wasm::WasmFlags;
 use crate::guests::{GuestKind, KvLimitFlags};
 
 #[derive(Debug, Clone)]
 pub struct UpOptions {
     pub guest: GuestKind,
+    /// The wasi guest's module, arguments and environment (given to both replicas; the
+    /// backup's handshake checks the module).
+    pub wasm: WasmFlags,
     pub client_listen: SocketAddr,
     pub state_dir: PathBuf,
     /// Replica ports: slot i uses base+1+i for clients, base+11+i for the channel, base+21+i
@@ -70,10 +74,12 @@ impl Slot {
                 c.args(["primary", "--guest", o.guest.name(), "--channel-listen", &self.channel.to_string()]);
                 c.args(["--memory-mib", &o.memory_mib.to_string(), "--disk-size-mib", &o.disk_size_mib.to_string()]);
                 c.args(o.guest_limits.to_args());
+                c.args(o.wasm.to_args());
             }
             Role::Backup => {
                 c.args(["backup", "--guest", o.guest.name(), "--channel-connect", &peer_channel.to_string()]);
                 c.args(["--channel-listen", &self.channel.to_string()]);
+                c.args(o.wasm.to_args());
             }
         }
         if o.guest.needs_disk() {

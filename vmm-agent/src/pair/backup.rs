@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_millis(2);
 #[derive(Debug)]
 pub struct Options {
     pub guest: GuestKind,
+    /// The VM identity the handshake presents when it is not the guest's image alone: the
+    /// wasi guest's covers its module too (`guests::wasm::identity`).
+    pub image: Option<[u8; 32]>,
     pub channel_connect: SocketAddr,
     /// This replica's disk image (overwritten by the clone).
     pub disk: Option<PathBuf>,
@@ -426,7 +429,8 @@ fn join<V: Vcpu + 'static>(
     let fatal = |e: PairError| Halt { why: e.to_string(), retry: false };
     let record = super::arbiter_read(&*popts.arbiter).map_err(|e| fatal(PairError::Arbiter(e)))?;
     let conn = connect().map_err(fatal)?;
-    let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: opts.guest.image_hash() };
+    let image = opts.image.unwrap_or_else(|| opts.guest.image_hash());
+    let id = VmIdentity { vm_id: popts.vm_id.clone(), guest_image: image };
     popts.metrics.epoch.set(record.epoch as i64);
     let target = CloneTarget {
         machine: None,

@@ -135,6 +135,7 @@ fn start_backup(dir: &Scratch, name: &str, ft: FtConfig, net: &Arc<SimNet>, on_b
     let metrics = popts.metrics.clone();
     let opts = backup::Options {
         guest: GuestKind::Idle,
+        image: None,
         channel_connect: "127.0.0.1:9".parse().unwrap(),
         disk: None,
         connect_timeout: Duration::from_secs(5),
