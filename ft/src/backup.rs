@@ -14,6 +14,9 @@
 //!                                   | arbiter Won
 //!                                   v
 //!                               [Promoted]  (driver builds a Primary and goes live)
+//!
+//!   [Replaying] --VmEnded{exit}--> [Ended]  the guest stopped on its own; the replay stops
+//!                                           there too, and nothing makes this side go live
 //! ```
 //!
 //! While replaying, the backup acknowledges the highest exit it holds the complete log for
@@ -80,6 +83,12 @@ pub enum BackupState {
     },
     /// Halted for good.
     Halted,
+    /// The primary's guest stopped on its own at `exit`: the replay ends there and this side
+    /// never goes live.
+    Ended {
+        /// The exit at which the guest stopped.
+        exit: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -99,6 +108,9 @@ enum State {
         epoch: u64,
     },
     Halted,
+    Ended {
+        exit: u64,
+    },
 }
 
 /// Sans-IO backup. See the crate docs for how a driver uses it.
@@ -167,7 +179,11 @@ impl Backup {
         match self.state {
             State::Handshaking | State::Cloning { .. } | State::Replaying => self.last_heard = now,
             // Going live or decided: the old primary is no longer listened to.
-            State::Draining | State::Consulting { .. } | State::Promoted { .. } | State::Halted => {
+            State::Draining
+            | State::Consulting { .. }
+            | State::Promoted { .. }
+            | State::Halted
+            | State::Ended { .. } => {
                 if matches!(msg, Message::Log { .. }) {
                     self.metrics.log_frames_ignored += 1;
                 }
@@ -260,6 +276,19 @@ impl Backup {
             }
             (State::Replaying, Message::Log { first_seq, through_exit, entries }) => {
                 self.on_log(first_seq, through_exit, entries, now)
+            }
+            (State::Replaying, Message::VmEnded { exit }) => {
+                // The primary ships the whole log before saying so: a gap would leave the
+                // replay short of the stop.
+                if exit != self.received_through {
+                    return self.violation(format!(
+                        "the primary says its guest stopped at exit {exit}, but the log received runs through {}",
+                        self.received_through
+                    ));
+                }
+                self.state = State::Ended { exit };
+                self.ready.role_events.push(RoleEvent::VmEnded { exit });
+                Ok(())
             }
             (State::Cloning { .. } | State::Replaying, Message::Heartbeat { sent_at_nanos }) => {
                 self.send(Message::HeartbeatReply { sent_at_nanos });
@@ -393,6 +422,7 @@ impl Backup {
             State::Consulting { .. } => BackupState::Consulting,
             State::Promoted { epoch } => BackupState::Promoted { epoch, resume_after_exit: self.replayed_exit },
             State::Halted => BackupState::Halted,
+            State::Ended { exit } => BackupState::Ended { exit },
         }
     }
 

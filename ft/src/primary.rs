@@ -296,6 +296,18 @@ impl Primary {
         self.maybe_flush(now, true);
     }
 
+    /// The guest stopped on its own at exit `exit` (it powered off, panicked or faulted) and
+    /// that exit is complete. Ships the log through it and tells the backup the VM is over
+    /// ([`Message::VmEnded`]): the backup replays to the same stop and does not go live when this
+    /// side then goes away. A stop on request is not this: it hands over, and the backup goes live.
+    pub fn vm_ended(&mut self, exit: u64, now: Nanos) {
+        if !self.backup_in_sync() {
+            return;
+        }
+        self.maybe_flush(now, true);
+        self.send(Message::VmEnded { exit });
+    }
+
     /// Time passed: heartbeats, failure detection, arbiter retries, batched flushes.
     pub fn tick(&mut self, now: Nanos) {
         match self.state {

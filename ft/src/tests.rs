@@ -538,6 +538,42 @@ fn backup_drains_everything_received_before_asking_the_arbiter() {
 }
 
 #[test]
+fn a_guest_that_stopped_on_its_own_ends_the_backup_too_and_it_never_asks_the_arbiter() {
+    let (mut p, mut b) = synced_pair(cfg(), 0);
+    for exit in 1..=3 {
+        p.append(entry(exit, 4)).unwrap();
+        p.exit_complete(exit, exit);
+    }
+    // Exit 3 powered the guest off (or faulted): the log through it ships first, then the end.
+    p.vm_ended(3, 4);
+    let r = p.take_ready();
+    assert!(matches!(r.messages.last(), Some(Message::VmEnded { exit: 3 })), "{:?}", r.messages);
+    assert!(r.messages.iter().any(|m| matches!(m, Message::Log { through_exit: 3, .. })));
+    deliver_to_backup(r, &mut b, 4);
+    assert_eq!(b.state(), BackupState::Ended { exit: 3 });
+    assert!(b.take_ready().role_events.contains(&RoleEvent::VmEnded { exit: 3 }));
+    // The primary goes away, silence follows: the replay still gets everything, and nobody asks
+    // the arbiter.
+    b.peer_disconnected(5);
+    b.tick(5 + 10 * cfg().heartbeat_timeout);
+    let got: Vec<u64> = b.take_replayable().iter().map(|e| e.exit).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    b.replayed(3, 6);
+    assert!(b.take_ready().consult_arbiter.is_none());
+    assert_eq!(b.state(), BackupState::Ended { exit: 3 });
+    assert!(b.suppress_outputs());
+}
+
+#[test]
+fn an_end_that_skips_log_is_a_violation_and_a_backup_cannot_send_one() {
+    let (mut p, mut b) = synced_pair(cfg(), 0);
+    assert!(b.step(Message::VmEnded { exit: 5 }, 1).is_err(), "log through 5 never arrived");
+    // Treated like any violation: the primary is suspect (nothing to drain, so ask at once).
+    assert_eq!(b.state(), BackupState::Consulting);
+    assert!(p.step(Message::VmEnded { exit: 0 }, 1).is_err());
+}
+
+#[test]
 fn backup_that_loses_halts() {
     let (_p, mut b) = synced_pair(cfg(), 0);
     b.tick(cfg().heartbeat_timeout + 1);
@@ -741,6 +777,7 @@ mod hostile {
             Just(Message::CloneDisk { offset: 0, bytes: vec![2] }),
             (0u64..40).prop_map(|exit| Message::CloneFinal { exit, vcpu_state: vec![], device_state: vec![] }),
             Just(Message::CloneDone),
+            (0u64..40).prop_map(|exit| Message::VmEnded { exit }),
         ]
     }
 

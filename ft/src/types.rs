@@ -216,6 +216,12 @@ pub enum RoleEvent {
     },
     /// Backup: stopped taking log and is replaying what it has before asking the arbiter.
     Draining(Suspicion),
+    /// Backup: the primary's guest stopped on its own at `exit` (powered off or failed). The
+    /// replay stops there too; this side never goes live.
+    VmEnded {
+        /// The exit at which the guest stopped.
+        exit: u64,
+    },
     /// Backup: won the arbiter; the driver takes the [`Primary`](crate::Primary) from
     /// [`Backup::promote`](crate::Backup::promote), reissues pending I/O, continues the guest
     /// live from `resume_after_exit + 1` and accepts clients.

@@ -33,6 +33,7 @@
 //!    |<------------- Log{first_seq, through_exit, ..} --|  entries of exits > X, in order
 //!    |-- Ack{through_exit, replayed_exit} ------------->|  outputs of exits <= through_exit leave
 //!    |<-------------- Heartbeat / HeartbeatReply ------>|  both ways, every heartbeat interval
+//!    |<---------------------------- VmEnded{exit} ------|  the guest stopped on its own at `exit`
 //! ```
 //!
 //! # Receiver state diagram ([`FrameReader`])
@@ -66,7 +67,7 @@ use thiserror::Error;
 
 /// Version of the protocol spoken by this build. Bump it on purpose when a message layout changes;
 /// peers with a different version are refused at the handshake.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The three magic bytes that open every frame.
 pub const MAGIC: [u8; 3] = *b"LSF";
@@ -202,6 +203,8 @@ pub enum MessageKind {
     CloneFinal = 11,
     /// See [`Message::CloneDone`].
     CloneDone = 12,
+    /// See [`Message::VmEnded`].
+    VmEnded = 13,
 }
 
 impl MessageKind {
@@ -220,6 +223,7 @@ impl MessageKind {
             10 => CloneDisk,
             11 => CloneFinal,
             12 => CloneDone,
+            13 => VmEnded,
             _ => return None,
         })
     }
@@ -496,6 +500,14 @@ pub enum Message {
     },
     /// Clone complete; `Log` frames follow.
     CloneDone,
+    /// The primary's guest stopped on its own at exit `exit` (it powered off, panicked or
+    /// faulted), and the log through `exit` has been sent. The VM is over: the backup's replay
+    /// reaches the same stop, and a primary that is gone after this is no failure to recover from
+    /// (the backup must not go live with a guest that stops again at once).
+    VmEnded {
+        /// The exit at which the guest stopped.
+        exit: u64,
+    },
 }
 
 impl Message {
@@ -514,6 +526,7 @@ impl Message {
             Message::CloneDisk { .. } => MessageKind::CloneDisk,
             Message::CloneFinal { .. } => MessageKind::CloneFinal,
             Message::CloneDone => MessageKind::CloneDone,
+            Message::VmEnded { .. } => MessageKind::VmEnded,
         }
     }
 
@@ -551,6 +564,7 @@ impl Message {
             Message::CloneDisk { bytes, .. } => 8 + 4 + bytes.len(),
             Message::CloneFinal { vcpu_state, device_state, .. } => 8 + 4 + vcpu_state.len() + 4 + device_state.len(),
             Message::CloneDone => 0,
+            Message::VmEnded { .. } => 8,
         }
     }
 
@@ -706,6 +720,7 @@ fn encode_payload(msg: &Message, out: &mut Vec<u8>) {
             put_bytes32(out, device_state);
         }
         Message::CloneDone => {}
+        Message::VmEnded { exit } => put_u64(out, *exit),
     }
 }
 
@@ -909,6 +924,7 @@ fn decode_payload(r: &mut Reader<'_>) -> Result<Message, WireError> {
             Message::CloneFinal { exit: r.u64()?, vcpu_state: r.bytes32()?, device_state: r.bytes32()? }
         }
         MessageKind::CloneDone => Message::CloneDone,
+        MessageKind::VmEnded => Message::VmEnded { exit: r.u64()? },
     })
 }
 
@@ -1019,6 +1035,7 @@ mod tests {
             Message::CloneDisk { offset: 512, bytes: vec![1; 10] },
             Message::CloneFinal { exit: 1234, vcpu_state: vec![1, 2], device_state: vec![3] },
             Message::CloneDone,
+            Message::VmEnded { exit: 77 },
         ]
     }
 
@@ -1271,6 +1288,7 @@ mod tests {
                 Message::CloneFinal { exit, vcpu_state, device_state }
             }),
             Just(Message::CloneDone),
+            any::<u64>().prop_map(|exit| Message::VmEnded { exit }),
         ]
     }
 

@@ -86,6 +86,7 @@ fn wire_seed() -> Vec<u8> {
         Message::CloneDisk { offset: 512, bytes: vec![1; 16] },
         Message::CloneFinal { exit: 11, vcpu_state: vec![2; 8], device_state: vec![3; 8] },
         Message::CloneDone,
+        Message::VmEnded { exit: 11 },
     ];
     let mut out = Vec::new();
     for m in &messages {
