@@ -178,6 +178,9 @@ impl PairSpec {
             ports.metrics.to_string(),
             "--channel-listen".into(),
             ports.channel.to_string(),
+            // The FT figures are those of the channel without encryption, as before mutual TLS
+            // existed; the TLS rows add --channel-tls on top.
+            "--insecure-channel".into(),
         ]
     }
 

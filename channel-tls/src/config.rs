@@ -67,10 +67,13 @@ pub fn server_config(creds: &Credentials, vm_id: &str) -> Result<Arc<rustls::Ser
         .map_err(|e| invalid("the client verifier", e))?;
     let verifier = Arc::new(ClientIdentity { inner, expected: identity_uri(vm_id, Role::Backup), vm_id: vm_id.into() });
     let (chain, key) = chain_and_key(creds, Role::Primary)?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
+    // Every connection is a full handshake with the certificates as they are now (no tickets to
+    // resume a session whose certificate has since been replaced).
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -85,11 +88,12 @@ pub fn client_config(creds: &Credentials, vm_id: &str) -> Result<Arc<rustls::Cli
         vm_id: vm_id.into(),
     });
     let (chain, key) = chain_and_key(creds, Role::Backup)?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)?;
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

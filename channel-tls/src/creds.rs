@@ -39,6 +39,23 @@ impl Credentials {
         })
     }
 
+    /// Checks that the certificates are this VM's, each for its role: a replica given another VM's
+    /// Secret fails at start with a clear message, not at its first connection.
+    pub fn check_for(&self, vm_id: &str) -> Result<(), TlsError> {
+        for role in [Role::Primary, Role::Backup] {
+            let want = crate::identity_uri(vm_id, role);
+            let uris = uris(&self.for_role(role).cert_pem)
+                .map_err(|why| TlsError::Invalid { what: format!("{role}.crt"), why })?;
+            if !uris.iter().any(|u| u == &want) {
+                return Err(TlsError::Invalid {
+                    what: format!("{role}.crt"),
+                    why: format!("it names {uris:?}, not {want}: these credentials belong to another VM or role"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The earlier expiry of the two certificates.
     pub fn not_after(&self) -> SystemTime {
         self.primary.not_after.min(self.backup.not_after)
@@ -107,6 +124,26 @@ impl Credentials {
     }
 }
 
+/// The URI subject-alternative names of a PEM certificate.
+fn uris(cert_pem: &str) -> Result<Vec<String>, String> {
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?;
+    let cert = pem.parse_x509().map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+    Ok(san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// The expiry of a PEM certificate.
 pub(crate) fn not_after(cert_pem: &str) -> Result<SystemTime, String> {
     let (_, pem) =
@@ -130,6 +167,9 @@ mod tests {
         assert_eq!(back.primary.cert_pem, creds.primary.cert_pem);
         assert_eq!(back.backup.key_pem, creds.backup.key_pem);
         assert_eq!(back.not_after(), creds.not_after(), "expiry read back from the certificate");
+        back.check_for("ns.vm").unwrap();
+        let e = back.check_for("ns.other").unwrap_err().to_string();
+        assert!(e.contains("another VM"), "{e}");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("primary.key")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

@@ -74,6 +74,17 @@ impl AgentProcess {
         }
     }
 
+    /// Every stderr line not consumed yet, until its stderr closes (it exited) or `timeout`
+    /// passes: for asserting what a process did *not* say.
+    pub fn remaining_lines(&self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            lines.push(line);
+        }
+        lines
+    }
+
     /// `kill -9`, and reap it.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();

@@ -163,6 +163,17 @@ struct FtArgs {
     /// Log a vCPU/device digest every N exits, checked by the backup.
     #[arg(long, default_value_t = 2048, value_name = "N")]
     digest_interval: u64,
+    /// Mutual TLS on the logging channel with the credentials in DIR: ca.crt, primary.crt,
+    /// primary.key, backup.crt, backup.key (the operator mounts them from the FTVM's Secret;
+    /// `up` makes its own). Each side accepts only a peer whose certificate, signed by ca.crt,
+    /// names this --vm-id in the other role. Read again for every connection.
+    #[arg(long, value_name = "DIR", required_unless_present = "insecure_channel")]
+    channel_tls: Option<PathBuf>,
+    /// Plain TCP on the logging channel: anyone who reaches the channel port and knows the VM id
+    /// can join as a backup and receive the VM's memory, or feed a backup forged log. For tests
+    /// on one machine only.
+    #[arg(long, conflicts_with = "channel_tls")]
+    insecure_channel: bool,
     /// Do not print the guest's console.
     #[arg(long)]
     quiet: bool,
@@ -306,6 +317,39 @@ enum CliError {
     Limits(#[from] lockstep_agent::guests::LimitsError),
     #[error(transparent)]
     Wasm(#[from] lockstep_agent::guests::wasm::WasmError),
+    /// The guest itself failed: an application failure, the same on every replica.
+    #[error("guest failed: {0}")]
+    GuestFailed(String),
+}
+
+impl CliError {
+    /// A guest that faulted (a CPU exception the guest did not handle, a triple fault) is a
+    /// guest failure, whichever layer reported it.
+    fn into_guest_failure(self) -> CliError {
+        use lockstep_agent::vmm::RunError;
+        let fault = |e: &RunError| matches!(e, RunError::GuestFault { .. } | RunError::TripleFault { .. });
+        match self {
+            CliError::Run(e) if fault(&e) => CliError::GuestFailed(e.to_string()),
+            CliError::Pair(pair::primary::PairError::Run(e)) if fault(&e) => CliError::GuestFailed(e.to_string()),
+            other => other,
+        }
+    }
+}
+
+/// A run that ended with the guest powering off with a non-zero code ended in failure; 0 is a
+/// clean end.
+fn guest_outcome(reason: &StopReason) -> Result<(), CliError> {
+    let StopReason::PowerOff(code) = *reason else { return Ok(()) };
+    let why = match code {
+        0 => return Ok(()),
+        lockstep_guest_abi::EXIT_GUEST_PANIC => "it panicked (its message is on the console above)".to_owned(),
+        lockstep_guest_abi::EXIT_WASM_TRAP => "its WebAssembly module trapped (see the console above)".to_owned(),
+        lockstep_guest_abi::EXIT_WASM_LOAD => {
+            "its WebAssembly module could not be loaded (see the console above)".to_owned()
+        }
+        other => format!("it powered off with status {other}"),
+    };
+    Err(CliError::GuestFailed(why))
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
@@ -457,7 +501,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     });
     front.close_all();
     println!("{}", summary_json(&summary, guest, seconds, extra));
-    Ok(())
+    guest_outcome(&summary.reason)
 }
 
 /// Counts bytes but keeps nothing: `run` without `--record`.
@@ -561,6 +605,12 @@ fn ft_setup(
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
     });
+    let channel = match &a.channel_tls {
+        Some(dir) => pair::tls::ChannelSecurity::Tls(dir.clone()),
+        None => pair::tls::ChannelSecurity::Insecure,
+    };
+    // A bad mount or a certificate for another VM is an error now, not at the first backup.
+    channel.check(&a.vm_id).map_err(|e| CliError::Usage(format!("--channel-tls: {e}")))?;
     let metrics = Metrics::new(&a.vm_id);
     a.clients.apply(&metrics);
     if let Some(addr) = a.metrics_listen {
@@ -588,6 +638,7 @@ fn ft_setup(
         stop: stop_flag(),
         quiet: a.quiet,
         digest_interval: a.digest_interval,
+        channel,
     };
     Ok((opts, cfg))
 }
@@ -654,7 +705,7 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let summary = pair::primary::drive(&mut vm, ft, &opts, reader, Default::default())?;
     print_pair_summary(&summary, guest, started, &opts.metrics);
-    Ok(())
+    guest_outcome(&summary.reason)
 }
 
 fn backup(args: BackupArgs) -> Result<(), CliError> {
@@ -684,7 +735,7 @@ fn backup(args: BackupArgs) -> Result<(), CliError> {
         cfg,
     )?;
     print_pair_summary(&summary, guest, started, &metrics);
-    Ok(())
+    guest_outcome(&summary.reason)
 }
 
 fn main() -> ExitCode {
@@ -721,11 +772,17 @@ fn main() -> ExitCode {
             .map_err(CliError::Usage)
         }),
     };
-    match result {
+    match result.map_err(CliError::into_guest_failure) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Pair(pair::primary::PairError::Halted(why))) => {
             eprintln!("lockstep-agent: halted: {why}");
             ExitCode::from(3)
+        }
+        // Not a host failure: the backup meets the same failure at the same exit, so nothing
+        // can fail over; the operator shows it (GuestFailed) instead of replacing replicas.
+        Err(e @ CliError::GuestFailed(_)) => {
+            eprintln!("lockstep-agent: {e}");
+            ExitCode::from(4)
         }
         Err(e) => {
             eprintln!("lockstep-agent: error: {e}");
@@ -744,11 +801,23 @@ mod tests {
             ClientLimits { max_connections: 7, reply_memory: 5 << 20, reply_stall: std::time::Duration::from_secs(9) };
         let args = ["lockstep-agent", "primary", "--guest", "kvstore", "--channel-listen", "127.0.0.1:1"]
             .into_iter()
-            .chain(["--vm-id", "x", "--arbiter", "local:/nonexistent"])
+            .chain(["--vm-id", "x", "--arbiter", "local:/nonexistent", "--insecure-channel"])
             .map(String::from)
             .chain(lockstep_agent::up::client_limit_args(&limits));
         let Command::Primary(p) = Cli::try_parse_from(args).unwrap().command else { panic!("not a primary") };
         assert_eq!(p.ft.clients.limits(), limits);
+    }
+
+    #[test]
+    fn a_replica_needs_channel_tls_or_an_explicit_insecure_channel() {
+        let base =
+            ["lockstep-agent", "backup", "--vm-id", "x", "--arbiter", "local:/a", "--channel-connect", "127.0.0.1:1"];
+        let err = Cli::try_parse_from(base).unwrap_err().to_string();
+        assert!(err.contains("--channel-tls"), "{err}");
+        assert!(Cli::try_parse_from(base.into_iter().chain(["--channel-tls", "/d"])).is_ok());
+        assert!(Cli::try_parse_from(base.into_iter().chain(["--insecure-channel"])).is_ok());
+        let both = base.into_iter().chain(["--insecure-channel", "--channel-tls", "/d"]);
+        assert!(Cli::try_parse_from(both).is_err(), "both at once is a mistake");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub client_connections_cut: IntCounterVec,
     /// Connections to these HTTP endpoints closed without an answer, by [`Dropped`] reason.
     pub http_connections_dropped: IntCounterVec,
+    /// Peers refused on the logging channel before any VM byte moved, by reason
+    /// ([`lockstep_channel_tls::Refusal`]).
+    pub channel_refused: IntCounterVec,
 }
 
 /// Bring a Prometheus counter up to a total kept elsewhere (the protocol core counts its own
@@ -158,6 +161,12 @@ impl Metrics {
                 "reason",
                 &Dropped::ALL.map(Dropped::as_str),
             ),
+            channel_refused: counter_vec(
+                "lockstep_channel_refused_total",
+                "Logging-channel peers refused by the mutual-TLS check before any VM byte moved: no_certificate, unknown_ca, expired, wrong_vm, wrong_role, bad_certificate, handshake (not TLS, too slow, too many at once).",
+                "reason",
+                &lockstep_channel_tls::Refusal::ALL.map(lockstep_channel_tls::Refusal::as_str),
+            ),
             registry,
         })
     }
@@ -171,6 +180,11 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");
         String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+
+    /// Count a logging-channel peer refused for `reason` (a [`lockstep_channel_tls::Refusal`] label).
+    pub fn channel_refused(&self, reason: &str) {
+        self.channel_refused.with_label_values(&[reason]).inc();
     }
 
     /// Count a connection to the HTTP endpoints closed without an answer.

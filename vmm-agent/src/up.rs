@@ -87,6 +87,7 @@ impl Slot {
         }
         c.args(["--vm-id", &o.vm_id, "--arbiter", arbiter, "--name", &format!("{}-{}", self.name, std::process::id())]);
         c.args(["--client-listen", &self.client.to_string(), "--metrics-listen", &self.metrics.to_string()]);
+        c.arg("--channel-tls").arg(channel_tls_dir(o));
         c.args(client_limit_args(&o.client_limits));
         c.env("LOCKSTEP_LOG", if o.verbose { "info" } else { "warn" });
         c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
@@ -169,6 +170,22 @@ fn copy_then_close(mut from: TcpStream, mut to: TcpStream) {
     let _ = from.shutdown(Shutdown::Read);
 }
 
+/// Where `up` keeps the pair's channel credentials.
+fn channel_tls_dir(o: &UpOptions) -> PathBuf {
+    o.state_dir.join("channel-tls")
+}
+
+/// The pair's logging channel is mutual TLS like any other: a throw-away CA for this run, and
+/// both roles' certificates for this VM id, in the state directory (keys readable by the owner
+/// only). A new CA each run: nothing else ever trusts it.
+fn make_channel_credentials(o: &UpOptions) -> Result<(), String> {
+    use lockstep_channel_tls::{Ca, Credentials};
+    const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
+    let ca = Ca::generate(&format!("lockstep up {} (throw-away)", o.vm_id), WEEK).map_err(|e| e.to_string())?;
+    let creds = Credentials::issue(&ca, &o.vm_id, WEEK).map_err(|e| format!("--vm-id {}: {e}", o.vm_id))?;
+    creds.write(&channel_tls_dir(o)).map_err(|e| e.to_string())
+}
+
 /// Which slot serves clients now: the one whose client port accepts a connection.
 fn serving(slots: &[Slot]) -> Option<usize> {
     slots
@@ -182,6 +199,7 @@ pub fn run(o: UpOptions) -> Result<(), String> {
     // A fresh pair: the arbiter starts over (its epoch only matters between these replicas).
     let _ = std::fs::remove_file(&arb_path);
     let arbiter = format!("local:{}", arb_path.display());
+    make_channel_credentials(&o)?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).map_err(|e| e.to_string())?;

@@ -25,6 +25,12 @@ fn local(port: u16) -> (&'static str, u16) {
     ("127.0.0.1", port)
 }
 
+/// `--channel-tls` with `vm_id`'s credentials (common::tls_for): these tests run the channel as
+/// pods do, over mutual TLS.
+fn tls_args(dir: &Scratch, vm_id: &str) -> Vec<String> {
+    vec!["--channel-tls".into(), common::tls_for(dir, vm_id).display().to_string()]
+}
+
 /// A child agent (stderr echoed and searchable) and the ports it listens on.
 struct Agent {
     process: AgentProcess,
@@ -69,7 +75,7 @@ impl Agent {
             format!("127.0.0.1:{channel}"),
         ])
         .collect();
-        let a = Agent::spawn(name, &args, client, channel);
+        let a = Agent::spawn(name, &[args, tls_args(dir, "kv")].concat(), client, channel);
         a.process.wait_line("channel on", Duration::from_secs(30));
         a
     }
@@ -99,7 +105,7 @@ impl Agent {
             format!("127.0.0.1:{channel}"),
         ])
         .collect();
-        let a = Agent::spawn(name, &args, client, channel);
+        let a = Agent::spawn(name, &[args, tls_args(dir, "kv")].concat(), client, channel);
         a.process.wait_line("backup in sync", Duration::from_secs(60));
         a
     }
@@ -343,10 +349,12 @@ fn the_channel_refuses_a_wrong_vm_and_survives_garbage() {
         s.write_all(junk).unwrap();
         drop(s);
     }
-    // A backup for another VM is refused with a clear message.
+    // A backup for another VM (its own certificate, from the same CA) is refused with a clear
+    // message.
     let out = agent()
         .args(["backup", "--vm-id", "someone-else", "--arbiter", &arbiter, "--disk"])
         .arg(dir.path("x.img"))
+        .args(tls_args(&dir, "someone-else"))
         .args([
             "--channel-connect",
             &format!("127.0.0.1:{}", p.channel),

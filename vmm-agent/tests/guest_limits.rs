@@ -324,7 +324,9 @@ fn a_backup_that_goes_live_keeps_the_primarys_limits() {
     let dir = Scratch::new("pair-limits");
     let arbiter = format!("local:{}", dir.path("arbiter").display());
     let (p_client, p_channel, b_client) = (free_port(), free_port(), free_port());
-    let common = ["--vm-id", "kv", "--heartbeat-timeout-ms", "1500", "--arbiter", arbiter.as_str()];
+    let tls = common::tls_for(&dir, "kv").display().to_string();
+    let common =
+        ["--vm-id", "kv", "--heartbeat-timeout-ms", "1500", "--arbiter", arbiter.as_str(), "--channel-tls", &tls];
     let p_disk = dir.path("p.img");
     let mut primary = lockstep_testkit::AgentProcess::spawn(
         "p",

@@ -110,6 +110,8 @@ impl Replica {
             .arg(dir.path(&format!("{name}.img")))
             .args(["--client-listen", &local(client).to_string(), "--channel-listen", &local(channel).to_string()])
             .args(["--metrics-listen", &local(metrics).to_string()])
+            .arg("--channel-tls")
+            .arg(common::tls_for(dir, "kv"))
             .args(extra);
         Replica { name: name.into(), process: AgentProcess::spawn(name, &mut cmd), client, channel, metrics }
     }

@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use common::*;
+use lockstep_testkit::{AgentProcess, Resp};
 
 /// Guest memory for the Go program: its heap grows by copying (see docs/wasi.md, "Limits").
 const MEMORY_MIB: &str = "256";
@@ -89,14 +93,17 @@ fn wat_file(dir: &Scratch, name: &str, text: &str) -> PathBuf {
     p
 }
 
-/// `run` with `module`; returns (exit status success, stdout, stderr).
-fn run_module(module: &Path, memory_mib: &str) -> (bool, String, String) {
+/// `run` with `module`; returns (exit code, stdout, stderr).
+fn run_module(module: &Path, memory_mib: &str) -> (Option<i32>, String, String) {
     let out = common::agent()
         .args(["run", "--wasm", module.to_str().unwrap(), "--memory-mib", memory_mib, "--client-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
+
+/// The agent's exit status when its guest failed (docs/operations.md, "Exit statuses").
+const GUEST_FAILED: Option<i32> = Some(4);
 
 #[test]
 fn bad_modules_are_refused_with_reasons_and_a_trap_is_reported() {
@@ -118,8 +125,8 @@ fn bad_modules_are_refused_with_reasons_and_a_trap_is_reported() {
         (&huge, "give the guest more memory (--memory-mib)"),
     ];
     for (module, why) in cases {
-        let (ok, _, err) = run_module(module, "64");
-        assert!(!ok, "{} was accepted", module.display());
+        let (code, _, err) = run_module(module, "64");
+        assert_eq!(code, Some(1), "{}: {err}", module.display());
         assert!(err.contains(why), "{}: {err}", module.display());
         assert!(!err.contains("panicked"), "{err}");
     }
@@ -137,24 +144,146 @@ fn bad_modules_are_refused_with_reasons_and_a_trap_is_reported() {
                (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
                (drop (i32.div_s (i32.const 1) (i32.const 0)))))"#,
     );
-    let (ok, out, err) = run_module(&trap, "64");
-    assert!(ok, "{err}");
+    let (code, out, err) = run_module(&trap, "64");
+    assert_eq!(code, GUEST_FAILED, "{err}");
     let sum: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(sum["wasm_exit"], "the program trapped (the guest's console says where)", "{sum}");
-    assert!(err.contains("about to divide") && err.contains("trapped: "), "{err}");
+    assert!(err.contains("about to divide") && err.contains("trapped: integer divide by zero"), "{err}");
 
-    // And a program that exits on its own reports its status.
+    // And a program that exits on its own reports its status (not 0: a failure).
     let exit = wat_file(
         &dir,
         "exit.wasm",
         r#"(module (import "wasi_snapshot_preview1" "proc_exit" (func $e (param i32)))
                    (memory (export "memory") 1) (func (export "_start") (call $e (i32.const 42))))"#,
     );
-    let (ok, out, err) = run_module(&exit, "64");
-    assert!(ok, "{err}");
+    let (code, out, err) = run_module(&exit, "64");
+    assert_eq!(code, GUEST_FAILED, "{err}");
     let sum: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         (sum["reason"].as_str(), sum["wasm_exit"].as_str()),
         (Some("poweroff(42)"), Some("the program exited with status 42"))
     );
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A replica of a fault-tolerant pair running the Go module, with its client port.
+struct Replica {
+    process: AgentProcess,
+    client: u16,
+    channel: u16,
+}
+
+fn replica(dir: &Scratch, name: &str, role: &[&str], module: &Path) -> Replica {
+    let (client, channel) = (free_port(), free_port());
+    let arbiter = format!("local:{}", dir.path("arbiter").display());
+    let mut c = common::agent();
+    c.args(role).args(["--wasm", module.to_str().unwrap(), "--vm-id", "go-kv", "--quiet", "--name", name]);
+    // Debug agents on a shared two-core machine: failure detection gets slack.
+    c.args(["--heartbeat-timeout-ms", "1500", "--arbiter", &arbiter]);
+    c.args(["--client-listen", &format!("127.0.0.1:{client}"), "--channel-listen", &format!("127.0.0.1:{channel}")]);
+    c.arg("--channel-tls").arg(common::tls_for(dir, "go-kv"));
+    Replica { process: AgentProcess::spawn(name, &mut c), client, channel }
+}
+
+/// What clients saw acknowledged.
+#[derive(Default)]
+struct Acked {
+    incr_sent: AtomicU64,
+    incr_acked: AtomicU64,
+    keys: Mutex<Vec<String>>,
+}
+
+/// INCR a counter and SET fresh keys until the connection fails, recording every acknowledged
+/// reply.
+fn workload(port: u16, acked: Arc<Acked>, stop: Arc<AtomicBool>, tag: &'static str) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let Ok(mut c) = Resp::connect(("127.0.0.1", port)) else { return };
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            acked.incr_sent.fetch_add(1, Ordering::SeqCst);
+            match c.cmd(&["INCR", "counter"]) {
+                Ok(v) => {
+                    acked.incr_acked.fetch_max(v.parse().expect("INCR replies an integer"), Ordering::SeqCst);
+                }
+                Err(_) => return,
+            }
+            let key = format!("{tag}:{i}");
+            i += 1;
+            match c.cmd(&["SET", &key, "v"]) {
+                Ok(r) if r == "OK" => acked.keys.lock().unwrap().push(key),
+                _ => return,
+            }
+        }
+    })
+}
+
+#[test]
+fn a_go_service_survives_a_kill_9_of_its_primary_under_load_with_nothing_acknowledged_lost() {
+    let dir = Scratch::new("wasi-ft");
+    let module = go_kv_module();
+    let primary_args = ["primary", "--memory-mib", MEMORY_MIB];
+    let mut p = replica(&dir, "p", &primary_args, module);
+    p.process.wait_line("channel on", Duration::from_secs(60));
+
+    let b = replica(&dir, "b", &["backup", "--channel-connect", &format!("127.0.0.1:{}", p.channel)], module);
+    b.process.wait_line("backup in sync", Duration::from_secs(120));
+
+    let bench = redis_tool("redis-benchmark")
+        .args(["-p", &p.client.to_string(), "-n", "1000000", "-t", "set,get", "-P", "4", "-c", "2", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let mut bench = bench.unwrap();
+    let acked = Arc::new(Acked::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = workload(p.client, acked.clone(), stop.clone(), "k");
+    std::thread::sleep(Duration::from_millis(2500));
+    p.process.kill9();
+    w.join().unwrap();
+    let _ = bench.kill();
+    let _ = bench.wait();
+    b.process.wait_line("going live", Duration::from_secs(30));
+
+    // Checked independently: every acknowledged INCR and SET is in the survivor's state.
+    let mut c = Resp::connect_retry(("127.0.0.1", b.client), Duration::from_secs(30));
+    let v: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap_or(0);
+    let (lo, hi) = (acked.incr_acked.load(Ordering::SeqCst), acked.incr_sent.load(Ordering::SeqCst));
+    assert!(lo >= 5, "the workload hardly ran before the kill ({lo} INCRs acknowledged)");
+    assert!(lo <= v && v <= hi, "counter {v} outside [last acknowledged {lo}, sent {hi}]");
+    let keys = acked.keys.lock().unwrap().clone();
+    for chunk in keys.chunks(100) {
+        let mut args = vec!["EXISTS"];
+        args.extend(chunk.iter().map(|s| s.as_str()));
+        let n: usize = c.cmd(&args).unwrap().parse().unwrap();
+        assert_eq!(n, chunk.len(), "an acknowledged SET is missing after failover");
+    }
+    eprintln!("ok: counter {v} in [{lo}, {hi}], {} acknowledged keys present", keys.len());
+    stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn a_backup_with_other_module_bytes_never_joins() {
+    let dir = Scratch::new("wasi-wrong");
+    let module = go_kv_module();
+    let mut p = replica(&dir, "p", &["primary", "--memory-mib", MEMORY_MIB], module);
+    p.process.wait_line("channel on", Duration::from_secs(60));
+    // The same program with one more (custom) section: valid, and another VM.
+    let other = dir.path("other.wasm");
+    let mut bytes = std::fs::read(module).unwrap();
+    bytes.extend_from_slice(&[0, 4, b'n', b'o', b't', b'e']);
+    std::fs::write(&other, bytes).unwrap();
+    let channel = format!("127.0.0.1:{}", p.channel);
+    let mut wrong = replica(&dir, "wrong", &["backup", "--channel-connect", &channel], &other);
+    let code = wrong.process.exit_code(Duration::from_secs(60));
+    assert!(code.is_some_and(|c| c != 0), "the backup of another module did not stop: {code:?}");
+    let said = wrong.process.remaining_lines(Duration::from_secs(1)).join("\n");
+    assert!(!said.contains("backup in sync"), "{said}");
+    // The primary is unharmed.
+    let mut c = Resp::connect_retry(("127.0.0.1", p.client), Duration::from_secs(10));
+    assert_eq!(c.cmd(&["PING"]).unwrap(), "PONG");
+    assert!(p.process.try_status().is_none(), "the primary exited");
 }

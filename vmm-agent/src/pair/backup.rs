@@ -7,18 +7,18 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lockstep_ft::{Backup, BackupState, CloneData, FtConfig, HaltReason, Ready, RoleEvent, VmGeometry, VmIdentity};
 
 use super::driver::{Driver, Role};
 use super::exchange::ReplayExchange;
-use super::link::{Connection, Listener, TcpChannelListener};
+use super::link::{Connection, Listener};
 use super::primary::{self, PairError, Resume};
 use super::{PairMetrics, now};
 use crate::guests::GuestKind;
@@ -155,6 +155,8 @@ pub struct BackupRole<V: Vcpu> {
     target: Arc<Mutex<CloneTarget<V>>>,
     promoted: bool,
     halted: Option<Halt>,
+    /// The primary's guest stopped on its own at this exit; the replay must stop there too.
+    vm_ended: Option<u64>,
     /// The clone began (the primary accepted us): a failure from here on counts as a failed clone.
     cloning: bool,
     metrics: Arc<Metrics>,
@@ -204,6 +206,12 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
                         self.pair.clone_failures.inc();
                     }
                     self.halt(describe_halt(&reason), retry);
+                }
+                RoleEvent::VmEnded { exit } => {
+                    self.vm_ended = Some(exit);
+                    eprintln!(
+                        "lockstep-agent: the primary's guest stopped at exit {exit}; the replay ends there too and this side will not go live"
+                    );
                 }
                 RoleEvent::Synced { from_exit } => {
                     self.metrics.ready.set(1);
@@ -322,6 +330,11 @@ impl<V: Vcpu + 'static> LogSource for Source<V> {
             if let Some(h) = &inner.role.halted {
                 return Err(CodecError::Io(format!("backup halted: {}", h.why)));
             }
+            if let Some(end) = inner.role.vm_ended.filter(|end| exit > *end) {
+                return Err(CodecError::Io(format!(
+                    "the primary's guest stopped at exit {end}, but the replay went on to exit {exit}: the replicas diverged"
+                )));
+            }
             inner = self.driver.wait(inner, Duration::from_millis(20));
         }
     }
@@ -335,48 +348,23 @@ impl<V: Vcpu + 'static> LogSource for Source<V> {
     }
 }
 
-fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<Connection, PairError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            Ok(s) => {
-                return Connection::tcp(s, "channel")
-                    .map_err(|source| PairError::Io { context: "setting up the channel connection".into(), source });
-            }
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("primary at {addr} not reachable yet: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(source) => {
-                return Err(PairError::Io {
-                    context: format!("connecting to the primary's channel at {addr}"),
-                    source,
-                });
-            }
-        }
-    }
-}
-
 /// Join the primary at `opts.channel_connect` by live clone, replay, and go live if it fails.
 pub fn run(opts: Options, cfg: FtConfig) -> Result<RunSummary, PairError> {
     let (addr, timeout) = (opts.channel_connect, opts.connect_timeout);
     let listen_at = opts.primary.channel_listen;
+    let (security, vm_id, metrics) =
+        (opts.primary.channel.clone(), opts.primary.vm_id.clone(), opts.primary.metrics.clone());
+    let (listen_security, listen_vm, listen_metrics) = (security.clone(), vm_id.clone(), metrics.clone());
     let mut first = true;
     let wiring = Wiring {
         connect: Box::new(move || {
             // Later attempts follow a failed clone: the primary is either there at once or gone.
             let t = if first { timeout } else { timeout.min(Duration::from_secs(5)) };
             first = false;
-            connect_tcp(addr, t)
+            super::tls::dial(addr, t, &security, &vm_id, &metrics)
         }),
         machine: Box::new(Machine::for_clone),
-        listen: Box::new(move || {
-            let l = std::net::TcpListener::bind(listen_at).map_err(|source| PairError::Io {
-                context: format!("listening for a backup on {listen_at}"),
-                source,
-            })?;
-            Ok(Box::new(TcpChannelListener(l)) as Box<dyn Listener>)
-        }),
+        listen: Box::new(move || super::tls::listen(listen_at, &listen_security, &listen_vm, &listen_metrics)),
     };
     run_with(&opts, cfg, wiring)
 }
@@ -448,6 +436,7 @@ fn join<V: Vcpu + 'static>(
         target: Arc::new(Mutex::new(target)),
         promoted: false,
         halted: None,
+        vm_ended: None,
         cloning: false,
         metrics: popts.metrics.clone(),
         pair: pair.clone(),

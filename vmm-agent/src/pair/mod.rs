@@ -29,6 +29,7 @@ pub mod driver;
 pub mod exchange;
 pub mod link;
 pub mod primary;
+pub mod tls;
 
 #[cfg(test)]
 mod sim;

@@ -2,7 +2,6 @@
 //! connection at a time is served; the live VM is cloned into a new backup ([`super::clone`]).
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,7 +14,7 @@ use super::clone::{CloneQueue, Cloner};
 use super::control::{Command, Control};
 use super::driver::{Driver, Role};
 use super::exchange::{Batch, LogExchange};
-use super::link::{Listener, TcpChannelListener, refuse};
+use super::link::{Listener, refuse};
 use crate::client::FrontEnd;
 use crate::devices::ClientOutput;
 use crate::hypervisor::Vcpu;
@@ -356,6 +355,8 @@ pub struct Options {
     pub stop: Arc<AtomicBool>,
     pub quiet: bool,
     pub digest_interval: u64,
+    /// How the logging channel is protected (mutual TLS, or plain TCP when asked for).
+    pub channel: super::tls::ChannelSecurity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -400,11 +401,7 @@ pub fn drive<V: Vcpu>(
 ) -> Result<RunSummary, PairError> {
     let pair = PairMetrics::register(&opts.metrics, &opts.vm_id);
     drive_with(vm, ft, opts, disk, resume, &pair, || {
-        let listener = TcpListener::bind(opts.channel_listen).map_err(|source| PairError::Io {
-            context: format!("listening for a backup on {}", opts.channel_listen),
-            source,
-        })?;
-        Ok(Box::new(TcpChannelListener(listener)))
+        super::tls::listen(opts.channel_listen, &opts.channel, &opts.vm_id, &opts.metrics)
     })
 }
 
@@ -465,7 +462,22 @@ pub(crate) fn drive_with<V: Vcpu>(
 
     let mut cloner = Cloner::new(opts.metrics.clone(), pair.clone());
     let result = run_vcpu(vm, &mut rec, &driver, &control, &mut cloner, disk.as_ref(), resume.pending_exit, &opts.stop);
-    if result.is_ok() {
+    // A guest that stopped on its own (powered off, panicked, faulted) ends the VM on both sides:
+    // the backup is told so after the last of the log, replays to the same stop and meets the
+    // same power-off or fault there. Without the word it would find the channel gone, win the
+    // arbiter and go live with a guest that stops again at once.
+    let guest_stopped = matches!(
+        &result,
+        Ok(StopReason::PowerOff(_))
+            | Err(PairError::Run(crate::vmm::RunError::GuestFault { .. } | crate::vmm::RunError::TripleFault { .. }))
+    );
+    if guest_stopped {
+        // A fault leaves its exit unfinished; nothing more will happen at it.
+        exchange.complete(vm.exits);
+        let last = vm.exits;
+        driver.with(|inner, t| inner.core.vm_ended(last, t));
+    }
+    if result.is_ok() || guest_stopped {
         hand_over_the_log(&driver, vm.exits, opts.ft.heartbeat_timeout);
     }
     let halted = driver.lock().role.halted();

@@ -67,6 +67,7 @@ fn options(dir: &Scratch, name: &str, ft: FtConfig) -> primary::Options {
         stop: Arc::new(AtomicBool::new(false)),
         quiet: true,
         digest_interval: 16,
+        channel: crate::pair::tls::ChannelSecurity::Insecure,
     }
 }
 

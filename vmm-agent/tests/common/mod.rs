@@ -108,3 +108,27 @@ pub fn redis_cli(port: &str, args: &[&str]) -> String {
     assert!(out.status.success(), "redis-cli {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Logging-channel credentials for `vm_id` in `dir` (`dir/tls-<vm_id>`), issued by one CA kept in
+/// `dir` (made on first use), as the operator's Secrets would hold them: pass the path as
+/// `--channel-tls`. Every VM id asked for in one scratch directory shares that CA, so a replica
+/// of another VM is refused for its identity, not for its issuer.
+pub fn tls_for(dir: &Scratch, vm_id: &str) -> PathBuf {
+    use lockstep_channel_tls::{Ca, Credentials};
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let (crt, key) = (dir.path("ca.crt"), dir.path("ca.key"));
+    let ca = match (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
+        (Ok(c), Ok(k)) => Ca::from_pem(&c, &k).unwrap(),
+        _ => {
+            let ca = Ca::generate("test CA", DAY).unwrap();
+            std::fs::write(&crt, ca.cert_pem()).unwrap();
+            std::fs::write(&key, ca.key_pem()).unwrap();
+            ca
+        }
+    };
+    let out = dir.path(&format!("tls-{vm_id}"));
+    if !out.join("backup.key").exists() {
+        Credentials::issue(&ca, vm_id, DAY).unwrap().write(&out).unwrap();
+    }
+    out
+}
