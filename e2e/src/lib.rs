@@ -156,6 +156,15 @@ impl Operator {
                 // Short, so that tests see log bandwidth in status within seconds.
                 scrape_interval: SCRAPE_INTERVAL,
                 kvm_resource: lockstep_operator::resources::KVM_RESOURCE.into(),
+                // Every in-process operator has a CA of its own, as a fresh install would; the
+                // pods it creates on kwok nodes mount the credentials it issues.
+                channel: lockstep_operator::channel::ChannelSettings {
+                    ca: Arc::new(
+                        lockstep_channel_tls::Ca::generate("e2e CA", Duration::from_secs(24 * 3600)).expect("a CA"),
+                    ),
+                    validity: Duration::from_secs(3600),
+                    network_policy: Some(vec!["lockstep-system".into()]),
+                },
             },
         ));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -191,7 +200,7 @@ impl Drop for Operator {
 pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
     use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
     use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     fn put<T: schemars::JsonSchema>(dir: &Path, file: &str) -> std::io::Result<()> {
         let mut v = serde_json::to_value(schemars::schema_for!(T)).expect("schema serialises");
         close_objects(&mut v);
@@ -215,6 +224,7 @@ pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
     put::<ClusterRole>(dir, "clusterrole-rbac-v1.json")?;
     put::<ClusterRoleBinding>(dir, "clusterrolebinding-rbac-v1.json")?;
     put::<RoleBinding>(dir, "rolebinding-rbac-v1.json")?;
+    put::<Role>(dir, "role-rbac-v1.json")?;
     put::<CustomResourceDefinition>(dir, "customresourcedefinition-apiextensions-v1.json")?;
     Ok(())
 }

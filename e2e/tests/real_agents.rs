@@ -77,6 +77,7 @@ impl AgentProc {
                 a.replace("$(POD_NAME)", &name)
                     .replace("0.0.0.0", &ip)
                     .replace("/var/lib/lockstep/disk.img", &scratch.join(format!("{name}.img")).display().to_string())
+                    .replace(lockstep_operator::resources::CHANNEL_TLS_DIR, &channel_credentials(pod, scratch))
             })
             .collect();
         let mut args = args;
@@ -89,6 +90,34 @@ impl AgentProc {
         let process = AgentProcess::spawn(&name, Command::new(agent_binary()).args(&args));
         AgentProc { pod: name, process, client_addr, metrics_addr }
     }
+}
+
+/// What the pod would have mounted at `CHANNEL_TLS_DIR`: the files of the Secret the operator
+/// issued for its FTVM, read back (as the kubelet would) into a directory of the test.
+fn channel_credentials(pod: &Pod, scratch: &std::path::Path) -> String {
+    let ns = pod.metadata.namespace.clone().unwrap();
+    let secret = pod
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find_map(|v| v.secret.as_ref()?.secret_name.clone());
+    let secret = secret.expect("the pod mounts its channel credentials from a Secret");
+    let (ok, json) =
+        lockstep_e2e::run_tool(Command::new("kubectl").args(["get", "secret", &secret, "-n", &ns, "-o", "json"]), None);
+    assert!(ok, "the operator issued no Secret {ns}/{secret}: {json}");
+    let s: k8s_openapi::api::core::v1::Secret = serde_json::from_str(&json).unwrap();
+    let data = s.data.unwrap_or_default();
+    let dir = scratch.join(format!("{ns}-{secret}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in lockstep_channel_tls::CREDENTIAL_FILES {
+        let bytes = data.get(name).unwrap_or_else(|| panic!("{secret} has no {name}"));
+        std::fs::write(dir.join(name), &bytes.0).unwrap();
+    }
+    dir.display().to_string()
 }
 
 /// The log bytes the agent at `addr` (its `--metrics-listen`) says it has sent.

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::rbac::v1::RoleBinding;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -23,12 +24,14 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
+use lockstep_channel_tls::Credentials;
 use serde_json::json;
 
+use crate::channel::ChannelSettings;
 use crate::crd::{FTVirtualMachine, FTVirtualMachineStatus, Phase};
 use crate::decide::{
-    self, ANN_ATTEMPT, ANN_REPLACE_AT, Action, LeaseView, NodeHealth, Note, Observed, Plan, PodState, PodView,
-    Previous, Role, decide,
+    self, ANN_ATTEMPT, ANN_REPLACE_AT, Action, ChannelView, LeaseView, NodeHealth, Note, Observed, Plan, PodState,
+    PodView, Previous, Role, decide,
 };
 use crate::metrics::Metrics;
 use crate::resources::{
@@ -62,6 +65,9 @@ pub enum Error {
     /// The object has no namespace (the CRD is namespaced, so this means a broken object).
     #[error("FTVirtualMachine {0} has no namespace")]
     NoNamespace(String),
+    /// Issuing the logging channel's credentials failed.
+    #[error("issuing logging-channel credentials: {0}")]
+    Channel(String),
 }
 
 impl Error {
@@ -76,6 +82,7 @@ impl Error {
                 _ => "finalizer",
             },
             Error::NoNamespace(_) => "no_namespace",
+            Error::Channel(_) => "channel_credentials",
         }
     }
 }
@@ -102,6 +109,8 @@ pub struct Settings {
     /// Extended resource that grants an agent pod `/dev/kvm` ([`resources::KVM_RESOURCE`] unless
     /// the cluster runs another device plugin).
     pub kvm_resource: String,
+    /// The logging channel's CA, certificate lifetime and network policy.
+    pub channel: ChannelSettings,
 }
 
 /// Shared state of reconciles.
@@ -187,7 +196,12 @@ pub fn metrics_addr(pod_ip: &str, metrics_port: i32) -> Option<SocketAddr> {
 }
 
 /// Reads everything the decision needs.
-pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -> Result<Observed, Error> {
+pub async fn observe(
+    ftvm: &FTVirtualMachine,
+    client: &Client,
+    settings: &Settings,
+    now: Timestamp,
+) -> Result<Observed, Error> {
     let name = ftvm.name_any();
     let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(name.clone()))?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -230,6 +244,11 @@ pub async fn observe(ftvm: &FTVirtualMachine, client: &Client, now: Timestamp) -
             phase: st.phase,
             message: st.message,
         },
+        channel: ChannelView {
+            expires: st.channel_certificate_expires.map(|t| t.0),
+            validity: SignedDuration::try_from(settings.channel.validity).unwrap_or(SignedDuration::from_hours(24)),
+        },
+        network_policy: settings.channel.network_policy.is_some(),
         now,
     })
 }
@@ -333,6 +352,31 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
                 ignore_exists(api.create(&PostParams::default(), &resources::lease(ftvm)).await)
                     .map_err(kube_err("create lease"))?;
+            }
+            Action::IssueChannelCredentials => {
+                let vm_id = resources::vm_id(ftvm);
+                let creds = Credentials::issue(&ctx.settings.channel.ca, &vm_id, ctx.settings.channel.validity)
+                    .map_err(|e| Error::Channel(e.to_string()))?;
+                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+                let secret = resources::channel_secret(ftvm, &creds);
+                let mut body = serde_json::to_value(&secret).unwrap_or_default();
+                body["apiVersion"] = json!("v1");
+                body["kind"] = json!("Secret");
+                let name = resources::channel_secret_name(&ftvm.name_any());
+                api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+                    .await
+                    .map_err(kube_err("apply channel credentials"))?;
+                tracing::info!(ftvm = %ftvm.name_any(), secret = %name, "issued logging-channel credentials");
+            }
+            Action::ApplyNetworkPolicy => {
+                let Some(metrics_from) = &ctx.settings.channel.network_policy else { continue };
+                let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+                let mut body = serde_json::to_value(resources::network_policy(ftvm, metrics_from)).unwrap_or_default();
+                body["apiVersion"] = json!("networking.k8s.io/v1");
+                body["kind"] = json!("NetworkPolicy");
+                api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+                    .await
+                    .map_err(kube_err("apply network policy"))?;
             }
             Action::ApplyService => {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
@@ -529,6 +573,7 @@ pub fn status_for(
         epoch: s.epoch,
         failover_count: s.failover_count,
         last_failover_time: s.last_failover.map(Time),
+        channel_certificate_expires: s.channel_expires.map(Time),
         log_bandwidth_bits_per_second: log_bandwidth,
         execution_lag_seconds: lag,
         observed_generation: generation,
@@ -596,7 +641,7 @@ async fn write_status(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Re
 }
 
 async fn apply(ftvm: Arc<FTVirtualMachine>, ctx: &Context) -> Result<Requeue, Error> {
-    let observed = observe(&ftvm, &ctx.client, Timestamp::now()).await?;
+    let observed = observe(&ftvm, &ctx.client, &ctx.settings, Timestamp::now()).await?;
     let plan = decide(&observed);
     tracing::debug!(ftvm = %ftvm.name_any(), phase = ?plan.status.phase, actions = plan.actions.len(), "decided");
     if let Some((pod, addr)) = scrape_target(&ftvm, &observed, &plan) {
@@ -925,6 +970,7 @@ mod tests {
                 spec_valid: true,
                 backoff: None,
                 guest_failed: None,
+                channel_expires: None,
             },
             wake_at: None,
         }

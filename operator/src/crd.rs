@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
@@ -94,6 +95,28 @@ pub struct FTVirtualMachineSpec {
     /// there. 0 (or absent) means sized from the guest's memory (docs/operations.md, "Limits").
     #[serde(default, skip_serializing_if = "Limits::is_default")]
     pub limits: Limits,
+
+    /// Who may reach the VM's client port (the operator's NetworkPolicy for the FTVM, when the
+    /// chart enables network policies).
+    #[serde(default, skip_serializing_if = "Network::is_default")]
+    pub network: Network,
+}
+
+/// The VM's network exposure.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Network {
+    /// Peers allowed to connect to `clientPort`, as in a NetworkPolicy's `ingress.from`; empty
+    /// means from anywhere (the guest's own authentication, if any, is then the only gate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_from: Vec<NetworkPolicyPeer>,
+}
+
+impl Network {
+    /// Nothing set.
+    pub fn is_default(&self) -> bool {
+        self.client_from.is_empty()
+    }
 }
 
 /// Client limits: the kvstore guest's own, in the way Redis has them, and the agent's connection
@@ -295,6 +318,10 @@ pub struct FTVirtualMachineStatus {
     /// When the last failover was seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failover_time: Option<Time>,
+    /// When the replicas' logging-channel certificates expire (the operator issues new ones well
+    /// before; agents take them for their next connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_certificate_expires: Option<Time>,
     /// Log bandwidth of the primary in bits per second: 8 × the growth of its agent's
     /// `lockstep_log_bytes_sent_total` between the operator's last two scrapes of that pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]

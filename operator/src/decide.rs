@@ -24,7 +24,10 @@
 //!    replacement waits the exited pod is kept, marked with the time of the next attempt
 //!    ([`ANN_REPLACE_AT`]): the state survives operator restarts, and the crashed agent's logs can
 //!    be read meanwhile. Node loss is not a crash: it is never delayed.
-//! 6. **A guest that failed is an application failure, not a host failure.** An agent whose guest
+//! 6. **The logging channel's certificates exist before the pods that mount them**, and are
+//!    issued again when a third of their lifetime is left ([`ChannelView`]); the agents use the new
+//!    ones for their next connection, so renewal never costs a failover.
+//! 7. **A guest that failed is an application failure, not a host failure.** An agent whose guest
 //!    panicked, faulted or ran out of disk exits with [`GUEST_FAILED_EXIT`]; the backup replays the
 //!    same failure at the same exit (it is deterministic), so no replica can carry on and none is
 //!    replaced: the FTVM is `Failed` with a `GuestFailed` condition and the agent's own words,
@@ -206,6 +209,22 @@ pub struct Previous {
     pub message: Option<String>,
 }
 
+/// The FTVM's logging-channel credentials as last issued (from status) and how long new ones last.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChannelView {
+    /// Expiry of the certificates in the FTVM's channel Secret, if it was ever issued.
+    pub expires: Option<Timestamp>,
+    /// Lifetime of a new certificate.
+    pub validity: SignedDuration,
+}
+
+impl ChannelView {
+    /// When the certificates are issued again: with a third of their lifetime left.
+    pub fn renew_at(&self) -> Option<Timestamp> {
+        self.expires.map(|e| e - self.validity / 3)
+    }
+}
+
 /// Everything the decision looks at.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Observed {
@@ -219,6 +238,10 @@ pub struct Observed {
     pub pods: Vec<PodView>,
     /// From the last status.
     pub previous: Previous,
+    /// The logging channel's credentials.
+    pub channel: ChannelView,
+    /// Whether the operator keeps a NetworkPolicy per FTVM.
+    pub network_policy: bool,
     /// Now.
     pub now: Timestamp,
 }
@@ -233,6 +256,11 @@ pub enum Action {
     /// Create or update the agents' ServiceAccount and RoleBinding in the namespace (the agents
     /// take and renew their Lease with it).
     ApplyAgentAccess,
+    /// Issue the replicas' logging-channel certificates (both roles) into the FTVM's Secret.
+    IssueChannelCredentials,
+    /// Create or update the FTVM's NetworkPolicy (channel from its own replicas only, metrics
+    /// from the monitoring namespaces, client port as the spec says).
+    ApplyNetworkPolicy,
     /// Set a pod's role label.
     SetRole {
         /// Pod.
@@ -359,6 +387,8 @@ pub struct StatusView {
     pub backoff: Option<Backoff>,
     /// The guest failed: what its agent said.
     pub guest_failed: Option<String>,
+    /// Expiry of the channel certificates after this plan.
+    pub channel_expires: Option<Timestamp>,
 }
 
 /// What to do, what to report, and when to look again.
@@ -398,6 +428,7 @@ pub fn decide(o: &Observed) -> Plan {
         spec_valid: true,
         backoff: None,
         guest_failed: None,
+        channel_expires: o.channel.expires,
     };
 
     if let Some(err) = &o.spec_error {
@@ -435,10 +466,19 @@ pub fn decide(o: &Observed) -> Plan {
         return Plan { actions, notes, status, failover: false, wake_at: None };
     }
 
+    // Credentials before anything that mounts them; then again with a third of their life left.
+    let renew = o.channel.renew_at().is_none_or(|at| o.now >= at);
+    if renew {
+        actions.push(Action::IssueChannelCredentials);
+        status.channel_expires = Some(o.now + o.channel.validity);
+    }
     if o.lease.is_none() {
         actions.push(Action::CreateLease);
     }
     actions.push(Action::ApplyService);
+    if o.network_policy {
+        actions.push(Action::ApplyNetworkPolicy);
+    }
     actions.push(Action::ApplyAgentAccess);
 
     let live: Vec<&PodView> = o.pods.iter().filter(|p| p.live()).collect();
@@ -649,7 +689,9 @@ pub fn decide(o: &Observed) -> Plan {
         }
     }
     status.backoff = held.clone();
-    Plan { actions, notes, status, failover, wake_at: held.map(|h| h.until) }
+    let renew_at = ChannelView { expires: status.channel_expires, ..o.channel }.renew_at();
+    let wake_at = [held.map(|h| h.until), renew_at].into_iter().flatten().min();
+    Plan { actions, notes, status, failover, wake_at }
 }
 
 /// `t` rounded up to a whole second, so that an annotated time reads back exactly.
@@ -698,6 +740,12 @@ mod tests {
             lease: Some(lease.map(|(h, e)| LeaseView { holder: Some(h.into()), epoch: e }).unwrap_or_default()),
             pods,
             previous: Previous::default(),
+            // Issued long ago and far from renewal: the tests below are about other rules.
+            channel: ChannelView {
+                expires: Some(Timestamp::from_second(1_000_000 + 86_400).unwrap()),
+                validity: SignedDuration::from_hours(24),
+            },
+            network_policy: false,
             now: Timestamp::from_second(1_000_000).unwrap(),
         }
     }
@@ -966,7 +1014,7 @@ mod tests {
         assert_eq!(deletes(&plan), [("vm-1".to_string(), false)]);
         assert_eq!(attempts(&plan), [("vm-2".to_string(), 1)]);
         assert!(noted_backoffs(&plan).is_empty());
-        assert_eq!(plan.wake_at, None);
+        assert_eq!(plan.wake_at, o.channel.renew_at(), "only the certificate renewal is due");
 
         // The replacement exits quickly too: 5 s wait. The exited pod is kept and marked, and the
         // status, an event and the requeue say when the next attempt is.
@@ -1005,7 +1053,7 @@ mod tests {
         assert_eq!(attempts(&plan), [("vm-3".to_string(), 2)]);
         assert!(!plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { .. })));
         assert_eq!(plan.status.backoff, None);
-        assert_eq!(plan.wake_at, None);
+        assert_eq!(plan.wake_at, o.channel.renew_at(), "only the certificate renewal is due");
 
         // Had it failed a third time, the wait would be 10 s.
         o.pods = vec![primary, exited(backup_of("vm-3", "vm-0", 1), 2, -3, -1)];
@@ -1098,6 +1146,35 @@ mod tests {
         // An ordinary crash is still handled by the crash-loop rules.
         let plain = observed(None, vec![PodView { state: PodState::Exited, ..pod("vm-0", Role::Primary) }]);
         assert_ne!(decide(&plain).status.phase, Phase::Failed);
+    }
+
+    #[test]
+    fn channel_credentials_come_first_and_again_with_a_third_of_their_life_left() {
+        let mut o = observed(None, vec![]);
+        o.channel.expires = None;
+        o.lease = None;
+        let plan = decide(&o);
+        assert_eq!(plan.actions[0], Action::IssueChannelCredentials, "before the pods that mount them");
+        assert!(matches!(plan.actions.last(), Some(Action::CreatePod { .. })));
+        let expires = o.now + SignedDuration::from_hours(24);
+        assert_eq!(plan.status.channel_expires, Some(expires));
+        // Renewal is due 16 h later; the plan asks to be woken then.
+        assert_eq!(plan.wake_at, Some(o.now + SignedDuration::from_hours(16)));
+        o.channel.expires = Some(expires);
+        o.now += SignedDuration::from_hours(15);
+        assert!(!decide(&o).actions.contains(&Action::IssueChannelCredentials));
+        o.now += SignedDuration::from_hours(1);
+        let renew = decide(&o);
+        assert!(renew.actions.contains(&Action::IssueChannelCredentials));
+        assert_eq!(renew.status.channel_expires, Some(o.now + SignedDuration::from_hours(24)));
+    }
+
+    #[test]
+    fn the_network_policy_is_applied_when_enabled() {
+        let mut o = observed(None, vec![]);
+        assert!(!decide(&o).actions.contains(&Action::ApplyNetworkPolicy));
+        o.network_policy = true;
+        assert!(decide(&o).actions.contains(&Action::ApplyNetworkPolicy));
     }
 
     #[test]

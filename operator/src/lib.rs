@@ -31,6 +31,7 @@
 //! assert_eq!(vm.spec.vcpus, 1);
 //! ```
 
+pub mod channel;
 pub mod controller;
 pub mod crd;
 pub mod decide;

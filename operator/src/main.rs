@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use lockstep_arbiter::{Arbiter, LeaseArbiter};
 use lockstep_logging::LogFormat;
+use lockstep_operator::channel::{self, ChannelSettings};
 use lockstep_operator::controller::{self, Context, Settings};
 use lockstep_operator::leader::{self, Timing};
 use lockstep_operator::metrics::{self, Metrics};
@@ -55,6 +56,22 @@ struct Args {
     /// or another plugin's, e.g. KubeVirt's `devices.kubevirt.io/kvm`.
     #[arg(long, env = "LOCKSTEP_KVM_RESOURCE", default_value = lockstep_operator::resources::KVM_RESOURCE)]
     kvm_resource: String,
+    /// The Secret (NAMESPACE/NAME) that holds the logging channel's CA; made on first start.
+    /// Default: `lockstep-channel-ca` in the leader Lease's namespace (the operator's own).
+    #[arg(long, env = "LOCKSTEP_CHANNEL_CA_SECRET", value_name = "NS/NAME")]
+    channel_ca_secret: Option<String>,
+    /// Lifetime of the per-FTVM channel certificates; they are issued again with a third left.
+    #[arg(long, env = "LOCKSTEP_CHANNEL_CERT_VALIDITY_HOURS", default_value_t = 24, value_parser = clap::value_parser!(u64).range(1..=8760))]
+    channel_cert_validity_hours: u64,
+    /// Keep a NetworkPolicy per FTVM: its channel port open to its own replicas only, its metrics
+    /// port to the operator's namespace and those given with --metrics-from-namespace, its client
+    /// port as `spec.network.clientFrom` says.
+    #[arg(long, env = "LOCKSTEP_NETWORK_POLICY")]
+    network_policy: bool,
+    /// A namespace (Prometheus, say) allowed to reach the agents' metrics port under
+    /// --network-policy. Repeat for more.
+    #[arg(long, value_name = "NS")]
+    metrics_from_namespace: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +84,10 @@ enum MainError {
     Client(#[source] kube::Error),
     #[error("--leader-lease must be NAMESPACE/NAME, got {0:?}")]
     LeaderLease(String),
+    #[error("--channel-ca-secret must be NAMESPACE/NAME, got {0:?}")]
+    CaSecret(String),
+    #[error("{0}")]
+    Ca(#[from] lockstep_operator::channel::CaError),
     #[error("{0}")]
     SteppedDown(#[from] leader::SteppedDown),
 }
@@ -105,6 +126,15 @@ async fn run(args: Args) -> Result<(), MainError> {
         renew_deadline: duration * 2 / 3,
         retry_period: duration / 7,
     };
+    let ca_secret = args.channel_ca_secret.clone().unwrap_or_else(|| format!("{ns}/lockstep-channel-ca"));
+    let (ca_ns, ca_name) = ca_secret.split_once('/').ok_or_else(|| MainError::CaSecret(ca_secret.clone()))?;
+    let ca = Arc::new(channel::ensure_ca(&client, ca_ns, ca_name).await?);
+    tracing::info!(secret = %ca_secret, "logging-channel CA loaded");
+    let network_policy = args.network_policy.then(|| {
+        let mut namespaces = vec![ns.to_owned()];
+        namespaces.extend(args.metrics_from_namespace.iter().filter(|n| n.as_str() != ns).cloned());
+        namespaces
+    });
     let arbiter: Arc<dyn Arbiter> = Arc::new(LeaseArbiter::new(client.clone(), ns, name).with_lease_duration(duration));
     tracing::info!(%identity, lease = %arbiter.describe(), "waiting to be elected leader");
     let epoch = leader::acquire(arbiter.as_ref(), &identity, timing).await;
@@ -120,6 +150,11 @@ async fn run(args: Args) -> Result<(), MainError> {
             agent_cluster_role: args.agent_cluster_role,
             scrape_interval: Duration::from_secs(args.agent_scrape_interval_secs.max(2)),
             kvm_resource: args.kvm_resource,
+            channel: ChannelSettings {
+                ca,
+                validity: Duration::from_secs(args.channel_cert_validity_hours * 3600),
+                network_policy,
+            },
         },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

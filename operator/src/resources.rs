@@ -14,12 +14,15 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
     ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::rbac::v1::{RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
@@ -60,6 +63,14 @@ pub const AGENT_CONTAINER: &str = "agent";
 
 /// ServiceAccount (and RoleBinding) of the agents in each namespace with FTVMs.
 pub const AGENT_SERVICE_ACCOUNT: &str = "lockstep-agent";
+
+/// Where the logging channel's credentials are mounted in an agent pod.
+pub const CHANNEL_TLS_DIR: &str = "/etc/lockstep/channel-tls";
+
+/// Name of the Secret that holds an FTVM's logging-channel credentials.
+pub fn channel_secret_name(ftvm: &str) -> String {
+    format!("{ftvm}-channel-tls")
+}
 
 /// Name of the arbiter Lease of an FTVM.
 pub fn lease_name(ftvm: &str) -> String {
@@ -161,6 +172,74 @@ pub fn agent_role_binding(ns: &str, cluster_role: &str) -> RoleBinding {
     }
 }
 
+/// The Secret with the FTVM's logging-channel credentials ([`lockstep_channel_tls::CREDENTIAL_FILES`]),
+/// owned by the FTVM. The operator writes it and never reads it back (its RBAC has no `get` on
+/// Secrets outside its own namespace): the expiry it needs is in the FTVM's status.
+pub fn channel_secret(ftvm: &FTVirtualMachine, creds: &lockstep_channel_tls::Credentials) -> Secret {
+    Secret {
+        metadata: owner_meta(ftvm, channel_secret_name(&ftvm.name_any()), base_labels(ftvm)),
+        string_data: Some(creds.files().iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
+/// Who may reach an FTVM's pods: the logging channel only from its own other replica, the metrics
+/// only from `metrics_namespaces` (the operator's, for status, and the monitoring ones), the
+/// client port from `spec.network.clientFrom` (anywhere when empty). Egress is not restricted:
+/// the agents reach the apiserver and each other.
+pub fn network_policy(ftvm: &FTVirtualMachine, metrics_namespaces: &[String]) -> NetworkPolicy {
+    let s = &ftvm.spec;
+    let ours = LabelSelector {
+        match_labels: Some(BTreeMap::from([
+            (LABEL_FTVM.to_owned(), ftvm.name_any()),
+            ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
+        ])),
+        ..LabelSelector::default()
+    };
+    let port = |p: i32| {
+        Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(p)),
+            protocol: Some("TCP".into()),
+            ..NetworkPolicyPort::default()
+        }])
+    };
+    let namespaces = LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "In".into(),
+            values: Some(metrics_namespaces.to_vec()),
+        }]),
+        ..LabelSelector::default()
+    };
+    let client_from = s.network.client_from.clone();
+    NetworkPolicy {
+        metadata: owner_meta(ftvm, ftvm.name_any(), base_labels(ftvm)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(ours.clone()),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: port(s.channel_port),
+                    from: Some(vec![NetworkPolicyPeer { pod_selector: Some(ours), ..NetworkPolicyPeer::default() }]),
+                },
+                NetworkPolicyIngressRule {
+                    ports: port(s.metrics_port),
+                    from: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(namespaces),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                },
+                NetworkPolicyIngressRule {
+                    ports: port(s.client_port),
+                    from: (!client_from.is_empty()).then_some(client_from),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
 /// What a replica pod needs besides the FTVM.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodPlan<'a> {
@@ -223,6 +302,10 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
         ],
     };
     args.extend([
+        // Mutual TLS on the logging channel, with the credentials the operator issues; the
+        // operator never starts an agent with --insecure-channel.
+        "--channel-tls".into(),
+        CHANNEL_TLS_DIR.into(),
         "--metrics-listen".into(),
         listen(s.metrics_port),
         // The arbiter identity must be the pod name: the operator reads the Lease holder back as
@@ -337,8 +420,23 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     // a hostPath: a hostPath device is either unusable (the devices cgroup refuses it) or needs a
     // privileged pod. The container runtime creates the node owned by the pod's user when the
     // node's containerd has device_ownership_from_security_context (docs/device-plugin.md).
-    let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    // The channel credentials: both roles' certificates (a backup that goes live listens as a
+    // primary). Readable by the agent's group only; updated in place when the operator renews.
+    let mut volumes = vec![Volume {
+        name: "channel-tls".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(channel_secret_name(&ftvm.name_any())),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "channel-tls".into(),
+        mount_path: CHANNEL_TLS_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }];
     if s.disk_size_mib > 0 {
         volumes.push(Volume {
             name: "disk".into(),
@@ -398,7 +496,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
         // the kubelet copies them into the container's terminated state, where the operator and
         // `kubectl describe` read them.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        volume_mounts: Some(mounts),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(AGENT_UID),
@@ -430,7 +528,7 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
             affinity: Some(Affinity { pod_anti_affinity: Some(anti_affinity), ..Affinity::default() }),
             tolerations: Some(tolerations(ftvm)),
             node_selector: (!s.placement.node_selector.is_empty()).then(|| s.placement.node_selector.clone()),
-            volumes: (!volumes.is_empty()).then_some(volumes),
+            volumes: Some(volumes),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 run_as_user: Some(AGENT_UID),
@@ -483,7 +581,8 @@ pub(crate) mod tests {
         assert_eq!(
             args,
             "primary --guest kvstore --vm-id ns.vm --client-listen 0.0.0.0:6380 --channel-listen 0.0.0.0:7000 \
-             --arbiter lease:ns/vm-arbiter --memory-mib 128 --metrics-listen 0.0.0.0:9100 --name $(POD_NAME) \
+             --arbiter lease:ns/vm-arbiter --memory-mib 128 --channel-tls /etc/lockstep/channel-tls \
+             --metrics-listen 0.0.0.0:9100 --name $(POD_NAME) \
              --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16"
         );
     }
@@ -507,7 +606,8 @@ pub(crate) mod tests {
         assert_eq!(
             args,
             "backup --guest kvstore --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
-             --channel-listen 0.0.0.0:7000 --arbiter lease:ns/vm-arbiter --metrics-listen 0.0.0.0:9100 \
+             --channel-listen 0.0.0.0:7000 --arbiter lease:ns/vm-arbiter --channel-tls /etc/lockstep/channel-tls \
+             --metrics-listen 0.0.0.0:9100 \
              --name $(POD_NAME) --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16 \
              --disk /var/lib/lockstep/disk.img"
         );
@@ -532,7 +632,8 @@ pub(crate) mod tests {
         assert_eq!(c["resources"]["limits"]["memory"], "208Mi");
         assert_eq!(c["image"], "agent:dev");
         // No hostPath and nothing privileged: /dev/kvm comes from the device plugin.
-        assert!(v["spec"].get("volumes").is_none(), "a pod without a disk has no volumes: {}", v["spec"]);
+        let volumes = v["spec"]["volumes"].as_array().unwrap();
+        assert_eq!(volumes.len(), 1, "a pod without a disk has only its channel credentials: {volumes:?}");
         assert!(!v.to_string().contains("hostPath") && !v.to_string().contains("privileged"));
         assert_eq!(v["spec"]["securityContext"]["supplementalGroups"][0], 993);
         assert_eq!(v["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
@@ -569,6 +670,40 @@ pub(crate) mod tests {
             t.iter().find(|x| x.key.as_deref() == Some("node.kubernetes.io/unreachable")).unwrap().toleration_seconds,
             Some(2)
         );
+    }
+
+    #[test]
+    fn pods_mount_the_channel_credentials_and_the_policy_fences_the_channel() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "network": {"clientFrom": [
+            {"namespaceSelector": {"matchLabels": {"team": "shop"}}}
+        ]}}));
+        let p = serde_json::to_value(pod(&f, &plan(Role::Primary, None))).unwrap();
+        assert_eq!(p["spec"]["volumes"][0]["secret"]["secretName"], "vm-channel-tls");
+        assert_eq!(p["spec"]["volumes"][0]["secret"]["defaultMode"], 0o440);
+        assert_eq!(p["spec"]["containers"][0]["volumeMounts"][0]["mountPath"], CHANNEL_TLS_DIR);
+        let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert!(args.contains(&format!("--channel-tls {CHANNEL_TLS_DIR}")) && !args.contains("insecure"), "{args}");
+
+        let np = serde_json::to_value(network_policy(&f, &["lockstep-system".into(), "monitoring".into()])).unwrap();
+        let rules = np["spec"]["ingress"].as_array().unwrap();
+        assert_eq!(np["spec"]["podSelector"]["matchLabels"][LABEL_FTVM], "vm");
+        assert_eq!(rules[0]["ports"][0]["port"], 7000);
+        assert_eq!(rules[0]["from"][0]["podSelector"]["matchLabels"][LABEL_FTVM], "vm", "channel: own replicas only");
+        assert_eq!(rules[1]["ports"][0]["port"], 9100);
+        assert_eq!(rules[1]["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"][1], "monitoring");
+        assert_eq!(rules[2]["ports"][0]["port"], 6380);
+        assert_eq!(rules[2]["from"][0]["namespaceSelector"]["matchLabels"]["team"], "shop");
+        let open = network_policy(&ftvm(serde_json::json!({"guest": "kvstore"})), &[]);
+        let open = serde_json::to_value(open).unwrap();
+        assert!(open["spec"]["ingress"][2].get("from").is_none(), "no clientFrom: the client port is open");
+
+        let ca = lockstep_channel_tls::Ca::generate("t", std::time::Duration::from_secs(60)).unwrap();
+        let creds = lockstep_channel_tls::Credentials::issue(&ca, "ns.vm", std::time::Duration::from_secs(60)).unwrap();
+        let sec = channel_secret(&f, &creds);
+        assert_eq!(sec.metadata.name.as_deref(), Some("vm-channel-tls"));
+        let keys: Vec<_> = sec.string_data.unwrap().into_keys().collect();
+        assert_eq!(keys.len(), lockstep_channel_tls::CREDENTIAL_FILES.len());
+        assert_eq!(sec.metadata.owner_references.unwrap()[0].kind, "FTVirtualMachine");
     }
 
     #[test]

@@ -74,6 +74,13 @@ fn ctx(svc: mock::Mock<Request<Body>, Response<Body>>) -> (Context, Metrics) {
         agent_cluster_role: "lockstep-agent".into(),
         scrape_interval: controller::DEFAULT_SCRAPE_INTERVAL,
         kvm_resource: lockstep_operator::resources::KVM_RESOURCE.into(),
+        channel: lockstep_operator::channel::ChannelSettings {
+            ca: std::sync::Arc::new(
+                lockstep_channel_tls::Ca::generate("test CA", std::time::Duration::from_secs(3600)).unwrap(),
+            ),
+            validity: std::time::Duration::from_secs(3600),
+            network_policy: None,
+        },
     };
     (Context::new(client, metrics.clone(), settings), metrics)
 }
@@ -110,6 +117,7 @@ fn failover_plan() -> Plan {
             spec_valid: true,
             backoff: None,
             guest_failed: None,
+            channel_expires: None,
         },
         failover: true,
         wake_at: None,
@@ -231,7 +239,9 @@ async fn observe_reads_pods_nodes_and_lease() {
         ],
     );
     let (ctx, _) = ctx(svc);
-    let o = controller::observe(&ftvm(), &ctx.client, k8s_openapi::jiff::Timestamp::UNIX_EPOCH).await.unwrap();
+    let o = controller::observe(&ftvm(), &ctx.client, &ctx.settings, k8s_openapi::jiff::Timestamp::UNIX_EPOCH)
+        .await
+        .unwrap();
     let seen = server.await.unwrap();
     assert!(seen[0].uri.contains("labelSelector=lockstep.dev%2Fftvm%3Dvm"), "{}", seen[0].uri);
     assert_eq!(o.pods.len(), 1, "a pod owned by an older object of the same name is not ours");
@@ -299,6 +309,7 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
                     json!({"metadata": {"name": "vm-arbiter"}, "spec": {"holderIdentity": "vm-0", "leaseTransitions": 1}}),
                 ),
             ),
+            (200, None),              // channel credentials (none issued yet)
             (200, None),              // service
             (200, None),              // agent service account
             (200, None),              // agent role binding
@@ -310,7 +321,7 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
     );
     let (ctx, metrics) = ctx(svc);
     let now: Timestamp = "2026-11-26T01:40:01Z".parse().unwrap();
-    let observed = controller::observe(&ftvm(), &ctx.client, now).await.unwrap();
+    let observed = controller::observe(&ftvm(), &ctx.client, &ctx.settings, now).await.unwrap();
     let plan = lockstep_operator::decide::decide(&observed);
     controller::execute(&ftvm(), &plan, &ctx).await.unwrap();
     let seen = server.await.unwrap();
@@ -319,6 +330,7 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
     assert_eq!(
         calls,
         [
+            "PATCH /api/v1/namespaces/ns/secrets/vm-channel-tls",
             "PATCH /api/v1/namespaces/ns/services/vm",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/lockstep-agent",
             "PATCH /apis/rbac.authorization.k8s.io/v1/namespaces/ns/rolebindings/lockstep-agent",
@@ -329,15 +341,21 @@ async fn a_crash_looping_backup_is_kept_and_marked_and_its_replacement_waits() {
         ],
         "no DELETE of the crashed pod and no new backup yet"
     );
+    // The credentials: both roles' certificates and keys and the CA, applied server-side.
+    assert_eq!(seen[4].content_type, "application/apply-patch+yaml");
+    let files = seen[4].body["stringData"].as_object().expect("stringData");
+    assert_eq!(files.len(), lockstep_channel_tls::CREDENTIAL_FILES.len());
+    assert!(files["primary.key"].as_str().unwrap().contains("PRIVATE KEY"));
     // Two failures in a row: 5 s after the exit.
-    assert_eq!(seen[7].content_type, "application/merge-patch+json");
-    assert_eq!(seen[7].body, json!({"metadata": {"annotations": {"lockstep.dev/replace-at": "2026-11-26T01:40:05Z"}}}));
-    assert_eq!(seen[8].body["reason"], "ReplicaLost");
-    assert_eq!(seen[9].body["reason"], "BackOff");
-    assert_eq!(seen[9].body["type"], "Warning");
-    let note = seen[9].body["note"].as_str().unwrap();
+    assert_eq!(seen[8].content_type, "application/merge-patch+json");
+    assert_eq!(seen[8].body, json!({"metadata": {"annotations": {"lockstep.dev/replace-at": "2026-11-26T01:40:05Z"}}}));
+    assert_eq!(seen[9].body["reason"], "ReplicaLost");
+    assert_eq!(seen[10].body["reason"], "BackOff");
+    assert_eq!(seen[10].body["type"], "Warning");
+    let note = seen[10].body["note"].as_str().unwrap();
     assert!(note.contains("backup vm-2's agent exited, 2 times in a row"), "{note}");
-    let st = &seen[10].body["status"];
+    let st = &seen[11].body["status"];
+    assert!(st["channelCertificateExpires"].is_string(), "{st}");
     assert_eq!(st["phase"], "Degraded");
     assert!(st["message"].as_str().unwrap().contains("the next backup is created at 2026-11-26T01:40:05Z"), "{st}");
     let cond = st["conditions"]

@@ -45,10 +45,52 @@ fn rbac_covers_every_resource_the_operator_touches() {
         "\"events\"",
         "\"serviceaccounts\"",
         "\"rolebindings\"",
+        "\"networkpolicies\"",
         "[\"bind\"]",
     ] {
         assert!(rbac.contains(needle), "charts/lockstep/templates/rbac.yaml lacks {needle}");
     }
-    assert!(!rbac.contains("secrets"), "the operator never needs secrets");
     assert!(!rbac.contains("\"*\""), "no wildcards in RBAC");
+    // Secrets: written blind everywhere, read only by name (its CA) in its own namespace.
+    let docs: Vec<serde_json::Value> = rbac
+        .split("\n---")
+        .filter(|d| d.contains("rules:"))
+        .map(|d| {
+            // The templates are valid YAML once the Helm expressions are blanked.
+            let plain: String = d
+                .lines()
+                .map(|l| {
+                    let mut out = String::new();
+                    let mut rest = l;
+                    while let Some(i) = rest.find("{{") {
+                        out.push_str(&rest[..i]);
+                        out.push('x');
+                        rest = rest[i..].find("}}").map_or("", |j| &rest[i + j + 2..]);
+                    }
+                    out + rest
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            serde_saphyr::from_str(&plain).unwrap_or_else(|e| panic!("{e}: {plain}"))
+        })
+        .collect();
+    let mut secret_rules = 0;
+    for doc in &docs {
+        for rule in doc["rules"].as_array().unwrap() {
+            if !rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
+                continue;
+            }
+            secret_rules += 1;
+            let verbs: Vec<&str> = rule["verbs"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+            let named = rule.get("resourceNames").is_some();
+            for v in &verbs {
+                assert!(!["list", "watch", "delete", "deletecollection"].contains(v), "secrets: {v} is never needed");
+                if *v == "get" || *v == "update" {
+                    assert!(named, "secrets: {v} only on the CA Secret by name: {rule}");
+                    assert_eq!(doc["kind"], "Role", "reading a Secret only in the operator's own namespace");
+                }
+            }
+        }
+    }
+    assert_eq!(secret_rules, 3, "the CA (get/update by name, create) and FTVM credentials (create/patch)");
 }
