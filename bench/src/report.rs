@@ -218,6 +218,8 @@ pub struct Report {
     pub clone_duration_seconds: BTreeMap<String, Option<f64>>,
     pub clones: Vec<CloneRun>,
     pub prometheus: Option<PromCheck>,
+    /// The WebAssembly example service (scenario `wasm`).
+    pub wasm: Option<crate::wasm::WasmFigures>,
     pub targets: Vec<Target>,
     pub plots: Vec<String>,
     pub errors: Vec<String>,
@@ -717,6 +719,10 @@ impl Report {
             None => {
                 let _ = writeln!(w, "Prometheus was not run (see errors below).");
             }
+        }
+
+        if let Some(wasm) = &self.wasm {
+            w.push_str(&wasm.markdown());
         }
 
         if !self.errors.is_empty() {
