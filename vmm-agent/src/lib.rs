@@ -47,5 +47,6 @@ pub mod recorder;
 pub mod replayer;
 pub mod snapshot;
 pub mod sock;
+pub mod status;
 pub mod up;
 pub mod vmm;

@@ -422,7 +422,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
-            eprintln!("note: no --disk given; kvstore uses a scratch disk and its data will not persist");
+            lockstep_agent::say!("note: no --disk given; kvstore uses a scratch disk and its data will not persist");
             Some(scratch_disk(args.machine.disk_size_mib)?)
         }
         (None, false) => None,
@@ -451,7 +451,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         args.client_listen
     )))?;
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
-    eprintln!("lockstep-agent: clients on {}", front.local_addr());
+    lockstep_agent::say!("clients on {}", front.local_addr());
     metrics.ready.set(1);
     let mut vm = Machine::new_with_payload(
         MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
@@ -574,7 +574,7 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
         }
         (None, 0) => None,
         (None, size) => {
-            eprintln!("note: no --disk given; replaying against a zeroed scratch disk of {size} bytes");
+            lockstep_agent::say!("note: no --disk given; replaying against a zeroed scratch disk of {size} bytes");
             Some(scratch_disk(size >> 20)?)
         }
     };
@@ -666,7 +666,9 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let disk = match (&args.machine.disk, guest.needs_disk()) {
         (Some(p), _) => Some(open_disk(p, Some(args.machine.disk_size_mib))?),
         (None, true) => {
-            eprintln!("note: no --disk given; kvstore uses a scratch disk that is lost when this agent exits");
+            lockstep_agent::say!(
+                "note: no --disk given; kvstore uses a scratch disk that is lost when this agent exits"
+            );
             Some(scratch_disk(args.machine.disk_size_mib)?)
         }
         (None, false) => None,
@@ -688,7 +690,7 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
             )));
         }
     };
-    eprintln!("lockstep-agent: primary of {} at epoch {epoch}", opts.vm_id);
+    lockstep_agent::say!("primary of {} at epoch {epoch}", opts.vm_id);
     let mut vm = Machine::new_with_payload(
         MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
         &boot_args,
@@ -745,6 +747,7 @@ fn main() -> ExitCode {
         eprintln!("lockstep-agent: error: {e} (LOCKSTEP_LOG)");
         return ExitCode::from(2);
     }
+    lockstep_agent::status::use_json(cli.log_format == lockstep_logging::LogFormat::Json);
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Replay(a) => replay(a),
@@ -775,17 +778,17 @@ fn main() -> ExitCode {
     match result.map_err(CliError::into_guest_failure) {
         Ok(()) => ExitCode::SUCCESS,
         Err(CliError::Pair(pair::primary::PairError::Halted(why))) => {
-            eprintln!("lockstep-agent: halted: {why}");
+            lockstep_agent::say!("halted: {why}");
             ExitCode::from(3)
         }
         // Not a host failure: the backup meets the same failure at the same exit, so nothing
         // can fail over; the operator shows it (GuestFailed) instead of replacing replicas.
         Err(e @ CliError::GuestFailed(_)) => {
-            eprintln!("lockstep-agent: {e}");
+            lockstep_agent::status::error_line(format_args!("{e}"));
             ExitCode::from(4)
         }
         Err(e) => {
-            eprintln!("lockstep-agent: error: {e}");
+            lockstep_agent::status::error_line(format_args!("error: {e}"));
             ExitCode::FAILURE
         }
     }

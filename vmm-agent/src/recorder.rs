@@ -57,7 +57,7 @@ impl ConsoleLines {
         self.partial.extend_from_slice(bytes);
         while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            eprintln!("[guest] {}", String::from_utf8_lossy(&line[..line.len() - 1]));
+            crate::status::console(&String::from_utf8_lossy(&line[..line.len() - 1]));
         }
     }
 }

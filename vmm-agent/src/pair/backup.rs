@@ -107,11 +107,7 @@ impl<V: Vcpu> CloneTarget<V> {
                 self.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
                 let cfg = MachineConfig { guest: self.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
                 self.machine = Some((self.factory)(cfg).map_err(|e| e.to_string())?);
-                eprintln!(
-                    "lockstep-agent: receiving a clone of {} MiB memory and {} MiB disk",
-                    memory_bytes >> 20,
-                    disk_bytes >> 20
-                );
+                crate::say!("receiving a clone of {} MiB memory and {} MiB disk", memory_bytes >> 20, disk_bytes >> 20);
             }
             CloneData::Pages { pages, .. } => {
                 let vm = self.machine.as_ref().ok_or("pages before CloneBegin")?;
@@ -209,13 +205,13 @@ impl<V: Vcpu + 'static> Role for BackupRole<V> {
                 }
                 RoleEvent::VmEnded { exit } => {
                     self.vm_ended = Some(exit);
-                    eprintln!(
-                        "lockstep-agent: the primary's guest stopped at exit {exit}; the replay ends there too and this side will not go live"
+                    crate::say!(
+                        "the primary's guest stopped at exit {exit}; the replay ends there too and this side will not go live"
                     );
                 }
                 RoleEvent::Synced { from_exit } => {
                     self.metrics.ready.set(1);
-                    eprintln!("lockstep-agent: backup in sync from exit {from_exit}");
+                    crate::say!("backup in sync from exit {from_exit}");
                 }
                 _ => {}
             }
@@ -393,9 +389,7 @@ pub(crate) fn run_with<V: Vcpu + 'static>(
             Ok(j) => break j,
             Err(Halt { why, retry: true }) if attempt < CLONE_ATTEMPTS && !popts.stop.load(Ordering::Relaxed) => {
                 attempt += 1;
-                eprintln!(
-                    "lockstep-agent: the clone did not complete ({why}); retrying (attempt {attempt} of {CLONE_ATTEMPTS})"
-                );
+                crate::say!("the clone did not complete ({why}); retrying (attempt {attempt} of {CLONE_ATTEMPTS})");
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(Halt { why, .. }) => return Err(PairError::Halted(why)),
@@ -486,12 +480,12 @@ fn replay<V: Vcpu + 'static>(
 ) -> Result<RunSummary, PairError> {
     let popts = &opts.primary;
     let Joined { driver, mut vm, disk } = joined;
-    eprintln!("lockstep-agent: clone applied at exit {}; replaying", vm.exits);
+    crate::say!("clone applied at exit {}; replaying", vm.exits);
 
     let stop = popts.stop.clone();
     let stopped = |vm: &Machine<V>, driver: &Arc<BackupDriver<V>>| -> Result<RunSummary, PairError> {
         driver.shutdown();
-        eprintln!("lockstep-agent: backup stopped on request after exit {}", vm.exits);
+        crate::say!("backup stopped on request after exit {}", vm.exits);
         Ok(RunSummary { exits: vm.exits, digest: vm.digest(false)?, reason: crate::vmm::StopReason::Requested })
     };
     let exchange = driver.lock().role.exchange.clone();
@@ -513,10 +507,7 @@ fn replay<V: Vcpu + 'static>(
                     rep.end(vm.exits, digest, &reason)?;
                 }
                 driver.shutdown();
-                eprintln!(
-                    "lockstep-agent: the guest stopped ({reason:?}) at exit {}; the backup stops with it",
-                    vm.exits
-                );
+                crate::say!("the guest stopped ({reason:?}) at exit {}; the backup stops with it", vm.exits);
                 return Ok(RunSummary { exits: vm.exits, digest, reason });
             }
             Err(RunError::GoLive { .. }) if stop.load(Ordering::Relaxed) => return stopped(&vm, &driver),
@@ -560,8 +551,8 @@ fn replay<V: Vcpu + 'static>(
         close_conns: vm.devices.vsock.device.open_conns(),
         pending_exit: Some(pending),
     };
-    eprintln!(
-        "lockstep-agent: going live as primary at exit {} (epoch {}), closing {} stale client streams",
+    crate::say!(
+        "going live as primary at exit {} (epoch {}), closing {} stale client streams",
         vm.exits + 1,
         ft_primary.epoch(),
         resume.close_conns.len()

@@ -425,10 +425,10 @@ pub(crate) fn drive_with<V: Vcpu>(
             source,
         })?;
     let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
-    eprintln!("lockstep-agent: clients on {}", front.local_addr());
+    crate::say!("clients on {}", front.local_addr());
     opts.metrics.ready.set(1);
     let listener = listen()?;
-    eprintln!("lockstep-agent: channel on {}", listener.describe());
+    crate::say!("channel on {}", listener.describe());
     opts.metrics.epoch.set(ft.epoch() as i64);
     opts.metrics.role.set(1);
 
