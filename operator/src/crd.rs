@@ -36,6 +36,8 @@ pub const MAX_MEMORY_MIB: u32 = 16384;
     namespaced,
     status = "FTVirtualMachineStatus",
     doc = "A fault-tolerant single-vCPU VM: a recording primary and a replaying backup on different nodes",
+    printcolumn(name = "Guest", type_ = "string", json_path = ".spec.guest"),
+    printcolumn(name = "Module", type_ = "string", json_path = ".spec.wasm.module", priority = 1),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Primary Node", type_ = "string", json_path = ".status.primaryNode"),
     printcolumn(name = "Backup Node", type_ = "string", json_path = ".status.backupNode"),
@@ -44,7 +46,8 @@ pub const MAX_MEMORY_MIB: u32 = 16384;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FTVirtualMachineSpec {
-    /// The guest program to run, one of those shipped in the agent image (for example `kvstore`).
+    /// The guest program to run, one of those shipped in the agent image (`kvstore`, `compute`,
+    /// `idle`), or `wasi` to run the WebAssembly module named in `wasm`.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"))]
     pub guest: String,
 
@@ -100,6 +103,104 @@ pub struct FTVirtualMachineSpec {
     /// chart enables network policies).
     #[serde(default, skip_serializing_if = "Network::is_default")]
     pub network: Network,
+
+    /// The WebAssembly (WASI preview1) program to run when `guest` is `wasi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmModule>,
+}
+
+/// A user's WebAssembly program (docs/wasi.md). Its bytes are part of the VM's identity: both
+/// replicas must read the same module.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WasmModule {
+    /// Where the module is, read-only on both replicas' nodes:
+    /// `configMap:<name>/<key>` (a ConfigMap's binaryData in this namespace; up to about 1 MiB)
+    /// or `persistentVolumeClaim:<claim>/<path in the volume>` (any size; the claim must be
+    /// mountable by both nodes at once, ReadOnlyMany or ReadWriteMany).
+    #[schemars(
+        length(min = 1, max = 512),
+        regex(pattern = r"^(configMap|persistentVolumeClaim):[a-z0-9]([-a-z0-9.]*[a-z0-9])?/.+$")
+    )]
+    pub module: String,
+    /// The program's arguments after argv[0].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub args: Vec<String>,
+    /// The program's environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<WasmEnv>,
+}
+
+/// One environment variable of the program.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct WasmEnv {
+    /// Name (no `=`).
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^=]+$"))]
+    pub name: String,
+    /// Value.
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub value: String,
+}
+
+/// Where a module's bytes come from, parsed from [`WasmModule::module`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleSource {
+    /// A key of a ConfigMap's data or binaryData.
+    ConfigMap {
+        /// ConfigMap name.
+        name: String,
+        /// Key.
+        key: String,
+    },
+    /// A file in a PersistentVolumeClaim's volume.
+    PersistentVolumeClaim {
+        /// Claim name.
+        claim: String,
+        /// Path inside the volume.
+        path: String,
+    },
+}
+
+impl WasmModule {
+    /// The module's source, or why `module` cannot name one.
+    pub fn source(&self) -> Result<ModuleSource, SpecError> {
+        let bad = |why: &str| SpecError::BadModule { module: self.module.clone(), why: why.into() };
+        let (kind, rest) = self.module.split_once(':').ok_or_else(|| bad("no source kind before ':'"))?;
+        let (name, path) = rest.split_once('/').ok_or_else(|| bad("no '/' between the object's name and the file"))?;
+        let dns = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 253
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && n.as_bytes()[0].is_ascii_alphanumeric()
+                && n.as_bytes()[n.len() - 1].is_ascii_alphanumeric()
+        };
+        if !dns(name) {
+            return Err(bad("the object's name is not a Kubernetes name"));
+        }
+        match kind {
+            "configMap" => {
+                let key_ok = !path.is_empty()
+                    && path.len() <= 253
+                    && path.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                    && path != "."
+                    && path != "..";
+                if !key_ok {
+                    return Err(bad("a ConfigMap key has only letters, digits, '-', '_' and '.'"));
+                }
+                Ok(ModuleSource::ConfigMap { name: name.into(), key: path.into() })
+            }
+            "persistentVolumeClaim" => {
+                if path.starts_with('/') || path.split('/').any(|c| c.is_empty() || c == "..") || path.contains('\0') {
+                    return Err(bad("the path must stay inside the volume (relative, no '..', no empty part)"));
+                }
+                Ok(ModuleSource::PersistentVolumeClaim { claim: name.into(), path: path.into() })
+            }
+            _ => Err(bad("the source is configMap or persistentVolumeClaim")),
+        }
+    }
 }
 
 /// The VM's network exposure.
@@ -382,6 +483,17 @@ pub enum SpecError {
         /// Guest memory.
         memory_mib: u32,
     },
+    /// `spec.wasm.module` does not name a module.
+    #[error("spec.wasm.module {module:?}: {why}")]
+    BadModule {
+        /// Given.
+        module: String,
+        /// Why not.
+        why: String,
+    },
+    /// `guest: wasi` without a module, or a module with another guest.
+    #[error("{0}")]
+    WasmGuest(&'static str),
     /// No agent image in the spec and none configured in the operator.
     #[error("spec.agent.image is empty and the operator has no --agent-image default; set one of them")]
     NoImage,
@@ -420,6 +532,22 @@ impl FTVirtualMachineSpec {
             .find(|(_, v)| *v > 0)
             .map_or("maxClients", |(f, _)| f);
             return Err(SpecError::LimitsNotForGuest { field, guest: self.guest.clone() });
+        }
+        match (&self.wasm, self.guest.as_str()) {
+            (Some(w), "wasi") => {
+                w.source()?;
+            }
+            (None, "wasi") => {
+                return Err(SpecError::WasmGuest(
+                    "spec.guest is wasi but spec.wasm.module is missing: name the module to run",
+                ));
+            }
+            (Some(_), _) => {
+                return Err(SpecError::WasmGuest(
+                    "spec.wasm is for guest wasi; set spec.guest to wasi or remove spec.wasm",
+                ));
+            }
+            (None, _) => {}
         }
         if l.max_memory_mib > self.memory_mib {
             return Err(SpecError::MaxMemoryTooLarge { max_memory_mib: l.max_memory_mib, memory_mib: self.memory_mib });
@@ -492,6 +620,54 @@ mod tests {
     }
 
     #[test]
+    fn a_wasm_module_comes_from_a_config_map_or_a_claim_and_only_with_guest_wasi() {
+        let with = |guest: &str, module: Option<&str>| -> FTVirtualMachineSpec {
+            let mut v = serde_json::json!({ "guest": guest });
+            if let Some(m) = module {
+                v["wasm"] =
+                    serde_json::json!({ "module": m, "args": ["-quiet"], "env": [{ "name": "K", "value": "v" }] });
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let s = with("wasi", Some("configMap:kv/kv.wasm"));
+        s.validate().unwrap();
+        assert_eq!(
+            s.wasm.unwrap().source().unwrap(),
+            ModuleSource::ConfigMap { name: "kv".into(), key: "kv.wasm".into() }
+        );
+        let s = with("wasi", Some("persistentVolumeClaim:modules/go/kv.wasm"));
+        assert_eq!(
+            s.wasm.unwrap().source().unwrap(),
+            ModuleSource::PersistentVolumeClaim { claim: "modules".into(), path: "go/kv.wasm".into() }
+        );
+        for (module, why) in [
+            ("secret:kv/kv.wasm", "configMap or persistentVolumeClaim"),
+            ("configMap:kv", "no '/'"),
+            ("configMap:Kv/kv.wasm", "not a Kubernetes name"),
+            ("configMap:kv/a/b", "a ConfigMap key"),
+            ("persistentVolumeClaim:m/../etc/passwd", "inside the volume"),
+            ("persistentVolumeClaim:m//x", "inside the volume"),
+        ] {
+            let e = with("wasi", Some(module)).validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{module}: {e}");
+        }
+        assert!(with("wasi", None).validate().unwrap_err().to_string().contains("spec.wasm.module is missing"));
+        assert!(
+            with("kvstore", Some("configMap:kv/kv.wasm")).validate().unwrap_err().to_string().contains("guest wasi")
+        );
+    }
+
+    #[test]
+    fn the_examples_are_valid_specs() {
+        for file in ["ftvm.yaml", "ftvm-wasm.yaml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+            vm.spec.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        }
+    }
+
+    #[test]
     fn limits_are_optional_checked_against_memory_and_the_guest() {
         let s: FTVirtualMachineSpec = serde_json::from_value(serde_json::json!({
             "guest": "kvstore", "memoryMiB": 128,
@@ -543,7 +719,9 @@ mod tests {
         assert_eq!(v["name"], "v1alpha1");
         let cols: Vec<_> =
             v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
-        assert_eq!(cols, ["Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
+        assert_eq!(cols, ["Guest", "Module", "Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
+        // The module's source shows with -o wide only.
+        assert_eq!(v["additionalPrinterColumns"][1]["priority"], 1);
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
         assert_eq!(spec["vcpus"]["minimum"].as_f64(), Some(1.0));
         assert_eq!(spec["vcpus"]["maximum"].as_f64(), Some(1.0));

@@ -12,10 +12,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe,
-    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount,
-    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount,
+    Affinity, Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
@@ -26,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::FTVirtualMachine;
+use crate::crd::{FTVirtualMachine, ModuleSource};
 use crate::decide::{ANN_ATTEMPT, Role};
 
 /// Label: which FTVM a pod belongs to.
@@ -271,8 +272,6 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
     let mut args: Vec<String> = match (plan.mode, plan.primary) {
         (Role::Primary, _) | (Role::Backup, None) => vec![
             "primary".into(),
-            "--guest".into(),
-            s.guest.clone(),
             "--vm-id".into(),
             vm_id(ftvm),
             "--client-listen".into(),
@@ -286,8 +285,6 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
         ],
         (Role::Backup, Some((_, ip))) => vec![
             "backup".into(),
-            "--guest".into(),
-            s.guest.clone(),
             "--vm-id".into(),
             vm_id(ftvm),
             "--channel-connect".into(),
@@ -301,6 +298,21 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
             arbiter,
         ],
     };
+    // The program: a built-in guest, or the user's module from its volume with its arguments
+    // and environment (a backup needs the same bytes: they are the VM's identity).
+    match wasm_module_path(ftvm) {
+        Some(path) => {
+            args.extend(["--wasm".into(), path]);
+            let w = s.wasm.as_ref().expect("a module path comes from spec.wasm");
+            for a in &w.args {
+                args.extend(["--wasm-arg".into(), a.clone()]);
+            }
+            for e in &w.env {
+                args.extend(["--wasm-env".into(), format!("{}={}", e.name, e.value)]);
+            }
+        }
+        None => args.extend(["--guest".into(), s.guest.clone()]),
+    }
     args.extend([
         // Mutual TLS on the logging channel, with the credentials the operator issues; the
         // operator never starts an agent with --insecure-channel.
@@ -399,6 +411,41 @@ fn resources(ftvm: &FTVirtualMachine, kvm_resource: &str) -> ResourceRequirement
     r
 }
 
+/// Where the agent container sees the user's WebAssembly module.
+pub const WASM_DIR: &str = "/var/lib/lockstep/wasm";
+
+/// The module's path inside the agent container, when the spec names a valid one.
+fn wasm_module_path(ftvm: &FTVirtualMachine) -> Option<String> {
+    match ftvm.spec.wasm.as_ref()?.source().ok()? {
+        ModuleSource::ConfigMap { .. } => Some(format!("{WASM_DIR}/module.wasm")),
+        ModuleSource::PersistentVolumeClaim { path, .. } => Some(format!("{WASM_DIR}/{path}")),
+    }
+}
+
+/// The read-only volume holding the module, when the spec names one.
+fn wasm_volume(ftvm: &FTVirtualMachine) -> Option<Volume> {
+    let volume = match ftvm.spec.wasm.as_ref()?.source().ok()? {
+        ModuleSource::ConfigMap { name, key } => Volume {
+            name: "wasm-module".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name,
+                items: Some(vec![KeyToPath { key, path: "module.wasm".into(), mode: Some(0o444) }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        ModuleSource::PersistentVolumeClaim { claim, .. } => Volume {
+            name: "wasm-module".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim,
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        },
+    };
+    Some(volume)
+}
+
 /// A replica pod.
 pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     let s = &ftvm.spec;
@@ -437,6 +484,15 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
         read_only: Some(true),
         ..VolumeMount::default()
     }];
+    if let Some(v) = wasm_volume(ftvm) {
+        volumes.push(v);
+        mounts.push(VolumeMount {
+            name: "wasm-module".into(),
+            mount_path: WASM_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     if s.disk_size_mib > 0 {
         volumes.push(Volume {
             name: "disk".into(),
@@ -580,8 +636,8 @@ pub(crate) mod tests {
         let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
         assert_eq!(
             args,
-            "primary --guest kvstore --vm-id ns.vm --client-listen 0.0.0.0:6380 --channel-listen 0.0.0.0:7000 \
-             --arbiter lease:ns/vm-arbiter --memory-mib 128 --channel-tls /etc/lockstep/channel-tls \
+            "primary --vm-id ns.vm --client-listen 0.0.0.0:6380 --channel-listen 0.0.0.0:7000 \
+             --arbiter lease:ns/vm-arbiter --memory-mib 128 --guest kvstore --channel-tls /etc/lockstep/channel-tls \
              --metrics-listen 0.0.0.0:9100 --name $(POD_NAME) \
              --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16"
         );
@@ -605,13 +661,45 @@ pub(crate) mod tests {
         let args = agent_args(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7")))).join(" ");
         assert_eq!(
             args,
-            "backup --guest kvstore --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
-             --channel-listen 0.0.0.0:7000 --arbiter lease:ns/vm-arbiter --channel-tls /etc/lockstep/channel-tls \
+            "backup --vm-id ns.vm --channel-connect 10.0.0.7:7000 --client-listen 0.0.0.0:6380 \
+             --channel-listen 0.0.0.0:7000 --arbiter lease:ns/vm-arbiter --guest kvstore \
+             --channel-tls /etc/lockstep/channel-tls \
              --metrics-listen 0.0.0.0:9100 \
              --name $(POD_NAME) --heartbeat-timeout-ms 300 --lag-target-ms 100 --log-budget-mib 16 \
              --disk /var/lib/lockstep/disk.img"
         );
         assert!(agent_args(&f, &plan(Role::Backup, Some(("vm-0", "fd00::7")))).contains(&"[fd00::7]:7000".to_string()));
+    }
+
+    #[test]
+    fn a_wasm_module_is_mounted_read_only_and_passed_with_its_args_and_env() {
+        let f = ftvm(serde_json::json!({"guest": "wasi", "memoryMiB": 256,
+            "wasm": {"module": "configMap:kv-module/kv.wasm", "args": ["-quiet"], "env": [{"name": "MODE", "value": "a=b"}]}}));
+        for p in [plan(Role::Primary, None), plan(Role::Backup, Some(("vm-0", "10.0.0.7")))] {
+            let args = agent_args(&f, &p).join(" ");
+            assert!(
+                args.contains("--wasm /var/lib/lockstep/wasm/module.wasm --wasm-arg -quiet --wasm-env MODE=a=b"),
+                "{args}"
+            );
+            assert!(!args.contains("--guest"), "{args}");
+            let v = serde_json::to_value(pod(&f, &p)).unwrap();
+            let vol = v["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "wasm-module").cloned();
+            let vol = vol.expect("the module's volume");
+            assert_eq!(vol["configMap"]["name"], "kv-module");
+            assert_eq!(vol["configMap"]["items"][0]["key"], "kv.wasm");
+            let mounts = v["spec"]["containers"][0]["volumeMounts"].as_array().unwrap().clone();
+            let m = mounts.iter().find(|m| m["name"] == "wasm-module").expect("mounted");
+            assert_eq!((m["mountPath"].as_str(), m["readOnly"].as_bool()), (Some(WASM_DIR), Some(true)));
+        }
+        let f =
+            ftvm(serde_json::json!({"guest": "wasi", "wasm": {"module": "persistentVolumeClaim:modules/go/kv.wasm"}}));
+        let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert!(args.contains("--wasm /var/lib/lockstep/wasm/go/kv.wasm"), "{args}");
+        let v = serde_json::to_value(pod(&f, &plan(Role::Primary, None))).unwrap();
+        let vol =
+            v["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "wasm-module").cloned().unwrap();
+        assert_eq!(vol["persistentVolumeClaim"]["claimName"], "modules");
+        assert_eq!(vol["persistentVolumeClaim"]["readOnly"], true);
     }
 
     #[test]
