@@ -15,7 +15,8 @@
 //! 4. failover time over many `kill -9`s of the primary;
 //! 5. live-clone time and pause for 16, 64 and 256 MiB guests;
 //! 6. the WebAssembly example (Go built for WASI) natively, in a plain VM and as an FT pair
-//!    ([`wasm`]).
+//!    ([`wasm`]);
+//! 7. the logging channel with and without mutual TLS: throughput and clone time ([`tls`]).
 //!
 //! The statistics, report rendering and Prometheus parsing are unit-tested; the bench itself
 //! is too slow for `cargo test` and runs only as the binary.
@@ -32,6 +33,7 @@ pub mod resp;
 pub mod sampler;
 pub mod scenarios;
 pub mod stats;
+pub mod tls;
 pub mod wasm;
 
 /// Fills `why` for each missed target from what the run measured (nothing here is written in:

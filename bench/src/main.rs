@@ -43,7 +43,7 @@ struct Cli {
     /// Request rate of the fixed-rate kvstore scenario.
     #[arg(long, value_name = "REQ_PER_S", default_value_t = 500.0)]
     rate: f64,
-    /// Only these scenarios (comma-separated: machine,throughput,idle,compute,rate,failover,clone,wasm).
+    /// Only these scenarios (comma-separated: machine,throughput,idle,compute,rate,failover,clone,tls,wasm).
     #[arg(long, value_name = "LIST")]
     only: Option<String>,
     /// Copy the agents' stderr to ours.
@@ -168,6 +168,14 @@ fn run(cli: Cli) -> Result<bool> {
     }
     if want("clone") {
         bench.scenario("6/6 clone time and pause by memory size", scenarios::clones);
+    }
+    if want("tls") {
+        bench.scenario("+ the logging channel with and without mutual TLS", |b| {
+            let figures = lockstep_bench::tls::measure(b)?;
+            b.progress(&figures.summary());
+            b.report.tls = Some(figures);
+            Ok(())
+        });
     }
     if want("wasm") {
         bench.scenario("+ the WebAssembly example: native vs plain VM vs FT pair", |b| {

@@ -220,6 +220,8 @@ pub struct Report {
     pub prometheus: Option<PromCheck>,
     /// The WebAssembly example service (scenario `wasm`).
     pub wasm: Option<crate::wasm::WasmFigures>,
+    /// The channel with and without mutual TLS (scenario `tls`).
+    pub tls: Option<crate::tls::TlsFigures>,
     pub targets: Vec<Target>,
     pub plots: Vec<String>,
     pub errors: Vec<String>,
@@ -721,6 +723,9 @@ impl Report {
             }
         }
 
+        if let Some(tls) = &self.tls {
+            w.push_str(&tls.markdown());
+        }
         if let Some(wasm) = &self.wasm {
             w.push_str(&wasm.markdown());
         }
