@@ -151,9 +151,26 @@ impl WasmFlags {
     }
 }
 
-/// The module's bytes from a file.
+/// The largest module file read: far beyond any real program, and small enough that a path
+/// pointing at something endless (a device, a symlink to `/dev/zero` in a user's volume) is an
+/// error rather than all of the agent's memory.
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
+/// The module's bytes from a file (a regular file, at most [`MAX_MODULE_BYTES`]).
 pub fn read_module(path: &Path) -> Result<Vec<u8>, WasmError> {
-    std::fs::read(path).map_err(|source| WasmError::Read { path: path.to_path_buf(), source })
+    use std::io::Read;
+    let err = |source| WasmError::Read { path: path.to_path_buf(), source };
+    let file = std::fs::File::open(path).map_err(err)?;
+    if !file.metadata().map_err(err)?.is_file() {
+        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MODULE_BYTES + 1).read_to_end(&mut bytes).map_err(err)?;
+    if bytes.len() as u64 > MAX_MODULE_BYTES {
+        let why = format!("larger than {} MiB", MAX_MODULE_BYTES >> 20);
+        return Err(err(std::io::Error::new(std::io::ErrorKind::InvalidData, why)));
+    }
+    Ok(bytes)
 }
 
 /// The guest a command runs: `--wasm` means the wasi guest; otherwise `--guest` names it.
@@ -198,6 +215,19 @@ mod tests {
 
     fn wat(text: &str) -> Vec<u8> {
         ::wat::parse_str(text).expect("valid text")
+    }
+
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read_as_a_module() {
+        let e = read_module(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("kv.wasm");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(read_module(&link).unwrap_err().to_string().contains("not a regular file"));
+        let ok = dir.path().join("ok.wasm");
+        std::fs::write(&ok, wat(OK)).unwrap();
+        assert_eq!(read_module(&ok).unwrap(), wat(OK));
     }
 
     #[test]

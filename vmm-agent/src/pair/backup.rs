@@ -513,10 +513,31 @@ fn replay<V: Vcpu + 'static>(
             Err(RunError::GoLive { .. }) if stop.load(Ordering::Relaxed) => return stopped(&vm, &driver),
             Err(RunError::GoLive { .. }) => break exit,
             Err(e) => {
-                let halted = driver.lock().role.halted.clone();
+                let fault = matches!(e, RunError::GuestFault { .. } | RunError::TripleFault { .. });
+                // The primary's word that its guest failed at this exit follows the log that let
+                // us replay it, so it may be a moment behind: give it that moment.
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                let (halted, vm_ended) = {
+                    let mut inner = driver.lock();
+                    while fault && inner.role.vm_ended.is_none() && std::time::Instant::now() < deadline {
+                        inner = driver.wait(inner, Duration::from_millis(20));
+                    }
+                    (inner.role.halted.clone(), inner.role.vm_ended)
+                };
                 driver.shutdown();
                 if let Some(h) = halted {
                     return Err(PairError::Halted(h.why));
+                }
+                // A fault is the guest's own failure only where the primary's guest failed too
+                // (it said so: VmEnded at this exit). A fault the primary did not have is the
+                // replicas diverging: not a failed guest (exit 4 would fail the whole VM while
+                // the primary serves on), but a backup to replace.
+                if fault && vm_ended.is_none_or(|end| end < vm.exits) {
+                    popts.metrics.divergences.inc();
+                    return Err(PairError::Protocol(format!(
+                        "the replay faulted at exit {} where the primary's guest did not ({e}): the replicas diverged",
+                        vm.exits
+                    )));
                 }
                 if matches!(
                     e,

@@ -71,11 +71,42 @@ fn refused(metrics: &Metrics, peer: &str, side: &str, e: &io::Error) {
 
 /// Runs the handshake on `sock` to completion (or to [`HANDSHAKE_TIMEOUT`]).
 fn handshake(conn: &mut rustls::Connection, sock: &mut TcpStream) -> io::Result<()> {
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    sock.set_write_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    // One deadline for the whole handshake: a socket timeout alone restarts with every byte, and
+    // a peer that trickles a byte every few seconds would hold its slot for ever.
+    let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake took longer than 5 s"))
+    };
+    // By hand rather than `complete_io`, which keeps reading until a whole message is in and so
+    // never gets back here to shorten the timeout.
     while conn.is_handshaking() {
-        conn.complete_io(sock)?;
+        let t = left()?;
+        sock.set_read_timeout(Some(t))?;
+        sock.set_write_timeout(Some(t))?;
+        if conn.wants_write() {
+            conn.write_tls(sock)?;
+            continue;
+        }
+        match conn.read_tls(sock) {
+            Ok(0) => {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed during the TLS handshake"));
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "the TLS handshake took longer than 5 s"));
+            }
+            Err(e) => return Err(e),
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (the alert rustls queued), then give up.
+            let _ = conn.write_tls(sock);
+            return Err(tls_error(e));
+        }
     }
+    sock.set_write_timeout(Some(left()?))?;
     // Anything the handshake left to send (the client's Finished).
     while conn.wants_write() {
         conn.write_tls(sock)?;
@@ -179,16 +210,18 @@ impl TlsChannelListener {
                     continue; // dropped: closed
                 }
                 busy.fetch_add(1, Ordering::AcqRel);
-                let (tx, busy, metrics, dir, vm_id) = (tx.clone(), busy.clone(), metrics.clone(), dir.clone(), vm_id.clone());
+                let (tx, slot, metrics, dir, vm_id) = (tx.clone(), busy.clone(), metrics.clone(), dir.clone(), vm_id.clone());
                 let spawned = std::thread::Builder::new().name("channel-handshake".into()).spawn(move || {
                     if let Some(conn) = accept_one(sock, &dir, &vm_id, &metrics) {
                         // The primary takes connections one at a time; a full queue means it is
                         // busy, and this one waits its turn (or is dropped when the primary ends).
                         let _ = tx.send(Ok(conn));
                     }
-                    busy.fetch_sub(1, Ordering::AcqRel);
+                    slot.fetch_sub(1, Ordering::AcqRel);
                 });
                 if let Err(e) = spawned {
+                    // The closure (and its slot) never ran: give the slot back.
+                    busy.fetch_sub(1, Ordering::AcqRel);
                     tracing::warn!("cannot start a handshake thread: {e}");
                 }
             }
@@ -515,5 +548,35 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "silent peers were not refused");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn a_peer_that_trickles_its_handshake_loses_its_slot_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::generate("t", Duration::from_secs(600)).unwrap();
+        Credentials::issue(&ca, "vm", Duration::from_secs(600)).unwrap().write(dir.path()).unwrap();
+        let metrics = Metrics::new("t");
+        let l = crate::net::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _listener = TlsChannelListener::new(l, dir.path().to_owned(), "vm".into(), metrics.clone()).unwrap();
+        // The start of a TLS record (a handshake of 512 bytes), one byte every 700 ms: each read
+        // gets data, so only a deadline for the whole handshake ends it.
+        let t = std::time::Instant::now();
+        let trickler = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut bytes = vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01];
+            bytes.extend(std::iter::repeat_n(0u8, 20));
+            for b in bytes {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        });
+        while metrics.channel_refused.with_label_values(&["handshake"]).get() < 1 {
+            assert!(t.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(2), "a trickling peer kept its slot");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        trickler.join().unwrap();
     }
 }
