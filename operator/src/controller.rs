@@ -374,9 +374,13 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 let mut body = serde_json::to_value(resources::network_policy(ftvm, metrics_from)).unwrap_or_default();
                 body["apiVersion"] = json!("networking.k8s.io/v1");
                 body["kind"] = json!("NetworkPolicy");
-                api.patch(&ftvm.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-                    .await
-                    .map_err(kube_err("apply network policy"))?;
+                let name = resources::network_policy_name(&ftvm.name_any());
+                // A policy the apiserver refuses (a `clientFrom` it finds invalid) must not hold
+                // up what follows: relabelling a new primary and replacing lost replicas.
+                if let Err(e) = api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await
+                {
+                    tracing::warn!(ftvm = %ftvm.name_any(), policy = %name, error = %e, "could not apply the network policy; carrying on");
+                }
             }
             Action::ApplyService => {
                 let api: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);

@@ -137,7 +137,7 @@ pub struct WasmModule {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct WasmEnv {
     /// Name (no `=`).
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^=]+$"))]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^=-][^=]*$"))]
     pub name: String,
     /// Value.
     #[serde(default)]
@@ -354,6 +354,20 @@ pub struct AgentSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub log_level: Option<String>,
+    /// Shape of the agent's log lines: `text` (plain, the default) or `json` (one object per
+    /// line, status lines and the guest's console included, for log collectors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<AgentLogFormat>,
+}
+
+/// The agent's `--log-format`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentLogFormat {
+    /// Plain lines.
+    Text,
+    /// JSON objects, one per line.
+    Json,
 }
 
 /// Where an FTVirtualMachine stands.
@@ -536,6 +550,23 @@ impl FTVirtualMachineSpec {
         match (&self.wasm, self.guest.as_str()) {
             (Some(w), "wasi") => {
                 w.source()?;
+                let strings = w.args.iter().chain(w.env.iter().map(|e| &e.value)).chain(w.env.iter().map(|e| &e.name));
+                if strings.into_iter().any(|v| v.contains('\0')) {
+                    return Err(SpecError::WasmGuest(
+                        "spec.wasm.args and spec.wasm.env may not contain NUL characters",
+                    ));
+                }
+                if let Some(e) =
+                    w.env.iter().find(|e| e.name.is_empty() || e.name.contains('=') || e.name.starts_with('-'))
+                {
+                    return Err(SpecError::BadModule {
+                        module: w.module.clone(),
+                        why: format!(
+                            "spec.wasm.env name {:?} must be non-empty, without '=' and not start with '-'",
+                            e.name
+                        ),
+                    });
+                }
             }
             (None, "wasi") => {
                 return Err(SpecError::WasmGuest(
@@ -652,6 +683,12 @@ mod tests {
             assert!(e.contains(why), "{module}: {e}");
         }
         assert!(with("wasi", None).validate().unwrap_err().to_string().contains("spec.wasm.module is missing"));
+        let mut s = with("wasi", Some("configMap:kv/kv.wasm"));
+        s.wasm.as_mut().unwrap().env[0].name = "-x".into();
+        assert!(s.validate().unwrap_err().to_string().contains("not start with '-'"));
+        let mut s = with("wasi", Some("configMap:kv/kv.wasm"));
+        s.wasm.as_mut().unwrap().args.push("a\0b".into());
+        assert!(s.validate().unwrap_err().to_string().contains("NUL"));
         assert!(
             with("kvstore", Some("configMap:kv/kv.wasm")).validate().unwrap_err().to_string().contains("guest wasi")
         );

@@ -189,6 +189,12 @@ pub fn channel_secret(ftvm: &FTVirtualMachine, creds: &lockstep_channel_tls::Cre
 /// only from `metrics_namespaces` (the operator's, for status, and the monitoring ones), the
 /// client port from `spec.network.clientFrom` (anywhere when empty). Egress is not restricted:
 /// the agents reach the apiserver and each other.
+/// The name of an FTVM's NetworkPolicy: suffixed, so that an FTVM named like a policy that
+/// already exists in its namespace (`default-deny`) does not take that policy over.
+pub fn network_policy_name(ftvm: &str) -> String {
+    format!("{ftvm}-lockstep-ftvm")
+}
+
 pub fn network_policy(ftvm: &FTVirtualMachine, metrics_namespaces: &[String]) -> NetworkPolicy {
     let s = &ftvm.spec;
     let ours = LabelSelector {
@@ -215,7 +221,7 @@ pub fn network_policy(ftvm: &FTVirtualMachine, metrics_namespaces: &[String]) ->
     };
     let client_from = s.network.client_from.clone();
     NetworkPolicy {
-        metadata: owner_meta(ftvm, ftvm.name_any(), base_labels(ftvm)),
+        metadata: owner_meta(ftvm, network_policy_name(&ftvm.name_any()), base_labels(ftvm)),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(ours.clone()),
             policy_types: Some(vec!["Ingress".into()]),
@@ -302,13 +308,16 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
     // and environment (a backup needs the same bytes: they are the VM's identity).
     match wasm_module_path(ftvm) {
         Some(path) => {
-            args.extend(["--wasm".into(), path]);
+            // Kubernetes expands $(VAR) in args and turns $$ into $: a user's strings are passed
+            // through literally, so that both replicas see exactly what the spec says.
+            let literal = |v: &str| v.replace('$', "$$");
+            args.extend(["--wasm".into(), literal(&path)]);
             let w = s.wasm.as_ref().expect("a module path comes from spec.wasm");
             for a in &w.args {
-                args.extend(["--wasm-arg".into(), a.clone()]);
+                args.extend(["--wasm-arg".into(), literal(a)]);
             }
             for e in &w.env {
-                args.extend(["--wasm-env".into(), format!("{}={}", e.name, e.value)]);
+                args.extend(["--wasm-env".into(), literal(&format!("{}={}", e.name, e.value))]);
             }
         }
         None => args.extend(["--guest".into(), s.guest.clone()]),
@@ -522,6 +531,9 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
         env_vars.push(env("LOCKSTEP_LOG", level.clone()));
         env_vars.push(env("RUST_LOG", level.clone()));
     }
+    if s.agent.log_format == Some(crate::crd::AgentLogFormat::Json) {
+        env_vars.push(env("LOCKSTEP_LOG_FORMAT", "json".to_string()));
+    }
     let container = Container {
         name: AGENT_CONTAINER.into(),
         image: Some(s.agent.image.clone().unwrap_or_else(|| plan.default_image.to_owned())),
@@ -691,6 +703,11 @@ pub(crate) mod tests {
             let m = mounts.iter().find(|m| m["name"] == "wasm-module").expect("mounted");
             assert_eq!((m["mountPath"].as_str(), m["readOnly"].as_bool()), (Some(WASM_DIR), Some(true)));
         }
+        let f = ftvm(
+            serde_json::json!({"guest": "wasi", "wasm": {"module": "configMap:m/kv.wasm", "args": ["$(POD_NAME)", "$HOME"]}}),
+        );
+        let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert!(args.contains("--wasm-arg $$(POD_NAME) --wasm-arg $$HOME"), "passed literally: {args}");
         let f =
             ftvm(serde_json::json!({"guest": "wasi", "wasm": {"module": "persistentVolumeClaim:modules/go/kv.wasm"}}));
         let args = agent_args(&f, &plan(Role::Primary, None)).join(" ");
@@ -729,6 +746,11 @@ pub(crate) mod tests {
         assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
         assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
         assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert!(!v.to_string().contains("LOCKSTEP_LOG_FORMAT"), "text unless asked");
+        let json = ftvm(serde_json::json!({"guest": "kvstore", "agent": {"logFormat": "json"}}));
+        let env = serde_json::to_value(pod(&json, &plan(Role::Primary, None))).unwrap()["spec"]["containers"][0]["env"]
+            .clone();
+        assert!(env.as_array().unwrap().iter().any(|e| e["name"] == "LOCKSTEP_LOG_FORMAT" && e["value"] == "json"));
         let kubevirt = pod(&f, &PodPlan { kvm_resource: "devices.kubevirt.io/kvm", ..plan(Role::Primary, None) });
         let limits = &kubevirt.spec.unwrap().containers[0].resources.clone().unwrap().limits.unwrap();
         assert_eq!(limits["devices.kubevirt.io/kvm"].0, "1");
