@@ -14,7 +14,10 @@
 //!    a new backup starts on the third node and clones in, status is Protected again with neither
 //!    replica on the dead node; nothing acknowledged is lost; each step is timed;
 //! 5. `kubectl logs` of an agent shows its output as plain text; an FTVM whose agent exits at once
-//!    goes through the operator's crash-loop backoff, and its logs say why.
+//!    goes through the operator's crash-loop backoff, and its logs say why;
+//! 6. a user's own program: the Go example built for WASI, on a ReadOnlyMany volume, run by an FTVM
+//!    with `guest: wasi`; a client's writes through its Service survive a `kill -9` of the primary's
+//!    container, and a new backup clones in.
 //!
 //! Needs `e2e/cluster/up --real-nodes 3` (the README's test command starts it). It takes a node
 //! away and installs the chart cluster-wide, so it is its own test binary with one test.
@@ -407,6 +410,150 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
         async move { live_pods(&client, "kvstore").await.is_empty().then_some(()) }
     })
     .await;
+
+    // 6. The user's own program, on the two nodes left.
+    users_wasm_module(&client).await;
+
     let _ = Api::<Namespace>::all(client.clone()).delete(VM_NS, &DeleteParams::default()).await;
     eprintln!("step: whole test {:.1}s", t_start.elapsed().as_secs_f64());
+}
+
+/// Removes the test's PersistentVolume and the module's directory.
+struct ModuleVolume(std::path::PathBuf);
+
+impl Drop for ModuleVolume {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "pv", "lockstep-e2e-modules", "--wait=false", "--ignore-not-found"]);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// examples/wasi-kv built for WASI, served to both replicas from a ReadOnlyMany volume (a hostPath
+/// PersistentVolume: every node of the bed sees this machine's /tmp), run as `guest: wasi`; then
+/// the primary's container is killed under a client's writes.
+async fn users_wasm_module(client: &Client) {
+    let t = Instant::now();
+    let dir = std::env::temp_dir().join(format!("lockstep-e2e-modules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _volume = ModuleVolume(dir.clone());
+    let status = Command::new("sh")
+        .arg(repo_root().join("examples/wasi-kv/build.sh"))
+        .env("OUT", &dir)
+        .status()
+        .expect("running examples/wasi-kv/build.sh");
+    assert!(status.success(), "building examples/wasi-kv failed (Go is at /usr/local/go/bin/go)");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.join("kv.wasm"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let size = std::fs::metadata(dir.join("kv.wasm")).unwrap().len();
+    step_line(&format!("built the Go example for WASI ({} KiB)", size >> 10), t);
+
+    let manifests = format!(
+        r#"apiVersion: v1
+kind: PersistentVolume
+metadata: {{name: lockstep-e2e-modules}}
+spec:
+  capacity: {{storage: 1Gi}}
+  accessModes: [ReadOnlyMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  hostPath: {{path: "{dir}", type: Directory}}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: modules, namespace: {VM_NS}}}
+spec:
+  accessModes: [ReadOnlyMany]
+  storageClassName: ""
+  volumeName: lockstep-e2e-modules
+  resources: {{requests: {{storage: 1Gi}}}}
+---
+apiVersion: lockstep.dev/v1alpha1
+kind: FTVirtualMachine
+metadata: {{name: go-kv, namespace: {VM_NS}}}
+spec:
+  guest: wasi
+  memoryMiB: 256
+  wasm:
+    module: persistentVolumeClaim:modules/kv.wasm
+    args: ["-quiet"]
+    env: [{{name: KV_NAME, value: e2e}}]
+"#,
+        dir = dir.display()
+    );
+    let file = dir.join("go-kv.yaml");
+    std::fs::write(&file, manifests).unwrap();
+    let t = Instant::now();
+    let (ok, out) = kubectl(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "kubectl apply: {out}");
+    let vms: Api<FTVirtualMachine> = Api::namespaced(client.clone(), VM_NS);
+    wait_for_status(&vms, "go-kv", "the Go service Protected", T, |s| s.phase == Some(Phase::Protected)).await;
+    step_line("the Go service Protected (module read from the volume by both replicas)", t);
+    let (ok, wide) = kubectl(&["get", "ftvm", "go-kv", "-n", VM_NS, "-o", "wide"]);
+    assert!(
+        ok && wide.contains("persistentVolumeClaim:modules/kv.wasm"),
+        "kubectl get -o wide shows the module:\n{wide}"
+    );
+
+    let svc: Api<Service> = Api::namespaced(client.clone(), VM_NS);
+    let spec = svc.get("go-kv").await.unwrap().spec.unwrap();
+    let addr: SocketAddr = format!("{}:{}", spec.cluster_ip.unwrap(), spec.ports.unwrap()[0].port).parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let writer = workload(addr, stop.clone(), seen.clone());
+    wait_for("100 acknowledged writes to the Go service", T, || {
+        let seen = seen.clone();
+        async move { (seen.lock().unwrap().sets.len() >= 100).then_some(()) }
+    })
+    .await;
+
+    let pods = live_pods(client, "go-kv").await;
+    let role = |p: &Pod| p.labels()["lockstep.dev/role"].clone();
+    let primary = pods.iter().find(|p| role(p) == "primary").expect("a primary").clone();
+    let backup = pods.iter().find(|p| role(p) == "backup").expect("a backup").clone();
+    let t_kill = Instant::now();
+    kill_container(&node_of(&primary), &primary);
+    let promoted = backup.name_any();
+    wait_for("the Go service's backup to win the arbiter Lease", T, || {
+        let (client, promoted) = (client.clone(), promoted.clone());
+        async move { (lease_holder(&client, VM_NS, "go-kv-arbiter").await? == promoted).then_some(()) }
+    })
+    .await;
+    step_line("kill -9 of the Go service's primary: backup live", t_kill);
+    let n_before = seen.lock().unwrap().replies.iter().filter(|t| **t < t_kill).count();
+    wait_for_status(&vms, "go-kv", "the Go service Protected again", T, |s| {
+        s.phase == Some(Phase::Protected) && s.failover_count == 1
+    })
+    .await;
+    step_line("the Go service Protected again (a new backup cloned 256 MiB in)", t_kill);
+    wait_for("more writes to the Go service after the failover", T, || {
+        let seen = seen.clone();
+        async move { (seen.lock().unwrap().replies.len() >= n_before + 100).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut c = Resp::connect_timeout(addr, Duration::from_secs(2)).expect("the Go service answers");
+    let counter: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
+    assert!(
+        seen.incr_acked <= counter && counter <= seen.incr_sent,
+        "counter {counter} outside [acknowledged {}, sent {}]",
+        seen.incr_acked,
+        seen.incr_sent
+    );
+    let lost: Vec<_> = seen.sets.iter().filter(|(k, v)| c.cmd(&["GET", k]).ok().as_ref() != Some(v)).collect();
+    assert!(lost.is_empty(), "acknowledged writes to the Go service lost: {lost:?}");
+    step_line(&format!("all {} acknowledged SETs and the counter ({counter}) present", seen.sets.len()), t_kill);
+    let (ok, out) = kubectl(&["delete", "ftvm", "go-kv", "-n", VM_NS, "--timeout=60s"]);
+    assert!(ok, "{out}");
+    wait_for("the Go service's pods to go", T, || {
+        let client = client.clone();
+        async move { live_pods(&client, "go-kv").await.is_empty().then_some(()) }
+    })
+    .await;
+}
+
+fn step_line(what: &str, since: Instant) {
+    eprintln!("step: {what} after {:.2}s", since.elapsed().as_secs_f64());
 }
