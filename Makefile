@@ -5,6 +5,6 @@ test:
 build:
 	cargo build --release --workspace
 up:
-	cargo run --release -p lockstep-agent -- up
+	cargo run --release -p lockstep-agent -- up $(ARGS)
 run:
 	cargo run --release -p lockstep-agent -- run --guest kvstore --disk kvstore.img --record kvstore.log
