@@ -226,6 +226,9 @@ pub fn write_kubeconform_schemas(dir: &Path) -> std::io::Result<()> {
     put::<RoleBinding>(dir, "rolebinding-rbac-v1.json")?;
     put::<Role>(dir, "role-rbac-v1.json")?;
     put::<CustomResourceDefinition>(dir, "customresourcedefinition-apiextensions-v1.json")?;
+    use k8s_openapi::api::admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding};
+    put::<ValidatingAdmissionPolicy>(dir, "validatingadmissionpolicy-admissionregistration-v1.json")?;
+    put::<ValidatingAdmissionPolicyBinding>(dir, "validatingadmissionpolicybinding-admissionregistration-v1.json")?;
     Ok(())
 }
 

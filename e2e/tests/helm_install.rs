@@ -243,6 +243,22 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
     })
     .await;
 
+    // 5b. The operator's own identity may write its FTVMs' channel credentials and nothing else:
+    //     RBAC lets it create and patch Secrets anywhere, the chart's ValidatingAdmissionPolicy
+    //     narrows that (a patch answers with the object, so it would read any Secret).
+    let op_client = client_from(&kubeconfig).await;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(op_client, VM_NS);
+    let secret = |name: &str, type_: &str| -> k8s_openapi::api::core::v1::Secret {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name}, "type": type_, "stringData": {"username": "u", "password": "p"}
+        }))
+        .unwrap()
+    };
+    for (name, type_) in [("not-ours", "Opaque"), ("x-channel-tls", "kubernetes.io/basic-auth")] {
+        let err = secrets.create(&Default::default(), &secret(name, type_)).await.expect_err(name);
+        assert!(err.to_string().contains("ValidatingAdmissionPolicy"), "{name} ({type_}): {err}");
+    }
+
     // 6. The agents' identity: may take its Lease as the primary agent does, may not read pods.
     let agent_kubeconfig = token_kubeconfig(VM_NS, &agent_sa.name_any(), &dir);
     let agent_client = client_from(&agent_kubeconfig).await;
