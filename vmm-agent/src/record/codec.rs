@@ -532,43 +532,8 @@ pub fn decode_block(buf: &[u8], offset: u64) -> Result<Option<(Vec<(u64, Entry)>
     Ok(Some((entries, total)))
 }
 
-/// Longest varint of a `u64`.
-const MAX_VARINT_LEN: usize = 10;
-
-/// Bytes of `v` as an unsigned LEB128 varint (7 bits per byte, low bits first).
-pub fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-/// Appends `v` as an unsigned LEB128 varint.
-pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// Reads a varint from the front of `buf`: `Some((value, bytes used))`, or `None` if it is cut
-/// off, longer than 64 bits or not in its shortest form (so each value has one encoding and a
-/// decoded log re-encodes to the same bytes).
-pub fn get_varint(buf: &[u8]) -> Option<(u64, usize)> {
-    let mut v = 0u64;
-    for (i, &b) in buf.iter().enumerate().take(MAX_VARINT_LEN) {
-        let bits = (b & 0x7f) as u64;
-        if i == MAX_VARINT_LEN - 1 && bits > 1 {
-            return None;
-        }
-        v |= bits << (7 * i);
-        if b & 0x80 == 0 {
-            if i > 0 && b == 0 {
-                return None;
-            }
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
+// The log's varints are the channel's (one encoding, shortest form only, in lockstep-ft).
+pub use lockstep_ft::wire::{get_varint, put_varint, varint_len};
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u16).to_le_bytes());
