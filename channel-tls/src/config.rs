@@ -118,16 +118,7 @@ fn check_identity(cert: &CertificateDer<'_>, expected: &str, vm_id: &str) -> Res
         .subject_alternative_name()
         .ok()
         .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
+        .map(|san| crate::creds::uri_names(san.value))
         .unwrap_or_default();
     if uris.iter().any(|u| u == expected) {
         return Ok(());

@@ -130,18 +130,18 @@ fn uris(cert_pem: &str) -> Result<Vec<String>, String> {
         x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?;
     let cert = pem.parse_x509().map_err(|e| format!("not an X.509 certificate: {e}"))?;
     let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
-    Ok(san
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
+    Ok(san.map(|s| uri_names(s.value)).unwrap_or_default())
+}
+
+/// The URI names of a subject-alternative-name extension (a certificate's identities).
+pub(crate) fn uri_names(san: &x509_parser::extensions::SubjectAlternativeName<'_>) -> Vec<String> {
+    san.general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
         })
-        .unwrap_or_default())
+        .collect()
 }
 
 /// The expiry of a PEM certificate.
