@@ -136,6 +136,77 @@ fn workload(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> 
     })
 }
 
+/// A `workload` client running against one address, and what it saw.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(addr: SocketAddr) -> Writer {
+        let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Seen::default())));
+        let thread = workload(addr, stop.clone(), seen.clone());
+        Writer { stop, seen, thread }
+    }
+
+    /// Waits until `pred` holds for what the client saw.
+    async fn until(&self, what: &str, pred: impl Fn(&Seen) -> bool) {
+        let pred = &pred;
+        wait_for(what, T, || {
+            let seen = self.seen.clone();
+            async move { pred(&seen.lock().unwrap()).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Replies received before `t`.
+    fn replies_before(&self, t: Instant) -> usize {
+        self.seen.lock().unwrap().replies.iter().filter(|r| **r < t).count()
+    }
+
+    /// Stops the client; what it saw.
+    fn finish(self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+/// Checked independently of the client: the store behind `addr` holds every write `seen` was
+/// acknowledged, and the counter lies between the last acknowledged INCR and the INCRs sent.
+/// Returns the counter.
+fn assert_nothing_lost(addr: SocketAddr, seen: &Seen) -> u64 {
+    let mut c = Resp::connect_timeout(addr, Duration::from_secs(2)).expect("the Service answers");
+    let counter: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
+    assert!(
+        seen.incr_acked <= counter && counter <= seen.incr_sent,
+        "counter {counter} outside [acknowledged {}, sent {}]",
+        seen.incr_acked,
+        seen.incr_sent
+    );
+    let mut lost = BTreeMap::new();
+    for (k, v) in &seen.sets {
+        let got = c.cmd(&["GET", k]).unwrap();
+        if &got != v {
+            lost.insert(k.clone(), got);
+        }
+    }
+    assert!(lost.is_empty(), "acknowledged writes lost or wrong: {lost:?}");
+    counter
+}
+
+/// The ClusterIP address of FTVM `name`'s Service.
+async fn service_addr(client: &Client, name: &str) -> SocketAddr {
+    let svc: Api<Service> = Api::namespaced(client.clone(), VM_NS);
+    let spec = svc.get(name).await.unwrap().spec.unwrap();
+    format!("{}:{}", spec.cluster_ip.unwrap(), spec.ports.unwrap()[0].port).parse().unwrap()
+}
+
+fn step(what: &str, since: Instant) {
+    eprintln!("step: {what} after {:.2}s", since.elapsed().as_secs_f64());
+}
+
 /// The Lease holder of `lease` in `ns`.
 async fn lease_holder(client: &Client, ns: &str, lease: &str) -> Option<String> {
     let api: Api<Lease> = Api::namespaced(client.clone(), ns);
@@ -168,7 +239,6 @@ fn kill_container(node: &str, pod: &Pod) {
 async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
     let client = client().await;
     let t_start = Instant::now();
-    let step = |what: &str, since: Instant| eprintln!("step: {what} after {:.2}s", since.elapsed().as_secs_f64());
 
     // Real nodes, Ready.
     let nodes: Api<Node> = Api::all(client.clone());
@@ -261,24 +331,15 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
     assert!(!out.contains('\x1b'), "no terminal colour codes in a container's log:\n{out}");
 
     // 3. A client through the Service's ClusterIP.
-    let svc: Api<Service> = Api::namespaced(client.clone(), VM_NS);
-    let svc = svc.get("kvstore").await.unwrap();
-    let spec = svc.spec.unwrap();
-    let addr: SocketAddr = format!("{}:{}", spec.cluster_ip.unwrap(), spec.ports.unwrap()[0].port).parse().unwrap();
+    let addr = service_addr(&client, "kvstore").await;
     let mut probe = wait_for("the Service to answer PING", T, || async move {
         let mut c = Resp::connect_timeout(addr, Duration::from_secs(1)).ok()?;
         (c.request(&["PING"]).ok()? == Reply::Simple("PONG".into())).then_some(c)
     })
     .await;
     assert_eq!(probe.cmd(&["SET", "before", "failover"]).unwrap(), "OK");
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let writer = workload(addr, stop.clone(), seen.clone());
-    wait_for("200 acknowledged writes", T, || {
-        let seen = seen.clone();
-        async move { (seen.lock().unwrap().sets.len() >= 200).then_some(()) }
-    })
-    .await;
+    let writer = Writer::start(addr);
+    writer.until("200 acknowledged writes", |s| s.sets.len() >= 200).await;
 
     // 4. The primary's node dies, and with it everything there; then the leading operator.
     let t_fail = Instant::now();
@@ -301,12 +362,8 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
     })
     .await;
     step("backup live (it holds the arbiter Lease)", t_fail);
-    let n_before = seen.lock().unwrap().replies.iter().filter(|t| **t < t_fail).count();
-    wait_for("a reply through the Service from the new primary", T, || {
-        let seen = seen.clone();
-        async move { seen.lock().unwrap().replies.iter().any(|t| *t > t_fail).then_some(()) }
-    })
-    .await;
+    let n_before = writer.replies_before(t_fail);
+    writer.until("a reply through the Service from the new primary", |s| s.replies.iter().any(|t| *t > t_fail)).await;
     step("the Service reaches the new primary (first acknowledged write)", t_fail);
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), VM_NS);
     wait_for("the lost primary pod to be removed", T, || {
@@ -337,14 +394,8 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
     eprintln!("step: operator leading now: {new_leader:?} (was {leader})");
 
     // Nothing acknowledged is lost.
-    wait_for("more writes after the failover", T, || {
-        let seen = seen.clone();
-        async move { (seen.lock().unwrap().replies.len() >= n_before + 200).then_some(()) }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    writer.until("more writes after the failover", |s| s.replies.len() >= n_before + 200).await;
+    let seen = writer.finish();
     let gap = seen.replies.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
     eprintln!(
         "step: client saw {} acknowledged writes, {} errors/reconnects, longest gap between replies {:.2}s",
@@ -352,22 +403,8 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
         seen.errors,
         gap.as_secs_f64()
     );
+    let counter = assert_nothing_lost(addr, &seen);
     let mut c = Resp::connect_timeout(addr, Duration::from_secs(2)).expect("the Service answers");
-    let counter: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
-    assert!(
-        seen.incr_acked <= counter && counter <= seen.incr_sent,
-        "counter {counter} outside [acknowledged {}, sent {}]",
-        seen.incr_acked,
-        seen.incr_sent
-    );
-    let mut lost = BTreeMap::new();
-    for (k, v) in &seen.sets {
-        let got = c.cmd(&["GET", k]).unwrap();
-        if &got != v {
-            lost.insert(k.clone(), got);
-        }
-    }
-    assert!(lost.is_empty(), "acknowledged writes lost or wrong: {lost:?}");
     assert_eq!(c.cmd(&["GET", "before"]).unwrap(), "failover");
     eprintln!("step: all {} acknowledged SETs and the counter ({counter}) present", seen.sets.len());
 
@@ -446,7 +483,7 @@ async fn users_wasm_module(client: &Client) {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(dir.join("kv.wasm"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let size = std::fs::metadata(dir.join("kv.wasm")).unwrap().len();
-    step_line(&format!("built the Go example for WASI ({} KiB)", size >> 10), t);
+    step(&format!("built the Go example for WASI ({} KiB)", size >> 10), t);
 
     let manifests = format!(
         r#"apiVersion: v1
@@ -488,24 +525,16 @@ spec:
     assert!(ok, "kubectl apply: {out}");
     let vms: Api<FTVirtualMachine> = Api::namespaced(client.clone(), VM_NS);
     wait_for_status(&vms, "go-kv", "the Go service Protected", T, |s| s.phase == Some(Phase::Protected)).await;
-    step_line("the Go service Protected (module read from the volume by both replicas)", t);
+    step("the Go service Protected (module read from the volume by both replicas)", t);
     let (ok, wide) = kubectl(&["get", "ftvm", "go-kv", "-n", VM_NS, "-o", "wide"]);
     assert!(
         ok && wide.contains("persistentVolumeClaim:modules/kv.wasm"),
         "kubectl get -o wide shows the module:\n{wide}"
     );
 
-    let svc: Api<Service> = Api::namespaced(client.clone(), VM_NS);
-    let spec = svc.get("go-kv").await.unwrap().spec.unwrap();
-    let addr: SocketAddr = format!("{}:{}", spec.cluster_ip.unwrap(), spec.ports.unwrap()[0].port).parse().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let writer = workload(addr, stop.clone(), seen.clone());
-    wait_for("100 acknowledged writes to the Go service", T, || {
-        let seen = seen.clone();
-        async move { (seen.lock().unwrap().sets.len() >= 100).then_some(()) }
-    })
-    .await;
+    let addr = service_addr(client, "go-kv").await;
+    let writer = Writer::start(addr);
+    writer.until("100 acknowledged writes to the Go service", |s| s.sets.len() >= 100).await;
 
     let pods = live_pods(client, "go-kv").await;
     let role = |p: &Pod| p.labels()["lockstep.dev/role"].clone();
@@ -519,32 +548,17 @@ spec:
         async move { (lease_holder(&client, VM_NS, "go-kv-arbiter").await? == promoted).then_some(()) }
     })
     .await;
-    step_line("kill -9 of the Go service's primary: backup live", t_kill);
-    let n_before = seen.lock().unwrap().replies.iter().filter(|t| **t < t_kill).count();
+    step("kill -9 of the Go service's primary: backup live", t_kill);
+    let n_before = writer.replies_before(t_kill);
     wait_for_status(&vms, "go-kv", "the Go service Protected again", T, |s| {
         s.phase == Some(Phase::Protected) && s.failover_count == 1
     })
     .await;
-    step_line("the Go service Protected again (a new backup cloned 256 MiB in)", t_kill);
-    wait_for("more writes to the Go service after the failover", T, || {
-        let seen = seen.clone();
-        async move { (seen.lock().unwrap().replies.len() >= n_before + 100).then_some(()) }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
-    let seen = std::mem::take(&mut *seen.lock().unwrap());
-    let mut c = Resp::connect_timeout(addr, Duration::from_secs(2)).expect("the Go service answers");
-    let counter: u64 = c.cmd(&["GET", "counter"]).unwrap().parse().unwrap();
-    assert!(
-        seen.incr_acked <= counter && counter <= seen.incr_sent,
-        "counter {counter} outside [acknowledged {}, sent {}]",
-        seen.incr_acked,
-        seen.incr_sent
-    );
-    let lost: Vec<_> = seen.sets.iter().filter(|(k, v)| c.cmd(&["GET", k]).ok().as_ref() != Some(v)).collect();
-    assert!(lost.is_empty(), "acknowledged writes to the Go service lost: {lost:?}");
-    step_line(&format!("all {} acknowledged SETs and the counter ({counter}) present", seen.sets.len()), t_kill);
+    step("the Go service Protected again (a new backup cloned 256 MiB in)", t_kill);
+    writer.until("more writes to the Go service after the failover", |s| s.replies.len() >= n_before + 100).await;
+    let seen = writer.finish();
+    let counter = assert_nothing_lost(addr, &seen);
+    step(&format!("all {} acknowledged SETs and the counter ({counter}) present", seen.sets.len()), t_kill);
     let (ok, out) = kubectl(&["delete", "ftvm", "go-kv", "-n", VM_NS, "--timeout=60s"]);
     assert!(ok, "{out}");
     wait_for("the Go service's pods to go", T, || {
@@ -552,8 +566,4 @@ spec:
         async move { live_pods(&client, "go-kv").await.is_empty().then_some(()) }
     })
     .await;
-}
-
-fn step_line(what: &str, since: Instant) {
-    eprintln!("step: {what} after {:.2}s", since.elapsed().as_secs_f64());
 }

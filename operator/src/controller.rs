@@ -810,16 +810,7 @@ mod tests {
     #[test]
     fn a_guest_failure_is_read_from_the_termination_message() {
         let f = ftvm(json!({"guest": "kvstore"}));
-        let plan = PodPlan {
-            name: "vm-0",
-            member: 0,
-            mode: Role::Primary,
-            primary: None,
-            epoch: 0,
-            attempt: 0,
-            default_image: "i",
-            kvm_resource: resources::KVM_RESOURCE,
-        };
+        let plan = first_primary("vm-0", 0);
         let mut p = resources::pod(&f, &plan);
         let terminated = |code: i32, message: &str| {
             serde_json::from_value(json!({"phase": "Failed", "containerStatuses": [{
@@ -835,6 +826,20 @@ mod tests {
         assert_eq!(pod_view(&p, &Default::default()).unwrap().guest_failed, None);
         assert_eq!(guest_failure_message(""), "the agent reported a guest failure");
         assert!(guest_failure_message(&"é".repeat(600)).ends_with('…'));
+    }
+
+    /// The plan of a first primary (epoch 0, no earlier attempts).
+    fn first_primary(name: &str, member: u32) -> PodPlan<'_> {
+        PodPlan {
+            name,
+            member,
+            mode: Role::Primary,
+            primary: None,
+            epoch: 0,
+            attempt: 0,
+            default_image: "i",
+            kvm_resource: resources::KVM_RESOURCE,
+        }
     }
 
     #[test]
@@ -894,16 +899,7 @@ mod tests {
     #[test]
     fn pod_view_reads_how_long_an_exited_agent_ran_and_when_it_is_replaced() {
         let f = ftvm(json!({"guest": "kvstore"}));
-        let plan = PodPlan {
-            name: "vm-1",
-            member: 1,
-            mode: Role::Primary,
-            primary: None,
-            epoch: 0,
-            attempt: 0,
-            default_image: "i",
-            kvm_resource: resources::KVM_RESOURCE,
-        };
+        let plan = first_primary("vm-1", 1);
         let mut p = resources::pod(&f, &plan);
         p.annotations_mut().insert(ANN_REPLACE_AT.into(), "2026-11-26T01:40:05Z".into());
         p.status = Some(
