@@ -10,7 +10,8 @@
 //! ...              heap up to the payload, or the end of RAM without one
 //! top of RAM       payload (VMM -> guest; the wasi guest's module): BootInfo::payload_len bytes at
 //!                  BootInfo::payload_gpa = payload_gpa(mem_size, len)
-//! GPA 0xD000_0000  MMIO slots, 4 KiB each: platform, serial, virtio-blk, virtio-vsock, virtio-rng
+//! GPA 0xD000_0000  MMIO slots, 4 KiB each: platform, serial, virtio-blk, virtio-vsock, virtio-rng,
+//!                  virtio-net (present only when the VM has a layer-2 address)
 //! ```
 #![no_std]
 
@@ -32,13 +33,15 @@ pub const PAGE_TABLES_SIZE: u64 = 6 * 0x1000;
 /// Base of the MMIO window; every device owns one 4 KiB slot.
 pub const MMIO_BASE: u64 = 0xD000_0000;
 pub const MMIO_SLOT_SIZE: u64 = 0x1000;
-pub const MMIO_SLOTS: u64 = 5;
+pub const MMIO_SLOTS: u64 = 6;
 
 pub const SLOT_PLATFORM: u64 = 0;
 pub const SLOT_SERIAL: u64 = 1;
 pub const SLOT_BLK: u64 = 2;
 pub const SLOT_VSOCK: u64 = 3;
 pub const SLOT_RNG: u64 = 4;
+/// virtio-net: the VM's own network interface (`BootInfo::devices` says whether it is there).
+pub const SLOT_NET: u64 = 5;
 
 /// Guest-physical base address of MMIO slot `slot`.
 pub const fn slot_base(slot: u64) -> u64 {
@@ -68,6 +71,7 @@ pub mod irq {
     pub const BLK: u8 = 0x21;
     pub const VSOCK: u8 = 0x22;
     pub const RNG: u8 = 0x23;
+    pub const NET: u8 = 0x24;
     /// The kernel installs gates for vectors [0, IDT_ENTRIES).
     pub const IDT_ENTRIES: u8 = 0x30;
 }

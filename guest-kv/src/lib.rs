@@ -7,6 +7,7 @@
 //! - [`limits`]: the limits, their defaults from guest memory, and the boot arguments that carry
 //!   them into the guest;
 //! - [`aof`]: the append-only file's layout on a block device;
+//! - [`netcfg`]: the VM's own network address, also carried in the boot arguments;
 //! - [`buf`]: the fallible byte buffer all of it is built on.
 //!
 //! ```
@@ -38,6 +39,7 @@ extern crate alloc;
 pub mod aof;
 pub mod buf;
 pub mod limits;
+pub mod netcfg;
 pub mod resp;
 pub mod server;
 pub mod store;

@@ -89,6 +89,9 @@ impl Overrides {
         let mut o = Overrides::default();
         for word in args.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else { continue };
+            if crate::netcfg::KEYS.contains(&key) {
+                continue; // the network address (`netcfg`), not a limit
+            }
             let value: u64 = value.parse().map_err(|_| BootArgsError::BadValue)?;
             let slot = match key {
                 "maxclients" => &mut o.maxclients,

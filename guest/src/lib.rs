@@ -1,6 +1,7 @@
 //! Lockstep's guest programs share this tiny runtime: a CPL0 stub kernel ([`rt`]), a heap, the
 //! platform device (clock, timer, yield, power), a console, and virtio drivers from the
-//! `virtio-drivers` crate wired to the VMM's virtio-mmio slots.
+//! `virtio-drivers` crate wired to the VMM's virtio-mmio slots, and a TCP/IP stack ([`net`]) for
+//! guests with their own network interface.
 //!
 //! Determinism rules every program here follows (see docs/determinism.md): no RDTSC/RDRAND/CPUID
 //! (the VMM even sets CR4.TSD so RDTSC faults at CPL3); time comes from [`platform::clock_ns`];
@@ -12,6 +13,7 @@ extern crate alloc;
 pub mod console;
 pub mod heap;
 pub mod mem;
+pub mod net;
 pub mod platform;
 pub mod rt;
 pub mod virtio;

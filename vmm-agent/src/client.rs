@@ -147,6 +147,10 @@ impl std::fmt::Debug for FrontEnd {
 /// State shared by the accept thread, the readers and the delivering threads.
 struct Shared {
     clients: Mutex<Clients>,
+    /// The VM's own network interface, once attached ([`FrontEnd::attach_nic`]).
+    nic: OnceLock<Arc<crate::nic::Tap>>,
+    /// Where the interface's reader sends frames: the same stream as the clients' events.
+    events: SyncSender<Event>,
     stats: Arc<FrontStats>,
     config: FrontConfig,
     /// Connections holding a [`Slot`].
@@ -320,6 +324,8 @@ impl FrontEnd {
         let stats = Arc::new(FrontStats::default());
         let shared = Arc::new(Shared {
             clients: Mutex::new(Clients { by_conn: HashMap::new(), unsent_estimate: 0, counted_at: Instant::now() }),
+            nic: OnceLock::new(),
+            events: tx.clone(),
             stats: stats.clone(),
             config,
             open: Arc::default(),
@@ -347,49 +353,120 @@ impl FrontEnd {
         self.shared.open.load(Ordering::Acquire)
     }
 
-    /// Send released output to its client.
-    pub fn deliver(&self, out: ClientOutput) {
-        let mut clients = self.shared.clients();
-        match out {
-            ClientOutput::Data { conn, bytes } => {
-                let Some(client) = clients.by_conn.get(&conn).cloned() else { return };
-                if client.cut.load(Ordering::Acquire) {
-                    clients.by_conn.remove(&conn);
-                    return;
-                }
-                let n = bytes.len();
-                // Only a client that is behind makes the agent hold bytes: the others' go
-                // straight into their sockets.
-                if client.writer.backlog_bytes() > 0 {
-                    let budget = self.shared.config.limits.reply_memory;
-                    let mut dropped = false;
-                    for (victim, unsent) in clients.over_budget(conn, n, budget) {
-                        self.shared.cut(&victim, Cut::ReplyMemory, unsent);
-                        clients.by_conn.remove(&victim.conn);
-                        dropped |= victim.conn == conn;
+    /// The other way in: the VM's own network interface on `tap`. Frames read from it become
+    /// `NetFrame` events in this front end's stream (a full stream stops the reader, and the
+    /// kernel's queue then drops frames, as a congested link does); frames the guest sends go to
+    /// it when released. `first` is written before anything else: the announcement of the VM's
+    /// address and the frames a promoted backup sends again. Frames queued on the device before
+    /// now were meant for the old primary's moment, not this one's, and are dropped.
+    pub fn attach_nic(&self, tap: Arc<crate::nic::Tap>, first: &[Vec<u8>]) -> std::io::Result<()> {
+        let stale = tap.drain();
+        if stale > 0 {
+            tracing::debug!(frames = stale, "dropped frames queued on {} before this side went live", tap.name());
+        }
+        // A TAP just opened may not forward yet (the kernel applies its carrier a moment later,
+        // and a bridge port starts disabled); the announcement must not go into that void.
+        if !tap.wait_ready(Duration::from_secs(1)) {
+            tracing::warn!("{} is not forwarding yet; announcing the VM's address anyway", tap.name());
+        }
+        // A frame that cannot go out is lost as on a wire: the clients' TCP sends again.
+        let unsent = first.iter().filter(|frame| tap.write_frame(frame).is_err()).count();
+        if unsent > 0 {
+            tracing::warn!(frames = unsent, "could not write the first frames to {}", tap.name());
+        }
+        if self.shared.nic.set(tap.clone()).is_err() {
+            return Err(std::io::Error::other("a network interface is already attached"));
+        }
+        let shared = self.shared.clone();
+        let events = self.shared.events.clone();
+        thread::Builder::new().name("nic-rx".into()).spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !shared.closed.load(Ordering::Acquire) {
+                match tap.read_frame(&mut buf, Duration::from_millis(50)) {
+                    Ok(Some(n)) if (1..=crate::devices::virtio::net::MAX_FRAME).contains(&n) => {
+                        shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                        if events.send(Event::NetFrame { bytes: buf[..n].to_vec() }).is_err() {
+                            return;
+                        }
                     }
-                    if dropped {
+                    // Too big for the device (it would drop it): not worth a log entry.
+                    Ok(Some(_)) | Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!("reading {} failed ({e}); the VM's interface is cut off", tap.name());
                         return;
                     }
                 }
-                if client.writer.write(bytes) {
-                    self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-                    if let Some(c) = &self.sent {
-                        c.inc_by(n as u64);
-                    }
-                } else {
-                    clients.by_conn.remove(&conn);
-                }
             }
-            ClientOutput::Close { conn } => {
-                if let Some(c) = clients.by_conn.remove(&conn) {
-                    // Requests read from now on would reach no one (the device has forgotten the
-                    // stream) and would only lengthen the log: end the reader's reads at once.
-                    c.guest_closed.store(true, Ordering::Release);
-                    let _ = c.socket.shutdown(Shutdown::Read);
-                    c.writer.close();
-                }
+        })?;
+        Ok(())
+    }
+
+    /// Send released output to its client.
+    pub fn deliver(&self, out: ClientOutput) {
+        match out {
+            ClientOutput::Data { conn, bytes } => self.send_data(conn, bytes),
+            ClientOutput::Close { conn } => self.close_stream(conn),
+            ClientOutput::Frame { bytes } => self.send_frame(&bytes),
+        }
+    }
+
+    fn send_data(&self, conn: u32, bytes: Vec<u8>) {
+        let mut clients = self.shared.clients();
+        let Some(client) = clients.by_conn.get(&conn).cloned() else { return };
+        if client.cut.load(Ordering::Acquire) {
+            clients.by_conn.remove(&conn);
+            return;
+        }
+        let n = bytes.len();
+        // Only a client that is behind makes the agent hold bytes: the others' go
+        // straight into their sockets.
+        if client.writer.backlog_bytes() > 0 {
+            let budget = self.shared.config.limits.reply_memory;
+            let mut dropped = false;
+            for (victim, unsent) in clients.over_budget(conn, n, budget) {
+                self.shared.cut(&victim, Cut::ReplyMemory, unsent);
+                clients.by_conn.remove(&victim.conn);
+                dropped |= victim.conn == conn;
             }
+            if dropped {
+                return;
+            }
+        }
+        if client.writer.write(bytes) {
+            self.count_sent(n);
+        } else {
+            clients.by_conn.remove(&conn);
+        }
+    }
+
+    fn close_stream(&self, conn: u32) {
+        if let Some(c) = self.shared.clients().by_conn.remove(&conn) {
+            // Requests read from now on would reach no one (the device has forgotten the
+            // stream) and would only lengthen the log: end the reader's reads at once.
+            c.guest_closed.store(true, Ordering::Release);
+            let _ = c.socket.shutdown(Shutdown::Read);
+            c.writer.close();
+        }
+    }
+
+    /// A frame onto the VM's interface. It never blocks: a frame the device has no room for is
+    /// dropped, as a full link drops it, and TCP sends it again.
+    fn send_frame(&self, frame: &[u8]) {
+        // A closed front end belongs to a side that stopped or lost: not one more frame.
+        if self.shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(nic) = self.shared.nic.get()
+            && nic.write_frame(frame).is_ok()
+        {
+            self.count_sent(frame.len());
+        }
+    }
+
+    fn count_sent(&self, n: usize) {
+        self.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(c) = &self.sent {
+            c.inc_by(n as u64);
         }
     }
 

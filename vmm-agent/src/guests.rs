@@ -7,6 +7,7 @@ use std::fmt;
 pub mod wasm;
 
 use lockstep_guest_kv::limits::{Limits, Overrides};
+use lockstep_guest_kv::netcfg::NetConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GuestKind {
@@ -106,6 +107,77 @@ pub enum LimitsError {
     MaxmemoryTooLarge { maxmemory_mib: u64, memory_mib: u64 },
     #[error("--{0} is too large")]
     TooLarge(&'static str),
+    #[error("the {0} guest has no TCP/IP stack; --vm-ip and --vm-mac are for kvstore")]
+    NetNotKvstore(GuestKind),
+    #[error("--vm-ip/--vm-mac: {0}")]
+    Net(lockstep_guest_kv::netcfg::NetConfigError),
+}
+
+/// The VM's own network interface from the command line (`run`, `primary`, `up --l2`): the guest
+/// serves TCP on port 6379 at this address, on a virtio-net device with this MAC. Like the
+/// limits, they reach the guest as boot arguments, so a backup takes them from the clone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+pub struct VmNetFlags {
+    /// kvstore: give the VM its own interface with this IPv4 address and prefix length
+    /// (A.B.C.D/P); clients on that layer-2 segment keep their connections across a failover.
+    /// Needs --vm-mac, and --tap to reach a host network.
+    #[arg(long, value_name = "A.B.C.D/P", requires = "vm_mac")]
+    pub vm_ip: Option<String>,
+    /// kvstore: the MAC address of the VM's interface (unicast, like 52:54:00:4c:53:02). It
+    /// stays the same on every replica: a failover moves it to the new primary's port.
+    #[arg(long, value_name = "MAC", requires = "vm_ip")]
+    pub vm_mac: Option<String>,
+}
+
+impl VmNetFlags {
+    /// The address these flags give, checked.
+    pub fn config(&self) -> Result<Option<NetConfig>, LimitsError> {
+        match (&self.vm_ip, &self.vm_mac) {
+            (None, None) => Ok(None),
+            (ip, mac) => NetConfig::parse(&format!(
+                "ip={} mac={}",
+                ip.as_deref().unwrap_or_default(),
+                mac.as_deref().unwrap_or_default()
+            ))
+            .map_err(LimitsError::Net),
+        }
+    }
+
+    /// These flags as command-line arguments (for `up`'s replicas).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let (Some(ip), Some(mac)) = (&self.vm_ip, &self.vm_mac) {
+            args.extend(["--vm-ip".to_string(), ip.clone(), "--vm-mac".to_string(), mac.clone()]);
+        }
+        args
+    }
+}
+
+/// The MAC of the VM's interface in `boot_args`, if it has one (the VMM's virtio-net device
+/// takes the MAC from where the guest takes its address).
+pub fn net_mac(boot_args: &str) -> Option<[u8; 6]> {
+    NetConfig::parse(boot_args).ok().flatten().map(|n| n.mac)
+}
+
+/// The boot arguments of `guest` with `mem_size` bytes of memory: the kvstore's limits, then
+/// the VM's network address.
+pub fn boot_args(
+    limits: &KvLimitFlags,
+    net: &VmNetFlags,
+    guest: GuestKind,
+    mem_size: u64,
+) -> Result<String, LimitsError> {
+    let mut args = limits.boot_args(guest, mem_size)?;
+    if let Some(net) = net.config()? {
+        if guest != GuestKind::Kvstore {
+            return Err(LimitsError::NetNotKvstore(guest));
+        }
+        if !args.is_empty() {
+            args.push(' ');
+        }
+        args.push_str(&net.to_string());
+    }
+    Ok(args)
 }
 
 impl KvLimitFlags {
@@ -174,6 +246,23 @@ impl KvLimitFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_network_address_follows_the_limits_and_is_kvstore_only() {
+        let net = VmNetFlags { vm_ip: Some("10.77.0.2/24".into()), vm_mac: Some("52:54:00:4c:53:02".into()) };
+        let limits = KvLimitFlags { maxclients: 10, ..Default::default() };
+        let args = boot_args(&limits, &net, GuestKind::Kvstore, 64 << 20).unwrap();
+        assert_eq!(args, "maxclients=10 ip=10.77.0.2/24 mac=52:54:00:4c:53:02");
+        // The guest's limits parser leaves the address alone, and the address parser finds it.
+        assert_eq!(Overrides::parse(&args).unwrap().maxclients, Some(10));
+        assert_eq!(NetConfig::parse(&args).unwrap().unwrap().ip, [10, 77, 0, 2]);
+        assert_eq!(
+            boot_args(&KvLimitFlags::default(), &net, GuestKind::Wasi, 64 << 20),
+            Err(LimitsError::NetNotKvstore(GuestKind::Wasi))
+        );
+        let bad = VmNetFlags { vm_mac: Some("01:00:5e:00:00:01".into()), ..net };
+        assert!(matches!(bad.config(), Err(LimitsError::Net(_))));
+    }
 
     #[test]
     fn flags_become_boot_args_in_bytes() {

@@ -24,7 +24,7 @@
 //! use lockstep_agent::vmm::{Machine, MachineConfig};
 //!
 //! // Record 100 000 exits of the idle guest into memory.
-//! let cfg = MachineConfig { guest: GuestKind::Idle, mem_size: 64 << 20, disk: None, guest_arg: 0 };
+//! let cfg = MachineConfig { guest: GuestKind::Idle, mem_size: 64 << 20, disk: None, guest_arg: 0, net_mac: None };
 //! let mut vm = Machine::new(cfg).unwrap();
 //! vm.exit_limit = Some(100_000);
 //! let (front, events) = lockstep_agent::client::FrontEnd::start("127.0.0.1:0".parse().unwrap(), 1).unwrap();
@@ -41,6 +41,7 @@ pub mod guests;
 pub mod hypervisor;
 pub mod metrics;
 pub mod net;
+pub mod nic;
 pub mod pair;
 pub mod record;
 pub mod recorder;

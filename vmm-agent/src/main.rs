@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use lockstep_agent::client::{ClientLimits, FrontConfig, FrontEnd};
 use lockstep_agent::guests::wasm::{WasmFlags, WasmProgram};
-use lockstep_agent::guests::{GuestKind, KvLimitFlags};
+use lockstep_agent::guests::{GuestKind, KvLimitFlags, VmNetFlags};
 use lockstep_agent::metrics::Metrics;
 use lockstep_agent::pair;
 use lockstep_agent::record::{LogHeader, LogReader, LogSink, LogWriter, MemorySink, hex};
@@ -96,6 +96,35 @@ struct UpArgs {
     guest_limits: KvLimitFlags,
     #[command(flatten)]
     clients: ClientLimitArgs,
+    /// Give the VM its own address on a layer-2 network that `up` creates (needs root or
+    /// CAP_NET_ADMIN): a bridge lstepbr with 10.77.0.1/24 on this host, a TAP per replica, the
+    /// VM at 10.77.0.2 port 6379. Prints `vm address: IP:PORT` once it answers; connections to
+    /// it survive a failover. The network is removed when `up` stops.
+    #[arg(long)]
+    l2: bool,
+    /// With --l2: the interfaces are PREFIXbr (the bridge), PREFIXt0 and PREFIXt1 (the TAPs).
+    #[arg(long, default_value = "lstep", value_name = "PREFIX")]
+    l2_prefix: String,
+    /// With --l2: this host's address on the bridge and the network's prefix length; the VM
+    /// takes the next address.
+    #[arg(long, default_value = "10.77.0.1/24", value_name = "A.B.C.D/P")]
+    l2_host: String,
+}
+
+/// The network `up --l2` creates, from its flags.
+fn l2_config(a: &UpArgs) -> Result<Option<lockstep_agent::nic::L2Config>, CliError> {
+    if !a.l2 {
+        return Ok(None);
+    }
+    let bad = || CliError::Usage(format!("--l2-host {}: expected A.B.C.D/P, like 10.77.0.1/24", a.l2_host));
+    let (ip, len) = a.l2_host.split_once('/').ok_or_else(bad)?;
+    let host: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let mut cfg = lockstep_agent::nic::L2Config::for_prefix(&a.l2_prefix);
+    cfg.host_cidr = (host, len);
+    cfg.vm_ip = std::net::Ipv4Addr::from(u32::from(host).wrapping_add(1));
+    cfg.validate().map_err(|e| CliError::Usage(format!("--l2: {e}")))?;
+    Ok(Some(cfg))
 }
 
 /// What clients may cost the agent and its guest (docs/operations.md, "Hostile clients").
@@ -179,6 +208,10 @@ struct FtArgs {
     quiet: bool,
     #[command(flatten)]
     clients: ClientLimitArgs,
+    /// The TAP device where the VM's own interface (--vm-ip) meets this host's network. A backup
+    /// opens it at start and uses it only once it goes live.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -198,6 +231,8 @@ struct PrimaryArgs {
     guest_arg: u64,
     #[command(flatten)]
     guest_limits: KvLimitFlags,
+    #[command(flatten)]
+    net: VmNetFlags,
     #[command(flatten)]
     ft: FtArgs,
 }
@@ -272,6 +307,11 @@ struct RunArgs {
     guest_arg: u64,
     #[command(flatten)]
     guest_limits: KvLimitFlags,
+    #[command(flatten)]
+    net: VmNetFlags,
+    /// The TAP device where the VM's own interface (--vm-ip) meets this host's network.
+    #[arg(long, value_name = "NAME", requires = "vm_ip")]
+    tap: Option<String>,
     /// Identity of this VM, written into the log header and metric labels.
     #[arg(long, default_value = "local", value_name = "ID")]
     vm_id: String,
@@ -438,9 +478,10 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         disk_size,
         guest_arg: args.guest_arg,
         vm_id: args.vm_id.clone(),
-        boot_args: args.guest_limits.boot_args(guest, mem_size)?,
+        boot_args: lockstep_agent::guests::boot_args(&args.guest_limits, &args.net, guest, mem_size)?,
         payload: wasm.map(|w| w.payload).unwrap_or_default(),
     };
+    let tap = args.tap.as_deref().map(open_tap).transpose()?;
     let metrics = Metrics::new(&args.vm_id);
     args.clients.apply(&metrics);
     if let Some(addr) = args.metrics_listen {
@@ -452,9 +493,15 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     )))?;
     let front = front.with_sent_counter(metrics.client_bytes_out.clone());
     lockstep_agent::say!("clients on {}", front.local_addr());
+    let net_mac = lockstep_agent::guests::net_mac(&header.boot_args);
+    if let (Some(tap), Some(net)) = (tap, args.net.config()?) {
+        let announce = lockstep_agent::nic::gratuitous_arp(net.mac, std::net::Ipv4Addr::from(net.ip));
+        front.attach_nic(tap.clone(), &[announce]).map_err(io_err(format!("attaching {}", tap.name())))?;
+        lockstep_agent::say!("vm interface on {}: {}", tap.name(), net);
+    }
     metrics.ready.set(1);
     let mut vm = Machine::new_with_payload(
-        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
+        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg, net_mac },
         &header.boot_args,
         &header.payload,
     )?;
@@ -578,7 +625,8 @@ fn replay(args: ReplayArgs) -> Result<(), CliError> {
             Some(scratch_disk(size >> 20)?)
         }
     };
-    let cfg = MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg };
+    let net_mac = lockstep_agent::guests::net_mac(&header.boot_args);
+    let cfg = MachineConfig { guest, mem_size: header.mem_size, disk, guest_arg: header.guest_arg, net_mac };
     let mut vm = Machine::new_with_payload(cfg, &header.boot_args, &header.payload)?;
     let mut rep = Replayer::new(reader);
     rep.console.quiet = !args.console;
@@ -611,6 +659,7 @@ fn ft_setup(
     };
     // A bad mount or a certificate for another VM is an error now, not at the first backup.
     channel.check(&a.vm_id).map_err(|e| CliError::Usage(format!("--channel-tls: {e}")))?;
+    let tap = a.tap.as_deref().map(open_tap).transpose()?;
     let metrics = Metrics::new(&a.vm_id);
     a.clients.apply(&metrics);
     if let Some(addr) = a.metrics_listen {
@@ -639,8 +688,14 @@ fn ft_setup(
         quiet: a.quiet,
         digest_interval: a.digest_interval,
         channel,
+        tap,
     };
     Ok((opts, cfg))
+}
+
+/// Open the TAP device `name` (created beforehand, e.g. by `up --l2` or a CNI plugin).
+fn open_tap(name: &str) -> Result<Arc<lockstep_agent::nic::Tap>, CliError> {
+    lockstep_agent::nic::Tap::open(name).map(Arc::new).map_err(io_err(format!("--tap {name}")))
 }
 
 fn print_pair_summary(s: &RunSummary, guest: GuestKind, started: Instant, metrics: &Metrics) {
@@ -659,7 +714,12 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     let mem_size = args.machine.memory_mib << 20;
     // Checked before the arbiter is taken: a primary with unusable limits, or a module that
     // cannot run, must not start.
-    let boot_args = args.guest_limits.boot_args(guest, mem_size)?;
+    let boot_args = lockstep_agent::guests::boot_args(&args.guest_limits, &args.net, guest, mem_size)?;
+    if args.ft.tap.is_some() && args.net.config()?.is_none() {
+        return Err(CliError::Usage(
+            "--tap connects the VM's own interface: give it one with --vm-ip and --vm-mac".into(),
+        ));
+    }
     let wasm = args.wasm.load(mem_size, lockstep_agent::guests::wasm::realtime_now_ns())?;
     let image = wasm.as_ref().map_or_else(|| guest.image_hash(), WasmProgram::identity);
     let payload = wasm.map(|w| w.payload).unwrap_or_default();
@@ -691,8 +751,9 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
         }
     };
     lockstep_agent::say!("primary of {} at epoch {epoch}", opts.vm_id);
+    let net_mac = lockstep_agent::guests::net_mac(&boot_args);
     let mut vm = Machine::new_with_payload(
-        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg },
+        MachineConfig { guest, mem_size, disk, guest_arg: args.guest_arg, net_mac },
         &boot_args,
         &payload,
     )?;
@@ -758,7 +819,8 @@ fn main() -> ExitCode {
             &a.wasm,
         )
         .map_err(|e| CliError::Usage(e.to_string()))
-        .and_then(|guest| {
+        .and_then(|guest| Ok((guest, l2_config(&a)?)))
+        .and_then(|(guest, l2)| {
             lockstep_agent::up::run(lockstep_agent::up::UpOptions {
                 guest,
                 wasm: a.wasm,
@@ -771,6 +833,7 @@ fn main() -> ExitCode {
                 verbose: a.verbose,
                 guest_limits: a.guest_limits,
                 client_limits: a.clients.limits(),
+                l2,
             })
             .map_err(CliError::Usage)
         }),

@@ -133,6 +133,10 @@ impl<S: LogSink> Recorder<S> {
                 Entry::ClientData { conn: *conn, bytes: bytes.clone() }
             }
             Event::ClientClose { conn } => Entry::ClientClose { conn: *conn },
+            Event::NetFrame { bytes } => {
+                self.metrics.client_bytes_in.inc_by(bytes.len() as u64);
+                Entry::NetFrame { bytes: bytes.clone() }
+            }
         };
         self.log(exit, &entry).map_err(RunError::from)
     }
@@ -188,7 +192,7 @@ impl<S: LogSink> Environment for Recorder<S> {
             while out.len() < EVENTS_PER_EXIT && backlog < BACKLOG_LIMIT {
                 match rx.try_recv() {
                     Ok(e) => {
-                        if let Event::ClientData { bytes, .. } = &e {
+                        if let Event::ClientData { bytes, .. } | Event::NetFrame { bytes } = &e {
                             backlog += bytes.len() as u64;
                         }
                         out.push(e);

@@ -2,6 +2,8 @@
 //! was recorded at; outputs are suppressed; digests in the log are checked. The first mismatch
 //! is a divergence that names the exit and what differed.
 
+use std::collections::VecDeque;
+
 use crate::devices::{ClientOutput, DeviceError, Io};
 use crate::record::{Entry, LogSource, hex};
 use crate::recorder::ConsoleLines;
@@ -17,7 +19,17 @@ pub struct Replayer<S: LogSource> {
     pub entries: u64,
     /// Last exit whose clock value came from the log (a promoted backup continues from it).
     pub last_clock_ns: u64,
+    /// The last frames the guest transmitted, with their exits: a promoted backup sends them
+    /// again, since the old primary may have died holding them (see [`RECENT_FRAMES`]).
+    pub recent_frames: VecDeque<(u64, Vec<u8>)>,
 }
+
+/// Frames a replayer keeps for the go-live. The old primary may have died holding frames it
+/// produced after the last acknowledgement it saw; those are among the last the backup replays.
+/// Sending a few more than that is harmless: TCP drops what it already has (duplicates), while a
+/// frame never sent costs the client a retransmission timeout. 64 frames cover the output of many
+/// exits at any rate this guest reaches.
+pub const RECENT_FRAMES: usize = 64;
 
 impl<S: LogSource> std::fmt::Debug for Replayer<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,6 +47,7 @@ impl<S: LogSource> Replayer<S> {
             console: ConsoleLines::quiet(),
             entries: 0,
             last_clock_ns: 0,
+            recent_frames: VecDeque::new(),
         }
     }
 
@@ -104,9 +117,17 @@ impl<S: LogSource> Io for Replayer<S> {
         }
     }
 
-    fn client(&mut self, _exit: u64, out: ClientOutput) {
-        if let ClientOutput::Data { bytes, .. } = out {
-            self.suppressed_output_bytes += bytes.len() as u64;
+    fn client(&mut self, exit: u64, out: ClientOutput) {
+        match out {
+            ClientOutput::Data { bytes, .. } => self.suppressed_output_bytes += bytes.len() as u64,
+            ClientOutput::Frame { bytes } => {
+                self.suppressed_output_bytes += bytes.len() as u64;
+                if self.recent_frames.len() == RECENT_FRAMES {
+                    self.recent_frames.pop_front();
+                }
+                self.recent_frames.push_back((exit, bytes));
+            }
+            ClientOutput::Close { .. } => {}
         }
     }
 
@@ -138,6 +159,7 @@ impl<S: LogSource> Environment for Replayer<S> {
                     Entry::ClientConnect { conn } => Event::ClientConnect { conn: *conn },
                     Entry::ClientData { conn, bytes } => Event::ClientData { conn: *conn, bytes: bytes.clone() },
                     Entry::ClientClose { conn } => Event::ClientClose { conn: *conn },
+                    Entry::NetFrame { bytes } => Event::NetFrame { bytes: bytes.clone() },
                     _ => break,
                 },
                 _ => break,

@@ -5,6 +5,11 @@
 //! connection to whichever replica serves clients now. When a replica dies the other carries on
 //! (the backup goes live by itself through the arbiter), and `up` starts a new backup in the
 //! dead slot that clones from the survivor: redundancy is restored without anyone's help.
+//!
+//! With `--l2` the VM also gets its own network interface: `up` creates a bridge with this
+//! host's address and one TAP device per slot (`crate::nic::L2Network`), the guest serves at
+//! the VM's own address, and a failover moves that address to the new primary's TAP. Clients of
+//! the VM's address keep their TCP connections; clients of the proxy reconnect.
 
 use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -37,6 +42,8 @@ pub struct UpOptions {
     pub guest_limits: KvLimitFlags,
     /// Passed on to both replicas.
     pub client_limits: ClientLimits,
+    /// Create a layer-2 network and give the VM its own address on it (`--l2`).
+    pub l2: Option<crate::nic::L2Config>,
 }
 
 /// The agent flags that give a replica `limits`.
@@ -57,6 +64,8 @@ struct Slot {
     channel: SocketAddr,
     metrics: SocketAddr,
     disk: PathBuf,
+    /// This slot's TAP device on the `--l2` bridge.
+    tap: Option<String>,
     child: Option<Child>,
     started: Instant,
 }
@@ -75,6 +84,10 @@ impl Slot {
                 c.args(["--memory-mib", &o.memory_mib.to_string(), "--disk-size-mib", &o.disk_size_mib.to_string()]);
                 c.args(o.guest_limits.to_args());
                 c.args(o.wasm.to_args());
+                if let Some(l2) = &o.l2 {
+                    c.args(["--vm-ip", &format!("{}/{}", l2.vm_ip, l2.host_cidr.1)]);
+                    c.args(["--vm-mac", &crate::nic::format_mac(l2.vm_mac)]);
+                }
             }
             Role::Backup => {
                 c.args(["backup", "--guest", o.guest.name(), "--channel-connect", &peer_channel.to_string()]);
@@ -85,11 +98,26 @@ impl Slot {
         if o.guest.needs_disk() {
             c.arg("--disk").arg(&self.disk);
         }
+        if let Some(tap) = &self.tap {
+            c.args(["--tap", tap]);
+        }
         c.args(["--vm-id", &o.vm_id, "--arbiter", arbiter, "--name", &format!("{}-{}", self.name, std::process::id())]);
         c.args(["--client-listen", &self.client.to_string(), "--metrics-listen", &self.metrics.to_string()]);
         c.arg("--channel-tls").arg(channel_tls_dir(o));
         c.args(client_limit_args(&o.client_limits));
         c.env("LOCKSTEP_LOG", if o.verbose { "info" } else { "warn" });
+        // A replica does not outlive `up`: killed with it, however `up` ends (a VM left running
+        // would hold its TAP and its ports, and nobody would restore its redundancy).
+        // SAFETY: prctl(2) in the child between fork and exec touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         c.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
         let mut child = c.spawn()?;
         let name = self.name;
@@ -194,6 +222,14 @@ fn serving(slots: &[Slot]) -> Option<usize> {
 }
 
 pub fn run(o: UpOptions) -> Result<(), String> {
+    if o.l2.is_some() && o.guest != GuestKind::Kvstore {
+        return Err(format!("--l2 needs the kvstore guest (the {} guest has no TCP/IP stack)", o.guest));
+    }
+    // Created before anything else and torn down when `run` returns, however it returns.
+    let network = match &o.l2 {
+        Some(cfg) => Some(crate::nic::L2Network::create(cfg).map_err(|e| format!("--l2: {e}"))?),
+        None => None,
+    };
     std::fs::create_dir_all(&o.state_dir).map_err(|e| format!("state directory {}: {e}", o.state_dir.display()))?;
     let arb_path = o.state_dir.join("arbiter");
     // A fresh pair: the arbiter starts over (its epoch only matters between these replicas).
@@ -213,6 +249,7 @@ pub fn run(o: UpOptions) -> Result<(), String> {
             channel: addr(o.base_port + 11 + i as u16),
             metrics: addr(o.base_port + 21 + i as u16),
             disk: o.state_dir.join(format!("disk-{name}.img")),
+            tap: network.as_ref().map(|n| n.tap_names()[i].to_string()),
             child: None,
             started: Instant::now(),
         })
@@ -227,6 +264,14 @@ pub fn run(o: UpOptions) -> Result<(), String> {
     // The primary opens its client port once it holds the arbiter; a probe of the channel port
     // would look like a backup that came and went.
     wait_listening(slots[0].client, Duration::from_secs(30))?;
+    if let Some(l2) = &o.l2 {
+        // The contract scripts rely on: this line appears once the VM's own address answers
+        // from this host (the probe is an ordinary client connection, opened and closed).
+        let vm = SocketAddr::from((l2.vm_ip, lockstep_guest_abi::KVSTORE_PORT as u16));
+        wait_listening(vm, Duration::from_secs(30))?;
+        println!("vm address: {vm}");
+        eprintln!("lockstep up: the VM's own address: try redis-cli -h {} (connections survive a failover)", l2.vm_ip);
+    }
     let peer = slots[0].channel;
     slots[1].spawn(&o, &arbiter, Role::Backup, peer).map_err(|e| e.to_string())?;
     eprintln!(

@@ -26,8 +26,17 @@ pub enum DeviceError {
 /// Something the guest sends to the outside world.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientOutput {
-    Data { conn: u32, bytes: Vec<u8> },
-    Close { conn: u32 },
+    Data {
+        conn: u32,
+        bytes: Vec<u8>,
+    },
+    Close {
+        conn: u32,
+    },
+    /// An Ethernet frame the guest transmitted on its own interface (virtio-net).
+    Frame {
+        bytes: Vec<u8>,
+    },
 }
 
 /// The VM's boundary with the outside world, as devices see it.

@@ -105,7 +105,9 @@ impl<V: Vcpu> CloneTarget<V> {
                     ),
                 };
                 self.disk = disk.as_ref().map(|d| d.try_clone()).transpose().map_err(|e| e.to_string())?;
-                let cfg = MachineConfig { guest: self.guest, mem_size: memory_bytes, disk, guest_arg: 0 };
+                // The interface, if the VM has one, comes with the device state (its MAC is the VM's).
+                let cfg =
+                    MachineConfig { guest: self.guest, mem_size: memory_bytes, disk, guest_arg: 0, net_mac: None };
                 self.machine = Some((self.factory)(cfg).map_err(|e| e.to_string())?);
                 crate::say!("receiving a clone of {} MiB memory and {} MiB disk", memory_bytes >> 20, disk_bytes >> 20);
             }
@@ -570,6 +572,7 @@ fn replay<V: Vcpu + 'static>(
         first_conn: max_conn + 1,
         clock_offset_ns: rep.last_clock_ns,
         close_conns: vm.devices.vsock.device.open_conns(),
+        resend_frames: rep.recent_frames.drain(..).map(|(_, frame)| frame).collect(),
         pending_exit: Some(pending),
     };
     crate::say!(

@@ -357,6 +357,9 @@ pub struct Options {
     pub digest_interval: u64,
     /// How the logging channel is protected (mutual TLS, or plain TCP when asked for).
     pub channel: super::tls::ChannelSecurity,
+    /// Where the VM's own network interface meets this host's network (`--tap`), for a VM
+    /// with a layer-2 address. A backup holds it unused until it goes live.
+    pub tap: Option<Arc<crate::nic::Tap>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +391,9 @@ pub struct Resume {
     pub pending_exit: Option<crate::hypervisor::VmExit>,
     /// Client streams of the old primary to close in the guest.
     pub close_conns: Vec<u32>,
+    /// Frames the replay produced last, sent again on the VM's interface (the old primary may
+    /// have died holding them).
+    pub resend_frames: Vec<Vec<u8>>,
 }
 
 /// Run `vm` as the primary under protocol core `ft` until stopped, powered off or halted, with
@@ -426,6 +432,38 @@ pub(crate) fn drive_with<V: Vcpu>(
         })?;
     let front = front.with_sent_counter(opts.metrics.client_bytes_out.clone());
     crate::say!("clients on {}", front.local_addr());
+    match (&opts.tap, vm.net_config()) {
+        (Some(tap), Some(net)) => {
+            // The VM's MAC now lives behind this side's port: say so first (the bridge learns the
+            // port from the announcement, and every host on the segment keeps the IP's MAC), then
+            // send what the old primary may not have sent, then take frames.
+            let ip = std::net::Ipv4Addr::from(net.ip);
+            let mut first = vec![crate::nic::gratuitous_arp(net.mac, ip)];
+            first.extend(resume.resend_frames.iter().cloned());
+            front.attach_nic(tap.clone(), &first).map_err(|source| PairError::Io {
+                context: format!("taking over the VM's interface on {}", tap.name()),
+                source,
+            })?;
+            crate::say!(
+                "vm interface on {}: {ip}/{} at {}, announced{}",
+                tap.name(),
+                net.prefix,
+                crate::nic::format_mac(net.mac),
+                if resume.resend_frames.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} frames sent again", resume.resend_frames.len())
+                }
+            );
+        }
+        (Some(tap), None) => tracing::warn!("--tap {}: this VM has no network interface; ignored", tap.name()),
+        (None, Some(_)) => {
+            tracing::warn!(
+                "the VM has a network interface but this side has no --tap: it is cut off while this side is live"
+            )
+        }
+        (None, None) => {}
+    }
     opts.metrics.ready.set(1);
     let listener = listen()?;
     crate::say!("channel on {}", listener.describe());

@@ -68,6 +68,7 @@ fn options(dir: &Scratch, name: &str, ft: FtConfig) -> primary::Options {
         quiet: true,
         digest_interval: 16,
         channel: crate::pair::tls::ChannelSecurity::Insecure,
+        tap: None,
     }
 }
 

@@ -16,8 +16,9 @@ pub const LOG_MAGIC: &[u8; 8] = b"LOCKSTEP";
 /// Bumped on purpose whenever the layout or the meaning of an entry changes. Version 2 added the
 /// guest's boot arguments to the header; version 3 replaced the per-entry frames by compact
 /// entries in blocks; version 4 added the guest's payload (the wasi guest's module) to the
-/// header. Versions 1 to 3 still decode.
-pub const LOG_VERSION: u16 = 4;
+/// header; version 5 added the `net-frame` entry (frames for the VM's own interface). Versions 1
+/// to 4 still decode.
+pub const LOG_VERSION: u16 = 5;
 /// The oldest version this agent reads.
 pub const LOG_VERSION_MIN: u16 = 1;
 /// The first version with compact entries in blocks.
@@ -178,6 +179,8 @@ pub enum Entry {
     /// The VMM woke a waiting guest without an event (it had work of its own, such as a clone
     /// round); the guest sees a return from its wait with no interrupt.
     Wake,
+    /// An Ethernet frame from the network for the VM's own interface (virtio-net).
+    NetFrame { bytes: Vec<u8> },
 }
 
 impl Entry {
@@ -192,6 +195,7 @@ impl Entry {
             Entry::Digest { .. } => 7,
             Entry::End { .. } => 8,
             Entry::Wake => 9,
+            Entry::NetFrame { .. } => 10,
         }
     }
 
@@ -208,7 +212,7 @@ impl Entry {
                 put_varint(out, *addr);
                 put_varint(out, *value);
             }
-            Entry::Random { bytes } => out.extend_from_slice(bytes),
+            Entry::Random { bytes } | Entry::NetFrame { bytes } => out.extend_from_slice(bytes),
             Entry::TimerTick | Entry::Wake => {}
             Entry::ClientConnect { conn } | Entry::ClientClose { conn } => put_varint(out, *conn as u64),
             Entry::ClientData { conn, bytes } => {
@@ -223,7 +227,7 @@ impl Entry {
     pub fn body_len(&self) -> usize {
         1 + match self {
             Entry::MmioRead { addr, value } => varint_len(*addr) + varint_len(*value),
-            Entry::Random { bytes } => bytes.len(),
+            Entry::Random { bytes } | Entry::NetFrame { bytes } => bytes.len(),
             Entry::TimerTick | Entry::Wake => 0,
             Entry::ClientConnect { conn } | Entry::ClientClose { conn } => varint_len(*conn as u64),
             Entry::ClientData { conn, bytes } => varint_len(*conn as u64) + bytes.len(),
@@ -261,6 +265,8 @@ impl Entry {
                 return Ok(if kind == 7 { Entry::Digest { digest } } else { Entry::End { digest } });
             }
             9 => Entry::Wake,
+            10 if p.is_empty() => return Err(bad("a frame needs at least one byte")),
+            10 => return Ok(Entry::NetFrame { bytes: p.to_vec() }),
             kind => return Err(CodecError::UnknownKind { offset, kind }),
         };
         if !p.is_empty() {
@@ -275,7 +281,7 @@ impl Entry {
                 out.extend_from_slice(&addr.to_le_bytes());
                 out.extend_from_slice(&value.to_le_bytes());
             }
-            Entry::Random { bytes } => out.extend_from_slice(bytes),
+            Entry::Random { bytes } | Entry::NetFrame { bytes } => out.extend_from_slice(bytes),
             Entry::TimerTick | Entry::Wake => {}
             Entry::ClientConnect { conn } | Entry::ClientClose { conn } => out.extend_from_slice(&conn.to_le_bytes()),
             Entry::ClientData { conn, bytes } => {
@@ -341,6 +347,7 @@ fn kind_name(kind: u8) -> &'static str {
         7 => "digest",
         8 => "end",
         9 => "wake",
+        10 => "net-frame",
         _ => "unknown",
     }
 }
@@ -357,6 +364,7 @@ impl fmt::Debug for Entry {
             Entry::Digest { digest } => write!(f, "digest({})", hex(&digest[..8])),
             Entry::End { digest } => write!(f, "end({})", hex(&digest[..8])),
             Entry::Wake => write!(f, "wake"),
+            Entry::NetFrame { bytes } => write!(f, "net-frame({} bytes)", bytes.len()),
         }
     }
 }
@@ -629,9 +637,9 @@ mod tests {
         assert_eq!(LogHeader::decode(&bytes).unwrap(), Some((h.clone(), bytes.len())));
         assert_eq!(LogHeader::decode(&bytes[..10]).unwrap(), None);
         assert_eq!(LogHeader::decode(b"NOTALOG!xxxxxxxxxx"), Err(CodecError::BadMagic));
-        let mut v5 = bytes.clone();
-        v5[8] = 5;
-        assert_eq!(LogHeader::decode(&v5), Err(CodecError::Version { found: 5 }));
+        let mut newer = bytes.clone();
+        newer[8] = LOG_VERSION as u8 + 1;
+        assert_eq!(LogHeader::decode(&newer), Err(CodecError::Version { found: LOG_VERSION + 1 }));
         assert_eq!(LogHeader::decode_versioned(&bytes).unwrap().map(|(_, v, _)| v), Some(LOG_VERSION));
         let mut corrupt = bytes.clone();
         let last = corrupt.len() - 6;

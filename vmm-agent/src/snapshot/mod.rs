@@ -37,7 +37,9 @@ use std::fmt;
 /// First eight bytes of every saved state.
 pub const MAGIC: [u8; 8] = *b"LSTPSNAP";
 /// The version this build writes.
-pub const VERSION: Version = Version { major: 1, minor: 0, patch: 0 };
+/// 1.1 added the network interface (virtio-net) at the end of the devices; a 1.0 reader would
+/// not know it, so it refuses 1.1 states (minor versions are read only by readers as new).
+pub const VERSION: Version = Version { major: 1, minor: 1, patch: 0 };
 /// Largest payload accepted. The state is registers and device buffers (the vsock device holds
 /// at most a few MiB of undelivered client bytes), never guest memory.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
@@ -399,7 +401,7 @@ mod tests {
         major[8] = 2;
         assert!(matches!(open(&major).unwrap_err(), SnapshotError::UnsupportedVersion { .. }));
         let mut minor = bytes.clone();
-        minor[10] = 1;
+        minor[10] = VERSION.minor as u8 + 1;
         assert!(matches!(open(&minor).unwrap_err(), SnapshotError::UnsupportedVersion { .. }));
         let mut patch = bytes.clone();
         patch[12] = 9;

@@ -28,7 +28,9 @@ use crate::devices::IrqQueue;
 use crate::devices::platform::PlatformState;
 use crate::devices::serial::ConsoleState;
 use crate::devices::virtio::TransportState;
+use crate::devices::virtio::VirtioMmio;
 use crate::devices::virtio::blk::BlkState;
+use crate::devices::virtio::net::{Net, NetState};
 use crate::devices::virtio::rng::RngState;
 use crate::devices::virtio::vsock::VsockState;
 use crate::guests::GuestKind;
@@ -65,6 +67,8 @@ pub struct DevicesState {
     pub blk: Option<(TransportState, BlkState)>,
     pub vsock: (TransportState, VsockState),
     pub rng: (TransportState, RngState),
+    /// The VM's own network interface, if it has one (saved states before 1.1 have none).
+    pub net: Option<(TransportState, NetState)>,
 }
 
 impl Devices {
@@ -75,6 +79,7 @@ impl Devices {
             blk: self.blk.as_ref().map(|b| (b.save(), b.device.save())),
             vsock: (self.vsock.save(), self.vsock.device.save()),
             rng: (self.rng.save(), self.rng.device.save()),
+            net: self.net.as_ref().map(|n| (n.save(), n.device.save())),
         }
     }
 
@@ -100,6 +105,16 @@ impl Devices {
         self.vsock.device.restore(&s.vsock.1)?;
         self.rng.restore(&s.rng.0)?;
         self.rng.device.restore(&s.rng.1)?;
+        // The interface is the VM's (its MAC is in the state), so the clone gets it from the
+        // primary rather than from its own configuration.
+        self.net = match &s.net {
+            Some((t, d)) => {
+                let mut n = VirtioMmio::new(Net::restored(d)?);
+                n.restore(t)?;
+                Some(n)
+            }
+            None => None,
+        };
         Ok(())
     }
 }
@@ -117,13 +132,22 @@ impl Persist for DevicesState {
         e.put(&self.vsock.1);
         e.put(&self.rng.0);
         e.put(&self.rng.1);
+        // Last, and only when present: a state without an interface reads as before 1.1.
+        if let Some((t, d)) = &self.net {
+            e.put(t);
+            e.put(d);
+        }
     }
 
     fn decode(d: &mut Decoder<'_>) -> snapshot::Result<Self> {
         let platform = d.get()?;
         let console = d.get()?;
         let blk = if d.bool("disk present")? { Some((d.get()?, d.get()?)) } else { None };
-        Ok(DevicesState { platform, console, blk, vsock: (d.get()?, d.get()?), rng: (d.get()?, d.get()?) })
+        let vsock = (d.get()?, d.get()?);
+        let rng = (d.get()?, d.get()?);
+        // The devices are the end of a machine's state: anything after rng is the interface.
+        let net = if d.remaining() > 0 { Some((d.get()?, d.get()?)) } else { None };
+        Ok(DevicesState { platform, console, blk, vsock, rng, net })
     }
 }
 
@@ -417,6 +441,22 @@ mod tests {
         let s = state();
         let bytes = snapshot::save(&s);
         assert_eq!(snapshot::load::<MachineState>(&bytes).unwrap(), s);
+    }
+
+    #[test]
+    fn the_network_interface_travels_with_the_state() {
+        let mut with_net = Devices::new(None).unwrap();
+        with_net.net = Some(VirtioMmio::new(Net::new([0x52, 0x54, 0, 1, 2, 3])));
+        let s = MachineState { devices: with_net.save(), ..state() };
+        let back: MachineState = snapshot::load(&snapshot::save(&s)).unwrap();
+        assert_eq!(back, s);
+        // A clone's machine is built without an interface; the state brings the VM's.
+        let mut clone = Devices::new(None).unwrap();
+        clone.restore(&back.devices).unwrap();
+        assert_eq!(clone.net.as_ref().map(|n| n.device.mac()), Some([0x52, 0x54, 0, 1, 2, 3]));
+        // And a state without one takes it away again.
+        clone.restore(&state().devices).unwrap();
+        assert!(clone.net.is_none());
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::fs::File;
 
-use lockstep_guest_abi::{BootInfo, SLOT_BLK, SLOT_PLATFORM, SLOT_RNG, SLOT_SERIAL, SLOT_VSOCK};
+use lockstep_guest_abi::{BootInfo, SLOT_BLK, SLOT_NET, SLOT_PLATFORM, SLOT_RNG, SLOT_SERIAL, SLOT_VSOCK};
 
 use super::boot;
 use super::memory::{self, GuestMemory};
@@ -24,6 +24,7 @@ use crate::devices::platform::Platform;
 use crate::devices::serial::Console;
 use crate::devices::virtio::VirtioMmio;
 use crate::devices::virtio::blk::Blk;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::{Action, DeviceCtx, DeviceError, Io, IrqQueue, decode_mmio};
@@ -47,6 +48,10 @@ pub enum Event {
     ClientClose {
         conn: u32,
     },
+    /// An Ethernet frame from the network for the VM's own interface.
+    NetFrame {
+        bytes: Vec<u8>,
+    },
 }
 
 /// What the environment learns about the machine when asked for events.
@@ -57,8 +62,8 @@ pub struct EventPoint {
     /// happens (or it is asked to stop).
     pub idle: bool,
     pub timer_period_ns: u64,
-    /// Client bytes the vsock device still holds for the guest; a recorder stops taking client
-    /// data while this is large (back-pressure into the TCP connections).
+    /// Client bytes the vsock and net devices still hold for the guest; a recorder stops taking
+    /// client data while this is large (back-pressure into the TCP connections).
     pub client_backlog: u64,
 }
 
@@ -132,6 +137,8 @@ pub struct MachineConfig {
     /// The guest's disk (kvstore); each replica has its own copy.
     pub disk: Option<File>,
     pub guest_arg: u64,
+    /// The VM's own network interface (virtio-net) with this MAC; `None`: no interface.
+    pub net_mac: Option<[u8; 6]>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +156,8 @@ pub struct Devices {
     pub blk: Option<VirtioMmio<Blk>>,
     pub vsock: VirtioMmio<Vsock>,
     pub rng: VirtioMmio<Rng>,
+    /// The VM's own network interface, when it has a layer-2 address.
+    pub net: Option<VirtioMmio<Net>>,
 }
 
 impl Devices {
@@ -160,7 +169,13 @@ impl Devices {
             blk: disk.map(Blk::new).transpose()?.map(VirtioMmio::new),
             vsock: VirtioMmio::new(Vsock::default()),
             rng: VirtioMmio::new(Rng::default()),
+            net: None,
         })
+    }
+
+    /// Client bytes held in devices for the guest.
+    pub fn client_backlog(&self) -> u64 {
+        self.vsock.device.pending_bytes + self.net.as_ref().map_or(0, |n| n.device.pending_bytes())
     }
 
     /// Start recording which disk byte ranges the guest writes (live clone).
@@ -192,6 +207,9 @@ impl Devices {
         }
         self.vsock.hash_into(h);
         self.rng.hash_into(h);
+        if let Some(n) = &self.net {
+            n.hash_into(h);
+        }
     }
 }
 
@@ -290,6 +308,9 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
             }
             None => None,
         };
+        if config.net_mac.is_some() {
+            devices_mask |= 1 << SLOT_NET;
+        }
         let info =
             BootInfo { mem_size: config.mem_size, devices: devices_mask, arg: config.guest_arg, ..Default::default() };
         let initial = boot::setup(&mem, config.guest.image(), info, boot_args, payload)?;
@@ -305,6 +326,7 @@ impl Machine<crate::hypervisor::kvm::KvmVcpu> {
             blk,
             vsock: VirtioMmio::new(Vsock::default()),
             rng: VirtioMmio::new(Rng::default()),
+            net: config.net_mac.map(|mac| VirtioMmio::new(Net::new(mac))),
         };
         Ok(Machine {
             mem,
@@ -357,6 +379,19 @@ impl<V: Vcpu> Machine<V> {
     /// changes memory only through vm-memory (so the VMM's dirty bitmap sees every write).
     pub(crate) fn kvm_vm_mut(&mut self) -> Option<&mut KvmVm> {
         self._vm.as_mut()
+    }
+
+    /// The VM's network address, from the boot arguments in its memory (a clone has them from
+    /// the primary, so a promoted backup announces the address the guest really has). `None`
+    /// without an interface.
+    pub fn net_config(&self) -> Option<lockstep_guest_kv::netcfg::NetConfig> {
+        use vm_memory::{Bytes, GuestAddress};
+        self.devices.net.as_ref()?;
+        // BootInfo::boot_args_len is its fifth u64.
+        let len: u64 = self.mem.read_obj(GuestAddress(lockstep_guest_abi::BOOT_INFO_GPA + 32)).ok()?;
+        let mut args = vec![0u8; (len as usize).min(lockstep_guest_abi::BOOT_ARGS_MAX)];
+        self.mem.read_slice(&mut args, GuestAddress(lockstep_guest_abi::BOOT_ARGS_GPA)).ok()?;
+        lockstep_guest_kv::netcfg::NetConfig::parse(std::str::from_utf8(&args).ok()?).ok().flatten()
     }
 
     /// Bytes of guest RAM.
@@ -427,7 +462,7 @@ impl<V: Vcpu> Machine<V> {
             exit: n,
             idle,
             timer_period_ns: self.devices.platform.timer_period_ns,
-            client_backlog: self.devices.vsock.device.pending_bytes,
+            client_backlog: self.devices.client_backlog(),
         };
         for event in env.events(at)? {
             self.apply(event, env)?;
@@ -502,6 +537,11 @@ impl<V: Vcpu> Machine<V> {
                         }
                         SLOT_VSOCK => d.vsock.read(offset, &mut data[..len]),
                         SLOT_RNG => d.rng.read(offset, &mut data[..len]),
+                        SLOT_NET => {
+                            if let Some(n) = &mut d.net {
+                                n.read(offset, &mut data[..len]);
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -528,6 +568,11 @@ impl<V: Vcpu> Machine<V> {
                     SLOT_RNG => {
                         d.rng.write(offset, bytes, &mut ctx)?;
                     }
+                    SLOT_NET => {
+                        if let Some(n) = &mut d.net {
+                            n.write(offset, bytes, &mut ctx)?;
+                        }
+                    }
                     _ => {}
                 }
                 Ok(Action::None)
@@ -553,6 +598,13 @@ impl<V: Vcpu> Machine<V> {
             Event::ClientConnect { conn } => vsock.event(&mut ctx, |d, q, c| d.client_connect(conn, q, c))?,
             Event::ClientData { conn, bytes } => vsock.event(&mut ctx, |d, q, c| d.client_data(conn, &bytes, q, c))?,
             Event::ClientClose { conn } => vsock.event(&mut ctx, |d, q, c| d.client_close(conn, q, c))?,
+            // A machine without an interface ignores frames, as a host without the port would; a
+            // recorder only takes them when it has an interface.
+            Event::NetFrame { bytes } => {
+                if let Some(net) = &mut self.devices.net {
+                    net.event(&mut ctx, |d, q, c| d.frame_in(&bytes, q, c))?;
+                }
+            }
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! `kvstore`: a Redis-compatible server over virtio-vsock that persists every write to its
 //! virtio-blk disk (an append-only file of RESP commands) before replying, and rebuilds its data
-//! from that file at boot, so the data survives a guest restart.
+//! from that file at boot, so the data survives a guest restart. A VM with its own network
+//! interface (boot arguments `ip=`/`mac=`) also serves TCP port 6379 at its address, through its
+//! own TCP/IP stack ([`lockstep_guest::net`]): those clients' connections survive a failover.
 //!
 //! This file is only the I/O: the server, its limits and the AOF layout are in
 //! `lockstep-guest-kv`, which is tested on the host. The limits come from the boot arguments
@@ -12,13 +14,16 @@ extern crate alloc;
 
 use alloc::vec::Vec;
 
+use lockstep_guest::net::{self, CONN_BASE, Events, Nic, TcpServer};
 use lockstep_guest::{heap, platform, println, rt, virtio};
-use lockstep_guest_abi::{KVSTORE_PORT, SLOT_BLK, SLOT_VSOCK, irq};
+use lockstep_guest_abi::{KVSTORE_PORT, SLOT_BLK, SLOT_NET, SLOT_RNG, SLOT_VSOCK, irq};
 use lockstep_guest_kv::aof::{Aof, BlockDevice, DiskError};
 use lockstep_guest_kv::limits::{Limits, Overrides};
+use lockstep_guest_kv::netcfg::NetConfig;
 use lockstep_guest_kv::server::{Admission, ClientId, ClientState, Heap, Server};
 use virtio_drivers::Error as VirtioError;
 use virtio_drivers::device::blk::VirtIOBlk;
+use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::device::socket::SocketError;
 use virtio_drivers::device::socket::{VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType};
 use virtio_drivers::transport::mmio::MmioTransport;
@@ -37,6 +42,9 @@ const ROUND_BYTES: usize = 256 * 1024;
 const VSOCK_RX_QUEUE: usize = 8;
 /// Largest single vsock send; the host's credit is much larger.
 const SEND_CHUNK: usize = 16 * 1024;
+/// While TCP has a timer due (a retransmission, a delayed close), the guest's timer ticks this
+/// often; otherwise it is off and an idle guest costs nothing.
+const TCP_TICK_NS: u64 = 10_000_000;
 
 /// The virtio-blk disk as the AOF sees it.
 struct Disk(VirtIOBlk<Hal, MmioTransport<'static>>);
@@ -93,10 +101,18 @@ fn main() -> ! {
     vsock.listen(KVSTORE_PORT);
     println!("kvstore: listening on vsock port {KVSTORE_PORT}");
 
+    let mut tcp = start_network(args, limits.maxclients as usize);
+    let mut events = Events::default();
+    let mut timer_on = false;
+
     let mut buf = alloc::vec![0u8; 16 * 1024];
     let mut ids: Vec<ClientId> = Vec::new();
     loop {
         let mut busy = false;
+        let net_irqs = rt::irq_count(irq::NET);
+        if let Some(tcp) = &mut tcp {
+            busy |= take_tcp(tcp, &mut server, &mut events, &mut buf);
+        }
         // Interrupts are delivered at exits, including the notifications this round makes; a
         // packet that arrives after the polling below shows as a newer count, not as a pending
         // interrupt, so the round only sleeps if the count has not moved.
@@ -181,6 +197,12 @@ fn main() -> ! {
         ids.clear();
         ids.extend(server.client_ids());
         for &id in &ids {
+            if id.0 >= CONN_BASE {
+                if let Some(tcp) = &mut tcp {
+                    busy |= reply_tcp(tcp, &mut server, id);
+                }
+                continue;
+            }
             let peer = addr(id);
             loop {
                 let out = server.output(id);
@@ -214,8 +236,122 @@ fn main() -> ! {
             }
         }
 
-        if !busy && rt::irq_count(irq::VSOCK) == vsock_irqs {
+        if let Some(tcp) = &mut tcp {
+            // Send what the replies queued, then keep the timer only while TCP has one due.
+            let now = platform::clock_ns();
+            tcp.poll(now, &mut events);
+            busy |= !events.is_empty();
+            let due = tcp.poll_delay_ns(now).is_some();
+            if due != timer_on {
+                platform::set_timer_period_ns(if due { TCP_TICK_NS } else { 0 });
+                timer_on = due;
+            }
+        }
+        if !busy && rt::irq_count(irq::VSOCK) == vsock_irqs && rt::irq_count(irq::NET) == net_irqs {
             platform::wait();
         }
     }
+}
+
+/// The TCP/IP stack on the VM's own interface, if it has one.
+fn start_network(args: &str, max_clients: usize) -> Option<TcpServer> {
+    let info = heap::boot_info();
+    let config = NetConfig::parse(args).unwrap_or_else(|e| panic!("kvstore: boot arguments {args:?}: {e}"))?;
+    if info.devices & (1 << SLOT_NET) == 0 {
+        println!("kvstore: an address is configured but the VM has no network interface");
+        return None;
+    }
+    let nic = Nic::new(virtio::transport(SLOT_NET));
+    if nic.mac() != config.mac {
+        panic!("kvstore: the interface's MAC differs from the configured one");
+    }
+    // smoltcp's one random seed (initial sequence numbers, ephemeral ports): from virtio-rng, so
+    // it is logged and the backup's stack has the same.
+    let mut rng = VirtIORng::<Hal, _>::new(virtio::transport(SLOT_RNG)).expect("virtio-rng");
+    let mut seed = [0u8; 8];
+    let mut filled = 0;
+    while filled < seed.len() {
+        filled += rng.request_entropy(&mut seed[filled..]).expect("virtio-rng");
+    }
+    let address = net::Address { ip: config.ip, prefix: config.prefix };
+    let tcp =
+        TcpServer::new(nic, address, KVSTORE_PORT as u16, max_clients, u64::from_le_bytes(seed), platform::clock_ns());
+    let [a, b, c, d] = config.ip;
+    println!("kvstore: listening on {a}.{b}.{c}.{d}:{KVSTORE_PORT} (tcp)");
+    Some(tcp)
+}
+
+/// The TCP side of step 1: new clients, their bytes, their departures. Returns whether anything
+/// happened.
+fn take_tcp(tcp: &mut TcpServer, server: &mut Server<GuestHeap>, events: &mut Events, buf: &mut [u8]) -> bool {
+    // Events left by the poll at the end of the last round come first; a client may appear in
+    // both polls.
+    let busy = tcp.poll(platform::clock_ns(), events) || !events.is_empty();
+    events.readable.sort_unstable();
+    events.readable.dedup();
+    events.gone.sort_unstable();
+    events.gone.dedup();
+    for &(conn, port) in &events.connected {
+        let id = (conn, port as u32);
+        if let Admission::Refused(reply) = server.connect(id) {
+            tcp.send(conn, reply);
+            tcp.close(conn);
+        }
+    }
+    for &conn in &events.readable {
+        let Some(id) = tcp_client(server, conn) else { continue };
+        while server.wants_input(id) {
+            let n = tcp.recv(conn, buf);
+            if n == 0 {
+                break;
+            }
+            server.receive(id, &buf[..n]);
+        }
+    }
+    for &conn in &events.gone {
+        if let Some(id) = tcp_client(server, conn) {
+            server.disconnected(id);
+        }
+        tcp.close(conn);
+    }
+    events.clear();
+    busy
+}
+
+/// The TCP side of step 3 for one client: queue its replies, close it when it is done.
+fn reply_tcp(tcp: &mut TcpServer, server: &mut Server<GuestHeap>, id: ClientId) -> bool {
+    let conn = id.0;
+    let mut busy = false;
+    loop {
+        let out = server.output(id);
+        if out.is_empty() {
+            break;
+        }
+        let n = tcp.send(conn, out);
+        if n == 0 {
+            break; // the socket's buffer is full: the rest waits for the client's window
+        }
+        server.sent(id, n);
+        busy = true;
+    }
+    let done = match server.client_state(id) {
+        Some(ClientState::Closing) => server.output(id).is_empty(),
+        Some(ClientState::Dropped) => true,
+        _ => !tcp.is_connected(conn),
+    };
+    if done {
+        if server.client_state(id) == Some(ClientState::Dropped) {
+            tcp.abort(conn)
+        } else {
+            tcp.close(conn)
+        }
+        server.remove(id);
+        busy = true;
+    }
+    busy
+}
+
+/// The server's id of TCP connection `conn` (the id also carries the client's port).
+fn tcp_client(server: &Server<GuestHeap>, conn: net::ConnId) -> Option<ClientId> {
+    server.client_ids().find(|id| id.0 == conn)
 }

@@ -2,6 +2,7 @@
 //! for the rings. [`VirtioMmio`] is the transport; each device implements [`VirtioDevice`].
 
 pub mod blk;
+pub mod net;
 pub mod rng;
 mod state;
 pub mod vsock;
@@ -113,6 +114,9 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             },
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
+            // A driver that lets a queue go writes size 0 (virtio-drivers does when it drops a
+            // device); that is no size at all, and the queue is not ready anyway.
+            0x038 if v == 0 => {}
             0x038 => {
                 if let Some(q) = self.queue() {
                     q.set_size(v as u16)

@@ -1,0 +1,132 @@
+//! The VM's own network address, carried in the boot arguments as `ip=A.B.C.D/P mac=xx:..:xx`.
+//!
+//! The agent writes these words (from `--vm-ip`/`--vm-mac`), the guest reads them at boot, and
+//! the VMM gives its virtio-net device the same MAC: one source for both, and because boot
+//! arguments are in the log header and in the pair's identity check, a backup or a replay always
+//! has the address the recording had.
+
+use core::fmt;
+
+/// An IPv4 interface address and a MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    pub ip: [u8; 4],
+    /// Prefix length of the VM's subnet (clients outside it are not reachable: there is no
+    /// gateway, the VM lives on one layer-2 segment).
+    pub prefix: u8,
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetConfigError {
+    /// `ip=` is not `A.B.C.D/P` with P in 1..=32.
+    BadIp,
+    /// `mac=` is not six hex bytes separated by `:`, or not a unicast address.
+    BadMac,
+    /// One of `ip=` and `mac=` without the other.
+    Incomplete,
+    Repeated,
+}
+
+impl fmt::Display for NetConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetConfigError::BadIp => "ip= must be an IPv4 address with a prefix length, like 10.77.0.2/24",
+            NetConfigError::BadMac => {
+                "mac= must be a unicast MAC address of six hex bytes separated by colons, like 52:54:00:4c:53:02"
+            }
+            NetConfigError::Incomplete => "ip= and mac= go together: give both or neither",
+            NetConfigError::Repeated => "ip= or mac= appears twice",
+        })
+    }
+}
+
+/// The boot-argument keys this module owns (the kvstore's limits parser leaves them alone).
+pub const KEYS: [&str; 2] = ["ip", "mac"];
+
+impl NetConfig {
+    /// The network address in `args`, if any.
+    pub fn parse(args: &str) -> Result<Option<NetConfig>, NetConfigError> {
+        let (mut ip, mut mac) = (None, None);
+        for word in args.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else { continue };
+            match key {
+                "ip" if ip.is_none() => ip = Some(parse_cidr(value).ok_or(NetConfigError::BadIp)?),
+                "mac" if mac.is_none() => mac = Some(parse_mac(value).ok_or(NetConfigError::BadMac)?),
+                "ip" | "mac" => return Err(NetConfigError::Repeated),
+                _ => {}
+            }
+        }
+        match (ip, mac) {
+            (Some((ip, prefix)), Some(mac)) => Ok(Some(NetConfig { ip, prefix, mac })),
+            (None, None) => Ok(None),
+            _ => Err(NetConfigError::Incomplete),
+        }
+    }
+}
+
+/// The boot-argument words for this address.
+impl fmt::Display for NetConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d] = self.ip;
+        let m = self.mac;
+        write!(
+            f,
+            "ip={a}.{b}.{c}.{d}/{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            self.prefix, m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
+    let (addr, prefix) = s.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p))?;
+    let mut ip = [0u8; 4];
+    let mut parts = addr.split('.');
+    for b in &mut ip {
+        *b = parts.next()?.parse().ok()?;
+    }
+    parts.next().is_none().then_some((ip, prefix))
+}
+
+/// A MAC as six hex bytes separated by colons; multicast addresses (low bit of the first byte)
+/// cannot be an interface's.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && mac[0] & 1 == 0 && mac != [0; 6]).then_some(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_absence() {
+        let c = NetConfig { ip: [10, 77, 0, 2], prefix: 24, mac: [0x52, 0x54, 0, 0x4c, 0x53, 2] };
+        let args = format!("maxclients=10 {c}");
+        assert_eq!(args, "maxclients=10 ip=10.77.0.2/24 mac=52:54:00:4c:53:02");
+        assert_eq!(NetConfig::parse(&args), Ok(Some(c)));
+        assert_eq!(NetConfig::parse("maxclients=10"), Ok(None));
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        let mac = "mac=52:54:00:4c:53:02";
+        for ip in ["ip=10.77.0.2", "ip=10.77.0/24", "ip=10.77.0.2.1/24", "ip=10.77.0.256/24", "ip=10.77.0.2/33"] {
+            assert_eq!(NetConfig::parse(&format!("{ip} {mac}")), Err(NetConfigError::BadIp), "{ip}");
+        }
+        for m in ["mac=52:54:00:4c:53", "mac=01:00:5e:00:00:01", "mac=00:00:00:00:00:00", "mac=5254:00:4c:53:02:1"] {
+            assert_eq!(NetConfig::parse(&format!("ip=10.0.0.2/24 {m}")), Err(NetConfigError::BadMac), "{m}");
+        }
+        assert_eq!(NetConfig::parse(mac), Err(NetConfigError::Incomplete));
+        assert_eq!(NetConfig::parse(&format!("{mac} {mac} ip=1.2.3.4/8")), Err(NetConfigError::Repeated));
+    }
+}
