@@ -113,6 +113,12 @@ impl Resp {
         }
     }
 
+    /// How long a request waits for its reply from now on (instead of [`Resp::REPLY_TIMEOUT`]).
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.conn.get_ref().set_read_timeout(Some(timeout))?;
+        self.conn.get_ref().set_write_timeout(Some(timeout))
+    }
+
     /// Sends one request and reads its reply. Errors are the connection's only (closed, timed
     /// out, garbled); an error reply is a [`Reply::Error`].
     pub fn request(&mut self, args: &[&str]) -> io::Result<Reply> {

@@ -27,7 +27,7 @@ const MEM: u64 = 64 << 20;
 const CHUNK: u64 = 256 << 10;
 
 fn config(guest: GuestKind, disk: Option<std::fs::File>) -> MachineConfig {
-    MachineConfig { guest, mem_size: MEM, disk, guest_arg: 0 }
+    MachineConfig { guest, mem_size: MEM, disk, guest_arg: 0, net_mac: None }
 }
 
 type Outputs = Arc<Mutex<Vec<(u64, ClientOutput)>>>;
