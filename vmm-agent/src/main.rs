@@ -97,8 +97,8 @@ struct UpArgs {
     #[command(flatten)]
     clients: ClientLimitArgs,
     /// Give the VM its own address on a layer-2 network that `up` creates (needs root or
-    /// CAP_NET_ADMIN): a bridge lstepbr with 10.77.0.1/24 on this host, a TAP per replica, the
-    /// VM at 10.77.0.2 port 6379. Prints `vm address: IP:PORT` once it answers; connections to
+    /// CAP_NET_ADMIN): a bridge lstepbr with 10.123.0.1/24 on this host, a TAP per replica, the
+    /// VM at 10.123.0.2 port 6379. Prints `vm address: IP:PORT` once it answers; connections to
     /// it survive a failover. The network is removed when `up` stops.
     #[arg(long)]
     l2: bool,
@@ -107,7 +107,7 @@ struct UpArgs {
     l2_prefix: String,
     /// With --l2: this host's address on the bridge and the network's prefix length; the VM
     /// takes the next address.
-    #[arg(long, default_value = "10.77.0.1/24", value_name = "A.B.C.D/P")]
+    #[arg(long, default_value = "10.123.0.1/24", value_name = "A.B.C.D/P")]
     l2_host: String,
 }
 
@@ -116,7 +116,7 @@ fn l2_config(a: &UpArgs) -> Result<Option<lockstep_agent::nic::L2Config>, CliErr
     if !a.l2 {
         return Ok(None);
     }
-    let bad = || CliError::Usage(format!("--l2-host {}: expected A.B.C.D/P, like 10.77.0.1/24", a.l2_host));
+    let bad = || CliError::Usage(format!("--l2-host {}: expected A.B.C.D/P, like 10.123.0.1/24", a.l2_host));
     let (ip, len) = a.l2_host.split_once('/').ok_or_else(bad)?;
     let host: std::net::Ipv4Addr = ip.parse().map_err(|_| bad())?;
     let len: u8 = len.parse().map_err(|_| bad())?;

@@ -23,7 +23,7 @@ use common::{Running, Scratch, agent, redis_tool};
 use lockstep_testkit::{AgentProcess, Resp};
 
 /// Interface names and network of this test's `up`, apart from a user's `up --l2` (lstep*,
-/// 10.77.0.0/24) and from other tests.
+/// 10.123.0.0/24) and from other tests.
 const PREFIX: &str = "lstx";
 const HOST: &str = "10.79.0.1/24";
 const CLIENTS: usize = 4;

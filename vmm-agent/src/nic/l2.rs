@@ -32,7 +32,7 @@ pub const DEFAULT_PREFIX: &str = "lstep";
 pub struct L2Config {
     /// The bridge's interface name.
     pub bridge: String,
-    /// The host's address on the bridge and the network's prefix length, e.g. 10.77.0.1/24.
+    /// The host's address on the bridge and the network's prefix length, e.g. 10.123.0.1/24.
     pub host_cidr: (Ipv4Addr, u8),
     /// The VM's address: configured only inside the guest, never on the host.
     pub vm_ip: Ipv4Addr,
@@ -44,14 +44,14 @@ pub struct L2Config {
 
 impl L2Config {
     /// The standard network with interface names `<prefix>br`, `<prefix>t0`, `<prefix>t1`: host
-    /// 10.77.0.1/24, VM 10.77.0.2 with MAC 52:54:00:4c:53:02 (locally administered, unicast).
+    /// 10.123.0.1/24, VM 10.123.0.2 with MAC 52:54:00:4c:53:02 (locally administered, unicast).
     /// The prefix is not checked here; [`L2Network::create`] checks the names it makes (at most
     /// 13 bytes of prefix fit).
     pub fn for_prefix(prefix: &str) -> L2Config {
         L2Config {
             bridge: format!("{prefix}br"),
-            host_cidr: (Ipv4Addr::new(10, 77, 0, 1), 24),
-            vm_ip: Ipv4Addr::new(10, 77, 0, 2),
+            host_cidr: (Ipv4Addr::new(10, 123, 0, 1), 24),
+            vm_ip: Ipv4Addr::new(10, 123, 0, 2),
             vm_mac: [0x52, 0x54, 0x00, 0x4c, 0x53, 0x02],
             taps: [format!("{prefix}t0"), format!("{prefix}t1")],
         }
@@ -154,6 +154,11 @@ pub enum L2Error {
          remove that address or choose another subnet"
     )]
     AddressInUse { iface: String, addr: String, subnet: String },
+    #[error(
+        "this host already routes {subnet} ({route}); a second network there would cut that \
+         route off: choose another subnet"
+    )]
+    RouteInUse { subnet: String, route: String },
 }
 
 /// The bridge and its two taps, while they exist. Dropping it deletes them.
@@ -184,6 +189,12 @@ impl L2Network {
         let addrs = net.run(&["-4", "-o", "addr", "show"])?;
         if let Some((iface, addr)) = find_address_in(&addrs, subnet, len, &cfg.bridge) {
             return Err(L2Error::AddressInUse { iface, addr, subnet: format!("{subnet}/{len}") });
+        }
+        // A route into the subnet without an address in it (a test bed's nodes behind a router
+        // namespace, a VPN) is as much in the way.
+        let routes = net.run(&["-4", "-o", "route", "show", "table", "main"])?;
+        if let Some(route) = find_route_into(&routes, subnet, len, &cfg.bridge) {
+            return Err(L2Error::RouteInUse { subnet: format!("{subnet}/{len}"), route });
         }
 
         net.created = true; // From here on, a failure deletes what was made (in Drop).
@@ -305,6 +316,24 @@ fn in_subnet(ip: Ipv4Addr, net: Ipv4Addr, len: u8) -> bool {
     u32::from(ip) & mask(len) == u32::from(net) & mask(len)
 }
 
+/// In the output of `ip -4 -o route show`, the first route (not the default) to a network that
+/// overlaps `net/len`, other than through `ours`.
+fn find_route_into(routes: &str, net: Ipv4Addr, len: u8, ours: &str) -> Option<String> {
+    routes.lines().map(str::trim).find_map(|line| {
+        let dest = line.split_whitespace().next()?;
+        if dest == "default" || line.split_whitespace().skip_while(|w| *w != "dev").nth(1) == Some(ours) {
+            return None;
+        }
+        let (ip, plen) = match dest.split_once('/') {
+            Some((ip, plen)) => (ip.parse::<Ipv4Addr>().ok()?, plen.parse::<u8>().ok()?),
+            None => (dest.parse::<Ipv4Addr>().ok()?, 32),
+        };
+        // Two prefixes overlap when the shorter contains the longer's network address.
+        let shorter = len.min(plen);
+        (u32::from(ip) & mask(shorter) == u32::from(net) & mask(shorter)).then(|| line.to_string())
+    })
+}
+
 /// In the output of `ip -4 -o addr show`, the first address inside `net/len` on an interface
 /// other than `except`: its interface and address as printed (e.g. `10.77.0.9/24`).
 fn find_address_in(ip_output: &str, net: Ipv4Addr, len: u8, except: &str) -> Option<(String, String)> {
@@ -322,6 +351,25 @@ fn find_address_in(ip_output: &str, net: Ipv4Addr, len: u8, except: &str) -> Opt
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn routes_into_the_subnet_are_found() {
+        let routes = "default via 192.168.1.1 dev eth0\n\
+                      10.77.0.0/24 via 10.77.255.2 dev lst-router0\n\
+                      10.77.255.0/30 dev lst-router0 proto kernel scope link src 10.77.255.1\n\
+                      10.123.0.0/24 dev lstepbr proto kernel scope link src 10.123.0.1\n";
+        let net = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            find_route_into(routes, net("10.77.0.0"), 24, "lstepbr").as_deref(),
+            Some("10.77.0.0/24 via 10.77.255.2 dev lst-router0")
+        );
+        // A wider network of ours overlaps a narrower route, and the other way round.
+        assert!(find_route_into(routes, net("10.77.0.0"), 16, "lstepbr").is_some());
+        assert!(find_route_into(routes, net("10.77.0.128"), 25, "lstepbr").is_some());
+        // Our own bridge's route (a leftover) and the default route are not in the way.
+        assert_eq!(find_route_into(routes, net("10.123.0.0"), 24, "lstepbr"), None);
+        assert_eq!(find_route_into(routes, net("10.200.0.0"), 24, "lstepbr"), None);
+    }
     use super::*;
     use crate::nic::arp::tests::parse_arp;
     use crate::nic::{Tap, gratuitous_arp};
@@ -332,11 +380,11 @@ mod tests {
         let cfg = L2Config::default();
         assert_eq!(cfg.bridge, "lstepbr");
         assert_eq!(cfg.taps, ["lstept0".to_owned(), "lstept1".to_owned()]);
-        assert_eq!(cfg.host_cidr, (Ipv4Addr::new(10, 77, 0, 1), 24));
-        assert_eq!(cfg.vm_ip, Ipv4Addr::new(10, 77, 0, 2));
+        assert_eq!(cfg.host_cidr, (Ipv4Addr::new(10, 123, 0, 1), 24));
+        assert_eq!(cfg.vm_ip, Ipv4Addr::new(10, 123, 0, 2));
         assert_eq!(format_mac(cfg.vm_mac), "52:54:00:4c:53:02");
         assert_eq!(cfg.vm_mac[0] & 0b11, 0b10, "locally administered unicast");
-        assert_eq!(cfg.subnet(), (Ipv4Addr::new(10, 77, 0, 0), 24));
+        assert_eq!(cfg.subnet(), (Ipv4Addr::new(10, 123, 0, 0), 24));
         cfg.validate().unwrap();
         let x = L2Config::for_prefix("x");
         assert_eq!((x.bridge.as_str(), x.taps), ("xbr", ["xt0".to_owned(), "xt1".to_owned()]));
@@ -355,12 +403,12 @@ mod tests {
         same.taps[1] = same.taps[0].clone();
         refused(same, "three different names");
         let base = L2Config::default;
-        refused(L2Config { vm_ip: Ipv4Addr::new(10, 77, 1, 2), ..base() }, "10.77.1.2 is not in 10.77.0.0/24");
-        refused(L2Config { vm_ip: Ipv4Addr::new(10, 77, 0, 255), ..base() }, "broadcast");
-        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 77, 0, 0), 24), ..base() }, "network or broadcast");
-        refused(L2Config { vm_ip: Ipv4Addr::new(10, 77, 0, 1), ..base() }, "cannot both be");
-        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 77, 0, 1), 31), ..base() }, "/31");
-        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 77, 0, 1), 0), ..base() }, "/0");
+        refused(L2Config { vm_ip: Ipv4Addr::new(10, 123, 1, 2), ..base() }, "10.123.1.2 is not in 10.123.0.0/24");
+        refused(L2Config { vm_ip: Ipv4Addr::new(10, 123, 0, 255), ..base() }, "broadcast");
+        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 123, 0, 0), 24), ..base() }, "network or broadcast");
+        refused(L2Config { vm_ip: Ipv4Addr::new(10, 123, 0, 1), ..base() }, "cannot both be");
+        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 123, 0, 1), 31), ..base() }, "/31");
+        refused(L2Config { host_cidr: (Ipv4Addr::new(10, 123, 0, 1), 0), ..base() }, "/0");
         refused(L2Config { vm_mac: [0x01, 0, 0x5e, 0, 0, 1], ..base() }, "not a unicast");
         refused(L2Config { vm_mac: [0; 6], ..base() }, "not a unicast");
         L2Config { host_cidr: (Ipv4Addr::new(10, 0, 0, 1), 8), vm_ip: Ipv4Addr::new(10, 200, 0, 2), ..base() }

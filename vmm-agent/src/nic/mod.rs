@@ -3,11 +3,11 @@
 //! A frame's path, guest to host and back:
 //!
 //! ```text
-//!  guest virtio-net ⇄ VMM device ⇄ TAP (lstept0 / lstept1) ⇄ bridge (lstepbr, 10.77.0.1) ⇄ host
+//!  guest virtio-net ⇄ VMM device ⇄ TAP (lstept0 / lstept1) ⇄ bridge (lstepbr, 10.123.0.1) ⇄ host
 //! ```
 //!
 //! Each replica slot has its own [`Tap`], a port of one Linux bridge ([`L2Network`]) that
-//! carries the host's address. The VM's address (10.77.0.2 by default) and its MAC exist only
+//! carries the host's address. The VM's address (10.123.0.2 by default) and its MAC exist only
 //! inside the guest: no host interface has them, so the host never answers ARP for the VM, and
 //! whatever the network learns about the VM it learns from the guest's own frames — which both
 //! replicas produce identically, since they run the same instructions.
