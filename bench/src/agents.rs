@@ -194,6 +194,11 @@ impl PairSpec {
 
     /// Starts a primary and waits until its channel and metrics are up.
     pub fn primary(&self, env: &Env, name: &str) -> Result<Replica> {
+        self.primary_with(env, name, &[])
+    }
+
+    /// [`PairSpec::primary`] with more agent arguments (the VM's interface).
+    pub fn primary_with(&self, env: &Env, name: &str, extra: &[String]) -> Result<Replica> {
         let ports = Ports::new()?;
         let mut args: Vec<String> = vec!["primary".into(), "--guest".into(), self.guest.name().into()];
         args.extend(self.common(name, &ports));
@@ -206,6 +211,7 @@ impl PairSpec {
                 self.disk_mib.to_string(),
             ]);
         }
+        args.extend(extra.iter().cloned());
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         proc.wait_line("channel on", Duration::from_secs(30))?;
         wait_metrics(ports.metrics, &mut proc, Duration::from_secs(10))?;
@@ -215,6 +221,18 @@ impl PairSpec {
     /// Starts a backup of the replica whose channel is `channel` and waits until it is in sync
     /// (the clone is done and the log flows).
     pub fn backup(&self, env: &Env, name: &str, channel: SocketAddr, timeout: Duration) -> Result<Replica> {
+        self.backup_with(env, name, channel, timeout, &[])
+    }
+
+    /// [`PairSpec::backup`] with more agent arguments (its TAP).
+    pub fn backup_with(
+        &self,
+        env: &Env,
+        name: &str,
+        channel: SocketAddr,
+        timeout: Duration,
+        extra: &[String],
+    ) -> Result<Replica> {
         let ports = Ports::new()?;
         let mut args: Vec<String> = vec!["backup".into(), "--guest".into(), self.guest.name().into()];
         args.extend(self.common(name, &ports));
@@ -222,6 +240,7 @@ impl PairSpec {
         if self.guest == Guest::Kvstore {
             args.extend(["--disk".into(), env.path(&format!("{name}.img")).display().to_string()]);
         }
+        args.extend(extra.iter().cloned());
         let mut proc = Proc::spawn(name, env.command(&args), env.verbose)?;
         proc.wait_line("backup in sync", timeout)?;
         Ok(Replica { proc, ports })

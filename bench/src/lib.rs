@@ -23,6 +23,7 @@
 
 pub mod agents;
 pub mod machine;
+pub mod network;
 pub mod perf;
 pub mod plot;
 pub mod procs;

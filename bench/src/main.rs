@@ -43,7 +43,7 @@ struct Cli {
     /// Request rate of the fixed-rate kvstore scenario.
     #[arg(long, value_name = "REQ_PER_S", default_value_t = 500.0)]
     rate: f64,
-    /// Only these scenarios (comma-separated: machine,throughput,idle,compute,rate,failover,clone,tls,wasm).
+    /// Only these scenarios (comma-separated: machine,throughput,idle,compute,rate,failover,clone,tls,network,wasm).
     #[arg(long, value_name = "LIST")]
     only: Option<String>,
     /// Copy the agents' stderr to ours.
@@ -174,6 +174,14 @@ fn run(cli: Cli) -> Result<bool> {
             let figures = lockstep_bench::tls::measure(b)?;
             b.progress(&figures.summary());
             b.report.tls = Some(figures);
+            Ok(())
+        });
+    }
+    if want("network") {
+        bench.scenario("+ the VM's own address: TCP in and out, plain vs FT, stalls across failovers", |b| {
+            let figures = lockstep_bench::network::measure(&b.env, b.cfg.quick)?;
+            b.progress(&figures.summary());
+            b.report.network = Some(figures);
             Ok(())
         });
     }

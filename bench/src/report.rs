@@ -222,6 +222,8 @@ pub struct Report {
     pub wasm: Option<crate::wasm::WasmFigures>,
     /// The channel with and without mutual TLS (scenario `tls`).
     pub tls: Option<crate::tls::TlsFigures>,
+    /// The VM's own address: TCP through the guest's stack (scenario `network`).
+    pub network: Option<crate::network::NetworkFigures>,
     pub targets: Vec<Target>,
     pub plots: Vec<String>,
     pub errors: Vec<String>,
@@ -725,6 +727,9 @@ impl Report {
 
         if let Some(tls) = &self.tls {
             w.push_str(&tls.markdown());
+        }
+        if let Some(network) = &self.network {
+            w.push_str(&network.markdown());
         }
         if let Some(wasm) = &self.wasm {
             w.push_str(&wasm.markdown());
