@@ -148,7 +148,7 @@ impl std::fmt::Debug for FrontEnd {
 struct Shared {
     clients: Mutex<Clients>,
     /// The VM's own network interface, once attached ([`FrontEnd::attach_nic`]).
-    nic: OnceLock<Arc<crate::nic::Tap>>,
+    nic: OnceLock<Arc<crate::nic::Port>>,
     /// Where the interface's reader sends frames: the same stream as the clients' events.
     events: SyncSender<Event>,
     stats: Arc<FrontStats>,
@@ -359,7 +359,11 @@ impl FrontEnd {
     /// it when released. `first` is written before anything else: the announcement of the VM's
     /// address and the frames a promoted backup sends again. Frames queued on the device before
     /// now were meant for the old primary's moment, not this one's, and are dropped.
-    pub fn attach_nic(&self, tap: Arc<crate::nic::Tap>, first: &[Vec<u8>]) -> std::io::Result<()> {
+    ///
+    /// Only frames for the VM reach the guest: to its MAC, or broadcast and multicast. A port on
+    /// a shared segment (a bridge flooding unknown destinations, a promiscuous packet socket)
+    /// sees others' traffic too, which would only lengthen the log.
+    pub fn attach_nic(&self, tap: Arc<crate::nic::Port>, mac: [u8; 6], first: &[Vec<u8>]) -> std::io::Result<()> {
         let stale = tap.drain();
         if stale > 0 {
             tracing::debug!(frames = stale, "dropped frames queued on {} before this side went live", tap.name());
@@ -383,13 +387,17 @@ impl FrontEnd {
             let mut buf = vec![0u8; 65536];
             while !shared.closed.load(Ordering::Acquire) {
                 match tap.read_frame(&mut buf, Duration::from_millis(50)) {
-                    Ok(Some(n)) if (1..=crate::devices::virtio::net::MAX_FRAME).contains(&n) => {
+                    Ok(Some(n))
+                        if (14..=crate::devices::virtio::net::MAX_FRAME).contains(&n)
+                            && (buf[..6] == mac || buf[0] & 1 == 1) =>
+                    {
                         shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                         if events.send(Event::NetFrame { bytes: buf[..n].to_vec() }).is_err() {
                             return;
                         }
                     }
-                    // Too big for the device (it would drop it): not worth a log entry.
+                    // Not for the VM, or no Ethernet frame the device would take: not worth a log
+                    // entry.
                     Ok(Some(_)) | Ok(None) => {}
                     Err(e) => {
                         tracing::warn!("reading {} failed ({e}); the VM's interface is cut off", tap.name());

@@ -210,8 +210,13 @@ struct FtArgs {
     clients: ClientLimitArgs,
     /// The TAP device where the VM's own interface (--vm-ip) meets this host's network. A backup
     /// opens it at start and uses it only once it goes live.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "packet_interface")]
     tap: Option<String>,
+    /// Instead of a TAP device: an existing interface on the VM's layer-2 segment (a pod's
+    /// secondary network, `net1`), used through an AF_PACKET socket (needs CAP_NET_RAW, not
+    /// CAP_NET_ADMIN).
+    #[arg(long, value_name = "IFACE")]
+    packet_interface: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -310,8 +315,11 @@ struct RunArgs {
     #[command(flatten)]
     net: VmNetFlags,
     /// The TAP device where the VM's own interface (--vm-ip) meets this host's network.
-    #[arg(long, value_name = "NAME", requires = "vm_ip")]
+    #[arg(long, value_name = "NAME", requires = "vm_ip", conflicts_with = "packet_interface")]
     tap: Option<String>,
+    /// Instead of a TAP device: an existing interface, used through an AF_PACKET socket.
+    #[arg(long, value_name = "IFACE", requires = "vm_ip")]
+    packet_interface: Option<String>,
     /// Identity of this VM, written into the log header and metric labels.
     #[arg(long, default_value = "local", value_name = "ID")]
     vm_id: String,
@@ -481,7 +489,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
         boot_args: lockstep_agent::guests::boot_args(&args.guest_limits, &args.net, guest, mem_size)?,
         payload: wasm.map(|w| w.payload).unwrap_or_default(),
     };
-    let tap = args.tap.as_deref().map(open_tap).transpose()?;
+    let tap = open_port(&args.tap, &args.packet_interface)?;
     let metrics = Metrics::new(&args.vm_id);
     args.clients.apply(&metrics);
     if let Some(addr) = args.metrics_listen {
@@ -496,7 +504,7 @@ fn run(args: RunArgs) -> Result<(), CliError> {
     let net_mac = lockstep_agent::guests::net_mac(&header.boot_args);
     if let (Some(tap), Some(net)) = (tap, args.net.config()?) {
         let announce = lockstep_agent::nic::gratuitous_arp(net.mac, std::net::Ipv4Addr::from(net.ip));
-        front.attach_nic(tap.clone(), &[announce]).map_err(io_err(format!("attaching {}", tap.name())))?;
+        front.attach_nic(tap.clone(), net.mac, &[announce]).map_err(io_err(format!("attaching {}", tap.name())))?;
         lockstep_agent::say!("vm interface on {}: {}", tap.name(), net);
     }
     metrics.ready.set(1);
@@ -659,7 +667,7 @@ fn ft_setup(
     };
     // A bad mount or a certificate for another VM is an error now, not at the first backup.
     channel.check(&a.vm_id).map_err(|e| CliError::Usage(format!("--channel-tls: {e}")))?;
-    let tap = a.tap.as_deref().map(open_tap).transpose()?;
+    let tap = open_port(&a.tap, &a.packet_interface)?;
     let metrics = Metrics::new(&a.vm_id);
     a.clients.apply(&metrics);
     if let Some(addr) = a.metrics_listen {
@@ -693,9 +701,19 @@ fn ft_setup(
     Ok((opts, cfg))
 }
 
-/// Open the TAP device `name` (created beforehand, e.g. by `up --l2` or a CNI plugin).
-fn open_tap(name: &str) -> Result<Arc<lockstep_agent::nic::Tap>, CliError> {
-    lockstep_agent::nic::Tap::open(name).map(Arc::new).map_err(io_err(format!("--tap {name}")))
+/// The VM's link on this host: the TAP device `--tap` names (created beforehand, e.g. by
+/// `up --l2`), or the interface `--packet-interface` names.
+fn open_port(
+    tap: &Option<String>,
+    packet: &Option<String>,
+) -> Result<Option<Arc<lockstep_agent::nic::Port>>, CliError> {
+    use lockstep_agent::nic::Port;
+    let port = match (tap, packet) {
+        (Some(name), _) => Port::tap(name).map_err(io_err(format!("--tap {name}")))?,
+        (None, Some(name)) => Port::packet(name).map_err(io_err(format!("--packet-interface {name}")))?,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(Arc::new(port)))
 }
 
 fn print_pair_summary(s: &RunSummary, guest: GuestKind, started: Instant, metrics: &Metrics) {
@@ -715,9 +733,9 @@ fn primary(args: PrimaryArgs) -> Result<(), CliError> {
     // Checked before the arbiter is taken: a primary with unusable limits, or a module that
     // cannot run, must not start.
     let boot_args = lockstep_agent::guests::boot_args(&args.guest_limits, &args.net, guest, mem_size)?;
-    if args.ft.tap.is_some() && args.net.config()?.is_none() {
+    if opts.tap.is_some() && args.net.config()?.is_none() {
         return Err(CliError::Usage(
-            "--tap connects the VM's own interface: give it one with --vm-ip and --vm-mac".into(),
+            "--tap and --packet-interface connect the VM's own interface: give it one with --vm-ip and --vm-mac".into(),
         ));
     }
     let wasm = args.wasm.load(mem_size, lockstep_agent::guests::wasm::realtime_now_ns())?;

@@ -342,3 +342,90 @@ fn tcp_clients_on_the_vm_address_record_and_replay_exactly() {
     assert!(replayed["log_entries"].as_u64().unwrap() > 300, "{replayed}");
     drop(network);
 }
+
+/// The path agent pods use (a secondary interface they did not create, `--packet-interface`,
+/// through an AF_PACKET socket): here two veth pairs into a bridge stand in for the pods'
+/// interfaces. A connection to the VM's address survives the primary's `kill -9`.
+#[test]
+fn a_pair_on_packet_sockets_keeps_a_connection_across_a_kill() {
+    assert!(unsafe { libc::geteuid() } == 0, "this test creates a bridge and veth pairs: run it as root");
+    let dir = Scratch::new("l2-packet");
+    let net = VethNetwork::create("lspk", "10.79.2.1/24");
+    let arbiter = format!("local:{}", dir.path("arbiter").display());
+    let (channel, client0, client1) = (free_port(), free_port(), free_port());
+    let side = |role: &str, iface: &str, client: u16| -> Vec<String> {
+        [role, "--vm-id", "pk", "--quiet", "--insecure-channel", "--arbiter", &arbiter, "--name", role]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--packet-interface".into(), iface.into(), "--client-listen".into(), format!("127.0.0.1:{client}")])
+            .collect()
+    };
+    let mut primary = AgentProcess::spawn(
+        "primary",
+        agent()
+            .args(side("primary", &net.ends[0], client0))
+            .args(["--guest", "kvstore", "--disk-size-mib", "16", "--vm-ip", "10.79.2.2/24"])
+            .args(["--vm-mac", "52:54:00:4c:53:22", "--channel-listen", &format!("127.0.0.1:{channel}")]),
+    );
+    primary.wait_line("channel on", Duration::from_secs(30));
+    let backup = AgentProcess::spawn(
+        "backup",
+        agent()
+            .args(side("backup", &net.ends[1], client1))
+            .args(["--channel-connect", &format!("127.0.0.1:{channel}")]),
+    );
+    backup.wait_line("backup in sync", Duration::from_secs(60));
+    let vm: SocketAddr = "10.79.2.2:6379".parse().unwrap();
+    let mut c = Resp::connect_timeout(vm, Duration::from_secs(10)).expect("the VM's address answers");
+    c.set_timeout(REPLY_TIMEOUT).unwrap();
+    for n in 1..=100 {
+        assert_eq!(c.cmd(&["INCR", "k"]).unwrap(), n.to_string());
+    }
+    primary.kill9();
+    backup.wait_line("going live", Duration::from_secs(30));
+    for n in 101..=200 {
+        assert_eq!(c.cmd(&["INCR", "k"]).unwrap(), n.to_string(), "the same connection after the failover");
+    }
+}
+
+/// A bridge with the host's address and two veth pairs whose outer ends stand in for pods'
+/// secondary interfaces; removed on drop.
+struct VethNetwork {
+    bridge: String,
+    ends: [String; 2],
+}
+
+impl VethNetwork {
+    fn create(prefix: &str, host: &str) -> VethNetwork {
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("ip runs");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let bridge = format!("{prefix}br");
+        let ends = [format!("{prefix}e0"), format!("{prefix}e1")];
+        for name in std::iter::once(&bridge).chain(&ends) {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+        ip(&["link", "add", &bridge, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0"]);
+        ip(&["addr", "add", host, "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        for (i, end) in ends.iter().enumerate() {
+            let port = format!("{prefix}p{i}");
+            ip(&["link", "add", end, "type", "veth", "peer", "name", &port]);
+            ip(&["link", "set", &port, "master", &bridge]);
+            for dev in [&port, end] {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+                ip(&["link", "set", dev, "up"]);
+            }
+        }
+        VethNetwork { bridge, ends }
+    }
+}
+
+impl Drop for VethNetwork {
+    fn drop(&mut self) {
+        for name in self.ends.iter().chain(std::iter::once(&self.bridge)) {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
+}

@@ -220,7 +220,7 @@ impl L2Network {
         &self.bridge
     }
 
-    /// The two taps' interface names, for [`super::Tap::open`].
+    /// The two taps' interface names, for [`super::Port::tap`].
     pub fn tap_names(&self) -> [&str; 2] {
         [&self.taps[0], &self.taps[1]]
     }
@@ -372,7 +372,7 @@ mod tests {
     }
     use super::*;
     use crate::nic::arp::tests::parse_arp;
-    use crate::nic::{Tap, gratuitous_arp};
+    use crate::nic::{Port, gratuitous_arp};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -509,11 +509,11 @@ mod tests {
         let net = L2Network::create(&cfg).unwrap();
 
         let [t0, t1] = net.tap_names();
-        let tap0 = Tap::open(t0).unwrap();
-        let tap1 = Tap::open(t1).unwrap();
+        let tap0 = Port::tap(t0).unwrap();
+        let tap1 = Port::tap(t1).unwrap();
         assert_eq!(tap0.name(), t0);
         // Until the kernel has applied both taps' carrier, the bridge drops what tap0 sends and
-        // floods nothing to tap1 (see Tap::wait_ready).
+        // floods nothing to tap1 (see Port::wait_ready).
         let opened = Instant::now();
         assert!(tap0.wait_ready(Duration::from_secs(3)) && tap1.wait_ready(Duration::from_secs(3)));
         eprintln!("both ports forwarding {:?} after the taps were opened", opened.elapsed());

@@ -6,7 +6,7 @@
 //!  guest virtio-net ⇄ VMM device ⇄ TAP (lstept0 / lstept1) ⇄ bridge (lstepbr, 10.123.0.1) ⇄ host
 //! ```
 //!
-//! Each replica slot has its own [`Tap`], a port of one Linux bridge ([`L2Network`]) that
+//! Each replica slot has its own [`Port`], a port of one Linux bridge ([`L2Network`]) that
 //! carries the host's address. The VM's address (10.123.0.2 by default) and its MAC exist only
 //! inside the guest: no host interface has them, so the host never answers ARP for the VM, and
 //! whatever the network learns about the VM it learns from the guest's own frames — which both
@@ -18,7 +18,7 @@
 //! Broadcasts pile up in that tap's queue meanwhile (the kernel drops past its length).
 //!
 //! When the backup goes live it:
-//! 1. drains its tap ([`Tap::drain`]) — those frames were for the old primary, which took
+//! 1. drains its tap ([`Port::drain`]) — those frames were for the old primary, which took
 //!    them in and logged them, or they are lost with it (the senders retransmit);
 //! 2. sends a gratuitous ARP from the VM's MAC ([`gratuitous_arp`]), so the bridge moves the
 //!    MAC to the new port now instead of sending the VM's frames to the dead port until its
@@ -29,8 +29,9 @@
 
 mod arp;
 mod l2;
+mod packet;
 mod tap;
 
 pub use arp::{ARP_FRAME_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, gratuitous_arp};
 pub use l2::{DEFAULT_PREFIX, L2Config, L2Error, L2Network, format_mac, parse_mac};
-pub use tap::{MAX_FRAME_LEN, Tap, check_ifname};
+pub use tap::{MAX_FRAME_LEN, Port, check_ifname};

@@ -1,12 +1,13 @@
-//! A TAP device: the host end of the VM's Ethernet link, carrying whole frames through a file
-//! descriptor.
+//! The host end of the VM's Ethernet link, carrying whole frames through a file descriptor: a
+//! TAP device ([`Port::tap`]), or an `AF_PACKET` socket on an existing interface
+//! ([`Port::packet`], in `packet.rs`), which reads and writes the same way.
 //!
 //! The descriptor is non-blocking, on purpose: a write comes from the VMM's device emulation,
 //! which must never stall the vCPU on a host queue (a frame the host has no room for now is
 //! dropped and counted, the way a real NIC drops on a full ring, and TCP retransmits it), and a
 //! read waits in `poll(2)` with a timeout, so a reader thread can notice that it should stop.
 //! One descriptor serves a reader thread and a writer thread at once: the kernel keeps a tap's
-//! two directions apart, which is why [`Tap`] is `Sync` and every method takes `&self`.
+//! two directions apart, which is why [`Port`] is `Sync` and every method takes `&self`.
 
 use std::fmt;
 use std::io;
@@ -38,25 +39,28 @@ pub fn check_ifname(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// An open TAP device (`IFF_TAP | IFF_NO_PI`: each read or write is one bare Ethernet frame).
+/// The VM's link on this host: an open TAP device (`IFF_TAP | IFF_NO_PI`) or a bound packet
+/// socket. Each read or write is one bare Ethernet frame.
 ///
-/// Dropping it closes the descriptor; a tap created by [`Tap::open`] disappears with it, a
+/// Dropping it closes the descriptor; a tap created by [`Port::tap`] disappears with it, a
 /// persistent one (made by `ip tuntap add`, as [`super::L2Network`] does) stays, without carrier.
-pub struct Tap {
-    fd: OwnedFd,
-    name: String,
-    dropped: AtomicU64,
-    truncated: AtomicU64,
+pub struct Port {
+    pub(super) fd: OwnedFd,
+    pub(super) name: String,
+    /// What the descriptor is, for messages: "TAP device" or "interface" (an AF_PACKET socket).
+    pub(super) kind: &'static str,
+    pub(super) dropped: AtomicU64,
+    pub(super) truncated: AtomicU64,
 }
 
-impl Tap {
+impl Port {
     /// Attach to the TAP device `name`, creating it (non-persistent, down) if it does not exist.
     ///
     /// Fails with `InvalidInput` for a name the kernel would refuse, and otherwise with the
     /// kernel's error and a hint: `EPERM` needs root or `CAP_NET_ADMIN`, `EBUSY` means another
     /// process has the device open, `EINVAL` that `name` exists but is no single-queue TAP.
-    /// A name with `%d` is a template the kernel fills in; [`Tap::name`] gives the result.
-    pub fn open(name: &str) -> io::Result<Tap> {
+    /// A name with `%d` is a template the kernel fills in; [`Port::name`] gives the result.
+    pub fn tap(name: &str) -> io::Result<Port> {
         check_ifname(name)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("TAP device {name:?}: {e}")))?;
         // SAFETY: a NUL-terminated path; open(2) has no other preconditions.
@@ -101,21 +105,21 @@ impl Tap {
         let len = ifr.ifr_name.iter().position(|&c| c == 0).unwrap_or(ifr.ifr_name.len());
         let bytes: Vec<u8> = ifr.ifr_name[..len].iter().map(|&c| c as u8).collect();
         let name = String::from_utf8(bytes).unwrap_or_else(|_| name.to_owned());
-        Ok(Tap { fd, name, dropped: AtomicU64::new(0), truncated: AtomicU64::new(0) })
+        Ok(Port { fd, name, kind: "TAP device", dropped: AtomicU64::new(0), truncated: AtomicU64::new(0) })
     }
 
-    /// The interface's name (the kernel's, if [`Tap::open`] was given a `%d` template).
+    /// The interface's name (the kernel's, if [`Port::tap`] was given a `%d` template).
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// Frames [`Tap::write_frame`] dropped because the kernel had no room for them.
+    /// Frames [`Port::write_frame`] dropped because the kernel had no room for them.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
     /// Send one Ethernet frame (destination MAC first, no FCS) into the host's network, without
-    /// waiting: a frame the kernel cannot take now is dropped and counted in [`Tap::dropped`],
+    /// waiting: a frame the kernel cannot take now is dropped and counted in [`Port::dropped`],
     /// and the call still succeeds — the guest's TCP retransmits, as it would after a lossy
     /// wire. Errors are what the kernel refuses outright: a frame shorter than an Ethernet
     /// header (`EINVAL`), an interface that is down (`EIO`), a device that is gone (`EBADFD`).
@@ -127,7 +131,8 @@ impl Tap {
                 if n as usize != frame.len() {
                     // A tap takes a frame whole or not at all; this is not expected to happen.
                     return Err(io::Error::other(format!(
-                        "TAP device {}: wrote {n} of a {}-byte frame",
+                        "{} {}: wrote {n} of a {}-byte frame",
+                        self.kind,
                         self.name,
                         frame.len()
                     )));
@@ -145,7 +150,7 @@ impl Tap {
                     let hint = if e.raw_os_error() == Some(libc::EIO) { " (is the interface up?)" } else { "" };
                     return Err(io::Error::new(
                         e.kind(),
-                        format!("TAP device {}: writing a {}-byte frame: {e}{hint}", self.name, frame.len()),
+                        format!("{} {}: writing a {}-byte frame: {e}{hint}", self.kind, self.name, frame.len()),
                     ));
                 }
             }
@@ -157,14 +162,14 @@ impl Tap {
     /// `None` if none came in time.
     ///
     /// `buf` should hold [`MAX_FRAME_LEN`] bytes, or MTU + 18: a frame longer than `buf` is
-    /// consumed, counted in [`Tap::truncated`] and skipped (what the kernel would hand over is
+    /// consumed, counted in [`Port::truncated`] and skipped (what the kernel would hand over is
     /// its cut-off head, which is no use to anyone), and the wait goes on.
     pub fn read_frame(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
         if buf.is_empty() {
             // A zero-length read would throw a queued frame away.
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("TAP device {}: reading into an empty buffer", self.name),
+                format!("{} {}: reading into an empty buffer", self.kind, self.name),
             ));
         }
         // None: wait forever (a timeout too long to add to now).
@@ -177,7 +182,7 @@ impl Tap {
                 Read::Empty if hung_up => {
                     return Err(io::Error::new(
                         io::ErrorKind::BrokenPipe,
-                        format!("TAP device {}: poll reports an error and there is nothing to read", self.name),
+                        format!("{} {}: poll reports an error and there is nothing to read", self.kind, self.name),
                     ));
                 }
                 Read::Empty => {}
@@ -202,13 +207,13 @@ impl Tap {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                return Err(io::Error::new(e.kind(), format!("TAP device {}: poll: {e}", self.name)));
+                return Err(io::Error::new(e.kind(), format!("{} {}: poll: {e}", self.kind, self.name)));
             }
             hung_up = pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
         }
     }
 
-    /// Frames [`Tap::read_frame`] skipped because they were longer than the caller's buffer.
+    /// Frames [`Port::read_frame`] skipped because they were longer than the caller's buffer.
     pub fn truncated(&self) -> u64 {
         self.truncated.load(Ordering::Relaxed)
     }
@@ -230,7 +235,7 @@ impl Tap {
     /// and, if the tap is a bridge port, the bridge forwards on it. Returns whether that
     /// happened in time.
     ///
-    /// This matters just after [`Tap::open`]: the kernel applies a carrier change from a work
+    /// This matters just after [`Port::tap`]: the kernel applies a carrier change from a work
     /// queue (linkwatch), which it holds back for up to a second after another recent link
     /// event, and until then the bridge drops what the tap sends and sends nothing to it. (A
     /// backup's tap, open since the backup started, is long past this when it goes live.)
@@ -265,18 +270,38 @@ impl Tap {
         // A frame longer than `buf` spills into `spill`: the kernel copies what fits and returns
         // that much, so without it a cut-off frame would look like a short one.
         let mut spill = [0u8; 1];
-        let iov = [
+        let mut iov = [
             libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() },
             libc::iovec { iov_base: spill.as_mut_ptr().cast(), iov_len: spill.len() },
         ];
+        // A packet socket says in a control message whether the frame's checksum is still to be
+        // completed (see `packet::checksum_not_ready`).
+        let mut control = [0u64; 8];
         loop {
-            // SAFETY: a valid fd, and two iovecs describing writable buffers that outlive the call.
-            let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            // SAFETY: msghdr is plain old data; zeroes are valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len();
+            let socket = self.kind == super::packet::KIND;
+            let n = if socket {
+                msg.msg_control = control.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&control);
+                // SAFETY: a valid socket; the iovecs and the control buffer are writable and
+                // outlive the call.
+                unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, 0) }
+            } else {
+                // SAFETY: a valid fd, and two iovecs describing writable buffers that outlive
+                // the call. (A TAP device is no socket: recvmsg would fail with ENOTSOCK.)
+                unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) }
+            };
             if n >= 0 {
                 let n = n as usize;
                 if n > buf.len() {
                     self.truncated.fetch_add(1, Ordering::Relaxed);
                     return Ok(Read::Truncated);
+                }
+                if socket && msg.msg_controllen > 0 && super::packet::checksum_not_ready(&msg) {
+                    super::packet::complete_checksum(&mut buf[..n]);
                 }
                 return Ok(Read::Frame(n));
             }
@@ -284,7 +309,7 @@ impl Tap {
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => return Ok(Read::Empty),
-                _ => return Err(io::Error::new(e.kind(), format!("TAP device {}: reading: {e}", self.name))),
+                _ => return Err(io::Error::new(e.kind(), format!("{} {}: reading: {e}", self.kind, self.name))),
             }
         }
     }
@@ -298,9 +323,9 @@ enum Read {
     Empty,
 }
 
-impl fmt::Debug for Tap {
+impl fmt::Debug for Port {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tap")
+        f.debug_struct("Port")
             .field("name", &self.name)
             .field("fd", &self.fd.as_raw_fd())
             .field("dropped", &self.dropped())
@@ -334,7 +359,7 @@ mod tests {
 
     #[test]
     fn opening_a_bad_name_says_which_and_why_without_touching_the_kernel() {
-        let e = Tap::open("a-name-that-is-too-long").unwrap_err();
+        let e = Port::tap("a-name-that-is-too-long").unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         let msg = e.to_string();
         assert!(msg.contains("a-name-that-is-too-long") && msg.contains("at most 15 bytes"), "{msg}");
@@ -350,12 +375,12 @@ mod tests {
     fn a_private_tap_times_out_drains_and_refuses_what_it_must() {
         ensure_root();
         let name = format!("lsx{}q", std::process::id() % 1000);
-        let tap = Tap::open(&name).unwrap();
+        let tap = Port::tap(&name).unwrap();
         assert_eq!(tap.name(), name);
         assert!(format!("{tap:?}").contains(&name));
 
         // A second attach to a single-queue tap is refused, with the reason.
-        let busy = Tap::open(&name).unwrap_err().to_string();
+        let busy = Port::tap(&name).unwrap_err().to_string();
         assert!(busy.contains(&name) && busy.contains("another process"), "{busy}");
 
         // Nothing is queued on a fresh, down tap: reads time out in about the time asked for.
@@ -389,6 +414,6 @@ mod tests {
     #[test]
     fn tap_is_send_and_sync() {
         fn check<T: Send + Sync>() {}
-        check::<Tap>();
+        check::<Port>();
     }
 }

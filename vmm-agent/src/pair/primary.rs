@@ -359,7 +359,7 @@ pub struct Options {
     pub channel: super::tls::ChannelSecurity,
     /// Where the VM's own network interface meets this host's network (`--tap`), for a VM
     /// with a layer-2 address. A backup holds it unused until it goes live.
-    pub tap: Option<Arc<crate::nic::Tap>>,
+    pub tap: Option<Arc<crate::nic::Port>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -440,7 +440,7 @@ pub(crate) fn drive_with<V: Vcpu>(
             let ip = std::net::Ipv4Addr::from(net.ip);
             let mut first = vec![crate::nic::gratuitous_arp(net.mac, ip)];
             first.extend(resume.resend_frames.iter().cloned());
-            front.attach_nic(tap.clone(), &first).map_err(|source| PairError::Io {
+            front.attach_nic(tap.clone(), net.mac, &first).map_err(|source| PairError::Io {
                 context: format!("taking over the VM's interface on {}", tap.name()),
                 source,
             })?;
