@@ -30,9 +30,21 @@ const NET_QUEUE: usize = 32;
 /// Each receive buffer: a 1514-byte frame, its 12-byte header, rounded up.
 const RX_BUF_LEN: usize = 2048;
 const MTU: usize = 1514;
-/// Per-connection socket buffers. The receive buffer is the window a client sees.
-const SOCKET_RX: usize = 64 * 1024;
-const SOCKET_TX: usize = 64 * 1024;
+/// Per-connection socket buffers. The receive buffer is the window a client sees; 32 KiB keeps a
+/// local link busy and lets a small VM hold many clients.
+const SOCKET_RX: usize = 32 * 1024;
+const SOCKET_TX: usize = 32 * 1024;
+/// Socket buffers of all connections together take at most this share of guest memory (1/8):
+/// a flood of connections must run into a refusal, never into an allocation failure.
+const SOCKET_MEMORY_SHARE: u64 = 8;
+/// A connection with replies in flight whose peer acknowledges nothing for this long (a client
+/// that vanished) is aborted and its socket reused. An idle connection has no timeout: smoltcp's
+/// timeout counts from the peer's last segment, so it would reset a client that is merely quiet,
+/// and it would keep the guest's timer running for every idle connection.
+const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+/// A handshake that does not complete within this (a SYN flood's half-open connections) gives its
+/// socket back.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Listening sockets kept ready for a burst of connections.
 const SPARE_LISTENERS: usize = 4;
 /// Frames taken from the device per poll before sockets are looked at again, so one poll is
@@ -169,8 +181,17 @@ fn now(clock_ns: u64) -> Instant {
 }
 
 impl TcpServer {
-    /// Serve TCP `port` at `addr` on `nic`; at most `max_clients` connections at once.
-    pub fn new(mut nic: Nic, addr: Address, port: u16, max_clients: usize, seed: u64, clock_ns: u64) -> TcpServer {
+    /// Serve TCP `port` at `addr` on `nic`; at most `max_clients` connections at once, fewer if
+    /// their buffers would take more than an eighth of `mem_size`.
+    pub fn new(
+        mut nic: Nic,
+        addr: Address,
+        port: u16,
+        max_clients: usize,
+        mem_size: u64,
+        seed: u64,
+        clock_ns: u64,
+    ) -> TcpServer {
         let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(nic.mac())));
         config.random_seed = seed;
         let mut iface = Interface::new(config, &mut nic, now(clock_ns));
@@ -186,7 +207,9 @@ impl TcpServer {
             by_conn: BTreeMap::new(),
             port,
             // Connections beyond the guest's maxclients still get a socket, to be told so.
-            max_sockets: max_clients + SPARE_LISTENERS,
+            max_sockets: (max_clients + SPARE_LISTENERS)
+                .min((mem_size / SOCKET_MEMORY_SHARE) as usize / (SOCKET_RX + SOCKET_TX))
+                .max(SPARE_LISTENERS + 1),
             next_conn: CONN_BASE,
         };
         server.keep_listening();
@@ -210,6 +233,7 @@ impl TcpServer {
             }
             let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
             if slot.conn.is_none() && s.state() == tcp::State::Closed && s.listen(self.port).is_ok() {
+                s.set_timeout(Some(HANDSHAKE_TIMEOUT));
                 spare += 1;
             }
         }
@@ -222,6 +246,7 @@ impl TcpServer {
             // Nagle), and acknowledgements are not delayed: the guest's timer is coarse.
             s.set_nagle_enabled(false);
             s.set_ack_delay(None);
+            s.set_timeout(Some(HANDSHAKE_TIMEOUT));
             s.listen(self.port).expect("a new socket listens");
             let handle = self.sockets.add(s);
             self.slots.push(Slot { handle, conn: None });
@@ -252,7 +277,7 @@ impl TcpServer {
             changed = true;
         }
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            let s = self.sockets.get::<tcp::Socket>(slot.handle);
+            let s = self.sockets.get_mut::<tcp::Socket>(slot.handle);
             match slot.conn {
                 None if s.may_send() => {
                     // Established (or the peer already half-closed): a new client.
@@ -267,12 +292,24 @@ impl TcpServer {
                         events.readable.push(conn);
                     }
                 }
+                // Reset or timed out: gone, whatever it left unread (a closed socket keeps its
+                // receive buffer, and reporting it readable for ever would keep the guest busy).
+                Some(conn) if !s.is_open() => {
+                    events.gone.push(conn);
+                    changed = true;
+                }
                 Some(conn) if s.can_recv() => events.readable.push(conn),
-                Some(conn) if !s.may_recv() || !s.is_open() => {
+                Some(conn) if !s.may_recv() => {
                     events.gone.push(conn);
                     changed = true;
                 }
                 _ => {}
+            }
+            if slot.conn.is_some() {
+                let want = (s.send_queue() > 0).then_some(PEER_TIMEOUT);
+                if s.timeout() != want {
+                    s.set_timeout(want);
+                }
             }
         }
         self.keep_listening();

@@ -385,6 +385,7 @@ impl FrontEnd {
         let events = self.shared.events.clone();
         thread::Builder::new().name("nic-rx".into()).spawn(move || {
             let mut buf = vec![0u8; 65536];
+            let mut warned: Option<Instant> = None;
             while !shared.closed.load(Ordering::Acquire) {
                 match tap.read_frame(&mut buf, Duration::from_millis(50)) {
                     Ok(Some(n))
@@ -396,12 +397,30 @@ impl FrontEnd {
                             return;
                         }
                     }
+                    // A super-frame from a packet socket (the sender's unsegmented TCP): cut it
+                    // the way the sender's NIC would have.
+                    Ok(Some(n)) if n > crate::devices::virtio::net::MAX_FRAME && buf[..6] == mac => {
+                        for segment in crate::nic::segment_tcp(&buf[..n]).unwrap_or_default() {
+                            shared.stats.bytes_in.fetch_add(segment.len() as u64, Ordering::Relaxed);
+                            if events.send(Event::NetFrame { bytes: segment }).is_err() {
+                                return;
+                            }
+                        }
+                    }
                     // Not for the VM, or no Ethernet frame the device would take: not worth a log
                     // entry.
                     Ok(Some(_)) | Ok(None) => {}
                     Err(e) => {
-                        tracing::warn!("reading {} failed ({e}); the VM's interface is cut off", tap.name());
-                        return;
+                        // A link that flapped (ENETDOWN, a poll error) comes back: keep trying,
+                        // and say so at most every ten seconds.
+                        if warned.is_none_or(|t: Instant| t.elapsed() >= WARN_EVERY) {
+                            tracing::warn!(
+                                "reading {} failed ({e}); the VM hears nothing until it works again",
+                                tap.name()
+                            );
+                            warned = Some(Instant::now());
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
                     }
                 }
             }

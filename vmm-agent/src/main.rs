@@ -709,6 +709,13 @@ fn open_port(
 ) -> Result<Option<Arc<lockstep_agent::nic::Port>>, CliError> {
     use lockstep_agent::nic::Port;
     let port = match (tap, packet) {
+        // A TAP that does not exist would be created here, down and attached to nothing: a
+        // typo would cut the VM off without a word.
+        (Some(name), _) if !Path::new("/sys/class/net").join(name).exists() => {
+            return Err(CliError::Usage(format!(
+                "--tap {name}: no such interface (create it first: ip tuntap add dev {name} mode tap; `up --l2` does)"
+            )));
+        }
         (Some(name), _) => Port::tap(name).map_err(io_err(format!("--tap {name}")))?,
         (None, Some(name)) => Port::packet(name).map_err(io_err(format!("--packet-interface {name}")))?,
         (None, None) => return Ok(None),

@@ -109,11 +109,16 @@ impl Slot {
         // A replica does not outlive `up`: killed with it, however `up` ends (a VM left running
         // would hold its TAP and its ports, and nobody would restore its redundancy).
         // SAFETY: prctl(2) in the child between fork and exec touches no memory of the parent.
+        let parent = std::process::id() as libc::pid_t;
         unsafe {
             use std::os::unix::process::CommandExt;
-            c.pre_exec(|| {
+            c.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // `up` may have died between the fork and the prctl: then nobody would kill us.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("lockstep up exited while starting a replica"));
                 }
                 Ok(())
             });
@@ -138,6 +143,17 @@ impl Slot {
         self.child = Some(child);
         self.started = Instant::now();
         Ok(())
+    }
+}
+
+/// A slot dropped (`run` returning early on an error) takes its replica along, before the
+/// network it runs on is removed.
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -381,6 +381,11 @@ fn a_pair_on_packet_sockets_keeps_a_connection_across_a_kill() {
     for n in 1..=100 {
         assert_eq!(c.cmd(&["INCR", "k"]).unwrap(), n.to_string());
     }
+    // A value of many segments: the host's TCP hands a packet socket unsegmented super-frames
+    // (GSO on a veth), which the agent must cut for the guest.
+    let big = "y".repeat(300_000);
+    assert_eq!(c.cmd(&["SET", "big", &big]).unwrap(), "OK");
+    assert_eq!(c.cmd(&["GET", "big"]).unwrap(), big);
     primary.kill9();
     backup.wait_line("going live", Duration::from_secs(30));
     for n in 101..=200 {

@@ -139,6 +139,11 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 pub enum L2Error {
     #[error("invalid layer-2 network: {0}")]
     Config(String),
+    #[error(
+        "{tap} is in use by another process (another `up --l2` with the same names?); stop it, or choose other \
+         names with --l2-prefix"
+    )]
+    InUse { tap: String },
     #[error("the `ip` command (iproute2) was not found in /usr/sbin, /sbin or $PATH; install iproute2")]
     NoIpCommand,
     #[error("cannot run `{cmd}`: {source}")]
@@ -182,6 +187,16 @@ impl L2Network {
         cfg.validate()?;
         let mut net = L2Network { ip: find_ip()?, bridge: cfg.bridge.clone(), taps: cfg.taps.clone(), created: false };
 
+        // Leftovers of an earlier run go, but not a network another run still uses: a TAP that
+        // some process holds open refuses to be attached again (EBUSY).
+        for tap in &cfg.taps {
+            if std::path::Path::new("/sys/class/net").join(tap).exists()
+                && let Err(e) = super::Port::tap(tap)
+                && e.raw_os_error() == Some(libc::EBUSY)
+            {
+                return Err(L2Error::InUse { tap: tap.clone() });
+            }
+        }
         for name in cfg.taps.iter().chain([&cfg.bridge]) {
             net.delete_link(name)?;
         }

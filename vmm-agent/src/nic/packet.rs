@@ -167,6 +167,69 @@ pub fn complete_checksum(frame: &mut [u8]) -> bool {
     true
 }
 
+/// An Ethernet frame's largest IP packet here (the VM's MTU).
+const MTU: usize = 1500;
+
+/// Split an IPv4 TCP frame longer than the MTU into MTU-sized segments, the way the kernel's
+/// software GSO would: a packet socket on a veth (or over a NIC with receive offloads) hands over
+/// the sender's unsegmented super-frames, which no guest buffer takes. Each segment gets its own
+/// IP length, identification and checksum, its sequence number and a full TCP checksum; FIN and
+/// PSH stay on the last. `None` for anything else (not IPv4, not TCP, a fragment, damaged).
+pub fn segment_tcp(frame: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let ip = frame.get(14..).filter(|_| frame[12..14] == [0x08, 0x00])?;
+    if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    // A super-frame's IP length may be 0 or wrong (TSO fills it per segment): trust the frame.
+    let total = if total > ihl && total <= ip.len() { total } else { ip.len() };
+    let tcp = ip.get(ihl..total)?;
+    let thl = usize::from(*tcp.get(12)? >> 4) * 4;
+    if ihl < 20 || thl < 20 || tcp.len() < thl || ihl + thl >= MTU {
+        return None;
+    }
+    let (payload, per) = (&tcp[thl..], MTU - ihl - thl);
+    let seq = u32::from_be_bytes(tcp[4..8].try_into().ok()?);
+    let id = u16::from_be_bytes([ip[4], ip[5]]);
+    let header = &frame[..14 + ihl + thl];
+    let chunks: Vec<&[u8]> = payload.chunks(per).collect();
+    let mut out = Vec::with_capacity(chunks.len());
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut f = Vec::with_capacity(header.len() + chunk.len());
+        f.extend_from_slice(header);
+        f.extend_from_slice(chunk);
+        let len = (ihl + thl + chunk.len()) as u16;
+        f[16..18].copy_from_slice(&len.to_be_bytes());
+        f[18..20].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let sum = ones_complement(&f[14..14 + ihl], 0);
+        f[24..26].copy_from_slice(&(!sum).to_be_bytes());
+        let t = 14 + ihl;
+        f[t + 4..t + 8].copy_from_slice(&seq.wrapping_add((i * per) as u32).to_be_bytes());
+        if i + 1 < chunks.len() {
+            f[t + 13] &= !0x09; // FIN and PSH belong to the last segment
+        }
+        if i > 0 {
+            f[t + 13] &= !0x80; // CWR only on the first
+        }
+        complete_checksum(&mut f);
+        out.push(f);
+    }
+    Some(out)
+}
+
+/// The 16-bit ones' complement sum of `bytes` added to `sum`, folded.
+fn ones_complement(bytes: &[u8], mut sum: u32) -> u16 {
+    for pair in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::Command;
@@ -189,6 +252,34 @@ mod tests {
             0xa1, 0x12, 0x18, 0xeb, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0,
         ]);
         f
+    }
+
+    #[test]
+    fn super_frames_are_cut_into_segments() {
+        let mut big = syn();
+        big[14 + 20 + 13] = 0x18; // ACK|PSH
+        let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+        big.extend_from_slice(&payload);
+        let total = (big.len() - 14) as u16;
+        big[16..18].copy_from_slice(&total.to_be_bytes());
+        let segs = segment_tcp(&big).unwrap();
+        assert_eq!(segs.len(), 3, "4000 bytes in segments of 1460");
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert!(s.len() <= 1514);
+            assert_eq!(usize::from(u16::from_be_bytes([s[16], s[17]])), s.len() - 14);
+            assert_eq!(u32::from_be_bytes(s[38..42].try_into().unwrap()), 1 + 1460 * i as u32);
+            assert_eq!(s[47] & 0x08 != 0, i == 2, "PSH on the last only");
+            // The IP header checksums to all ones.
+            assert_eq!(ones_complement(&s[14..34], 0), 0xffff);
+            // And the TCP checksum is what completing it again gives.
+            let mut again = s.clone();
+            complete_checksum(&mut again);
+            assert_eq!(&again, s);
+            joined.extend_from_slice(&s[54..]);
+        }
+        assert_eq!(joined, payload);
+        assert!(segment_tcp(&gratuitous_arp([0x52, 0x54, 0, 1, 2, 3], "10.0.0.1".parse().unwrap())).is_none());
     }
 
     #[test]

@@ -222,9 +222,12 @@ impl Port {
     /// sent a backup's tap while nobody read it is stale once that backup goes live. Stops at the
     /// first error, which it does not report (a tap that cannot be read has nothing to drain).
     pub fn drain(&self) -> usize {
+        // Bounded: on a busy segment frames keep coming, and the go-live must not wait for a
+        // quiet moment (a TAP's queue holds 1000 at most; a socket's about as many).
+        const MAX_DRAIN: usize = 4096;
         let mut buf = vec![0u8; MAX_FRAME_LEN];
         let mut frames = 0;
-        while let Ok(Read::Frame(_) | Read::Truncated) = self.read_once(&mut buf) {
+        while frames < MAX_DRAIN && matches!(self.read_once(&mut buf), Ok(Read::Frame(_) | Read::Truncated)) {
             frames += 1;
         }
         frames

@@ -438,9 +438,11 @@ pub(crate) fn drive_with<V: Vcpu>(
             // port from the announcement, and every host on the segment keeps the IP's MAC), then
             // send what the old primary may not have sent, then take frames.
             let ip = std::net::Ipv4Addr::from(net.ip);
-            let mut first = vec![crate::nic::gratuitous_arp(net.mac, ip)];
+            // The device's MAC is the one the guest's frames carry (the boot arguments gave both).
+            let mac = vm.devices.net.as_ref().map_or(net.mac, |n| n.device.mac());
+            let mut first = vec![crate::nic::gratuitous_arp(mac, ip)];
             first.extend(resume.resend_frames.iter().cloned());
-            front.attach_nic(tap.clone(), net.mac, &first).map_err(|source| PairError::Io {
+            front.attach_nic(tap.clone(), mac, &first).map_err(|source| PairError::Io {
                 context: format!("taking over the VM's interface on {}", tap.name()),
                 source,
             })?;
@@ -448,7 +450,7 @@ pub(crate) fn drive_with<V: Vcpu>(
                 "vm interface on {}: {ip}/{} at {}, announced{}",
                 tap.name(),
                 net.prefix,
-                crate::nic::format_mac(net.mac),
+                crate::nic::format_mac(mac),
                 if resume.resend_frames.is_empty() {
                     String::new()
                 } else {

@@ -34,6 +34,9 @@ pub const BLOCK_OVERHEAD: usize = 8;
 /// little is lost if a recording dies.
 pub const BLOCK_BYTES: usize = 64 << 10;
 const MAX_HEADER: usize = 64 << 10;
+/// Longest `net-frame` (the virtio-net device's largest frame: 1500 bytes of MTU, an Ethernet
+/// header and a VLAN tag).
+pub const MAX_NET_FRAME: usize = 1518;
 /// The first version whose header carries a payload.
 pub const PAYLOAD_VERSION: u16 = 4;
 /// Most bytes of payload a header may carry (a WebAssembly module of a few MiB is usual). A
@@ -266,6 +269,7 @@ impl Entry {
             }
             9 => Entry::Wake,
             10 if p.is_empty() => return Err(bad("a frame needs at least one byte")),
+            10 if p.len() > MAX_NET_FRAME => return Err(bad("a frame longer than the device takes")),
             10 => return Ok(Entry::NetFrame { bytes: p.to_vec() }),
             kind => return Err(CodecError::UnknownKind { offset, kind }),
         };

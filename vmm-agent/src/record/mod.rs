@@ -11,8 +11,8 @@ mod codec;
 mod file;
 
 pub use codec::{
-    BLOCK_BYTES, BlockEncoder, CodecError, Entry, FRAME_OVERHEAD, LOG_VERSION, LogHeader, MAX_PAYLOAD, decode_block,
-    decode_frame, encode_block, encode_frame, entry_len, hex,
+    BLOCK_BYTES, BlockEncoder, CodecError, Entry, FRAME_OVERHEAD, LOG_VERSION, LogHeader, MAX_NET_FRAME, MAX_PAYLOAD,
+    decode_block, decode_frame, encode_block, encode_frame, entry_len, hex,
 };
 pub use file::{LogReader, LogWriter};
 

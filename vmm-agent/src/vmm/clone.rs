@@ -67,7 +67,7 @@ pub struct DevicesState {
     pub blk: Option<(TransportState, BlkState)>,
     pub vsock: (TransportState, VsockState),
     pub rng: (TransportState, RngState),
-    /// The VM's own network interface, if it has one (saved states before 1.1 have none).
+    /// The VM's own network interface, if it has one (saved states of 1.0 have none).
     pub net: Option<(TransportState, NetState)>,
 }
 
@@ -132,7 +132,8 @@ impl Persist for DevicesState {
         e.put(&self.vsock.1);
         e.put(&self.rng.0);
         e.put(&self.rng.1);
-        // Last, and only when present: a state without an interface reads as before 1.1.
+        // Last, and only when present, so a state without an interface has the layout of 1.0
+        // (its envelope still says 1.1: a 1.0 agent does not take clones from this one).
         if let Some((t, d)) = &self.net {
             e.put(t);
             e.put(d);

@@ -42,9 +42,9 @@ const ROUND_BYTES: usize = 256 * 1024;
 const VSOCK_RX_QUEUE: usize = 8;
 /// Largest single vsock send; the host's credit is much larger.
 const SEND_CHUNK: usize = 16 * 1024;
-/// While TCP has a timer due (a retransmission, a delayed close), the guest's timer ticks this
-/// often; otherwise it is off and an idle guest costs nothing.
-const TCP_TICK_NS: u64 = 10_000_000;
+/// While TCP has a timer due (a retransmission, a close winding down), the guest's timer ticks
+/// about as often as the next one needs; otherwise it is off and an idle guest costs nothing.
+const MS: u64 = 1_000_000;
 
 /// The virtio-blk disk as the AOF sees it.
 struct Disk(VirtIOBlk<Hal, MmioTransport<'static>>);
@@ -103,7 +103,7 @@ fn main() -> ! {
 
     let mut tcp = start_network(args, limits.maxclients as usize);
     let mut events = Events::default();
-    let mut timer_on = false;
+    let mut timer_period = 0;
 
     let mut buf = alloc::vec![0u8; 16 * 1024];
     let mut ids: Vec<ClientId> = Vec::new();
@@ -239,12 +239,19 @@ fn main() -> ! {
         if let Some(tcp) = &mut tcp {
             // Send what the replies queued, then keep the timer only while TCP has one due.
             let now = platform::clock_ns();
-            tcp.poll(now, &mut events);
-            busy |= !events.is_empty();
-            let due = tcp.poll_delay_ns(now).is_some();
-            if due != timer_on {
-                platform::set_timer_period_ns(if due { TCP_TICK_NS } else { 0 });
-                timer_on = due;
+            busy |= tcp.poll(now, &mut events);
+            // Tick about as often as the next TCP timer needs, in three steps (each change of
+            // period is an exit): every 10 ms while something is due soon (a retransmission),
+            // every 100 ms or every second for later ones, not at all when nothing is due.
+            let period = match tcp.poll_delay_ns(now) {
+                None => 0,
+                Some(d) if d < 100 * MS => 10 * MS,
+                Some(d) if d < 1000 * MS => 100 * MS,
+                Some(_) => 1000 * MS,
+            };
+            if period != timer_period {
+                platform::set_timer_period_ns(period);
+                timer_period = period;
             }
         }
         if !busy && rt::irq_count(irq::VSOCK) == vsock_irqs && rt::irq_count(irq::NET) == net_irqs {
@@ -274,8 +281,8 @@ fn start_network(args: &str, max_clients: usize) -> Option<TcpServer> {
         filled += rng.request_entropy(&mut seed[filled..]).expect("virtio-rng");
     }
     let address = net::Address { ip: config.ip, prefix: config.prefix };
-    let tcp =
-        TcpServer::new(nic, address, KVSTORE_PORT as u16, max_clients, u64::from_le_bytes(seed), platform::clock_ns());
+    let seed = u64::from_le_bytes(seed);
+    let tcp = TcpServer::new(nic, address, KVSTORE_PORT as u16, max_clients, info.mem_size, seed, platform::clock_ns());
     let [a, b, c, d] = config.ip;
     println!("kvstore: listening on {a}.{b}.{c}.{d}:{KVSTORE_PORT} (tcp)");
     Some(tcp)
@@ -285,8 +292,9 @@ fn start_network(args: &str, max_clients: usize) -> Option<TcpServer> {
 /// happened.
 fn take_tcp(tcp: &mut TcpServer, server: &mut Server<GuestHeap>, events: &mut Events, buf: &mut [u8]) -> bool {
     // Events left by the poll at the end of the last round come first; a client may appear in
-    // both polls.
-    let busy = tcp.poll(platform::clock_ns(), events) || !events.is_empty();
+    // both polls. Bytes a client sent that the server does not take now (its input is paused)
+    // stay in the socket and do not make the round busy: only progress does.
+    let mut busy = tcp.poll(platform::clock_ns(), events) || !events.connected.is_empty() || !events.gone.is_empty();
     events.readable.sort_unstable();
     events.readable.dedup();
     events.gone.sort_unstable();
@@ -306,6 +314,7 @@ fn take_tcp(tcp: &mut TcpServer, server: &mut Server<GuestHeap>, events: &mut Ev
                 break;
             }
             server.receive(id, &buf[..n]);
+            busy = true;
         }
     }
     for &conn in &events.gone {
@@ -335,7 +344,8 @@ fn reply_tcp(tcp: &mut TcpServer, server: &mut Server<GuestHeap>, id: ClientId) 
         busy = true;
     }
     let done = match server.client_state(id) {
-        Some(ClientState::Closing) => server.output(id).is_empty(),
+        // A client being closed whose connection broke will never take the rest.
+        Some(ClientState::Closing) => server.output(id).is_empty() || !tcp.is_connected(conn),
         Some(ClientState::Dropped) => true,
         _ => !tcp.is_connected(conn),
     };

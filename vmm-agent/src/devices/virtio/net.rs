@@ -30,7 +30,7 @@ pub const HDR_LEN: usize = 12;
 /// Largest frame either way: an Ethernet frame of a 1500-byte MTU plus a VLAN tag. Bigger ones
 /// from the network are dropped before they are logged (see [`Net::frame_in`]); bigger ones from
 /// the guest are dropped as a real NIC would.
-pub const MAX_FRAME: usize = 1518;
+pub const MAX_FRAME: usize = crate::record::MAX_NET_FRAME;
 /// Smallest frame accepted from the guest: an Ethernet header.
 const MIN_FRAME: usize = 14;
 /// Frames from the network held while the guest posts no receive buffers. A NIC's ring is
@@ -88,16 +88,23 @@ impl Net {
             let head = chain.head_index();
             let mut len = 0u32;
             if let Ok(mut w) = chain.writer(ctx.mem) {
-                if w.available_bytes() >= HDR_LEN + frame.len() {
+                let room = w.available_bytes();
+                if room >= HDR_LEN {
                     let mut hdr = [0u8; HDR_LEN];
                     hdr[10..12].copy_from_slice(&1u16.to_le_bytes()); // num_buffers
                     w.write_all(&hdr).map_err(std::io::Error::other)?;
-                    w.write_all(frame).map_err(std::io::Error::other)?;
-                    len = (HDR_LEN + frame.len()) as u32;
-                    self.frames_to_guest += 1;
+                    len = HDR_LEN as u32;
+                    if room >= HDR_LEN + frame.len() {
+                        w.write_all(frame).map_err(std::io::Error::other)?;
+                        len += frame.len() as u32;
+                        self.frames_to_guest += 1;
+                    } else {
+                        // A buffer too small for the frame: the frame is lost, and the buffer
+                        // comes back holding an empty one (a driver may not expect a buffer
+                        // without even a header, and would lose it).
+                        self.frames_dropped += 1;
+                    }
                 } else {
-                    // A buffer too small for the frame: the frame is lost, the buffer returned
-                    // empty (what a NIC does with a runt ring).
                     self.frames_dropped += 1;
                 }
             }
