@@ -96,7 +96,8 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut parts = s.split(':');
     for b in &mut mac {
         let p = parts.next()?;
-        if p.len() != 2 {
+        // from_str_radix alone would take "+2".
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         *b = u8::from_str_radix(p, 16).ok()?;
@@ -127,6 +128,21 @@ mod tests {
             assert_eq!(NetConfig::parse(&format!("ip=10.0.0.2/24 {m}")), Err(NetConfigError::BadMac), "{m}");
         }
         assert_eq!(NetConfig::parse(mac), Err(NetConfigError::Incomplete));
+        assert_eq!(parse_mac("52:54:00:4C:53:02"), Some([0x52, 0x54, 0, 0x4c, 0x53, 2]));
+        for bad in [
+            "",
+            "52:54:00:4c:53",
+            "52:54:00:4c:53:02:01",
+            "52:54:00:4c:53:2",
+            "52:54:00:4c:53:002",
+            "52:54:00:4c:53:0g",
+            "52:54:00-4c:53:02",
+            "52::54:00:4c:53",
+            "+2:54:00:4c:53:02",
+            "52:54:00:4c:53:02:",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
         assert_eq!(NetConfig::parse(&format!("{mac} {mac} ip=1.2.3.4/8")), Err(NetConfigError::Repeated));
     }
 }

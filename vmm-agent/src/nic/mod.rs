@@ -35,5 +35,5 @@ mod tap;
 pub use packet::{complete_checksum, segment_tcp};
 
 pub use arp::{ARP_FRAME_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, gratuitous_arp};
-pub use l2::{DEFAULT_PREFIX, L2Config, L2Error, L2Network, format_mac, parse_mac};
+pub use l2::{DEFAULT_PREFIX, L2Config, L2Error, L2Network, format_mac};
 pub use tap::{MAX_FRAME_LEN, Port, check_ifname};
