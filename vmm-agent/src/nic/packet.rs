@@ -145,21 +145,9 @@ pub fn complete_checksum(frame: &mut [u8]) -> bool {
         return false;
     }
     l4[at..at + 2].copy_from_slice(&[0, 0]);
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-    };
-    add(&src);
-    add(&dst);
-    add(&[0, proto]);
-    add(&(l4.len() as u16).to_be_bytes());
-    add(l4);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut csum = !(sum as u16);
+    let [l0, l1] = (l4.len() as u16).to_be_bytes();
+    let pseudo = [src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], 0, proto, l0, l1];
+    let mut csum = !ones_complement(l4, ones_complement(&pseudo, 0).into());
     if proto == 17 && csum == 0 {
         csum = 0xffff; // 0 means "no checksum" in UDP
     }
