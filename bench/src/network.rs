@@ -128,53 +128,47 @@ fn vm_args(cfg: &L2Config, tap: &str) -> Vec<String> {
     ]
 }
 
-/// Moves `values` values of 1 MiB into the guest and back out on one connection; returns the
-/// payload Mbit/s of each direction.
-fn transfer(vm: SocketAddr, values: usize) -> Result<(f64, f64)> {
-    let mut c = Resp::connect(vm, Duration::from_secs(60))?;
+/// Moves `values` values of 1 MiB into the guest (`SET`) or out of it (`GET`) on `c`; returns
+/// the payload Mbit/s.
+fn move_values(c: &mut Resp, into: bool, values: usize) -> Result<f64> {
     let value: String = "v".repeat(VALUE_BYTES);
     let t = Instant::now();
     for i in 0..values {
-        match c.cmd(&["SET", &format!("bulk-{}", i % 4), &value])? {
-            Reply::Simple(s) if s == "OK" => {}
-            other => bail!("SET of 1 MiB answered {other:?}"),
+        let key = format!("bulk-{}", i % 4);
+        if into {
+            match c.cmd(&["SET", &key, &value])? {
+                Reply::Simple(s) if s == "OK" => {}
+                other => bail!("SET of 1 MiB answered {other:?}"),
+            }
+        } else {
+            match c.cmd(&["GET", &key])? {
+                Reply::Bulk(Some(b)) if b.len() == VALUE_BYTES => {}
+                other => bail!("GET of a 1 MiB value answered {:?}", other.text().map(|t| t.len())),
+            }
         }
     }
-    let into = (values * VALUE_BYTES * 8) as f64 / t.elapsed().as_secs_f64() / 1e6;
-    let t = Instant::now();
-    for i in 0..values {
-        match c.cmd(&["GET", &format!("bulk-{}", i % 4)])? {
-            Reply::Bulk(Some(b)) if b.len() == VALUE_BYTES => {}
-            other => bail!("GET of a 1 MiB value answered {:?}", other.text().map(|t| t.len())),
-        }
-    }
-    let out = (values * VALUE_BYTES * 8) as f64 / t.elapsed().as_secs_f64() / 1e6;
-    Ok((into, out))
+    Ok((values * VALUE_BYTES * 8) as f64 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// Moves `values` values into the guest and back out on one connection; returns the payload
+/// Mbit/s of each direction.
+fn transfer(vm: SocketAddr, values: usize) -> Result<(f64, f64)> {
+    let mut c = Resp::connect(vm, Duration::from_secs(60))?;
+    let into = move_values(&mut c, true, values)?;
+    Ok((into, move_values(&mut c, false, values)?))
 }
 
 /// [`transfer`] on an FT pair, with the primary's log counters read around each direction.
 fn ft_transfer(vm: SocketAddr, metrics: SocketAddr, values: usize, f: &mut NetworkFigures) -> Result<()> {
     let mut c = Resp::connect(vm, Duration::from_secs(60))?;
-    let value: String = "v".repeat(VALUE_BYTES);
-    let mut direction = |set: bool| -> Result<(f64, f64, f64)> {
+    let mut direction = |into: bool| -> Result<(f64, f64, f64)> {
         let before = prom::scrape(metrics)?;
         let t = Instant::now();
-        for i in 0..values {
-            let key = format!("bulk-{}", i % 4);
-            let ok = if set {
-                matches!(c.cmd(&["SET", &key, &value])?, Reply::Simple(s) if s == "OK")
-            } else {
-                matches!(c.cmd(&["GET", &key])?, Reply::Bulk(Some(b)) if b.len() == VALUE_BYTES)
-            };
-            if !ok {
-                bail!("a 1 MiB {} failed on the FT pair", if set { "SET" } else { "GET" });
-            }
-        }
+        let mbps = move_values(&mut c, into, values)?;
         let secs = t.elapsed().as_secs_f64();
         let after = prom::scrape(metrics)?;
         let delta = |name: &str| after.get(name).unwrap_or(0.0) - before.get(name).unwrap_or(0.0);
         let (log, received) = (delta("lockstep_log_bytes_sent_total"), delta("lockstep_client_bytes_received_total"));
-        let mbps = (values * VALUE_BYTES * 8) as f64 / secs / 1e6;
         Ok((mbps, if received > 0.0 { log / received } else { f64::NAN }, log * 8.0 / secs / 1e6))
     };
     let (mbps, per, log) = direction(true)?;
