@@ -387,29 +387,21 @@ impl FrontEnd {
             let mut buf = vec![0u8; 65536];
             let mut warned: Option<Instant> = None;
             while !shared.closed.load(Ordering::Acquire) {
-                match tap.read_frame(&mut buf, Duration::from_millis(50)) {
+                let frames = match tap.read_frame(&mut buf, Duration::from_millis(50)) {
                     Ok(Some(n))
                         if (14..=crate::devices::virtio::net::MAX_FRAME).contains(&n)
                             && (buf[..6] == mac || buf[0] & 1 == 1) =>
                     {
-                        shared.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-                        if events.send(Event::NetFrame { bytes: buf[..n].to_vec() }).is_err() {
-                            return;
-                        }
+                        vec![buf[..n].to_vec()]
                     }
                     // A super-frame from a packet socket (the sender's unsegmented TCP): cut it
                     // the way the sender's NIC would have.
                     Ok(Some(n)) if n > crate::devices::virtio::net::MAX_FRAME && buf[..6] == mac => {
-                        for segment in crate::nic::segment_tcp(&buf[..n]).unwrap_or_default() {
-                            shared.stats.bytes_in.fetch_add(segment.len() as u64, Ordering::Relaxed);
-                            if events.send(Event::NetFrame { bytes: segment }).is_err() {
-                                return;
-                            }
-                        }
+                        crate::nic::segment_tcp(&buf[..n]).unwrap_or_default()
                     }
                     // Not for the VM, or no Ethernet frame the device would take: not worth a log
                     // entry.
-                    Ok(Some(_)) | Ok(None) => {}
+                    Ok(Some(_)) | Ok(None) => continue,
                     Err(e) => {
                         // A link that flapped (ENETDOWN, a poll error) comes back: keep trying,
                         // and say so at most every ten seconds.
@@ -421,6 +413,13 @@ impl FrontEnd {
                             warned = Some(Instant::now());
                         }
                         std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                for frame in frames {
+                    shared.stats.bytes_in.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    if events.send(Event::NetFrame { bytes: frame }).is_err() {
+                        return;
                     }
                 }
             }
