@@ -5,7 +5,7 @@
 //! own answer is a terse gRPC error in its log.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -89,6 +89,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub host_device_path: Option<PathBuf>,
 
+    /// Another device node on the node to give, at the same path, to every container that gets
+    /// the KVM device; repeatable. The chart passes /dev/net/tun so that an agent can open the
+    /// TAP device the node prepared for a layer-2 VM (docs/network.md), which needs no
+    /// capability once the TAP belongs to the agent's uid. Must be an absolute path under /dev.
+    #[arg(long, value_name = "PATH", value_parser = parse_extra_device)]
+    pub also_device: Vec<PathBuf>,
+
     /// How often to re-check the device and the plugin's socket, in milliseconds. A device that
     /// goes away, and a kubelet restart, are noticed within this time.
     #[arg(long, value_name = "MS", default_value_t = DEFAULT_HEALTH_INTERVAL.as_millis() as u64,
@@ -110,12 +117,23 @@ impl Cli {
             slots: self.slots,
             device_path: self.device_path.clone(),
             host_device_path: self.host_device_path.clone().unwrap_or_else(|| self.device_path.clone()),
+            extra_devices: self.also_device.clone(),
             health_interval: Duration::from_millis(self.health_interval_ms),
         }
     }
 }
 
 pub use lockstep_logging::LogFormat;
+
+/// `--also-device`: an absolute path under /dev with no `..` (the kubelet creates the node at the
+/// same path in the container, so a path elsewhere is a mistake).
+fn parse_extra_device(s: &str) -> Result<PathBuf, String> {
+    let p = Path::new(s);
+    if !p.starts_with("/dev/") || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(format!("{s:?} is not a device node under /dev (like /dev/net/tun)"));
+    }
+    Ok(p.to_path_buf())
+}
 
 /// What the plugin serves and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +148,9 @@ pub struct Config {
     pub device_path: PathBuf,
     /// The device's path on the node, as given to the kubelet in Allocate.
     pub host_device_path: PathBuf,
+    /// Further device nodes handed out with the KVM device (same path on the node and in the
+    /// container).
+    pub extra_devices: Vec<PathBuf>,
     /// Period of the device and socket checks.
     pub health_interval: Duration,
 }
@@ -144,6 +165,7 @@ impl Config {
             slots: DEFAULT_SLOTS,
             host_device_path: device_path.clone(),
             device_path,
+            extra_devices: Vec::new(),
             health_interval: DEFAULT_HEALTH_INTERVAL,
         }
     }
@@ -320,9 +342,11 @@ mod tests {
             "--slots=3",
             "--health-interval-ms=250",
             "--log-format=json",
+            "--also-device=/dev/net/tun",
         ])
         .unwrap();
         let config = cli.config();
+        assert_eq!(config.extra_devices, [Path::new("/dev/net/tun")]);
         assert_eq!(config.device_path, Path::new("/host/dev/kvm"));
         assert_eq!(config.host_device_path, Path::new("/dev/kvm"));
         assert_eq!(config.slots, 3);
@@ -334,6 +358,9 @@ mod tests {
     fn command_line_refuses_bad_values() {
         for args in [
             &["--slots=0"][..],
+            &["--also-device=/etc/shadow"],
+            &["--also-device=/dev/../etc/shadow"],
+            &["--also-device=net/tun"],
             &["--slots=4097"],
             &["--health-interval-ms=0"],
             &["--resource-name=kvm"],

@@ -38,6 +38,7 @@ pub struct KvmDevicePlugin {
     resource_name: String,
     slots: u32,
     host_device_path: String,
+    extra_devices: Vec<String>,
     health: watch::Receiver<Health>,
     stop: watch::Receiver<bool>,
 }
@@ -51,6 +52,7 @@ impl KvmDevicePlugin {
             resource_name: config.resource_name.to_string(),
             slots: config.slots,
             host_device_path: config.host_device_path.to_string_lossy().into_owned(),
+            extra_devices: config.extra_devices.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
             health,
             stop,
         }
@@ -79,15 +81,20 @@ impl KvmDevicePlugin {
             self.check_known(id)?;
         }
         // Every slot is the same device, so a container gets one device node however many slots
-        // it asked for (and none if it asked for none).
+        // it asked for (and none if it asked for none), plus the --also-device ones.
         let devices = if ids.is_empty() {
             Vec::new()
         } else {
-            vec![DeviceSpec {
-                container_path: CONTAINER_DEVICE_PATH.to_owned(),
-                host_path: self.host_device_path.clone(),
-                permissions: "rw".to_owned(),
-            }]
+            let kvm = (CONTAINER_DEVICE_PATH, self.host_device_path.as_str());
+            let extra = self.extra_devices.iter().map(|p| (p.as_str(), p.as_str()));
+            std::iter::once(kvm)
+                .chain(extra)
+                .map(|(container, host)| DeviceSpec {
+                    container_path: container.to_owned(),
+                    host_path: host.to_owned(),
+                    permissions: "rw".to_owned(),
+                })
+                .collect()
         };
         Ok(ContainerAllocateResponse { devices, ..Default::default() })
     }
@@ -262,6 +269,24 @@ mod tests {
         assert_eq!(containers[1].devices, vec![expected]);
         assert!(containers[2].devices.is_empty());
         assert!(containers.iter().all(|c| c.envs.is_empty() && c.mounts.is_empty() && c.cdi_devices.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn allocate_adds_the_also_devices_at_their_own_path() {
+        let mut config = Config::new("/plugins", "/host/dev/kvm");
+        config.host_device_path = "/dev/kvm".into();
+        config.extra_devices = vec!["/dev/net/tun".into()];
+        let (_health_tx, health) = watch::channel(Health::Healthy);
+        let (_stop_tx, stop) = watch::channel(false);
+        let plugin = KvmDevicePlugin::new(&config, health, stop);
+        let response = plugin.allocate(allocate_request(&[&["kvm-0"], &[]])).await.unwrap().into_inner();
+        let paths: Vec<_> = response.container_responses[0]
+            .devices
+            .iter()
+            .map(|d| (d.container_path.as_str(), d.host_path.as_str()))
+            .collect();
+        assert_eq!(paths, [("/dev/kvm", "/dev/kvm"), ("/dev/net/tun", "/dev/net/tun")]);
+        assert!(response.container_responses[1].devices.is_empty(), "no slot, no devices");
     }
 
     #[tokio::test]

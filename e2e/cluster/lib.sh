@@ -41,6 +41,13 @@ NODE_NET_PREFIX=10.77.0         # the nodes' shared layer-2 segment (bridge NODE
 NODE_NET=$NODE_NET_PREFIX.0/24
 NODE_GW=$NODE_NET_PREFIX.1      # the router on that segment
 NODE_BRIDGE=br-nodes
+# Layer-2 VMs (docs/network.md, "On the test bed") take free addresses on NODE_NET, from
+# $NODE_NET_PREFIX.200 up, with NODE_GW as their gateway. Their pods join through the bed's
+# lockstep-l2 CNI plugin, which stands in for Multus: it acts on pods annotated with the network
+# L2_NETWORK (the name an FTVM's spec.network.layer2.networkAttachment gives).
+L2_NETWORK=testbed-l2
+L2_BRIDGE=lsl2                  # each node's bridge for its second link (l2up)
+L2_TAP_UID=65532                # the agent's uid: it opens its TAP with no capability
 CLUSTER_POD_CIDR=10.244.0.0/16  # real nodes' pods: node i gets 10.244.i.0/24
 SERVICE_CIDR=10.96.0.0/16
 # The apiserver: on the bed network so that real nodes and their pods reach it (kube-proxy maps

@@ -55,6 +55,9 @@ node_index() { local n=${1#"$REAL_NODE_PREFIX"}; [[ $n =~ ^[0-9]+$ ]] || die "no
 node_ip() { echo "$NODE_NET_PREFIX.$((10 + $(node_index "$1")))"; }
 node_pod_cidr() { echo "10.244.$(node_index "$1").0/24"; }
 node_veth() { echo "veth-$1"; } # the router's end of a node's link
+# The router's end of a node's second link, the one layer-2 VMs use (docs/network.md, "On the test
+# bed"). It joins the same bridge: the VMs live on the nodes' own segment, NODE_NET.
+node_l2_veth() { echo "l2-$1"; }
 
 # The router's route to a node's pods (the nodes themselves add theirs at start).
 net_route_node() { in_router ip route replace "$(node_pod_cidr "$1")" via "$(node_ip "$1")"; }

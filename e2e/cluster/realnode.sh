@@ -103,12 +103,13 @@ node_kill() {
 # be gone before a node with the same name starts again.
 node_wait_link_gone() {
   local veth i
-  veth=$(node_veth "$1")
-  for i in $(seq 100); do
-    in_router ip link show "$veth" >/dev/null 2>&1 || return 0
-    sleep 0.05
+  for veth in "$(node_veth "$1")" "$(node_l2_veth "$1")"; do
+    for i in $(seq 100); do
+      in_router ip link show "$veth" >/dev/null 2>&1 || break
+      sleep 0.05
+    done
+    in_router ip link del "$veth" 2>/dev/null || true
   done
-  in_router ip link del "$veth" 2>/dev/null || true
 }
 
 # node_freeze NAME [--cut-network]: stop every process of the node where it stands. The kernel
@@ -119,6 +120,7 @@ node_freeze() {
   echo FROZEN >"$(node_cgroup "$name" freezer)/freezer.state"
   if [[ $cut == --cut-network ]]; then
     in_router ip link set "$(node_veth "$name")" down
+    in_router ip link set "$(node_l2_veth "$name")" down 2>/dev/null || true
   fi
 }
 
@@ -128,13 +130,19 @@ node_configure() {
   dir=$(node_dir "$name")
   ip=$(node_ip "$name")
   cidr=$(node_pod_cidr "$name")
-  mkdir -p "$dir"/{var-lib,var-log,cni,logs}
+  mkdir -p "$dir"/{var-lib,var-log,cni,cni-bin,logs}
+  # The CNI plugins: Debian's, and the bed's lockstep-l2 (containerd 1.6 takes one directory).
+  local plugin
+  for plugin in /usr/lib/cni/*; do ln -sfn "$plugin" "$dir/cni-bin/"; done
+  ln -sfn "$CLUSTER_DIR/cni/lockstep-l2" "$dir/cni-bin/lockstep-l2"
   cat >"$dir/node.env" <<ENV
 NODE_NAME=$name
 NODE_IP=$ip
 NODE_GW=$NODE_GW
 NODE_VETH=$(node_veth "$name")
 NODE_BRIDGE=$NODE_BRIDGE
+NODE_L2_VETH=$(node_l2_veth "$name")
+L2_BRIDGE=$L2_BRIDGE
 ROUTER_NS=$NET_ROUTER_NS
 BIN_DIR=$BIN_DIR
 IMAGES_DIR=$IMAGES_DIR
@@ -166,7 +174,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   # Pod network namespaces under the (per-node tmpfs) state dir, not the machine's /run/netns.
   netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "$dir/cni-bin"
     conf_dir = "$dir/cni"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -194,7 +202,15 @@ TOML
         "routes": [{"dst": "0.0.0.0/0"}]
       }
     },
-    {"type": "portmap", "capabilities": {"portMappings": true}}
+    {"type": "portmap", "capabilities": {"portMappings": true}},
+    {
+      "type": "lockstep-l2",
+      "network": "$L2_NETWORK",
+      "bridge": "$L2_BRIDGE",
+      "tapUser": $L2_TAP_UID,
+      "kubeconfig": "$dir/kubelet.kubeconfig",
+      "kubectl": "$BIN_DIR/kubectl"
+    }
   ]
 }
 JSON

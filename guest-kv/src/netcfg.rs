@@ -1,4 +1,5 @@
-//! The VM's own network address, carried in the boot arguments as `ip=A.B.C.D/P mac=xx:..:xx`.
+//! The VM's own network address, carried in the boot arguments as `ip=A.B.C.D/P mac=xx:..:xx`
+//! and, for clients beyond the VM's segment, `gw=A.B.C.D`.
 //!
 //! The agent writes these words (from `--vm-ip`/`--vm-mac`), the guest reads them at boot, and
 //! the VMM gives its virtio-net device the same MAC: one source for both, and because boot
@@ -11,10 +12,12 @@ use core::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NetConfig {
     pub ip: [u8; 4],
-    /// Prefix length of the VM's subnet (clients outside it are not reachable: there is no
-    /// gateway, the VM lives on one layer-2 segment).
+    /// Prefix length of the VM's subnet.
     pub prefix: u8,
     pub mac: [u8; 6],
+    /// The router for everything outside the subnet; without one the VM answers only clients on
+    /// its own layer-2 segment.
+    pub gateway: Option<[u8; 4]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,8 +26,10 @@ pub enum NetConfigError {
     BadIp,
     /// `mac=` is not six hex bytes separated by `:`, or not a unicast address.
     BadMac,
-    /// One of `ip=` and `mac=` without the other.
+    /// One of `ip=` and `mac=` without the other, or `gw=` without them.
     Incomplete,
+    /// `gw=` is not an IPv4 address in the VM's subnet (other than the VM's own).
+    BadGateway,
     Repeated,
 }
 
@@ -35,31 +40,42 @@ impl fmt::Display for NetConfigError {
             NetConfigError::BadMac => {
                 "mac= must be a unicast MAC address of six hex bytes separated by colons, like 52:54:00:4c:53:02"
             }
-            NetConfigError::Incomplete => "ip= and mac= go together: give both or neither",
-            NetConfigError::Repeated => "ip= or mac= appears twice",
+            NetConfigError::Incomplete => "ip= and mac= go together (give both or neither), and gw= needs them",
+            NetConfigError::BadGateway => {
+                "gw= must be an IPv4 address inside the VM's subnet and not the VM's own, like 10.77.0.1"
+            }
+            NetConfigError::Repeated => "ip=, mac= or gw= appears twice",
         })
     }
 }
 
 /// The boot-argument keys this module owns (the kvstore's limits parser leaves them alone).
-pub const KEYS: [&str; 2] = ["ip", "mac"];
+pub const KEYS: [&str; 3] = ["ip", "mac", "gw"];
 
 impl NetConfig {
     /// The network address in `args`, if any.
     pub fn parse(args: &str) -> Result<Option<NetConfig>, NetConfigError> {
-        let (mut ip, mut mac) = (None, None);
+        let (mut ip, mut mac, mut gw) = (None, None, None);
         for word in args.split_ascii_whitespace() {
             let Some((key, value)) = word.split_once('=') else { continue };
             match key {
                 "ip" if ip.is_none() => ip = Some(parse_cidr(value).ok_or(NetConfigError::BadIp)?),
                 "mac" if mac.is_none() => mac = Some(parse_mac(value).ok_or(NetConfigError::BadMac)?),
-                "ip" | "mac" => return Err(NetConfigError::Repeated),
+                "gw" if gw.is_none() => gw = Some(parse_ip(value).ok_or(NetConfigError::BadGateway)?),
+                "ip" | "mac" | "gw" => return Err(NetConfigError::Repeated),
                 _ => {}
             }
         }
         match (ip, mac) {
-            (Some((ip, prefix)), Some(mac)) => Ok(Some(NetConfig { ip, prefix, mac })),
-            (None, None) => Ok(None),
+            (Some((ip, prefix)), Some(mac)) => {
+                let mask = u32::MAX << (32 - u32::from(prefix));
+                let same_subnet = |g: [u8; 4]| u32::from_be_bytes(g) & mask == u32::from_be_bytes(ip) & mask;
+                if gw.is_some_and(|g| g == ip || !same_subnet(g)) {
+                    return Err(NetConfigError::BadGateway);
+                }
+                Ok(Some(NetConfig { ip, prefix, mac, gateway: gw }))
+            }
+            (None, None) if gw.is_none() => Ok(None),
             _ => Err(NetConfigError::Incomplete),
         }
     }
@@ -74,19 +90,27 @@ impl fmt::Display for NetConfig {
             f,
             "ip={a}.{b}.{c}.{d}/{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             self.prefix, m[0], m[1], m[2], m[3], m[4], m[5]
-        )
+        )?;
+        if let Some([a, b, c, d]) = self.gateway {
+            write!(f, " gw={a}.{b}.{c}.{d}")?;
+        }
+        Ok(())
     }
 }
 
 fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
     let (addr, prefix) = s.split_once('/')?;
     let prefix: u8 = prefix.parse().ok().filter(|p| (1..=32).contains(p))?;
+    Some((parse_ip(addr)?, prefix))
+}
+
+fn parse_ip(s: &str) -> Option<[u8; 4]> {
     let mut ip = [0u8; 4];
-    let mut parts = addr.split('.');
+    let mut parts = s.split('.');
     for b in &mut ip {
         *b = parts.next()?.parse().ok()?;
     }
-    parts.next().is_none().then_some((ip, prefix))
+    parts.next().is_none().then_some(ip)
 }
 
 /// A MAC as six hex bytes separated by colons; multicast addresses (low bit of the first byte)
@@ -111,11 +135,27 @@ mod tests {
 
     #[test]
     fn round_trip_and_absence() {
-        let c = NetConfig { ip: [10, 77, 0, 2], prefix: 24, mac: [0x52, 0x54, 0, 0x4c, 0x53, 2] };
+        let c = NetConfig { ip: [10, 77, 0, 2], prefix: 24, mac: [0x52, 0x54, 0, 0x4c, 0x53, 2], gateway: None };
         let args = format!("maxclients=10 {c}");
         assert_eq!(args, "maxclients=10 ip=10.77.0.2/24 mac=52:54:00:4c:53:02");
         assert_eq!(NetConfig::parse(&args), Ok(Some(c)));
         assert_eq!(NetConfig::parse("maxclients=10"), Ok(None));
+        let routed = NetConfig { gateway: Some([10, 77, 0, 1]), ..c };
+        assert_eq!(routed.to_string(), "ip=10.77.0.2/24 mac=52:54:00:4c:53:02 gw=10.77.0.1");
+        assert_eq!(NetConfig::parse(&routed.to_string()), Ok(Some(routed)));
+    }
+
+    #[test]
+    fn a_gateway_is_inside_the_subnet_and_needs_an_address() {
+        let base = "ip=10.77.0.2/24 mac=52:54:00:4c:53:02";
+        for gw in ["gw=10.77.1.1", "gw=10.77.0.2", "gw=10.77.0", "gw=10.77.0.1/24", "gw="] {
+            assert_eq!(NetConfig::parse(&format!("{base} {gw}")), Err(NetConfigError::BadGateway), "{gw}");
+        }
+        assert_eq!(NetConfig::parse("gw=10.77.0.1"), Err(NetConfigError::Incomplete));
+        assert_eq!(NetConfig::parse(&format!("{base} gw=10.77.0.1 gw=10.77.0.3")), Err(NetConfigError::Repeated));
+        // A /16 takes a gateway anywhere in it.
+        let wide = NetConfig::parse("ip=10.77.0.2/16 mac=52:54:00:4c:53:02 gw=10.77.200.1").unwrap().unwrap();
+        assert_eq!(wide.gateway, Some([10, 77, 200, 1]));
     }
 
     #[test]

@@ -129,6 +129,8 @@ impl TxToken for NicTx<'_> {
 pub struct Address {
     pub ip: [u8; 4],
     pub prefix: u8,
+    /// Default route, for clients beyond the VM's own segment.
+    pub gateway: Option<[u8; 4]>,
 }
 
 /// A client connection's id: [`CONN_BASE`] plus a serial number, so ids never collide with
@@ -199,6 +201,9 @@ impl TcpServer {
         iface.update_ip_addrs(|ips| {
             ips.push(IpCidr::new(Ipv4Address::new(a, b, c, d).into(), addr.prefix)).expect("one address");
         });
+        if let Some([a, b, c, d]) = addr.gateway {
+            iface.routes_mut().add_default_ipv4_route(Ipv4Address::new(a, b, c, d)).expect("one route");
+        }
         let mut server = TcpServer {
             nic,
             iface,

@@ -42,6 +42,7 @@ pub const MAX_MEMORY_MIB: u32 = 16384;
     printcolumn(name = "Primary Node", type_ = "string", json_path = ".status.primaryNode"),
     printcolumn(name = "Backup Node", type_ = "string", json_path = ".status.backupNode"),
     printcolumn(name = "Epoch", type_ = "integer", json_path = ".status.epoch"),
+    printcolumn(name = "Address", type_ = "string", json_path = ".spec.network.layer2.address", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -211,12 +212,80 @@ pub struct Network {
     /// means from anywhere (the guest's own authentication, if any, is then the only gate).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub client_from: Vec<NetworkPolicyPeer>,
+    /// The VM's own address on a layer-2 network (kvstore only): the guest serves on it with
+    /// its own TCP/IP stack, and client connections to it survive a failover (the Service's do
+    /// not: they go through the agent). docs/network.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer2: Option<Layer2>,
 }
 
 impl Network {
     /// Nothing set.
     pub fn is_default(&self) -> bool {
-        self.client_from.is_empty()
+        self.client_from.is_empty() && self.layer2.is_none()
+    }
+}
+
+/// A layer-2 address for the VM, on a secondary network of its pods.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Layer2 {
+    /// The NetworkAttachmentDefinition (Multus) that gives both replica pods their interface on
+    /// the VM's segment, `name` or `namespace/name`. Its plugin must prepare, in the pod, a TAP
+    /// device named `vmtap` owned by uid 65532 and bridged to that segment (the test bed's
+    /// `lockstep-l2` plugin does; docs/network.md).
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub network_attachment: String,
+    /// The VM's IPv4 address and prefix length on that segment, `A.B.C.D/P`. It must be free:
+    /// no replica host has it, the VM answers for it wherever its primary runs.
+    #[schemars(length(min = 9, max = 18), regex(pattern = r"^[0-9.]+/[0-9]+$"))]
+    pub address: String,
+    /// The VM's MAC (unicast, `52:54:00:12:34:56`). Default: a locally administered address
+    /// derived from the FTVM's namespace and name, the same on every replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$"))]
+    pub mac: Option<String>,
+    /// The segment's router, for clients beyond it. Without one only clients on the segment
+    /// reach the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 7, max = 15), regex(pattern = r"^[0-9.]+$"))]
+    pub gateway: Option<String>,
+}
+
+/// The TAP device a layer-2 FTVM's agent opens in its pod (prepared by the network's plugin).
+pub const LAYER2_TAP: &str = "vmtap";
+
+impl Layer2 {
+    /// The MAC the VM gets: `mac`, or one derived from `vm_id` (FNV-1a; the first byte 0x02 is a
+    /// locally administered unicast address, so it cannot clash with a vendor's).
+    pub fn mac_for(&self, vm_id: &str) -> String {
+        if let Some(mac) = &self.mac {
+            return mac.to_ascii_lowercase();
+        }
+        let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let b = hash.to_be_bytes();
+        format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+    }
+
+    /// The NetworkAttachmentDefinition's namespace (default `ns`) and name.
+    pub fn attachment(&self, ns: &str) -> (String, String) {
+        match self.network_attachment.split_once('/') {
+            Some((n, name)) => (n.to_owned(), name.to_owned()),
+            None => (ns.to_owned(), self.network_attachment.clone()),
+        }
+    }
+
+    /// The address, MAC and gateway as the guest will read them (same rules, same code).
+    fn check(&self) -> Result<(), SpecError> {
+        let gw = self.gateway.as_ref().map(|g| format!(" gw={g}")).unwrap_or_default();
+        let mac = self.mac.as_deref().unwrap_or("02:00:00:00:00:01");
+        let words = [self.address.as_str(), mac, self.gateway.as_deref().unwrap_or("")];
+        if words.iter().any(|w| w.contains(char::is_whitespace)) {
+            return Err(SpecError::Layer2("spec.network.layer2 values may not contain spaces".into()));
+        }
+        lockstep_guest_kv::netcfg::NetConfig::parse(&format!("ip={} mac={mac}{gw}", self.address))
+            .map(|_| ())
+            .map_err(|e| SpecError::Layer2(format!("spec.network.layer2: {e}")))
     }
 }
 
@@ -508,6 +577,9 @@ pub enum SpecError {
     /// `guest: wasi` without a module, or a module with another guest.
     #[error("{0}")]
     WasmGuest(&'static str),
+    /// `spec.network.layer2` is malformed or on a guest without TCP/IP.
+    #[error("{0}")]
+    Layer2(String),
     /// No agent image in the spec and none configured in the operator.
     #[error("spec.agent.image is empty and the operator has no --agent-image default; set one of them")]
     NoImage,
@@ -579,6 +651,15 @@ impl FTVirtualMachineSpec {
                 ));
             }
             (None, _) => {}
+        }
+        if let Some(l2) = &self.network.layer2 {
+            if self.guest != "kvstore" {
+                return Err(SpecError::Layer2(format!(
+                    "spec.network.layer2 needs a guest with its own TCP/IP stack (kvstore); the {} guest has none",
+                    self.guest
+                )));
+            }
+            l2.check()?;
         }
         if l.max_memory_mib > self.memory_mib {
             return Err(SpecError::MaxMemoryTooLarge { max_memory_mib: l.max_memory_mib, memory_mib: self.memory_mib });
@@ -731,6 +812,32 @@ mod tests {
     }
 
     #[test]
+    fn a_layer2_address_is_checked_like_the_guest_reads_it() {
+        let with = |guest: &str, l2: serde_json::Value| -> FTVirtualMachineSpec {
+            serde_json::from_value(serde_json::json!({ "guest": guest, "network": { "layer2": l2 } })).unwrap()
+        };
+        let ok = with("kvstore", serde_json::json!({"networkAttachment": "vm-net", "address": "10.77.0.200/24", "gateway": "10.77.0.1"}));
+        ok.validate().unwrap();
+        let l2 = ok.network.layer2.clone().unwrap();
+        assert_eq!(l2.attachment("shop"), ("shop".into(), "vm-net".into()));
+        let mac = l2.mac_for("shop.kv");
+        assert_eq!(mac, l2.mac_for("shop.kv"), "the same on every replica");
+        assert_ne!(mac, l2.mac_for("shop.kv2"));
+        assert!(mac.starts_with("02:") && lockstep_guest_kv::netcfg::parse_mac(&mac).is_some(), "{mac}");
+        let given = Layer2 { mac: Some("52:54:00:AB:00:01".into()), ..l2.clone() };
+        assert_eq!(given.mac_for("shop.kv"), "52:54:00:ab:00:01");
+        for (guest, l2, why) in [
+            ("compute", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24"}), "kvstore"),
+            ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2"}), "ip= must be"),
+            ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "gateway": "10.0.1.1"}), "gw= must be"),
+            ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "mac": "01:00:5e:00:00:01"}), "unicast"),
+        ] {
+            let e = with(guest, l2).validate().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
     fn committed_crd_yaml_matches_the_types() {
         let want = crd_yaml().unwrap();
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -756,7 +863,7 @@ mod tests {
         assert_eq!(v["name"], "v1alpha1");
         let cols: Vec<_> =
             v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].clone()).collect();
-        assert_eq!(cols, ["Guest", "Module", "Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
+        assert_eq!(cols, ["Guest", "Module", "Phase", "Primary Node", "Backup Node", "Epoch", "Address", "Age"]);
         // The module's source shows with -o wide only.
         assert_eq!(v["additionalPrinterColumns"][1]["priority"], 1);
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];

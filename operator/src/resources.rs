@@ -27,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::crd::{FTVirtualMachine, ModuleSource};
+use crate::crd::{FTVirtualMachine, LAYER2_TAP, ModuleSource};
 use crate::decide::{ANN_ATTEMPT, Role};
 
 /// Label: which FTVM a pod belongs to.
@@ -40,6 +40,8 @@ pub const LABEL_MODE: &str = "lockstep.dev/mode";
 pub const LABEL_MEMBER: &str = "lockstep.dev/member";
 /// Annotation: the primary pod a backup follows.
 pub const ANN_PAIRS_WITH: &str = "lockstep.dev/pairs-with";
+/// Annotation (Multus): the secondary networks a pod is attached to.
+pub const ANN_NETWORKS: &str = "k8s.v1.cni.cncf.io/networks";
 /// Annotation: the arbiter epoch when the pod was created.
 pub const ANN_EPOCH: &str = "lockstep.dev/created-at-epoch";
 /// `app.kubernetes.io/managed-by` value, used to watch only our pods.
@@ -340,6 +342,17 @@ pub fn agent_args(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Vec<String> {
         "--log-budget-mib".into(),
         s.ft.log_buffer_mib.to_string(),
     ]);
+    if let Some(l2) = &s.network.layer2 {
+        // The address is the guest's, set when it boots; a backup gets it with the memory it
+        // clones. Both open the TAP the network's plugin left in the pod.
+        if args.first().map(String::as_str) == Some("primary") {
+            args.extend(["--vm-ip".into(), l2.address.clone(), "--vm-mac".into(), l2.mac_for(&vm_id(ftvm))]);
+            if let Some(gw) = &l2.gateway {
+                args.extend(["--vm-gateway".into(), gw.clone()]);
+            }
+        }
+        args.extend(["--tap".into(), LAYER2_TAP.into()]);
+    }
     if s.disk_size_mib > 0 {
         args.extend(["--disk".into(), format!("{DISK_DIR}/disk.img")]);
         if plan.mode == Role::Primary {
@@ -469,6 +482,12 @@ pub fn pod(ftvm: &FTVirtualMachine, plan: &PodPlan<'_>) -> Pod {
     }
     if plan.attempt > 0 {
         ann.insert(ANN_ATTEMPT.into(), plan.attempt.to_string());
+    }
+    if let Some(l2) = &s.network.layer2 {
+        // Multus's form, with the interface named so the plugin and the docs agree on it.
+        let (namespace, name) = l2.attachment(&ftvm.namespace().unwrap_or_default());
+        let networks = serde_json::json!([{ "name": name, "namespace": namespace, "interface": "net1" }]);
+        ann.insert(ANN_NETWORKS.into(), networks.to_string());
     }
     meta.annotations = Some(ann);
 
@@ -766,6 +785,31 @@ pub(crate) mod tests {
         assert_eq!(again.annotations()[ANN_ATTEMPT], "3");
         let owner = &v["metadata"]["ownerReferences"][0];
         assert_eq!((owner["kind"].as_str(), owner["controller"].as_bool()), (Some("FTVirtualMachine"), Some(true)));
+    }
+
+    #[test]
+    fn a_layer2_vm_gets_its_network_its_address_on_the_primary_and_the_tap_on_both() {
+        let f = ftvm(serde_json::json!({"guest": "kvstore", "network": {"layer2": {
+            "networkAttachment": "lab/vm-net", "address": "10.77.0.200/24", "gateway": "10.77.0.1"}}}));
+        let mac = f.spec.network.layer2.as_ref().unwrap().mac_for("ns.vm");
+        let p = agent_args(&f, &plan(Role::Primary, None)).join(" ");
+        assert!(
+            p.contains(&format!("--vm-ip 10.77.0.200/24 --vm-mac {mac} --vm-gateway 10.77.0.1 --tap vmtap")),
+            "{p}"
+        );
+        let b = agent_args(&f, &plan(Role::Backup, Some(("vm-0", "10.0.0.7")))).join(" ");
+        assert!(b.contains("--tap vmtap") && !b.contains("--vm-ip"), "the address comes with the clone: {b}");
+        for p in [plan(Role::Primary, None), plan(Role::Backup, Some(("vm-0", "10.0.0.7")))] {
+            let pod = pod(&f, &p);
+            let networks: serde_json::Value = serde_json::from_str(&pod.annotations()[ANN_NETWORKS]).unwrap();
+            assert_eq!(networks, serde_json::json!([{"name": "vm-net", "namespace": "lab", "interface": "net1"}]));
+            // Still nothing privileged: the TAP belongs to the agent's uid.
+            let c = serde_json::to_value(&pod.spec.unwrap().containers[0]).unwrap();
+            assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+            assert!(c["securityContext"]["capabilities"].get("add").is_none());
+        }
+        let plain = pod(&ftvm(serde_json::json!({"guest": "kvstore"})), &plan(Role::Primary, None));
+        assert!(!plain.annotations().contains_key(ANN_NETWORKS));
     }
 
     #[test]

@@ -127,19 +127,30 @@ pub struct VmNetFlags {
     /// stays the same on every replica: a failover moves it to the new primary's port.
     #[arg(long, value_name = "MAC", requires = "vm_ip")]
     pub vm_mac: Option<String>,
+    /// kvstore: the router of the VM's subnet (A.B.C.D, inside --vm-ip's subnet), for clients
+    /// beyond the VM's own layer-2 segment. Without it only clients on the segment reach the VM.
+    #[arg(long, value_name = "A.B.C.D", requires = "vm_ip")]
+    pub vm_gateway: Option<String>,
 }
 
 impl VmNetFlags {
     /// The address these flags give, checked.
     pub fn config(&self) -> Result<Option<NetConfig>, LimitsError> {
-        match (&self.vm_ip, &self.vm_mac) {
-            (None, None) => Ok(None),
-            (ip, mac) => NetConfig::parse(&format!(
-                "ip={} mac={}",
-                ip.as_deref().unwrap_or_default(),
-                mac.as_deref().unwrap_or_default()
-            ))
-            .map_err(LimitsError::Net),
+        match (&self.vm_ip, &self.vm_mac, &self.vm_gateway) {
+            (None, None, None) => Ok(None),
+            (ip, mac, gw) => {
+                let gw = gw.as_ref().map(|g| format!(" gw={g}")).unwrap_or_default();
+                let words =
+                    format!("ip={} mac={}{gw}", ip.as_deref().unwrap_or_default(), mac.as_deref().unwrap_or_default());
+                // A word of its own each: a value with spaces must not smuggle in another key.
+                use lockstep_guest_kv::netcfg::NetConfigError::{BadGateway, BadIp, BadMac};
+                for (value, error) in [(&self.vm_ip, BadIp), (&self.vm_mac, BadMac), (&self.vm_gateway, BadGateway)] {
+                    if value.as_deref().is_some_and(|v| v.contains(char::is_whitespace)) {
+                        return Err(LimitsError::Net(error));
+                    }
+                }
+                NetConfig::parse(&words).map_err(LimitsError::Net)
+            }
         }
     }
 
@@ -148,6 +159,9 @@ impl VmNetFlags {
         let mut args = Vec::new();
         if let (Some(ip), Some(mac)) = (&self.vm_ip, &self.vm_mac) {
             args.extend(["--vm-ip".to_string(), ip.clone(), "--vm-mac".to_string(), mac.clone()]);
+        }
+        if let Some(gw) = &self.vm_gateway {
+            args.extend(["--vm-gateway".to_string(), gw.clone()]);
         }
         args
     }
@@ -249,7 +263,11 @@ mod tests {
 
     #[test]
     fn the_network_address_follows_the_limits_and_is_kvstore_only() {
-        let net = VmNetFlags { vm_ip: Some("10.77.0.2/24".into()), vm_mac: Some("52:54:00:4c:53:02".into()) };
+        let net = VmNetFlags {
+            vm_ip: Some("10.77.0.2/24".into()),
+            vm_mac: Some("52:54:00:4c:53:02".into()),
+            vm_gateway: None,
+        };
         let limits = KvLimitFlags { maxclients: 10, ..Default::default() };
         let args = boot_args(&limits, &net, GuestKind::Kvstore, 64 << 20).unwrap();
         assert_eq!(args, "maxclients=10 ip=10.77.0.2/24 mac=52:54:00:4c:53:02");
@@ -260,8 +278,16 @@ mod tests {
             boot_args(&KvLimitFlags::default(), &net, GuestKind::Wasi, 64 << 20),
             Err(LimitsError::NetNotKvstore(GuestKind::Wasi))
         );
-        let bad = VmNetFlags { vm_mac: Some("01:00:5e:00:00:01".into()), ..net };
+        let bad = VmNetFlags { vm_mac: Some("01:00:5e:00:00:01".into()), ..net.clone() };
         assert!(matches!(bad.config(), Err(LimitsError::Net(_))));
+        let routed = VmNetFlags { vm_gateway: Some("10.77.0.1".into()), ..net.clone() };
+        let args = boot_args(&KvLimitFlags::default(), &routed, GuestKind::Kvstore, 64 << 20).unwrap();
+        assert_eq!(args, "ip=10.77.0.2/24 mac=52:54:00:4c:53:02 gw=10.77.0.1");
+        assert_eq!(routed.to_args()[4..], ["--vm-gateway", "10.77.0.1"]);
+        for gw in ["10.78.0.1", "10.77.0.1 maxclients=1"] {
+            let bad = VmNetFlags { vm_gateway: Some(gw.into()), ..net.clone() };
+            assert!(matches!(bad.config(), Err(LimitsError::Net(_))), "{gw}");
+        }
     }
 
     #[test]

@@ -280,7 +280,7 @@ fn start_network(args: &str, max_clients: usize) -> Option<TcpServer> {
     while filled < seed.len() {
         filled += rng.request_entropy(&mut seed[filled..]).expect("virtio-rng");
     }
-    let address = net::Address { ip: config.ip, prefix: config.prefix };
+    let address = net::Address { ip: config.ip, prefix: config.prefix, gateway: config.gateway };
     let seed = u64::from_le_bytes(seed);
     let tcp = TcpServer::new(nic, address, KVSTORE_PORT as u16, max_clients, info.mem_size, seed, platform::clock_ns());
     let [a, b, c, d] = config.ip;
