@@ -17,7 +17,11 @@
 //!    goes through the operator's crash-loop backoff, and its logs say why;
 //! 6. a user's own program: the Go example built for WASI, on a ReadOnlyMany volume, run by an FTVM
 //!    with `guest: wasi`; a client's writes through its Service survive a `kill -9` of the primary's
-//!    container, and a new backup clones in.
+//!    container, and a new backup clones in;
+//! 7. transparent failover: the failed node comes back, an FTVM with `spec.network.layer2` gets the
+//!    address 10.77.0.200 on the nodes' segment (the bed's `lockstep-l2` CNI plugin gives its pods
+//!    a TAP there), and a client on this machine keeps one TCP connection to that address while
+//!    the primary's node fails: no reset, no reconnect, nothing acknowledged lost.
 //!
 //! Needs `e2e/cluster/up --real-nodes 3` (the README's test command starts it). It takes a node
 //! away and installs the chart cluster-wide, so it is its own test binary with one test.
@@ -90,15 +94,48 @@ struct Seen {
     errors: u64,
     /// Replies received, with their time (for the gap a failover leaves).
     replies: Vec<Instant>,
+    /// For a client that may not reconnect: what ended its connection.
+    broken: Option<String>,
 }
 
-/// A client that writes through the Service until stopped: INCR counter, SET k<i> v<i>,
-/// reconnecting to the ClusterIP whenever its connection breaks. Every reply it got is recorded.
-fn workload(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> std::thread::JoinHandle<()> {
+/// How a client treats a broken connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Connection {
+    /// Connect again (a Service's clients after a failover).
+    Reconnect,
+    /// Never: the first error ends the client (`Seen::broken`). This one connection is opened
+    /// before the client starts.
+    KeepOne,
+}
+
+/// A client that writes until stopped: INCR counter, SET k<i> v<i>, reconnecting whenever its
+/// connection breaks, or not at all. Every reply it got is recorded.
+fn workload(
+    addr: SocketAddr,
+    mode: Connection,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut conn: Option<Resp> = None;
+        if mode == Connection::KeepOne {
+            match Resp::connect_timeout(addr, Duration::from_secs(2)).and_then(|mut c| {
+                // A failover stalls a connection for as long as TCP takes to retransmit.
+                c.set_timeout(Duration::from_secs(30))?;
+                Ok(c)
+            }) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    seen.lock().unwrap().broken = Some(format!("connect: {e}"));
+                    return;
+                }
+            }
+        }
         let mut i = 0u64;
         while !stop.load(Ordering::Relaxed) {
+            if mode == Connection::KeepOne && conn.is_none() {
+                return;
+            }
             let c = match conn.as_mut() {
                 Some(c) => c,
                 None => match Resp::connect_timeout(addr, Duration::from_millis(500)) {
@@ -122,13 +159,15 @@ fn workload(addr: SocketAddr, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) -> 
                     s.sets.push((key, val));
                     s.replies.push(Instant::now());
                 }
-                (Ok(Reply::Int(n)), _) => {
+                (Ok(Reply::Int(n)), set) => {
                     s.incr_acked = s.incr_acked.max(n as u64);
                     s.errors += 1;
+                    s.broken.get_or_insert(format!("SET {key}: {set:?}"));
                     conn = None;
                 }
-                _ => {
+                (incr, _) => {
                     s.errors += 1;
+                    s.broken.get_or_insert(format!("INCR: {incr:?}"));
                     conn = None;
                 }
             }
@@ -145,8 +184,12 @@ struct Writer {
 
 impl Writer {
     fn start(addr: SocketAddr) -> Writer {
+        Writer::with(addr, Connection::Reconnect)
+    }
+
+    fn with(addr: SocketAddr, mode: Connection) -> Writer {
         let (stop, seen) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(Seen::default())));
-        let thread = workload(addr, stop.clone(), seen.clone());
+        let thread = workload(addr, mode, stop.clone(), seen.clone());
         Writer { stop, seen, thread }
     }
 
@@ -343,7 +386,7 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
 
     // 4. The primary's node dies, and with it everything there; then the leading operator.
     let t_fail = Instant::now();
-    let _recover = RecoverNode::fail(&primary_node);
+    let recover = RecoverNode::fail(&primary_node);
     step(&format!("node-fail {primary_node} (kill)"), t_fail);
     let leader = lease_holder(&client, RELEASE_NS, "lockstep-operator").await.expect("an operator leads");
     let leader_pod = op_pods.get(&leader).await.ok();
@@ -450,6 +493,12 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
 
     // 6. The user's own program, on the two nodes left.
     users_wasm_module(&client).await;
+
+    // 7. The failed node back, then a VM with its own address loses its primary's node.
+    let t = Instant::now();
+    drop(recover);
+    step(&format!("node-recover {primary_node}"), t);
+    transparent_failover(&client).await;
 
     let _ = Api::<Namespace>::all(client.clone()).delete(VM_NS, &DeleteParams::default()).await;
     eprintln!("step: whole test {:.1}s", t_start.elapsed().as_secs_f64());
@@ -566,4 +615,92 @@ spec:
         async move { live_pods(&client, "go-kv").await.is_empty().then_some(()) }
     })
     .await;
+}
+
+/// The layer-2 VM's address on the nodes' segment (e2e/cluster/lib.sh: from .200 up) and the
+/// router there, which is how this machine reaches it.
+const L2_VM_IP: &str = "10.77.0.200";
+const L2_GATEWAY: &str = "10.77.0.1";
+
+/// An FTVM with `spec.network.layer2` on the bed's `testbed-l2` network; a client on this machine
+/// holds one connection to the VM's own address through the loss of the primary's node.
+async fn transparent_failover(client: &Client) {
+    let t = Instant::now();
+    let manifest = format!(
+        r#"apiVersion: lockstep.dev/v1alpha1
+kind: FTVirtualMachine
+metadata: {{name: kv-l2, namespace: {VM_NS}}}
+spec:
+  guest: kvstore
+  network:
+    layer2: {{networkAttachment: testbed-l2, address: {L2_VM_IP}/24, gateway: {L2_GATEWAY}}}
+"#
+    );
+    let (ok, out) = run_tool(Command::new("kubectl").args(["apply", "-f", "-"]), Some(&manifest));
+    assert!(ok, "kubectl apply: {out}");
+    let vms: Api<FTVirtualMachine> = Api::namespaced(client.clone(), VM_NS);
+    wait_for_status(&vms, "kv-l2", "the layer-2 VM Protected", T, |s| s.phase == Some(Phase::Protected)).await;
+    step("the layer-2 VM Protected (its pods have net1 and a TAP from the bed's lockstep-l2 plugin)", t);
+    let (ok, wide) = kubectl(&["get", "ftvm", "kv-l2", "-n", VM_NS, "-o", "wide"]);
+    assert!(ok && wide.contains(&format!("{L2_VM_IP}/24")), "kubectl get -o wide shows the address:\n{wide}");
+    let pods = live_pods(client, "kv-l2").await;
+    let role = |p: &Pod| p.labels()["lockstep.dev/role"].clone();
+    let primary = pods.iter().find(|p| role(p) == "primary").expect("a primary").clone();
+    let backup = pods.iter().find(|p| role(p) == "backup").expect("a backup").clone();
+    for p in [&primary, &backup] {
+        let spec = serde_json::to_value(p.spec.as_ref().unwrap()).unwrap().to_string();
+        assert!(!spec.contains("\"add\"") && !spec.contains("\"privileged\":true"), "no capability: {spec}");
+        assert!(p.annotations()["k8s.v1.cni.cncf.io/networks"].contains("testbed-l2"));
+    }
+
+    let addr: SocketAddr = format!("{L2_VM_IP}:6379").parse().unwrap();
+    wait_for("the VM's own address to answer PING", T, || async move {
+        let mut c = Resp::connect_timeout(addr, Duration::from_secs(1)).ok()?;
+        (c.request(&["PING"]).ok()? == Reply::Simple("PONG".into())).then_some(())
+    })
+    .await;
+    let writer = Writer::with(addr, Connection::KeepOne);
+    writer.until("200 acknowledged writes on one connection", |s| s.sets.len() >= 200 || s.broken.is_some()).await;
+    assert_eq!(writer.seen.lock().unwrap().broken, None, "the connection broke before the failover");
+
+    let node = node_of(&primary);
+    let t_fail = Instant::now();
+    let _recover = RecoverNode::fail(&node);
+    step(&format!("node-fail {node} (the layer-2 VM's primary)"), t_fail);
+    let promoted = backup.name_any();
+    wait_for("the layer-2 VM's backup to win the arbiter Lease", T, || {
+        let (client, promoted) = (client.clone(), promoted.clone());
+        async move { (lease_holder(&client, VM_NS, "kv-l2-arbiter").await? == promoted).then_some(()) }
+    })
+    .await;
+    step("backup live", t_fail);
+    let n_before = writer.replies_before(t_fail);
+    writer
+        .until("200 more writes on the same connection after the failover", |s| {
+            s.replies.len() >= n_before + 200 || s.broken.is_some()
+        })
+        .await;
+    assert_eq!(writer.seen.lock().unwrap().broken, None, "the client's one connection broke in the failover");
+    step("200 more writes on the same connection, served by the new primary", t_fail);
+    wait_for_status(&vms, "kv-l2", "the layer-2 VM Protected again", T, |s| {
+        s.phase == Some(Phase::Protected) && s.failover_count == 1
+    })
+    .await;
+    step("the layer-2 VM Protected again (a new backup cloned in)", t_fail);
+    let seen = writer.finish();
+    assert_eq!(seen.broken, None, "the client's one connection broke (no reconnect allowed)");
+    assert_eq!(seen.errors, 0);
+    let gap = seen.replies.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default();
+    let counter = assert_nothing_lost(addr, &seen);
+    step(
+        &format!(
+            "one connection through the node's loss: {} acknowledged writes, counter {counter}, no error, \
+             longest stall {:.2}s",
+            seen.sets.len(),
+            gap.as_secs_f64()
+        ),
+        t_fail,
+    );
+    let (ok, out) = kubectl(&["delete", "ftvm", "kv-l2", "-n", VM_NS, "--timeout=60s"]);
+    assert!(ok, "{out}");
 }

@@ -777,7 +777,7 @@ mod tests {
 
     #[test]
     fn the_examples_are_valid_specs() {
-        for file in ["ftvm.yaml", "ftvm-wasm.yaml"] {
+        for file in ["ftvm.yaml", "ftvm-wasm.yaml", "ftvm-layer2.yaml"] {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(file);
             let text = std::fs::read_to_string(&path).unwrap();
             let vm: FTVirtualMachine = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
