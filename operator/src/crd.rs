@@ -234,7 +234,10 @@ pub struct Layer2 {
     /// the VM's segment, `name` or `namespace/name`. Its plugin must prepare, in the pod, a TAP
     /// device named `vmtap` owned by uid 65532 and bridged to that segment (the test bed's
     /// `lockstep-l2` plugin does; docs/network.md).
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub network_attachment: String,
     /// The VM's IPv4 address and prefix length on that segment, `A.B.C.D/P`. It must be free:
     /// no replica host has it, the VM answers for it wherever its primary runs.
@@ -262,7 +265,8 @@ impl Layer2 {
         if let Some(mac) = &self.mac {
             return mac.to_ascii_lowercase();
         }
-        let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            vm_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let b = hash.to_be_bytes();
         format!("02:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
     }
@@ -816,7 +820,10 @@ mod tests {
         let with = |guest: &str, l2: serde_json::Value| -> FTVirtualMachineSpec {
             serde_json::from_value(serde_json::json!({ "guest": guest, "network": { "layer2": l2 } })).unwrap()
         };
-        let ok = with("kvstore", serde_json::json!({"networkAttachment": "vm-net", "address": "10.77.0.200/24", "gateway": "10.77.0.1"}));
+        let ok = with(
+            "kvstore",
+            serde_json::json!({"networkAttachment": "vm-net", "address": "10.77.0.200/24", "gateway": "10.77.0.1"}),
+        );
         ok.validate().unwrap();
         let l2 = ok.network.layer2.clone().unwrap();
         assert_eq!(l2.attachment("shop"), ("shop".into(), "vm-net".into()));
@@ -829,8 +836,16 @@ mod tests {
         for (guest, l2, why) in [
             ("compute", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24"}), "kvstore"),
             ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2"}), "ip= must be"),
-            ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "gateway": "10.0.1.1"}), "gw= must be"),
-            ("kvstore", serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "mac": "01:00:5e:00:00:01"}), "unicast"),
+            (
+                "kvstore",
+                serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "gateway": "10.0.1.1"}),
+                "gw= must be",
+            ),
+            (
+                "kvstore",
+                serde_json::json!({"networkAttachment": "n", "address": "10.0.0.2/24", "mac": "01:00:5e:00:00:01"}),
+                "unicast",
+            ),
         ] {
             let e = with(guest, l2).validate().unwrap_err().to_string();
             assert!(e.contains(why), "{e}");
