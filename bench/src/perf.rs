@@ -46,7 +46,10 @@ fn sys_enter_id() -> Result<u64> {
             return s.trim().parse().context("parsing the raw_syscalls:sys_enter id");
         }
     }
-    bail!("tracefs is not mounted (no raw_syscalls:sys_enter id), so system calls cannot be counted")
+    bail!(
+        "tracefs is not mounted (no raw_syscalls:sys_enter id), so system calls cannot be counted; \
+         mount it as root: mount -t tracefs nodev /sys/kernel/tracing"
+    )
 }
 
 fn open(kind: u32, config: u64, tid: i32) -> std::io::Result<OwnedFd> {
