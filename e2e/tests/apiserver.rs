@@ -39,7 +39,7 @@ async fn crd_is_accepted_as_structural_with_printer_columns() {
     );
     let v = &crd.spec.versions[0];
     let cols: Vec<_> = v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.clone()).collect();
-    assert_eq!(cols, ["Guest", "Module", "Phase", "Primary Node", "Backup Node", "Epoch", "Age"]);
+    assert_eq!(cols, ["Guest", "Module", "Phase", "Primary Node", "Backup Node", "Epoch", "Address", "Age"]);
     assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["ftvm".to_string()][..]));
 }
 
