@@ -81,6 +81,25 @@ impl NetConfig {
     }
 }
 
+impl NetConfig {
+    /// The address from separate values (the agent's flags, an FTVM's spec), by the same rules
+    /// as the boot arguments. Each value must be one word, so that none smuggles in another key.
+    pub fn from_parts(ip: &str, mac: &str, gateway: Option<&str>) -> Result<NetConfig, NetConfigError> {
+        use NetConfigError::{BadGateway, BadIp, BadMac};
+        for (value, error) in [(ip, BadIp), (mac, BadMac), (gateway.unwrap_or(""), BadGateway)] {
+            if value.contains(char::is_whitespace) {
+                return Err(error);
+            }
+        }
+        let mut words = alloc::format!("ip={ip} mac={mac}");
+        if let Some(gw) = gateway {
+            words.push_str(" gw=");
+            words.push_str(gw);
+        }
+        NetConfig::parse(&words)?.ok_or(NetConfigError::Incomplete)
+    }
+}
+
 /// The boot-argument words for this address.
 impl fmt::Display for NetConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -156,6 +175,16 @@ mod tests {
         // A /16 takes a gateway anywhere in it.
         let wide = NetConfig::parse("ip=10.77.0.2/16 mac=52:54:00:4c:53:02 gw=10.77.200.1").unwrap().unwrap();
         assert_eq!(wide.gateway, Some([10, 77, 200, 1]));
+        let parts = NetConfig::from_parts("10.77.0.2/24", "52:54:00:4c:53:02", Some("10.77.0.1")).unwrap();
+        assert_eq!(parts.to_string(), format!("{base} gw=10.77.0.1"));
+        assert_eq!(
+            NetConfig::from_parts("10.77.0.2/24 gw=1.2.3.4", "52:54:00:4c:53:02", None),
+            Err(NetConfigError::BadIp)
+        );
+        assert_eq!(
+            NetConfig::from_parts("10.77.0.2/24", "52:54:00:4c:53:02", Some("10.77.0.1 ip=1.2.3.4/8")),
+            Err(NetConfigError::BadGateway)
+        );
     }
 
     #[test]

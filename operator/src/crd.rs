@@ -281,14 +281,9 @@ impl Layer2 {
 
     /// The address, MAC and gateway as the guest will read them (same rules, same code).
     fn check(&self) -> Result<(), SpecError> {
-        let gw = self.gateway.as_ref().map(|g| format!(" gw={g}")).unwrap_or_default();
         // A derived MAC is valid by construction; any unicast one stands in for it here.
         let mac = self.mac.as_deref().unwrap_or("02:00:00:00:00:01");
-        let words = [self.address.as_str(), mac, self.gateway.as_deref().unwrap_or("")];
-        if words.iter().any(|w| w.contains(char::is_whitespace)) {
-            return Err(SpecError::Layer2("spec.network.layer2 values may not contain spaces".into()));
-        }
-        lockstep_guest_kv::netcfg::NetConfig::parse(&format!("ip={} mac={mac}{gw}", self.address))
+        lockstep_guest_kv::netcfg::NetConfig::from_parts(&self.address, mac, self.gateway.as_deref())
             .map(|_| ())
             .map_err(|e| SpecError::Layer2(format!("spec.network.layer2: {e}")))
     }

@@ -138,19 +138,13 @@ impl VmNetFlags {
     pub fn config(&self) -> Result<Option<NetConfig>, LimitsError> {
         match (&self.vm_ip, &self.vm_mac, &self.vm_gateway) {
             (None, None, None) => Ok(None),
-            (ip, mac, gw) => {
-                let gw = gw.as_ref().map(|g| format!(" gw={g}")).unwrap_or_default();
-                let words =
-                    format!("ip={} mac={}{gw}", ip.as_deref().unwrap_or_default(), mac.as_deref().unwrap_or_default());
-                // A word of its own each: a value with spaces must not smuggle in another key.
-                use lockstep_guest_kv::netcfg::NetConfigError::{BadGateway, BadIp, BadMac};
-                for (value, error) in [(&self.vm_ip, BadIp), (&self.vm_mac, BadMac), (&self.vm_gateway, BadGateway)] {
-                    if value.as_deref().is_some_and(|v| v.contains(char::is_whitespace)) {
-                        return Err(LimitsError::Net(error));
-                    }
-                }
-                NetConfig::parse(&words).map_err(LimitsError::Net)
-            }
+            (ip, mac, gw) => NetConfig::from_parts(
+                ip.as_deref().unwrap_or_default(),
+                mac.as_deref().unwrap_or_default(),
+                gw.as_deref(),
+            )
+            .map(Some)
+            .map_err(LimitsError::Net),
         }
     }
 
