@@ -256,6 +256,16 @@ async fn lease_holder(client: &Client, ns: &str, lease: &str) -> Option<String> 
     api.get(lease).await.ok()?.spec?.holder_identity
 }
 
+/// Waits until pod `backup` of FTVM `ftvm` holds the VM's arbiter Lease (it went live).
+async fn wait_for_takeover(client: &Client, who: &str, ftvm: &str, backup: &str) {
+    let lease = format!("{ftvm}-arbiter");
+    wait_for(&format!("{who} to win the arbiter Lease"), T, || {
+        let (client, lease) = (client.clone(), lease.clone());
+        async move { (lease_holder(&client, VM_NS, &lease).await? == backup).then_some(()) }
+    })
+    .await;
+}
+
 /// The agent's container output as `kubectl logs` shows it.
 fn logs(pod: &str) -> String {
     let (ok, out) = kubectl(&["logs", "-n", VM_NS, pod]);
@@ -397,13 +407,8 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
         }
         _ => eprintln!("step: the leading operator {leader} was on {primary_node} and died with it"),
     }
-    let arbiter = "kvstore-arbiter";
     let promoted = backup.name_any();
-    wait_for("the backup to win the arbiter Lease", T, || {
-        let (client, promoted) = (client.clone(), promoted.clone());
-        async move { (lease_holder(&client, VM_NS, arbiter).await? == promoted).then_some(()) }
-    })
-    .await;
+    wait_for_takeover(&client, "the backup", "kvstore", &promoted).await;
     step("backup live (it holds the arbiter Lease)", t_fail);
     let n_before = writer.replies_before(t_fail);
     writer.until("a reply through the Service from the new primary", |s| s.replies.iter().any(|t| *t > t_fail)).await;
@@ -592,11 +597,7 @@ spec:
     let t_kill = Instant::now();
     kill_container(&node_of(&primary), &primary);
     let promoted = backup.name_any();
-    wait_for("the Go service's backup to win the arbiter Lease", T, || {
-        let (client, promoted) = (client.clone(), promoted.clone());
-        async move { (lease_holder(&client, VM_NS, "go-kv-arbiter").await? == promoted).then_some(()) }
-    })
-    .await;
+    wait_for_takeover(client, "the Go service's backup", "go-kv", &promoted).await;
     step("kill -9 of the Go service's primary: backup live", t_kill);
     let n_before = writer.replies_before(t_kill);
     wait_for_status(&vms, "go-kv", "the Go service Protected again", T, |s| {
@@ -668,11 +669,7 @@ spec:
     let _recover = RecoverNode::fail(&node);
     step(&format!("node-fail {node} (the layer-2 VM's primary)"), t_fail);
     let promoted = backup.name_any();
-    wait_for("the layer-2 VM's backup to win the arbiter Lease", T, || {
-        let (client, promoted) = (client.clone(), promoted.clone());
-        async move { (lease_holder(&client, VM_NS, "kv-l2-arbiter").await? == promoted).then_some(()) }
-    })
-    .await;
+    wait_for_takeover(client, "the layer-2 VM's backup", "kv-l2", &promoted).await;
     step("backup live", t_fail);
     // Replies after this instant come from the new primary: the old one's node is dead.
     let t_live = Instant::now();
