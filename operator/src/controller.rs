@@ -68,6 +68,9 @@ pub enum Error {
     /// Issuing the logging channel's credentials failed.
     #[error("issuing logging-channel credentials: {0}")]
     Channel(String),
+    /// The FTVM's channel Secret exists and is not the FTVM's (the status says so).
+    #[error("the Secret {0} is not this FTVirtualMachine's; the operator will not write it")]
+    ChannelSecretRefused(String),
 }
 
 impl Error {
@@ -83,6 +86,7 @@ impl Error {
             },
             Error::NoNamespace(_) => "no_namespace",
             Error::Channel(_) => "channel_credentials",
+            Error::ChannelSecretRefused(_) => "channel_secret_refused",
         }
     }
 }
@@ -343,6 +347,52 @@ fn guest_failure_message(message: &str) -> String {
 
 /// Performs a plan: actions in order, then events, then status.
 pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
+    // Credentials come first in a plan; if the apiserver refuses them, the plan changes.
+    if plan.actions.contains(&Action::IssueChannelCredentials)
+        && let Some(why) = issue_channel_credentials(ftvm, ctx).await?
+    {
+        let secret = resources::channel_secret_name(&ftvm.name_any());
+        tracing::warn!(ftvm = %ftvm.name_any(), %secret, %why, "the channel Secret is not this FTVM's; not writing it");
+        let previous_expiry = ftvm.status.as_ref().and_then(|s| s.channel_certificate_expires.as_ref()).map(|t| t.0);
+        let plan = plan.clone().with_channel_secret_refused(previous_expiry, &secret, &why);
+        execute_rest(ftvm, &plan, ctx).await?;
+        return Err(Error::ChannelSecretRefused(secret));
+    }
+    execute_rest(ftvm, plan, ctx).await
+}
+
+/// Writes the FTVM's logging-channel credentials into its Secret. `Some(why)` when the
+/// apiserver refused because the Secret is not the FTVM's (the chart's admission policy):
+/// that is the user's to mend, not an error to retry at once.
+async fn issue_channel_credentials(ftvm: &FTVirtualMachine, ctx: &Context) -> Result<Option<String>, Error> {
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let vm_id = resources::vm_id(ftvm);
+    let creds = Credentials::issue(&ctx.settings.channel.ca, &vm_id, ctx.settings.channel.validity)
+        .map_err(|e| Error::Channel(e.to_string()))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = resources::channel_secret(ftvm, &creds);
+    let mut body = serde_json::to_value(&secret).unwrap_or_default();
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("Secret");
+    let name = resources::channel_secret_name(&ftvm.name_any());
+    match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
+        Ok(_) => {
+            tracing::info!(ftvm = %ftvm.name_any(), secret = %name, "issued logging-channel credentials");
+            Ok(None)
+        }
+        Err(kube::Error::Api(s)) if refused_by_admission_policy(s.code, &s.message) => Ok(Some(s.message.clone())),
+        Err(e) => Err(kube_err("apply channel credentials")(e)),
+    }
+}
+
+/// Whether an apiserver answer is a ValidatingAdmissionPolicy's denial (422 Invalid by default,
+/// 403 when the policy asks for Forbidden).
+pub fn refused_by_admission_policy(code: u16, message: &str) -> bool {
+    matches!(code, 403 | 422) && message.contains("ValidatingAdmissionPolicy")
+}
+
+/// Everything in the plan but the credentials, then its events and status.
+async fn execute_rest(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Result<(), Error> {
     let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     for action in &plan.actions {
@@ -353,21 +403,7 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
                 ignore_exists(api.create(&PostParams::default(), &resources::lease(ftvm)).await)
                     .map_err(kube_err("create lease"))?;
             }
-            Action::IssueChannelCredentials => {
-                let vm_id = resources::vm_id(ftvm);
-                let creds = Credentials::issue(&ctx.settings.channel.ca, &vm_id, ctx.settings.channel.validity)
-                    .map_err(|e| Error::Channel(e.to_string()))?;
-                let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-                let secret = resources::channel_secret(ftvm, &creds);
-                let mut body = serde_json::to_value(&secret).unwrap_or_default();
-                body["apiVersion"] = json!("v1");
-                body["kind"] = json!("Secret");
-                let name = resources::channel_secret_name(&ftvm.name_any());
-                api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
-                    .await
-                    .map_err(kube_err("apply channel credentials"))?;
-                tracing::info!(ftvm = %ftvm.name_any(), secret = %name, "issued logging-channel credentials");
-            }
+            Action::IssueChannelCredentials => {} // done by `execute`, first
             Action::ApplyNetworkPolicy => {
                 let Some(metrics_from) = &ctx.settings.channel.network_policy else { continue };
                 let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
@@ -515,6 +551,12 @@ pub fn event_for(note: &Note) -> Event {
         Note::StateLost(msg) => (EventType::Warning, "StateLost", "None", msg.clone()),
         Note::GuestFailed(msg) => (EventType::Warning, "GuestFailed", "None", msg.clone()),
         Note::BackOff(b) => (EventType::Warning, "BackOff", "DelayReplacement", b.describe()),
+        Note::ChannelSecretRefused { secret, why } => (
+            EventType::Warning,
+            "ChannelSecretRefused",
+            "IssueCredentials",
+            format!("the Secret {secret} is not this FTVirtualMachine's; delete or rename it ({why})"),
+        ),
     };
     Event { type_, reason: reason.into(), note: Some(text), action: action.into(), secondary: None }
 }
@@ -733,7 +775,20 @@ pub async fn reconcile(ftvm: Arc<FTVirtualMachine>, ctx: Arc<Context>) -> Result
 pub fn error_policy(ftvm: Arc<FTVirtualMachine>, error: &Error, ctx: Arc<Context>) -> Requeue {
     ctx.metrics.errors.with_label_values(&[error.metric_label()]).inc();
     tracing::warn!(ftvm = %ftvm.name_any(), error = %error, "reconcile failed");
-    Requeue::requeue(Duration::from_secs(2))
+    Requeue::requeue(retry_after(error))
+}
+
+/// How soon a failed reconcile is tried again: at once for what may pass by itself, slowly for
+/// what waits on a user (a Secret in the way; its status and event say so).
+pub fn retry_after(error: &Error) -> Duration {
+    let waits_on_a_user = match error {
+        Error::ChannelSecretRefused(_) => true,
+        Error::Finalizer(inner) => {
+            matches!(inner.as_ref(), kube::runtime::finalizer::Error::ApplyFailed(Error::ChannelSecretRefused(_)))
+        }
+        _ => false,
+    };
+    if waits_on_a_user { Duration::from_secs(30) } else { Duration::from_secs(2) }
 }
 
 /// Runs the controller until `shutdown` completes.
@@ -1033,5 +1088,24 @@ mod tests {
         let e = Error::Kube { op: "x".into(), source: Box::new(kube::Error::LinesCodecMaxLineLengthExceeded) };
         assert_eq!(e.metric_label(), "kube_api");
         assert_eq!(Error::NoNamespace("a".into()).metric_label(), "no_namespace");
+        assert_eq!(Error::ChannelSecretRefused("a".into()).metric_label(), "channel_secret_refused");
+    }
+
+    #[test]
+    fn a_secret_in_the_way_is_retried_slowly_and_said_in_an_event() {
+        let taken = Error::ChannelSecretRefused("vm-channel-tls".into());
+        assert_eq!(retry_after(&taken), Duration::from_secs(30));
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(taken)));
+        assert_eq!(retry_after(&wrapped), Duration::from_secs(30), "as the finalizer hands it back");
+        assert_eq!(retry_after(&Error::NoNamespace("a".into())), Duration::from_secs(2));
+        let e = event_for(&Note::ChannelSecretRefused { secret: "vm-channel-tls".into(), why: "denied".into() });
+        assert_eq!((e.type_, e.reason.as_str()), (EventType::Warning, "ChannelSecretRefused"));
+        assert!(e.note.unwrap().contains("vm-channel-tls"));
+        // What the apiserver answers when a ValidatingAdmissionPolicy denies (and what it does not).
+        let denied = "secrets \"vm-channel-tls\" is forbidden: ValidatingAdmissionPolicy 'lockstep-operator-writes' \
+                      with binding 'lockstep-operator-writes' denied request: ...";
+        assert!(refused_by_admission_policy(422, denied) && refused_by_admission_policy(403, denied));
+        assert!(!refused_by_admission_policy(409, denied), "a conflict is retried as an error");
+        assert!(!refused_by_admission_policy(403, "secrets is forbidden: User cannot patch resource"), "RBAC");
     }
 }

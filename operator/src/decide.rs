@@ -362,6 +362,13 @@ pub enum Note {
     BackOff(Backoff),
     /// The guest failed in a replica (and so, deterministically, in both).
     GuestFailed(String),
+    /// The FTVM's channel Secret could not be written: it exists and is not the FTVM's.
+    ChannelSecretRefused {
+        /// The Secret's name.
+        secret: String,
+        /// What the apiserver said.
+        why: String,
+    },
 }
 
 /// The status the plan wants written.
@@ -404,6 +411,37 @@ pub struct Plan {
     pub failover: bool,
     /// Look again at this time at the latest (a held-back replacement is due).
     pub wake_at: Option<Timestamp>,
+}
+
+impl Plan {
+    /// This plan after the apiserver refused to let the operator write the FTVM's channel
+    /// Secret because a Secret of that name exists that the FTVM does not own (the chart's
+    /// admission policy; a user's own Secret is never overwritten). The certificates' expiry
+    /// stays what it was, so the next look tries again, and the status says what to do.
+    ///
+    /// If credentials were never issued, no replica may start (it would mount somebody else's
+    /// Secret): the plan keeps none of its actions and the FTVM stays Pending. If they were,
+    /// the replicas keep running on what they have and everything else in the plan still
+    /// happens (a failover's relabel must not wait for a certificate).
+    pub fn with_channel_secret_refused(mut self, previous_expiry: Option<Timestamp>, secret: &str, why: &str) -> Plan {
+        self.status.channel_expires = previous_expiry;
+        let what = format!(
+            "the Secret {secret} exists and is not this FTVirtualMachine's, so the operator does not write \
+             its logging-channel credentials there: delete or rename that Secret"
+        );
+        if previous_expiry.is_none() {
+            self.actions.clear();
+            self.notes.clear();
+            self.status.phase = Phase::Pending;
+            self.status.message = what;
+            self.wake_at = None;
+        } else {
+            self.actions.retain(|a| *a != Action::IssueChannelCredentials);
+            self.status.message = format!("{}; certificates not renewed: {what}", self.status.message);
+        }
+        self.notes.push(Note::ChannelSecretRefused { secret: secret.to_owned(), why: why.to_owned() });
+        self
+    }
 }
 
 /// Pod name for an ordinal.
@@ -1167,6 +1205,39 @@ mod tests {
         let renew = decide(&o);
         assert!(renew.actions.contains(&Action::IssueChannelCredentials));
         assert_eq!(renew.status.channel_expires, Some(o.now + SignedDuration::from_hours(24)));
+    }
+
+    #[test]
+    fn a_channel_secret_that_is_not_ours_keeps_a_new_vm_pending_and_a_running_one_failing_over() {
+        // New: nothing may start (it would mount the user's Secret), the status says what to do.
+        let mut o = observed(None, vec![]);
+        o.channel.expires = None;
+        let plan = decide(&o).with_channel_secret_refused(None, "vm-channel-tls", "denied request");
+        assert!(plan.actions.is_empty(), "{:?}", plan.actions);
+        assert_eq!(plan.status.phase, Phase::Pending);
+        assert_eq!(plan.status.channel_expires, None, "so the next look tries again");
+        assert!(plan.status.message.contains("vm-channel-tls") && plan.status.message.contains("delete or rename"));
+        assert!(matches!(&plan.notes[..], [Note::ChannelSecretRefused { secret, .. }] if secret == "vm-channel-tls"));
+
+        // Running, renewal due, and a failover at the same time: the relabel and the new backup
+        // still happen; only the certificates wait; the expiry stays the old one.
+        let mut old = pod("vm-0", Role::Primary);
+        old.node_health = NodeHealth::NotReady;
+        let mut o = observed(Some(("vm-1", 2)), vec![old, backup_of("vm-1", "vm-0", 1)]);
+        o.previous = Previous { primary_pod: Some("vm-0".into()), epoch: 1, ..Previous::default() };
+        let expired = o.now - SignedDuration::from_hours(1);
+        o.channel.expires = Some(expired);
+        let planned = decide(&o);
+        assert!(planned.actions.contains(&Action::IssueChannelCredentials));
+        let plan = planned.clone().with_channel_secret_refused(Some(expired), "vm-channel-tls", "denied request");
+        assert!(!plan.actions.contains(&Action::IssueChannelCredentials));
+        assert!(plan.actions.contains(&Action::SetRole { pod: "vm-1".into(), role: Role::Primary }));
+        assert_eq!(creates(&plan), creates(&planned));
+        assert_eq!(plan.status.phase, planned.status.phase);
+        assert_eq!(plan.status.channel_expires, Some(expired));
+        assert!(plan.status.message.starts_with(&planned.status.message), "the phase's own message is kept");
+        assert!(plan.status.message.contains("certificates not renewed"), "{}", plan.status.message);
+        assert!(plan.notes.iter().any(|n| matches!(n, Note::Failover { .. })), "the failover is still reported");
     }
 
     #[test]
