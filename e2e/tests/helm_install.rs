@@ -207,7 +207,7 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         "    nodeSelector: {{type: kwok}}\n    tolerations: [{{key: {KWOK_TAINT_KEY}, operator: Exists, effect: NoSchedule}}]\n"
     );
     let yaml = yaml.replace("namespace: default", &format!("namespace: {VM_NS}")).replace(placement, &kwok);
-    std::fs::write(&copy, yaml).unwrap();
+    std::fs::write(&copy, &yaml).unwrap();
     let (ok, applied) = kubectl(&["apply", "-f", copy.to_str().unwrap()]);
     assert!(ok, "kubectl apply of the example failed:\n{applied}");
     assert!(applied.contains("ftvirtualmachine.lockstep.dev/kvstore created"), "{applied}");
@@ -258,6 +258,53 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         let err = secrets.create(&Default::default(), &secret(name, type_)).await.expect_err(name);
         assert!(err.to_string().contains("ValidatingAdmissionPolicy"), "{name} ({type_}): {err}");
     }
+    //     It may change its own FTVM's Secret (a renewal), not a user's that has the right name.
+    let touch = |name: &str| serde_json::json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": {"touched": "yes"}}});
+    let as_operator = PatchParams::apply("lockstep-e2e").force();
+    secrets.patch("kvstore-channel-tls", &as_operator, &Patch::Apply(touch("kvstore-channel-tls"))).await.unwrap();
+    let admin_secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(admin.clone(), VM_NS);
+    admin_secrets.create(&Default::default(), &secret("taken-channel-tls", "Opaque")).await.unwrap();
+    let err = secrets.patch("taken-channel-tls", &as_operator, &Patch::Apply(touch("taken-channel-tls"))).await;
+    let err = err.expect_err("the operator overwrote a Secret no FTVM owns");
+    assert!(err.to_string().contains("ValidatingAdmissionPolicy"), "{err}");
+
+    // 5c. An FTVM whose Secret name is taken by the user's: it waits, Pending, and says why; the
+    //     user's Secret is left as it was; once the user deletes it, the operator carries on.
+    let taken = dir.path().join("taken.yaml");
+    std::fs::write(&taken, yaml.replace("name: kvstore", "name: taken")).unwrap();
+    let (ok, out) = kubectl(&["apply", "-f", taken.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let message = wait_for("the FTVM taken to say its Secret is in the way", T, || {
+        let ftvms = ftvms.clone();
+        async move {
+            let st = ftvms.get("taken").await.ok()?.status?;
+            (st.phase == Some(lockstep_operator::crd::Phase::Pending)
+                && st.message.as_deref()?.contains("taken-channel-tls"))
+            .then(|| st.message.unwrap_or_default())
+        }
+    })
+    .await;
+    eprintln!("status of taken: {message}");
+    let users = admin_secrets.get("taken-channel-tls").await.unwrap();
+    assert!(users.owner_references().is_empty(), "the user's Secret was taken over");
+    assert_eq!(users.data.unwrap_or_default().keys().collect::<Vec<_>>(), ["password", "username"]);
+    let taken_pods = |admin: Client| async move {
+        let pods: Api<Pod> = Api::namespaced(admin, VM_NS);
+        pods.list(&ListParams::default().labels("lockstep.dev/ftvm=taken")).await.unwrap().items.len()
+    };
+    assert_eq!(taken_pods(admin.clone()).await, 0, "a replica was started without its credentials");
+    admin_secrets.delete("taken-channel-tls", &DeleteParams::default()).await.unwrap();
+    wait_for("the operator to issue taken's credentials and start its replicas", T, || {
+        let (admin, admin_secrets) = (admin.clone(), admin_secrets.clone());
+        async move {
+            let s = admin_secrets.get_opt("taken-channel-tls").await.ok()??;
+            let owned = s.owner_references().iter().any(|o| o.kind == "FTVirtualMachine" && o.name == "taken");
+            (owned && taken_pods(admin).await == 2).then_some(())
+        }
+    })
+    .await;
+    let (ok, out) = kubectl(&["delete", "-n", VM_NS, "ftvm", "taken", "--wait=true", "--timeout=60s"]);
+    assert!(ok, "{out}");
 
     // 6. The agents' identity: may take its Lease as the primary agent does, may not read pods.
     let agent_kubeconfig = token_kubeconfig(VM_NS, &agent_sa.name_any(), &dir);
