@@ -385,6 +385,24 @@ async fn issue_channel_credentials(ftvm: &FTVirtualMachine, ctx: &Context) -> Re
     }
 }
 
+/// Creates the FTVM's channel Secret with new certificates unless one exists. The status keeps
+/// the old expiry, which is never later than the new one: renewal comes early, never late.
+async fn restore_channel_secret(ftvm: &FTVirtualMachine, ctx: &Context) -> Result<(), Error> {
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let creds = Credentials::issue(&ctx.settings.channel.ca, &resources::vm_id(ftvm), ctx.settings.channel.validity)
+        .map_err(|e| Error::Channel(e.to_string()))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = resources::channel_secret_name(&ftvm.name_any());
+    match api.create(&PostParams::default(), &resources::channel_secret(ftvm, &creds)).await {
+        Ok(_) => {
+            tracing::warn!(ftvm = %ftvm.name_any(), secret = %name, "the channel Secret was missing; issued it again");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        Err(e) => Err(kube_err(format!("create channel Secret {name}"))(e)),
+    }
+}
+
 /// Whether an apiserver answer is a ValidatingAdmissionPolicy's denial (422 Invalid by default,
 /// 403 when the policy asks for Forbidden).
 pub fn refused_by_admission_policy(code: u16, message: &str) -> bool {
@@ -404,6 +422,12 @@ async fn execute_rest(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Re
                     .map_err(kube_err("create lease"))?;
             }
             Action::IssueChannelCredentials => {} // done by `execute`, first
+            Action::RestoreChannelSecret => {
+                // A repair, so it never holds up what follows (a relabel after a failover).
+                if let Err(e) = restore_channel_secret(ftvm, ctx).await {
+                    tracing::warn!(ftvm = %ftvm.name_any(), error = %e, "could not make sure the channel Secret exists");
+                }
+            }
             Action::ApplyNetworkPolicy => {
                 let Some(metrics_from) = &ctx.settings.channel.network_policy else { continue };
                 let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);

@@ -258,6 +258,9 @@ pub enum Action {
     ApplyAgentAccess,
     /// Issue the replicas' logging-channel certificates (both roles) into the FTVM's Secret.
     IssueChannelCredentials,
+    /// Create the FTVM's channel Secret with new certificates if it does not exist (it was
+    /// deleted after it was issued); an existing one is left as it is.
+    RestoreChannelSecret,
     /// Create or update the FTVM's NetworkPolicy (channel from its own replicas only, metrics
     /// from the monitoring namespaces, client port as the spec says).
     ApplyNetworkPolicy,
@@ -726,6 +729,14 @@ pub fn decide(o: &Observed) -> Plan {
             }
         }
     }
+    // A channel Secret deleted after it was issued is noticed by nobody but a new pod that
+    // cannot mount it (the operator may not read Secrets). While the VM is short of a running
+    // pair, make sure the Secret exists: a create that finds one changes nothing. A protected
+    // pair has its Secret mounted; the next renewal writes it in any case.
+    let short_of_a_pair = !matches!(status.phase, Phase::Protected | Phase::Failed);
+    if short_of_a_pair && !actions.contains(&Action::IssueChannelCredentials) {
+        actions.insert(0, Action::RestoreChannelSecret);
+    }
     status.backoff = held.clone();
     let renew_at = ChannelView { expires: status.channel_expires, ..o.channel }.renew_at();
     let wake_at = [held.map(|h| h.until), renew_at].into_iter().flatten().min();
@@ -813,9 +824,10 @@ mod tests {
         let mut o = observed(None, vec![]);
         o.lease = None;
         let plan = decide(&o);
-        assert_eq!(plan.actions[0], Action::CreateLease);
-        assert_eq!(plan.actions[1], Action::ApplyService);
-        assert_eq!(plan.actions[2], Action::ApplyAgentAccess);
+        assert_eq!(plan.actions[0], Action::RestoreChannelSecret, "issued long ago: made sure it is there");
+        assert_eq!(plan.actions[1], Action::CreateLease);
+        assert_eq!(plan.actions[2], Action::ApplyService);
+        assert_eq!(plan.actions[3], Action::ApplyAgentAccess);
         assert_eq!(creates(&plan), [("vm-0".to_string(), Role::Primary)]);
         assert_eq!(plan.status.phase, Phase::Pending);
     }
@@ -1080,7 +1092,7 @@ mod tests {
         o.pods = vec![primary.clone(), marked.clone()];
         o.now = at(3);
         let plan = decide(&o);
-        assert_eq!(plan.actions, vec![Action::ApplyService, Action::ApplyAgentAccess]);
+        assert_eq!(plan.actions, vec![Action::RestoreChannelSecret, Action::ApplyService, Action::ApplyAgentAccess]);
         assert!(plan.notes.is_empty());
         assert_eq!(plan.status.backoff.as_ref().map(|b| b.until), Some(until));
 
@@ -1238,6 +1250,31 @@ mod tests {
         assert!(plan.status.message.starts_with(&planned.status.message), "the phase's own message is kept");
         assert!(plan.status.message.contains("certificates not renewed"), "{}", plan.status.message);
         assert!(plan.notes.iter().any(|n| matches!(n, Note::Failover { .. })), "the failover is still reported");
+    }
+
+    #[test]
+    fn a_deleted_channel_secret_is_restored_while_the_vm_is_short_of_a_pair() {
+        let restores = |plan: &Plan| plan.actions.iter().filter(|a| **a == Action::RestoreChannelSecret).count();
+        // Protected: both pods have theirs mounted; nothing to do.
+        let protected =
+            decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary), backup_of("vm-1", "vm-0", 1)]));
+        assert_eq!(protected.status.phase, Phase::Protected);
+        assert_eq!(restores(&protected), 0);
+        // Degraded (a backup to be created, or one that cannot mount its Secret): first of all.
+        let degraded = decide(&observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary)]));
+        assert_eq!(degraded.status.phase, Phase::Degraded);
+        assert_eq!(degraded.actions[0], Action::RestoreChannelSecret);
+        assert_eq!(restores(&degraded), 1);
+        // Being issued anyway (new, or renewal due): no second write.
+        let mut o = observed(Some(("vm-0", 1)), vec![pod("vm-0", Role::Primary)]);
+        o.channel.expires = None;
+        assert_eq!(restores(&decide(&o)), 0);
+        // Both replicas lost: nothing will mount it.
+        let mut o = observed(Some(("vm-0", 3)), vec![]);
+        o.previous.epoch = 3;
+        let failed = decide(&o);
+        assert_eq!(failed.status.phase, Phase::Failed);
+        assert_eq!(restores(&failed), 0);
     }
 
     #[test]
