@@ -303,6 +303,21 @@ async fn helm_install_and_the_operator_on_the_charts_own_rights_run_the_example(
         }
     })
     .await;
+    //     Its Secret deleted while the VM is not yet protected (a replica would fail to mount
+    //     it): the operator, which may not read Secrets, creates it again.
+    let first = admin_secrets.get("taken-channel-tls").await.unwrap().uid();
+    admin_secrets.delete("taken-channel-tls", &DeleteParams::default()).await.unwrap();
+    wait_for("the operator to restore taken's deleted Secret", T, || {
+        let admin_secrets = admin_secrets.clone();
+        let first = first.clone();
+        async move {
+            let s = admin_secrets.get_opt("taken-channel-tls").await.ok()??;
+            let keys = s.data.clone().unwrap_or_default().into_keys().collect::<Vec<_>>();
+            assert_eq!(keys, ["backup.crt", "backup.key", "ca.crt", "primary.crt", "primary.key"], "what it holds");
+            (s.uid() != first && s.owner_references().iter().any(|o| o.name == "taken")).then_some(())
+        }
+    })
+    .await;
     let (ok, out) = kubectl(&["delete", "-n", VM_NS, "ftvm", "taken", "--wait=true", "--timeout=60s"]);
     assert!(ok, "{out}");
 
