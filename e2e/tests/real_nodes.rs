@@ -471,6 +471,7 @@ async fn lockstep_on_real_nodes_survives_the_loss_of_the_primarys_node() {
     .await;
     let cond = st.conditions.iter().find(|c| c.type_ == "ReplicaBackoff").unwrap();
     step(&format!("crash-loop backoff of the broken FTVM: {}", cond.message), t);
+    assert!(cond.message.contains("no-such-guest"), "the status says why the agent exits: {}", cond.message);
     let failed = wait_for("a failed agent pod of the broken FTVM", T, || {
         let api = pod_api.clone();
         async move {

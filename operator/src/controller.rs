@@ -304,6 +304,9 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
     let guest_failed = terminated
         .filter(|t| t.exit_code == decide::GUEST_FAILED_EXIT)
         .map(|t| guest_failure_message(t.message.as_deref().unwrap_or_default()));
+    let exit_message = terminated
+        .filter(|t| t.exit_code != 0 && t.exit_code != decide::GUEST_FAILED_EXIT)
+        .and_then(|t| last_words(t.message.as_deref()?));
     Some(PodView {
         member,
         mode,
@@ -318,6 +321,7 @@ pub fn pod_view(p: &Pod, health: &std::collections::BTreeMap<String, NodeHealth>
         exited_at,
         replace_at: p.annotations().get(ANN_REPLACE_AT).and_then(|t| t.parse().ok()),
         guest_failed,
+        exit_message,
         node_health: match &node {
             None => NodeHealth::Unscheduled,
             Some(n) => health.get(n).copied().unwrap_or(NodeHealth::Missing),
@@ -333,9 +337,36 @@ fn guest_failure_message(message: &str) -> String {
     let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let line = lines.iter().rev().find(|l| l.contains("guest failed")).or(lines.last()).copied().unwrap_or("");
     let text = line.split_once("guest failed: ").map_or(line, |(_, why)| why);
-    let mut text = if text.is_empty() { "the agent reported a guest failure".to_owned() } else { text.to_owned() };
-    if text.len() > 512 {
-        let mut end = 512;
+    clip(if text.is_empty() { "the agent reported a guest failure".to_owned() } else { text.to_owned() }, 512)
+}
+
+/// Why an exited agent exited, from its termination message (the tail of its log): the last
+/// error line (a JSON line at level ERROR, or a text line that starts with "error", as the
+/// agent's own and clap's do), else the last line; the program's name is left out.
+fn last_words(message: &str) -> Option<String> {
+    let lines: Vec<(bool, String)> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|line| match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => {
+                let text = v.pointer("/fields/message").or_else(|| v.get("message")).and_then(|m| m.as_str());
+                (v.get("level").and_then(|l| l.as_str()) == Some("ERROR"), text.unwrap_or(line).to_owned())
+            }
+            Err(_) => {
+                let text = line.strip_prefix("lockstep-agent: ").unwrap_or(line);
+                (text.to_ascii_lowercase().starts_with("error"), text.to_owned())
+            }
+        })
+        .collect();
+    let (_, text) = lines.iter().rfind(|(error, _)| *error).or(lines.last())?;
+    Some(clip(text.clone(), 300))
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -901,8 +932,25 @@ mod tests {
             Some(terminated(4, "[guest] kvstore: boot\nlockstep-agent: guest failed: panicked at exit 77: boom\n"));
         let v = pod_view(&p, &Default::default()).unwrap();
         assert_eq!(v.guest_failed.as_deref(), Some("panicked at exit 77: boom"));
+        assert_eq!(v.exit_message, None, "a guest failure is not a crash");
         p.status = Some(terminated(1, "lockstep-agent: error: something else"));
-        assert_eq!(pod_view(&p, &Default::default()).unwrap().guest_failed, None);
+        let v = pod_view(&p, &Default::default()).unwrap();
+        assert_eq!(v.guest_failed, None);
+        assert_eq!(v.exit_message.as_deref(), Some("error: something else"), "why a crash loop loops");
+        let json = r#"{"timestamp":"t","level":"ERROR","fields":{"message":"error: no guest \"x\""},"target":"lockstep_agent"}"#;
+        p.status = Some(terminated(1, &format!("boot\n{json}\n\n")));
+        assert_eq!(pod_view(&p, &Default::default()).unwrap().exit_message.as_deref(), Some("error: no guest \"x\""));
+        let clap = "error: invalid value 'no-such-guest' for '--guest <GUEST>'\n  [possible values: kvstore]\n\n\
+                    For more information, try '--help'.\n";
+        p.status = Some(terminated(2, clap));
+        let v = pod_view(&p, &Default::default()).unwrap();
+        assert_eq!(v.exit_message.as_deref(), Some("error: invalid value 'no-such-guest' for '--guest <GUEST>'"));
+        p.status = Some(terminated(1, "starting\nkilled by something"));
+        let v = pod_view(&p, &Default::default()).unwrap();
+        assert_eq!(v.exit_message.as_deref(), Some("killed by something"), "no error line: the last one");
+        p.status = Some(terminated(1, ""));
+        assert_eq!(pod_view(&p, &Default::default()).unwrap().exit_message, None);
+        assert_eq!(last_words(&"é".repeat(600)).unwrap().chars().count(), 151, "150 of them, and the mark");
         assert_eq!(guest_failure_message(""), "the agent reported a guest failure");
         assert!(guest_failure_message(&"é".repeat(600)).ends_with('…'));
     }
@@ -969,6 +1017,7 @@ mod tests {
                 exited_at: None,
                 replace_at: None,
                 guest_failed: None,
+                exit_message: None,
             }
         );
         // a pod on a node we did not find is on a missing node
@@ -1017,6 +1066,7 @@ mod tests {
             pod: "vm-4".into(),
             failures: 3,
             until: Timestamp::from_second(1003).unwrap(),
+            said: None,
         };
         plan.status.backoff = Some(b.clone());
         plan.wake_at = Some(b.until);

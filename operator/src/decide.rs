@@ -153,6 +153,8 @@ pub struct PodView {
     pub replace_at: Option<Timestamp>,
     /// Its agent exited with [`GUEST_FAILED_EXIT`]: what it said.
     pub guest_failed: Option<String>,
+    /// Its agent exited with another error: the last line it wrote (why a crash loop loops).
+    pub exit_message: Option<String>,
 }
 
 impl PodView {
@@ -315,6 +317,8 @@ pub struct Backoff {
     pub failures: u32,
     /// When the next replica of this role is created.
     pub until: Timestamp,
+    /// The last line the exited agent wrote, if it left one.
+    pub said: Option<String>,
 }
 
 impl Backoff {
@@ -327,7 +331,7 @@ impl Backoff {
             n = self.failures,
             s = if self.failures == 1 { "" } else { "s" },
             until = self.until,
-        )
+        ) + &self.said.as_ref().map(|w| format!("; it said: {w}")).unwrap_or_default()
     }
 }
 
@@ -560,7 +564,7 @@ pub fn decide(o: &Observed) -> Plan {
     let crash = crashed.map(|p| {
         let failures = p.failures();
         let until = p.replace_at.unwrap_or_else(|| ceil_second(p.exited_at.unwrap_or(o.now)) + backoff_delay(failures));
-        Backoff { role: p.mode, pod: p.name.clone(), failures, until }
+        Backoff { role: p.mode, pod: p.name.clone(), failures, until, said: p.exit_message.clone() }
     });
     let held = crash.clone().filter(|c| o.now < c.until);
     // The attempt number a replacement of `role` carries.
@@ -775,6 +779,7 @@ mod tests {
             exited_at: None,
             replace_at: None,
             guest_failed: None,
+            exit_message: None,
         }
     }
 
@@ -1074,7 +1079,7 @@ mod tests {
         let until = at(4);
         assert!(creates(&plan).is_empty() && deletes(&plan).is_empty());
         assert!(plan.actions.contains(&Action::MarkReplaceAt { pod: "vm-2".into(), at: until }));
-        let want = Backoff { role: Role::Backup, pod: "vm-2".into(), failures: 2, until };
+        let want = Backoff { role: Role::Backup, pod: "vm-2".into(), failures: 2, until, said: None };
         assert_eq!(noted_backoffs(&plan), std::slice::from_ref(&want));
         assert!(plan.notes.iter().any(|n| matches!(n, Note::ReplicaLost { pod, .. } if pod == "vm-2")));
         assert_eq!(plan.status.backoff, Some(want));
@@ -1275,6 +1280,24 @@ mod tests {
         let failed = decide(&o);
         assert_eq!(failed.status.phase, Phase::Failed);
         assert_eq!(restores(&failed), 0);
+    }
+
+    #[test]
+    fn a_crash_loop_says_what_the_agent_said() {
+        let said = "error: invalid value 'no-such-guest' for '--guest <GUEST>'".to_string();
+        let mut o = observed(None, vec![]);
+        o.pods = vec![PodView {
+            state: PodState::Exited,
+            attempt: 2,
+            exited_at: Some(o.now),
+            exit_message: Some(said.clone()),
+            ..pod("vm-0", Role::Primary)
+        }];
+        let plan = decide(&o);
+        let b = plan.status.backoff.expect("held back after three failures");
+        assert_eq!(b.said.as_deref(), Some(said.as_str()));
+        assert!(b.describe().ends_with(&format!("; it said: {said}")), "{}", b.describe());
+        assert!(plan.status.message.contains("no-such-guest"), "{}", plan.status.message);
     }
 
     #[test]
