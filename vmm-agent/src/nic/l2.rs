@@ -502,18 +502,9 @@ mod tests {
         long.resize(100, 0xab);
         tap0.write_frame(&long).unwrap();
         let garp = gratuitous_arp(cfg.vm_mac, cfg.vm_ip);
-        let sent = Instant::now();
         tap0.write_frame(&garp).unwrap();
         let mut buf = vec![0u8; 60];
-        let mut others = Vec::new();
-        let flooded = loop {
-            let left = Duration::from_secs(3).saturating_sub(sent.elapsed());
-            match tap1.read_frame(&mut buf, left).unwrap() {
-                None => break None,
-                Some(n) if buf[..n] == garp[..] => break Some(sent.elapsed()),
-                Some(n) => others.push(buf[..n].to_vec()),
-            }
-        };
+        let (flooded, others) = tap1.read_until(&garp, &mut buf, Duration::from_secs(3));
         let flooded = flooded.unwrap_or_else(|| {
             panic!("the bridge did not flood the announcement to {t1} in 3 s; other frames: {others:02x?}")
         });

@@ -313,17 +313,12 @@ mod tests {
         frame[..6].copy_from_slice(&[0x52, 0x54, 0, 7, 7, 7]); // unicast to a MAC neither end has
         pa.write_frame(&frame).unwrap();
         let mut buf = [0u8; 2048];
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        let arrived = loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match pb.read_frame(&mut buf, left).unwrap() {
-                Some(n) if buf[..n] == frame[..] => break true,
-                // The same source MAC but other bytes would be a mangled copy of ours: a failure.
-                Some(n) => assert_ne!(&buf[6..12.min(n)], &frame[6..12], "our frame arrived changed"),
-                None => break false,
-            }
-        };
-        assert!(arrived, "the frame arrives whole");
+        let (arrived, others) = pb.read_until(&frame, &mut buf, Duration::from_secs(3));
+        assert!(arrived.is_some(), "the frame arrives whole; other frames: {others:02x?}");
+        // The same source MAC but other bytes would be a mangled copy of ours: a failure.
+        for other in &others {
+            assert_ne!(&other[6..12.min(other.len())], &frame[6..12], "our frame arrived changed");
+        }
         // The sender does not read its own frame back (the kernel may send frames of its own on
         // a new link, IPv6 neighbour discovery, which do not count).
         while let Some(n) = pa.read_frame(&mut buf, Duration::from_millis(200)).unwrap() {

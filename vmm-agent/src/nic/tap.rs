@@ -157,6 +157,22 @@ impl Port {
         }
     }
 
+    /// Tests: reads frames into `buf` until one equals `want`, for up to `within`. Returns how
+    /// long that took (`None`: it did not come) and every other frame read before it (a new
+    /// link carries frames of the kernel's own, IPv6 neighbour discovery and the like).
+    #[cfg(test)]
+    pub(crate) fn read_until(&self, want: &[u8], buf: &mut [u8], within: Duration) -> (Option<Duration>, Vec<Vec<u8>>) {
+        let started = Instant::now();
+        let mut others = Vec::new();
+        loop {
+            match self.read_frame(buf, within.saturating_sub(started.elapsed())).unwrap() {
+                None => return (None, others),
+                Some(n) if buf[..n] == *want => return (Some(started.elapsed()), others),
+                Some(n) => others.push(buf[..n].to_vec()),
+            }
+        }
+    }
+
     /// Receive one frame from the host's network into `buf`, waiting up to `timeout` for one
     /// (`Duration::ZERO` only takes a frame that is already queued). Returns its length, or
     /// `None` if none came in time.
