@@ -74,16 +74,25 @@ pub enum Error {
 }
 
 impl Error {
-    /// Label for `lockstep_operator_reconcile_errors_total{reason}`.
-    pub fn metric_label(&self) -> &'static str {
+    /// The reconcile's own error, out of the finalizer's wrapper that hands it back (the
+    /// finalizer's own failures stay as they are).
+    pub fn unwrapped(&self) -> &Error {
         match self {
-            Error::Kube { .. } => "kube_api",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => {
-                    e.metric_label()
+                    e.unwrapped()
                 }
-                _ => "finalizer",
+                _ => self,
             },
+            _ => self,
+        }
+    }
+
+    /// Label for `lockstep_operator_reconcile_errors_total{reason}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self.unwrapped() {
+            Error::Kube { .. } => "kube_api",
+            Error::Finalizer(_) => "finalizer",
             Error::NoNamespace(_) => "no_namespace",
             Error::Channel(_) => "channel_credentials",
             Error::ChannelSecretRefused(_) => "channel_secret_refused",
@@ -392,20 +401,23 @@ pub async fn execute(ftvm: &FTVirtualMachine, plan: &Plan, ctx: &Context) -> Res
     execute_rest(ftvm, plan, ctx).await
 }
 
+/// The FTVM's channel Secret with newly issued certificates, its name, and the API to write it.
+fn fresh_channel_secret(ftvm: &FTVirtualMachine, ctx: &Context) -> Result<(Api<Secret>, String, Secret), Error> {
+    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
+    let creds = Credentials::issue(&ctx.settings.channel.ca, &resources::vm_id(ftvm), ctx.settings.channel.validity)
+        .map_err(|e| Error::Channel(e.to_string()))?;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    Ok((api, resources::channel_secret_name(&ftvm.name_any()), resources::channel_secret(ftvm, &creds)))
+}
+
 /// Writes the FTVM's logging-channel credentials into its Secret. `Some(why)` when the
 /// apiserver refused because the Secret is not the FTVM's (the chart's admission policy):
 /// that is the user's to mend, not an error to retry at once.
 async fn issue_channel_credentials(ftvm: &FTVirtualMachine, ctx: &Context) -> Result<Option<String>, Error> {
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
-    let vm_id = resources::vm_id(ftvm);
-    let creds = Credentials::issue(&ctx.settings.channel.ca, &vm_id, ctx.settings.channel.validity)
-        .map_err(|e| Error::Channel(e.to_string()))?;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = resources::channel_secret(ftvm, &creds);
+    let (api, name, secret) = fresh_channel_secret(ftvm, ctx)?;
     let mut body = serde_json::to_value(&secret).unwrap_or_default();
     body["apiVersion"] = json!("v1");
     body["kind"] = json!("Secret");
-    let name = resources::channel_secret_name(&ftvm.name_any());
     match api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
         Ok(_) => {
             tracing::info!(ftvm = %ftvm.name_any(), secret = %name, "issued logging-channel credentials");
@@ -419,12 +431,8 @@ async fn issue_channel_credentials(ftvm: &FTVirtualMachine, ctx: &Context) -> Re
 /// Creates the FTVM's channel Secret with new certificates unless one exists. The status keeps
 /// the old expiry, which is never later than the new one: renewal comes early, never late.
 async fn restore_channel_secret(ftvm: &FTVirtualMachine, ctx: &Context) -> Result<(), Error> {
-    let ns = ftvm.namespace().ok_or_else(|| Error::NoNamespace(ftvm.name_any()))?;
-    let creds = Credentials::issue(&ctx.settings.channel.ca, &resources::vm_id(ftvm), ctx.settings.channel.validity)
-        .map_err(|e| Error::Channel(e.to_string()))?;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = resources::channel_secret_name(&ftvm.name_any());
-    match api.create(&PostParams::default(), &resources::channel_secret(ftvm, &creds)).await {
+    let (api, name, secret) = fresh_channel_secret(ftvm, ctx)?;
+    match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::warn!(ftvm = %ftvm.name_any(), secret = %name, "the channel Secret was missing; issued it again");
             Ok(())
@@ -836,14 +844,10 @@ pub fn error_policy(ftvm: Arc<FTVirtualMachine>, error: &Error, ctx: Arc<Context
 /// How soon a failed reconcile is tried again: at once for what may pass by itself, slowly for
 /// what waits on a user (a Secret in the way; its status and event say so).
 pub fn retry_after(error: &Error) -> Duration {
-    let waits_on_a_user = match error {
-        Error::ChannelSecretRefused(_) => true,
-        Error::Finalizer(inner) => {
-            matches!(inner.as_ref(), kube::runtime::finalizer::Error::ApplyFailed(Error::ChannelSecretRefused(_)))
-        }
-        _ => false,
-    };
-    if waits_on_a_user { Duration::from_secs(30) } else { Duration::from_secs(2) }
+    match error.unwrapped() {
+        Error::ChannelSecretRefused(_) => Duration::from_secs(30),
+        _ => Duration::from_secs(2),
+    }
 }
 
 /// Runs the controller until `shutdown` completes.
